@@ -1,0 +1,39 @@
+# One-command entry points: `make test` and `make demo` set everything up on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_SYSTEM := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+FASHION_LOCAL := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+export RAY_AUTH_MODE ?= disabled
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+.PHONY: setup data test demo bench clean
+
+setup: $(STAMP) data
+
+# The whole pinned stack in one pip call (torch/torchvision CUDA build that runs on CPU, ~7 GB, ~4 min cold).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian: installed system-wide as root, else the .deb is extracted into ./.data.
+data:
+	@if [ -f $(FASHION_SYSTEM) ] || [ -f $(FASHION_LOCAL) ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist); \
+	else \
+		mkdir -p .data && cd .data && apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb . ; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/otc-ray demo
+
+clean:
+	rm -rf runs .pytest_cache

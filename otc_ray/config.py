@@ -1,0 +1,385 @@
+"""Typed, validated configuration: one frozen dataclass per stage, YAML files, `key.sub=value` overrides.
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.epochs=2", "poison.attack=backdoor"])
+    cfg.train.epochs            # 2
+    flatten(cfg)                # {"train.epochs": 2, ...}  (secrets redacted) for MLflow params
+
+Every field has a type; a YAML key or override that names no field, or a value of the wrong type,
+raises `ConfigError` with a one-line message naming the key. Defaults follow METHOD.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (message names the key)."""
+
+
+# ----------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class S3Config:
+    """Where `s3://` paths live. Empty fields fall back to the standard AWS environment variables."""
+
+    endpoint_url: str = ""          # e.g. http://127.0.0.1:9000 for MinIO / moto; "" = AWS
+    access_key_id: str = ""         # secret: never logged (see `flatten`)
+    secret_access_key: str = ""     # secret: never logged
+    anon: bool = False
+    retries: int = 5                # botocore retry attempts for transient errors
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Shards to read (or a built-in data set to generate) and the limits of sample validation."""
+
+    dataset: Literal["fashion", "fashion-scenes", "shapes"] = "fashion"
+    train: str = ""                 # shard folder/glob, local or s3://; "" = generate `dataset`
+    test: str = ""                  # held-out shards for evaluation; "" = generate `dataset`
+    format: Literal["auto", "wds", "parquet"] = "auto"
+    num_train: int = 20000
+    num_test: int = 2000
+    image_size: int = 32
+    seed: int = 0
+    tint: float = 0.0               # fashion: probability that an item is tinted (caption names the colour)
+    samples_per_shard: int = 1000
+    image_format: Literal["png", "jpg"] = "png"
+    max_pixels: int = 25_000_000    # decompression-bomb guard (width * height, checked before decoding)
+    max_caption_chars: int = 1000
+    caption_overflow: Literal["skip", "truncate"] = "skip"
+    read_num_cpus: float = 0.25     # logical CPUs per read/decode task (leave room for actors and workers)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """The attack applied to the training shards (benchmarks only); see METHOD.md, Attacks."""
+
+    attack: Literal["none", "backdoor", "targeted"] = "none"
+    trigger: Literal["patch", "solid", "blended", "sig"] = "patch"
+    trigger_size: int = 4           # patch side in pixels (patch, solid)
+    trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"
+    blend_alpha: float = 0.2        # blended: image * (1 - a) + pattern * a
+    sig_delta: float = 20.0         # SIG amplitude in pixel units
+    sig_frequency: float = 6.0      # SIG cycles across the image width
+    target: str = "sneaker"         # backdoor target class name
+    count: int = 200                # poisoned samples; used unless rate > 0
+    rate: float = 0.0               # fraction of the training set (overrides count when > 0)
+    label_consistent: bool = False  # backdoor only images that already belong to the target
+    targets: int = 4                # targeted: number of target images (from the test split)
+    per_target: int = 50            # targeted: copies of each target image
+    adversarial: str = "bag"        # targeted: class whose captions the copies get
+    caption_source: Literal["templates", "data"] = "templates"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The open_clip architecture (a registered name or one of the package's tiny configs)."""
+
+    arch: str = "otc-tiny-vit-32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass(frozen=True)
+class OTConfig:
+    """The one OT convention: cosine cost, uniform marginals over real tokens, entropic eps."""
+
+    eps: float = 0.05
+    iters: int = 50
+    tol: Optional[float] = None
+    backend: Literal["torch", "geomloss"] = "torch"
+    chunk_pairs: int = 8192         # pairwise B x B form: problems solved per chunk
+    geomloss_scaling: float = 0.9   # backend geomloss: eps-annealing ratio per step (closer to 1 = more accurate)
+
+
+@dataclass(frozen=True)
+class RematchConfig:
+    """Caption re-matching (METHOD.md B): shortlist, OT re-rank, assign, gate."""
+
+    method: Literal["otcclip", "roclip", "none"] = "otcclip"
+    k: int = 8
+    alpha: float = 0.5
+    assign: Literal["argmax", "balanced"] = "argmax"
+    gate: Literal["none", "margin", "zscore", "neighbour"] = "neighbour"
+    gate_threshold: float = -2.0
+    neighbours: int = 32
+    action: Literal["recaption", "drop", "downweight"] = "recaption"
+    pool: Literal["block", "bank"] = "bank"
+    bank_size: int = 2048
+    block_size: int = 512
+    start_epoch: int = 1
+    every: int = 1
+    sticky: bool = True
+    min_actors: int = 1
+    max_actors: int = 2
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train pre-training (METHOD.md C) and the defense it runs."""
+
+    defense: Literal["none", "roclip", "safeclip", "otcclip"] = "otcclip"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    lambda_inter: float = 0.5
+    lambda_intra: float = 0.5
+    tau_ot: float = 0.05
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = ""          # "" = <output_dir>/ray_results; may be s3://
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: zero-shot, linear probe, ASR, retrieval."""
+
+    every_epoch: bool = True
+    num_eval: int = 2000
+    linear_probe_train: int = 5000
+    linear_probe_c: float = 1.0
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: the tracking URI ("" = sqlite under output_dir, or $MLFLOW_TRACKING_URI) and names."""
+
+    uri: str = ""
+    experiment: str = "otc-ray"
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray: an address (cluster / `ray job submit`) or a local in-process instance."""
+
+    address: str = ""               # "" = $RAY_ADDRESS if set, else a local instance
+    num_cpus: int = 4               # local instance only: logical CPUs (more than cores avoids deadlock)
+    object_store_mb: int = 2048     # local instance only
+    progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment: one section per stage."""
+
+    name: str = "otc-ray"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ot: OTConfig = field(default_factory=OTConfig)
+    rematch: RematchConfig = field(default_factory=RematchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
+REDACTED = "***"
+
+
+# ----------------------------------------------------------------------------------------- coercion
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert only where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from a (partial) mapping, validating every key and value."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    obj = cls(**kwargs)
+    _check_ranges(obj, prefix)
+    return obj
+
+
+_POSITIVE = {"num_train", "num_test", "image_size", "samples_per_shard", "max_pixels", "max_caption_chars",
+             "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
+             "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets", "per_target",
+             "num_cpus", "object_store_mb", "num_eval"}
+_UNIT_INTERVAL = {"alpha", "rate", "tint", "blend_alpha", "geomloss_scaling"}
+_NONNEGATIVE = {"count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
+                "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train"}
+_STRICTLY_POSITIVE_FLOAT = {"eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker",
+                            "linear_probe_c"}
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if f.name in _POSITIVE and v < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {v}")
+        if f.name in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
+            raise ConfigError(f"config key '{key}': must be in [0, 1], got {v}")
+        if f.name in _NONNEGATIVE and v < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {v}")
+        if f.name in _STRICTLY_POSITIVE_FLOAT and v <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {v}")
+    if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
+        raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
+
+
+# ----------------------------------------------------------------------------------------- public API
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001). Values are parsed as YAML scalars ('true', '3', 'x')."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key '{key.strip()}': cannot parse value {raw!r} ({e.__class__.__name__})")
+    if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value):
+        value = float(value)            # YAML 1.1 reads '1e-6' as a string
+    return key.strip(), value
+
+
+def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated `Config` from a nested mapping plus `key.sub=value` override strings."""
+    tree: dict = _deep_copy(values or {})
+    if not isinstance(tree, dict):
+        raise ConfigError("config file must hold a mapping of sections at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return _build(Config, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or only defaults when `path` is None) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections at the top level")
+    return config_from_dict(values, overrides)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that validates like loading does; nested keys as 'section.key'."""
+    tree = to_dict(cfg)
+    for k, v in changes.items():
+        _set_path(tree, k.replace("__", "."), v)
+    return _build(type(cfg), tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (YAML/JSON-serialisable) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
+    """{'section.key': value} for MLflow params; secrets replaced by '***' unless redact=False."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif redact and k in SECRET_FIELDS and v:
+                out[key] = REDACTED
+            else:
+                out[key] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def _deep_copy(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values

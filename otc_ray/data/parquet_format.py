@@ -1,0 +1,71 @@
+"""Parquet shards: one row per sample with image bytes, caption and metadata columns.
+
+Written as `key`, `png`|`jpg` (binary), `caption`, `json` (string). Read leniently, as img2dataset's
+parquet output is laid out: the image is the first of the `jpg`/`png`/`webp`/`image` binary columns,
+the caption is `caption` or `txt`, metadata is `json` or else every other scalar column (url, status,
+width, ...). A row whose image is null (img2dataset's failed downloads) is `missing_image`; a file
+that pyarrow cannot open is one `corrupt_shard` marker row `{shard}#corrupt`.
+"""
+from __future__ import annotations
+
+import json
+from typing import BinaryIO, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema as S
+
+IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
+CAPTION_COLUMNS = ("caption", "txt")
+
+
+def _scalar_meta(row: dict, skip: set[str]) -> bytes:
+    meta = {k: v for k, v in row.items() if k not in skip and isinstance(v, (str, int, float, bool, type(None)))}
+    return json.dumps(meta, sort_keys=True).encode("utf-8")
+
+
+def iter_parquet_samples(stream: BinaryIO, source: str, batch_rows: int = 1024) -> Iterator[dict]:
+    """Reader rows from one parquet file (read into memory: parquet needs random access)."""
+    seen: set[str] = set()
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(stream.read()))
+        names = pf.schema_arrow.names
+        image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+        caption_col = next((c for c in CAPTION_COLUMNS if c in names), None)
+        used = {image_col, caption_col, "key", "json"}
+        index = 0
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                key = row.get("key") or f"{source}#{index}"
+                key = str(key)
+                index += 1
+                image = row.get(image_col) if image_col else None
+                caption = row.get(caption_col) if caption_col else None
+                meta = row.get("json") if "json" in names else _scalar_meta(row, used)
+                error = S.DUPLICATE_KEY if key in seen else ("" if image else S.MISSING_IMAGE)
+                seen.add(key)
+                yield {S.KEY: key, S.IMAGE_BYTES: image or b"", S.IMAGE_EXT: image_col if image else "",
+                       S.CAPTION_RAW: caption.encode("utf-8", "surrogatepass") if isinstance(caption, str) else caption,
+                       S.META: meta.encode("utf-8") if isinstance(meta, str) else (meta or b"{}"),
+                       S.SOURCE: source, S.ERROR: error}
+    except (pa.ArrowException, OSError, ValueError) as e:
+        yield {S.KEY: f"{source}#corrupt", S.IMAGE_BYTES: b"", S.IMAGE_EXT: "", S.CAPTION_RAW: None,
+               S.META: json.dumps({"detail": str(e)[:200]}).encode(), S.SOURCE: source, S.ERROR: S.CORRUPT_SHARD}
+
+
+def write_parquet_shard(stream: BinaryIO, samples: Iterable[tuple[str, bytes, str, str, dict]]) -> int:
+    """Write (key, image bytes, image ext, caption, meta) samples as one parquet file; returns the count."""
+    keys, images, captions, metas, ext = [], [], [], [], None
+    for key, image, image_ext, caption, meta in samples:
+        if ext not in (None, image_ext):
+            raise ValueError(f"parquet shard mixes image formats {ext!r} and {image_ext!r}")
+        ext = image_ext
+        keys.append(key)
+        images.append(image)
+        captions.append(caption)
+        metas.append(json.dumps(meta, sort_keys=True))
+    table = pa.table({"key": pa.array(keys, pa.string()), ext or "png": pa.array(images, pa.binary()),
+                      "caption": pa.array(captions, pa.string()), "json": pa.array(metas, pa.string())})
+    pq.write_table(table, stream, compression="zstd")
+    return len(keys)

@@ -1,0 +1,136 @@
+"""Shard sets on disk or S3: listing (format detection), a rolling writer, the `_info.json` side file.
+
+A shard set is a folder (or prefix) of `NNNNN.tar` or `NNNNN.parquet` files. Files whose name starts
+with `_` or `.` are side files (`_info.json`, img2dataset's `_stats.json`); in a folder holding tar
+shards, `.parquet` files are img2dataset's per-shard metadata and are not read as samples.
+Each shard is committed atomically: written whole, then renamed (local) or put in one request (S3).
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Literal
+
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from ..config import S3Config
+from .parquet_format import write_parquet_shard
+from .storage import display, resolve
+from .tar_format import write_tar_shard
+
+SUFFIX = {"wds": ".tar", "parquet": ".parquet"}
+INFO_FILE = "_info.json"
+Format = Literal["wds", "parquet"]
+
+
+class ShardSetError(FileNotFoundError):
+    """No shards where a shard set was expected (message names the path)."""
+
+
+def _is_side_file(path: str) -> bool:
+    return posixpath.basename(path).startswith(("_", "."))
+
+
+def list_shards(path: str, fmt: str, s3: S3Config):
+    """(filesystem, sorted shard paths, resolved format) for a folder, a single file or a glob."""
+    fs, root = resolve(path, s3)
+    if any(c in root for c in "*?["):
+        files = fs.glob(root)
+    elif fs.isfile(root):
+        files = [root]
+    elif fs.isdir(root):
+        files = fs.find(root)
+    else:
+        raise ShardSetError(f"no shard set at {path}")
+    files = sorted(f for f in files if not _is_side_file(f))
+    by_format = {f: [p for p in files if p.endswith(s)] for f, s in SUFFIX.items()}
+    if fmt == "auto":
+        fmt = "wds" if by_format["wds"] else "parquet"
+    if not by_format[fmt]:
+        raise ShardSetError(f"no {SUFFIX[fmt]} shards at {path}")
+    return fs, by_format[fmt], fmt
+
+
+def encode_image(image: np.ndarray, image_format: str) -> bytes:
+    """(H,W,3) uint8 -> PNG (lossless, deterministic) or JPEG (quality 95) bytes."""
+    buf = io.BytesIO()
+    if image_format == "png":
+        Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    elif image_format == "jpg":
+        Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    return buf.getvalue()
+
+
+def commit_file(fs, path: str, data: bytes) -> None:
+    """Write a whole file atomically: temp name + rename locally; one PUT on object stores."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+class ShardWriter:
+    """Rolling writer: `add(...)` samples, a shard is committed every `samples_per_shard`; `close()` ends.
+
+        with ShardWriter("out/", "wds", 1000, s3_cfg) as w:
+            w.add(key, image_bytes, "png", caption, meta)
+    """
+
+    def __init__(self, out: str, fmt: Format, samples_per_shard: int, s3: S3Config, start_index: int = 0):
+        if fmt not in SUFFIX:
+            raise ValueError(f"format must be one of {sorted(SUFFIX)}, got {fmt!r}")
+        self.fs, self.root = resolve(out, s3)
+        self.fmt, self.per_shard = fmt, samples_per_shard
+        self.index, self.buffer, self.written, self.paths = start_index, [], 0, []
+
+    def add(self, key: str, image: bytes, image_ext: str, caption: str, meta: dict) -> None:
+        self.buffer.append((key, image, image_ext, caption, meta))
+        if len(self.buffer) >= self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        stream = io.BytesIO()
+        (write_tar_shard if self.fmt == "wds" else write_parquet_shard)(stream, self.buffer)
+        path = posixpath.join(self.root, f"{self.index:05d}{SUFFIX[self.fmt]}")
+        commit_file(self.fs, path, stream.getvalue())
+        self.paths.append(display(self.fs, path))
+        self.written += len(self.buffer)
+        self.index += 1
+        self.buffer = []
+
+    def write_info(self, info: dict) -> None:
+        commit_file(self.fs, posixpath.join(self.root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True).encode())
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+def read_info(path: str, s3: S3Config) -> dict | None:
+    """The `_info.json` written beside a shard set (data set, split, classes), or None."""
+    fs, root = resolve(path, s3)
+    if fs.isfile(root):
+        root = posixpath.dirname(root)
+    candidate = posixpath.join(root, INFO_FILE)
+    if not fs.exists(candidate):
+        return None
+    with fs.open(candidate, "rb") as f:
+        return json.loads(f.read())

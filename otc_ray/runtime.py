@@ -1,0 +1,29 @@
+"""Connecting to Ray: a cluster address (`ray job submit`, RAY_ADDRESS) or a local in-process instance."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from .config import RayConfig
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process; quiet Ray Data's per-operator logging unless progress bars are on.
+
+    A local instance gets `cfg.num_cpus` logical CPUs (default 4, more than a 2-core laptop has): Ray Data's
+    file listing always holds one CPU, so actor pools and train workers need logical room to avoid a deadlock.
+    """
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # no token file in ~/.ray for a private instance
+            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20,
+                     include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

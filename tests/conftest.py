@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Ray instance and one loopback S3 server (moto) per test session."""
+from __future__ import annotations
+
+import os
+import uuid
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+import pytest  # noqa: E402
+
+from otc_ray.config import RayConfig, S3Config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance (4 logical CPUs on 2 cores: room for read tasks, actors and workers)."""
+    import ray
+
+    from otc_ray.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=4, object_store_mb=1024, progress_bars=False))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's threaded server on a free port)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """(S3Config, bucket name): a fresh bucket on the loopback server for each test."""
+    from otc_ray.data.storage import s3_filesystem
+
+    cfg = S3Config(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing", retries=2)
+    bucket = f"otc-{uuid.uuid4().hex[:12]}"
+    s3_filesystem(cfg).mkdir(bucket)
+    return cfg, bucket

@@ -1,0 +1,146 @@
+"""Bad input: every defective sample is counted under its reason and skipped; nothing crashes or vanishes."""
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from otc_ray.config import DataConfig
+from otc_ray.data import schema as S
+from otc_ray.data.decode import DecodeLimits, decode_caption
+from otc_ray.data.ray_io import count_outcomes, load_samples
+from otc_ray.data.tar_format import iter_tar_samples, is_unsafe_name
+
+
+def _png(w=16, h=16, colour=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """members: (name, payload or None, tar type)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+            info.size = len(payload or b"")
+            tar.addfile(info, io.BytesIO(payload) if payload else None)
+    return buf.getvalue()
+
+
+def _sample(key, image=None, caption=b"a green square", meta=b'{"label": 1}'):
+    out = []
+    if image is not None:
+        out.append((f"{key}.png", image, tarfile.REGTYPE))
+    if caption is not None:
+        out.append((f"{key}.txt", caption, tarfile.REGTYPE))
+    if meta is not None:
+        out.append((f"{key}.json", meta, tarfile.REGTYPE))
+    return out
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")     # 144 Mpx, a few KB on disk
+    return buf.getvalue()
+
+
+GOOD = _png()
+CASES = {                     # key -> (members, expected reason)
+    "000000001": (_sample("000000001", GOOD), ""),
+    "000000002": (_sample("000000002", b"\x89PNG\r\n\x1a\n garbage"), S.CORRUPT_IMAGE),
+    "000000003": (_sample("000000003", GOOD[: len(GOOD) // 2]), S.CORRUPT_IMAGE),
+    "000000004": (_sample("000000004", _bomb()), S.IMAGE_TOO_LARGE),
+    "000000005": (_sample("000000005", GOOD, caption=None), S.MISSING_CAPTION),
+    "000000006": (_sample("000000006", GOOD, caption=b"   \n"), S.EMPTY_CAPTION),
+    "000000007": (_sample("000000007", GOOD, caption=b"caf\xe9 \xff\xfe"), S.BAD_UTF8),
+    "000000008": (_sample("000000008", GOOD, caption=b"long " * 300), S.CAPTION_TOO_LONG),
+    "000000009": (_sample("000000009", None), S.MISSING_IMAGE),
+    "000000010": (_sample("000000010", GOOD, meta=b"{not json"), S.BAD_META),
+    "../000000011": (_sample("../000000011", GOOD), S.UNSAFE_PATH),
+    "/abs/000000012": (_sample("/abs/000000012", GOOD), S.UNSAFE_PATH),
+    "000000013": ([("000000013.png", None, tarfile.SYMTYPE)] + _sample("000000013", None), S.UNSAFE_PATH),
+    "000000014": (_sample("000000014", GOOD, caption="une photo d'un carré vert".encode()), ""),
+}
+
+
+def _hostile_tar() -> bytes:
+    members = [m for members, _ in CASES.values() for m in members]
+    members += _sample("000000001", GOOD)                      # the key again, later in the shard
+    return _tar(members)
+
+
+def test_each_defect_has_its_reason():
+    rows = list(iter_tar_samples(io.BytesIO(_hostile_tar()), "mem.tar"))
+    by_key = Counter(r[S.KEY] for r in rows)
+    assert by_key["000000001"] == 2 and len(rows) == len(CASES) + 1
+    reader_reasons = [r[S.ERROR] for r in rows if r[S.KEY] == "000000001"]
+    assert reader_reasons == ["", S.DUPLICATE_KEY]
+    for key in ("../000000011", "/abs/000000012", "000000013"):
+        assert next(r for r in rows if r[S.KEY] == key)[S.ERROR] == S.UNSAFE_PATH
+
+
+def test_hostile_shard_through_ray_counts_every_sample(ray_local, tmp_path):
+    (tmp_path / "00000.tar").write_bytes(_hostile_tar())
+    ds = load_samples(str(tmp_path), DataConfig(max_caption_chars=200))
+    rows = ds.take_all()
+    got = {(r[S.KEY], r[S.ERROR]) for r in rows}
+    for key, (_, reason) in CASES.items():
+        assert (key, reason) in got, key
+    counts = count_outcomes(ds)
+    assert sum(counts.values()) == len(CASES) + 1
+    assert counts["ok"] == 2 and counts[S.DUPLICATE_KEY] == 1 and counts[S.UNSAFE_PATH] == 3
+    assert counts[S.CORRUPT_IMAGE] == 2
+
+
+def test_truncated_and_corrupt_shards(ray_local, tmp_path):
+    data = _tar([m for k in ("000000001", "000000014") for m in CASES[k][0]])
+    cut = data.index(b"000000014.txt") + 512 + 5                 # inside the second sample's caption
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    bad_header = bytearray(data)
+    bad_header[data.index(b"000000014.png") + 148] ^= 0xFF       # break a header checksum
+    (tmp_path / "00001.tar").write_bytes(bytes(bad_header))
+    (tmp_path / "00002.tar").write_bytes(data[:-1024 * 9])         # no end-of-archive blocks
+    rows = load_samples(str(tmp_path), DataConfig()).take_all()
+    got = Counter((r[S.SOURCE].rsplit("/", 1)[1], r[S.ERROR]) for r in rows)
+    assert got[("00000.tar", "")] == 1 and got[("00000.tar", S.TRUNCATED_SHARD)] == 2   # the sample + marker
+    # the sample in progress when the bad header comes cannot be known complete: counted out with the marker
+    assert got[("00001.tar", "")] == 0 and got[("00001.tar", S.CORRUPT_SHARD)] == 2
+    assert got[("00002.tar", S.TRUNCATED_SHARD)] >= 1
+    assert any(r[S.KEY].endswith("00000.tar#truncated") for r in rows)
+
+
+def test_corrupt_parquet_is_one_counted_row(ray_local, tmp_path):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["a"], "png": [GOOD], "caption": ["x"]}), buf)
+    (tmp_path / "00000.parquet").write_bytes(buf.getvalue()[:-20])
+    (tmp_path / "00001.parquet").write_bytes(buf.getvalue())
+    counts = count_outcomes(load_samples(str(tmp_path), DataConfig()))
+    assert counts == {"ok": 1, S.CORRUPT_SHARD: 1}
+
+
+def test_caption_truncation_mode():
+    limits = DecodeLimits(32, 10_000, 10, truncate_captions=True)
+    assert decode_caption(b"one two three four", limits) == ("one two th", "")
+    assert decode_caption(b"one two three four", DecodeLimits(32, 10_000, 10, False))[1] == S.CAPTION_TOO_LONG
+
+
+@pytest.mark.parametrize("name, unsafe", [("../x.png", True), ("/etc/x.png", True), ("a/../../x", True),
+                                          ("a\\..\\x", True), ("dir/000.png", False), ("000.png", False)])
+def test_unsafe_names(name, unsafe):
+    assert is_unsafe_name(name) is unsafe
+
+
+def test_member_size_limit_skips_without_reading():
+    data = _tar(_sample("000000001", GOOD) + _sample("000000002", b"x" * 5000))
+    rows = list(iter_tar_samples(io.BytesIO(data), "m.tar", max_member_bytes=4096))
+    assert [r[S.ERROR] for r in rows] == ["", S.IMAGE_TOO_LARGE]
+    assert json.loads(rows[0][S.META]) == {"label": 1}
