@@ -40,8 +40,22 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = _config(args, **{"data.image_size": args.image_size})
     init_ray(cfg.ray)
     sheet = args.sheet or str(Path(cfg.output_dir) / "inspect" / f"{Path(args.path.rstrip('/')).name}_sheet.png")
-    report = inspect_shards(args.path, cfg.data, sheet_path=None if args.no_sheet else sheet)
+    report = inspect_shards(args.path, cfg.data, sheet_path=None if args.no_sheet else sheet,
+                            poisoned_first=args.poisoned_first)
     print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Pre-train with the configured defense; prints the final metrics and where the run lives."""
+    from .train.trainer import run_training
+
+    cfg = _config(args)
+    result = run_training(cfg, progress=not args.quiet)
+    for key in sorted(k for k in result.metrics if k.startswith(("final/", "eval/"))):
+        print(f"{key:<36} {result.metrics[key]:.4f}")
+    print(f"mlflow run {result.run_id} at {result.tracking_uri}; checkpoint {result.checkpoint}; "
+          f"{result.seconds:.0f} s")
     return 0
 
 
@@ -58,6 +72,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     init_ray(cfg.ray)
     report = inspect_shards(str(out / "train"), cfg.data, sheet_path=str(out / "train_sheet.png"))
     print("\n".join(report.lines()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- poison / eval
+def cmd_poison(args: argparse.Namespace) -> int:
+    from .poison.manifest import manifest_summary, read_manifest
+    from .poison.transform import poison_shards
+
+    cfg = _config(args, **{"poison.attack": args.attack, "poison.trigger": args.trigger,
+                           "poison.trigger_size": args.trigger_size, "poison.trigger_location": args.trigger_location,
+                           "poison.target": args.target, "poison.count": args.count,
+                           "poison.rate": 0.0 if args.count is not None else args.rate, "poison.seed": args.seed,
+                           "poison.label_consistent": True if args.label_consistent else None,
+                           "poison.targets": args.targets, "poison.per_target": args.per_target,
+                           "poison.adversarial": args.adversarial, "poison.caption_source": args.caption_source,
+                           "poison.out_format": args.format})
+    report = poison_shards(args.in_path, args.out, cfg.poison, cfg.data, target_source=args.target_source,
+                           progress=not args.quiet)
+    print("\n".join(report.lines()))
+    summary = manifest_summary(read_manifest(args.out, cfg.data.s3))
+    print(f"manifest rows  {summary['rows']} ({summary['distinct_sources']} distinct source images, "
+          f"{summary['lossy']} lossy)")
+    for pair, n in summary["by_pair"].items():
+        print(f"  {pair:<40} {n}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate.model_encoder import ModelEncoder, load_checkpoint_model
+    from .evaluate.report import evaluate_model, format_metrics, resolve_attack
+    from .runtime import init_ray
+
+    cfg = _config(args, **{"model.arch": args.arch, "eval.num_eval": args.num_eval,
+                           "data.image_size": args.image_size})
+    bundle = load_checkpoint_model(args.checkpoint, cfg.model, cfg.data.s3)
+    attack = resolve_attack(args.attack_manifest, cfg.poison, cfg.data)
+    init_ray(cfg.ray)
+    encoder = ModelEncoder(bundle, device=args.device, batch_size=cfg.eval.batch_size)
+    metrics = evaluate_model(encoder, args.data, cfg.data, cfg.poison, cfg.eval, manifest_path=args.attack_manifest,
+                             train_path=args.train)
+    print(f"checkpoint  {args.checkpoint} ({cfg.model.arch}) on {args.data}")
+    print(f"backdoor    target {attack.target!r}, trigger {json.dumps(attack.spec.to_dict(), sort_keys=True)} "
+          f"(from the {attack.source})")
+    print(format_metrics(metrics))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- clean
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Re-match every caption of a shard set with a checkpoint; cleaned shards + report + summary."""
+    from .rematch.clean import clean_shards
+    from .runtime import init_ray
+
+    cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
+                           "rematch.action": args.action})
+    init_ray(cfg.ray)
+    summary = clean_shards(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
+    print("\n".join(summary.lines()))
     return 0
 
 
@@ -92,8 +166,61 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--image-size", type=int, help="decode size for the contact sheet")
     insp.add_argument("--sheet", help="contact sheet PNG path (default: <output_dir>/inspect/<name>_sheet.png)")
     insp.add_argument("--no-sheet", action="store_true")
+    insp.add_argument("--poisoned-first", action="store_true", help="contact sheet: poisoned samples first")
     _common(insp)
     insp.set_defaults(func=cmd_data_inspect)
+
+    poison = sub.add_parser("poison", help="poison a shard set (backdoor / targeted) and write its manifest")
+    poison.add_argument("--in", dest="in_path", required=True, help="clean shard set (folder or s3:// prefix)")
+    poison.add_argument("--out", required=True, help="empty folder or s3:// prefix for the poisoned set")
+    poison.add_argument("--attack", choices=("backdoor", "targeted"))
+    poison.add_argument("--trigger", choices=("patch", "solid", "blended", "sig"))
+    poison.add_argument("--trigger-size", type=int, help="patch side in pixels")
+    poison.add_argument("--trigger-location", choices=("br", "bl", "tr", "tl", "random"))
+    poison.add_argument("--target", help="backdoor target class name")
+    amount = poison.add_mutually_exclusive_group()
+    amount.add_argument("--count", type=int, help="backdoor: samples to poison")
+    amount.add_argument("--rate", type=float, help="backdoor: fraction of the eligible samples to poison")
+    poison.add_argument("--label-consistent", action="store_true", help="backdoor: trigger target-class images only")
+    poison.add_argument("--targets", type=int, help="targeted: number of target images")
+    poison.add_argument("--per-target", type=int, help="targeted: copies of each target image")
+    poison.add_argument("--adversarial", help="targeted: class whose captions the copies get")
+    poison.add_argument("--caption-source", choices=("templates", "data"))
+    poison.add_argument("--target-source", help="targeted: test shards to take the target images from")
+    poison.add_argument("--seed", type=int)
+    poison.add_argument("--format", choices=("same", "wds", "parquet"), help="output shard format")
+    poison.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(poison)
+    poison.set_defaults(func=cmd_poison)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: zero-shot, linear probe, ASR, retrieval")
+    ev.add_argument("--checkpoint", required=True, help="state dict saved with torch.save(model.state_dict())")
+    ev.add_argument("--data", required=True, help="held-out test shards")
+    ev.add_argument("--attack-manifest", help="poisoned set folder or its _poison_manifest.parquet")
+    ev.add_argument("--train", help="shards for the linear probe (default: half of the test set)")
+    ev.add_argument("--arch", help="model.arch of the checkpoint")
+    ev.add_argument("--num-eval", type=int, help="test samples to use")
+    ev.add_argument("--image-size", type=int, help="decode size of the test images")
+    ev.add_argument("--device", default="cpu")
+    _common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser("train", help="pre-train a CLIP with a defense (Ray Train), tracked in MLflow")
+    train.add_argument("--quiet", action="store_true", help="no progress bars for data generation")
+    _common(train)
+    train.set_defaults(func=cmd_train)
+
+    clean = sub.add_parser("clean", help="re-match captions with a checkpoint: cleaned shards, report, summary")
+    clean.add_argument("--in", dest="in_path", required=True, help="shard set to clean (folder or s3:// prefix)")
+    clean.add_argument("--out", required=True, help="folder or s3:// prefix for the cleaned shards")
+    clean.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict()) (default: random init)")
+    clean.add_argument("--manifest", help="poison manifest (folder or file): report detection precision / recall")
+    clean.add_argument("--arch", help="model.arch of the checkpoint")
+    clean.add_argument("--method", choices=("otcclip", "roclip", "none"))
+    clean.add_argument("--gate", choices=("none", "margin", "zscore", "neighbour"))
+    clean.add_argument("--action", choices=("recaption", "drop", "downweight"))
+    _common(clean)
+    clean.set_defaults(func=cmd_clean)
 
     demo = sub.add_parser("demo", help="the main job on built-in data with local Ray")
     _common(demo)

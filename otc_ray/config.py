@@ -78,6 +78,7 @@ class PoisonConfig:
     adversarial: str = "bag"        # targeted: class whose captions the copies get
     caption_source: Literal["templates", "data"] = "templates"
     seed: int = 0
+    out_format: Literal["same", "wds", "parquet"] = "same"   # poisoned shard format ("same" = the input's)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,12 @@ class OTConfig:
     backend: Literal["torch", "geomloss"] = "torch"
     chunk_pairs: int = 8192         # pairwise B x B form: problems solved per chunk
     geomloss_scaling: float = 0.9   # backend geomloss: eps-annealing ratio per step (closer to 1 = more accurate)
+    # training losses (METHOD.md C): what makes L_inter + L_intra affordable per step
+    train_iters: int = 20           # Sinkhorn iterations inside the losses (re-matching uses `iters`)
+    train_negatives: int = 7        # hardest in-batch negatives per anchor (mean-token cosine); 0 = whole batch
+    intra_samples: int = 32         # samples per batch that get a second augmented view for L_intra; 0 = all
+    intra_stop_grad: bool = True    # encode the second view without gradient (a same-weights target)
+    text_drop_prob: float = 0.15    # caption view: word dropout probability (augment_token_ids)
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,11 @@ class RematchConfig:
     max_actors: int = 2
     actor_num_cpus: float = 0.5
     actor_num_gpus: float = 0.0
+    margin: float = 0.05            # gate margin: flag when best - own score exceeds this (or own leaves the top-k)
+    assign_eps: float = 0.05        # assign balanced: entropic regularisation of the block-level assignment
+    assign_iters: int = 200         # assign balanced: Sinkhorn iterations
+    flagged_weight: float = 0.1     # action downweight: loss weight of a flagged sample
+    seed: int = 0                   # random init of the actors' model when no weights are given (all alike)
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,8 @@ class TrainConfig:
     storage_path: str = ""          # "" = <output_dir>/ray_results; may be s3://
     max_failures: int = 1
     keep_checkpoints: int = 2
+    safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
+    log_every: int = 20             # steps between per-step loss logs (rank 0)
     seed: int = 0
 
 
@@ -266,10 +280,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 _POSITIVE = {"num_train", "num_test", "image_size", "samples_per_shard", "max_pixels", "max_caption_chars",
              "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
              "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets", "per_target",
-             "num_cpus", "object_store_mb", "num_eval"}
-_UNIT_INTERVAL = {"alpha", "rate", "tint", "blend_alpha", "geomloss_scaling"}
+             "num_cpus", "object_store_mb", "num_eval", "train_iters", "log_every"}
+_UNIT_INTERVAL = {"alpha", "rate", "tint", "blend_alpha", "geomloss_scaling", "text_drop_prob"}
 _NONNEGATIVE = {"count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
-                "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train"}
+                "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
+                "train_negatives", "intra_samples"}
 _STRICTLY_POSITIVE_FLOAT = {"eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker",
                             "linear_probe_c"}
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config import DataConfig
 from . import schema as S
-from .decode import good_rows
+from .decode import decode_meta, good_rows
 from .ray_io import load_samples
 from .shards import read_info
 
@@ -75,8 +75,34 @@ def contact_sheet(images: np.ndarray, captions: list[str], path: str, columns: i
     return path
 
 
-def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sheet_samples: int = 32) -> InspectReport:
-    """Read every sample of the shard set through Ray Data and summarise it (one streaming pass)."""
+def _is_poisoned(meta) -> bool:
+    return decode_meta(meta)[0].get("poisoned") is True
+
+
+def _poisoned_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Only the rows whose JSON meta says `"poisoned": true` (a poisoned set's ground truth)."""
+    keep = np.array([_is_poisoned(m) for m in batch[S.META]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _sheet_sample(ds, n: int, poisoned_first: bool) -> dict[str, np.ndarray]:
+    """Up to n good rows for the contact sheet; with `poisoned_first`, poisoned rows (captions marked [P]) lead."""
+    good = ds.map_batches(good_rows, batch_format="numpy")
+    if not poisoned_first:
+        return good.take_batch(n, batch_format="numpy")
+    rows = [r for r in good.map_batches(_poisoned_rows, batch_format="numpy").take(n)]
+    for r in rows:
+        r[S.CAPTION] = "[P] " + r[S.CAPTION]
+    if len(rows) < n:
+        rows += [r for r in good.take(n) if not _is_poisoned(r[S.META])][:n - len(rows)]
+    return {S.IMAGE: np.stack([r[S.IMAGE] for r in rows]), S.CAPTION: np.array([r[S.CAPTION] for r in rows])}
+
+
+def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sheet_samples: int = 32,
+                   poisoned_first: bool = False) -> InspectReport:
+    """Read every sample of the shard set through Ray Data and summarise it (one streaming pass).
+
+    poisoned_first: the contact sheet shows samples whose meta has `"poisoned": true` first (marked [P])."""
     ds = load_samples(path, cfg)
     outcomes: Counter = Counter()
     chars, words, keys_seen, duplicates = [], [], set(), 0
@@ -91,7 +117,7 @@ def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sh
     total = sum(outcomes.values())
     sheet = None
     if sheet_path and outcomes.get("ok", 0):
-        sample = ds.map_batches(good_rows, batch_format="numpy").take_batch(sheet_samples, batch_format="numpy")
+        sample = _sheet_sample(ds, sheet_samples, poisoned_first)
         sheet = contact_sheet(sample[S.IMAGE], list(sample[S.CAPTION]), sheet_path)
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     return InspectReport(path, total, outcomes.get("ok", 0), {k: v for k, v in outcomes.items() if k != "ok"},

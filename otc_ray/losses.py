@@ -1,0 +1,238 @@
+"""Training losses (METHOD.md C): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal InfoNCE, combiner.
+
+Pure functions of features (no model, no state). One OTCCLIP step (what benchmarks/ot_bench.py times):
+
+    f = features(model, pixels, ids)                                        # with grad
+    sub = torch.arange(min(B, cfg.ot.intra_samples or B))                   # samples that get a second view
+    with torch.no_grad():                                                   # cfg.ot.intra_stop_grad
+        v = features(model, image_aug(pixels[sub]), augment_token_ids(ids[sub], cfg.ot.text_drop_prob, gen))
+    terms = otcclip_terms(f, cfg.train.tau_ot, cfg.ot, cfg.train.lambda_inter, cfg.train.lambda_intra, v, sub)
+    total, logs = combine_losses(terms, {"inter_loss": lambda_inter, "intra_loss": lambda_intra})
+
+The OT terms use `cfg.ot.train_iters` Sinkhorn iterations and, when `cfg.ot.train_negatives` > 0, only the
+hardest in-batch negatives (by mean-token cosine) per anchor, so a step solves B * (k + 1) * 2 small problems
+instead of B^2. OT terms are in-batch (per rank); only `clip_loss` gathers across ranks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from otc_ray.config import OTConfig
+from otc_ray.ot import candidate_ot_distance_cfg, pairwise_ot_distance_cfg
+
+
+# ----------------------------------------------------------------------------------------- checks
+def _check_batch(**tensors: Optional[Tensor]) -> int:
+    """All given tensors share the batch size (dim 0); returns it. ValueError naming the sizes otherwise."""
+    sizes = {k: int(v.shape[0]) for k, v in tensors.items() if v is not None}
+    if len(set(sizes.values())) > 1:
+        raise ValueError("batch sizes differ: " + ", ".join(f"{k}={n}" for k, n in sizes.items()))
+    return next(iter(sizes.values()))
+
+
+def _check_tokens(name: str, t: Tensor, mask: Optional[Tensor]) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (B, T, d) tokens, got {tuple(t.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(t.shape[:2]):
+        raise ValueError(f"{name} mask must be {tuple(t.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------- CLIP loss
+def _gather(image: Tensor, text: Tensor, local_loss: bool, gather_with_grad: bool) -> tuple[Tensor, Tensor, int, int]:
+    """Features of all ranks (B * world, d) each, plus (rank, world); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image, text, 0, 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if gather_with_grad:
+        from torch.distributed.nn.functional import all_gather  # autograd-aware
+
+        return torch.cat(all_gather(image)), torch.cat(all_gather(text)), rank, world
+    all_i = [torch.zeros_like(image) for _ in range(world)]
+    all_t = [torch.zeros_like(text) for _ in range(world)]
+    dist.all_gather(all_i, image.detach())
+    dist.all_gather(all_t, text.detach())
+    if not local_loss:      # the local slice keeps its gradient
+        all_i[rank], all_t[rank] = image, text
+    return torch.cat(all_i), torch.cat(all_t), rank, world
+
+
+def clip_loss(
+    image: Tensor,
+    text: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Optional[Tensor] = None,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+) -> Tensor:
+    """Symmetric InfoNCE of open_clip's ClipLoss: image (B, d), text (B, d) normalized, logit_scale = exp(t).
+
+    Under torch.distributed the features of all ranks are gathered: `gather_with_grad` back-propagates through
+    the gather; `local_loss` scores only the local rows against all columns (labels offset by rank * B).
+    """
+    if image.shape != text.shape or image.dim() != 2:
+        raise ValueError(f"image and text must both be (B, d), got {tuple(image.shape)} and {tuple(text.shape)}")
+    all_i, all_t, rank, world = _gather(image, text, local_loss, gather_with_grad)
+    if world > 1 and local_loss:
+        logits_i = logit_scale * image @ all_t.T
+        logits_t = logit_scale * text @ all_i.T
+        labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank
+    else:
+        logits_i = logit_scale * all_i @ all_t.T
+        logits_t = logits_i.T
+        labels = torch.arange(all_i.shape[0], device=image.device)
+    if logit_bias is not None:
+        logits_i, logits_t = logits_i + logit_bias, logits_t + logit_bias
+    return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------- OT losses
+def _mean_token(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Normalized mean of the real tokens: (B, T, d) -> (B, d)."""
+    if mask is None:
+        return F.normalize(t.mean(1), dim=-1)
+    m = mask.to(t.dtype).unsqueeze(-1)
+    return F.normalize((t * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+
+
+def ot_contrastive_loss(
+    a: Tensor, a_mask: Optional[Tensor], b: Tensor, b_mask: Optional[Tensor], tau: float, ot_cfg: OTConfig,
+) -> Tensor:
+    """Symmetric InfoNCE over logits -D_OT(a_i, b_j) / tau, positives on the diagonal.
+
+    a (B, Ta, d), b (B, Tb, d) token sets with masks (B, Ta), (B, Tb) (None = all real). With
+    ot_cfg.train_negatives = k in [1, B - 2], each anchor (both directions) meets its positive and its k hardest
+    negatives by mean-token cosine (chosen without gradient); otherwise all B x B pairs are solved.
+    """
+    _check_tokens("a", a, a_mask)
+    _check_tokens("b", b, b_mask)
+    B = _check_batch(a=a, b=b)
+    _check_positive("tau", tau)
+    k, iters = ot_cfg.train_negatives, ot_cfg.train_iters
+    if k <= 0 or k >= B - 1:
+        logits = -pairwise_ot_distance_cfg(a, b, a_mask, b_mask, ot_cfg, iters=iters) / tau
+        labels = torch.arange(B, device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    with torch.no_grad():
+        sim = _mean_token(a, a_mask) @ _mean_token(b, b_mask).T                     # (B, B)
+        sim.fill_diagonal_(float("-inf"))
+        own = torch.arange(B, device=a.device).unsqueeze(1)
+        idx_ab = torch.cat([own, sim.topk(k, dim=1).indices], dim=1)                # (B, k + 1): b's for a_i
+        idx_ba = torch.cat([own, sim.T.topk(k, dim=1).indices], dim=1)              # (B, k + 1): a's for b_j
+    d_ab = candidate_ot_distance_cfg(a, b, idx_ab, a_mask, b_mask, ot_cfg, iters=iters)
+    d_ba = candidate_ot_distance_cfg(b, a, idx_ba, b_mask, a_mask, ot_cfg, iters=iters)
+    target = torch.zeros(B, dtype=torch.long, device=a.device)
+    return (F.cross_entropy(-d_ab / tau, target) + F.cross_entropy(-d_ba / tau, target)) / 2
+
+
+def ot_inter_loss(
+    patches: Tensor, patch_mask: Optional[Tensor], words: Tensor, word_mask: Optional[Tensor], tau: float,
+    ot_cfg: OTConfig,
+) -> Tensor:
+    """L_inter: image i vs caption j by -D_OT(V_i, W_j) / tau, symmetric cross-entropy over the batch.
+
+    patches (B, M, d), patch_mask (B, M) or None, words (B, L, d), word_mask (B, L).
+    """
+    return ot_contrastive_loss(patches, patch_mask, words, word_mask, tau, ot_cfg)
+
+
+def ot_intra_loss(
+    view_a: Tensor, mask_a: Optional[Tensor], view_b: Tensor, mask_b: Optional[Tensor], tau: float,
+    ot_cfg: OTConfig,
+) -> Tensor:
+    """L_intra for one modality: sample i's tokens under view a vs sample j's under view b, contrastive over the batch.
+
+    view_a (B, T, d), view_b (B, T', d) (patches of two image augmentations, or words of a caption and of its
+    `augment_token_ids` version), masks (B, T), (B, T') or None.
+    """
+    return ot_contrastive_loss(view_a, mask_a, view_b, mask_b, tau, ot_cfg)
+
+
+def augment_token_ids(ids: Tensor, drop_prob: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Caption view: drop each word token with probability drop_prob, keep SOT, EOT and order; re-pad with 0.
+
+    ids (B, L) int64 from open_clip's tokenizer (SOT at position 0, EOT = the row's largest id) -> (B, L).
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be (B, L), got {tuple(ids.shape)}")
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    B, L = ids.shape
+    pos = torch.arange(L, device=ids.device).expand(B, L)
+    special = (ids == 0) | (pos == 0) | (pos == ids.argmax(dim=1, keepdim=True))
+    rand = torch.rand((B, L), generator=generator, device=ids.device if generator is None else generator.device)
+    keep = special | (rand.to(ids.device) >= drop_prob)
+    order = torch.where(keep, pos, pos + L).argsort(dim=1)                 # kept tokens first, in order
+    out = ids.gather(1, order)
+    return out.masked_fill(pos >= keep.sum(1, keepdim=True), 0)
+
+
+def unimodal_contrastive_loss(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """SafeCLIP's image-image / text-text InfoNCE: a (B, d), b (B, d) embeddings of two views, symmetric."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"a and b must both be (B, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_positive("temperature", temperature)
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------- combining
+def otcclip_terms(
+    f: "ClipFeatures",  # noqa: F821  (otc_ray.model.ClipFeatures; not imported to keep losses model-free)
+    tau: float,
+    ot_cfg: OTConfig,
+    lambda_inter: float = 0.5,
+    lambda_intra: float = 0.5,
+    view: Optional["ClipFeatures"] = None,  # noqa: F821
+    view_index: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
+    """The OTCCLIP terms for one batch: {"clip_loss", "inter_loss", "intra_loss"}; a term with weight 0 is skipped.
+
+    f: features of the batch (B rows) with logit_scale; view: features of a second augmented view of the rows
+    `view_index` (default: the first len(view) rows), usually computed without gradient. L_intra is the mean of
+    the image-view and caption-view terms.
+    """
+    terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale)}
+    if lambda_inter > 0:
+        terms["inter_loss"] = ot_inter_loss(f.patches, None, f.words, f.word_mask, tau, ot_cfg)
+    if lambda_intra > 0 and view is not None:
+        idx = torch.arange(view.image.shape[0], device=f.image.device) if view_index is None else view_index
+        terms["intra_loss"] = (ot_intra_loss(f.patches[idx], None, view.patches, None, tau, ot_cfg)
+                               + ot_intra_loss(f.words[idx], f.word_mask[idx], view.words, view.word_mask,
+                                               tau, ot_cfg)) / 2
+    return terms
+
+
+def combine_losses(terms: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """total = sum(weights.get(name, 1) * term); terms are scalar tensors named '*_loss'.
+
+    Weights naming absent terms are ignored (a skipped term); weight 0 drops a term from the total. Returns the
+    total and {name: float} of every unweighted term plus "total_loss", for logging.
+    """
+    if not terms:
+        raise ValueError("no loss terms to combine")
+    total: Optional[Tensor] = None
+    logs: dict[str, float] = {}
+    for name, value in terms.items():
+        if not name.endswith("_loss"):
+            raise ValueError(f"loss term names end with '_loss', got {name!r}")
+        if value.dim() != 0:
+            raise ValueError(f"loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
+        logs[name] = float(value.detach())
+        w = float(weights.get(name, 1.0))
+        if w != 0.0:
+            total = w * value if total is None else total + w * value
+    if total is None:
+        total = sum(v * 0.0 for v in terms.values())
+    logs["total_loss"] = float(total.detach())
+    return total, logs

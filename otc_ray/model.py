@@ -1,0 +1,228 @@
+"""open_clip models, tokenizer and features: global embeddings plus projected patch / word tokens.
+
+    bundle = build_model(ModelConfig(arch="otc-tiny-vit-32"))
+    pixels = images_to_tensor(uint8_images, bundle.image_size, "cpu")      # (B, 3, S, S)
+    ids = bundle.tokenizer(["a photo of a shoe", ...])                       # (B, L) int64, 0 = padding
+    f = features(bundle.model, pixels, ids)                                  # ClipFeatures
+
+Any registered open_clip architecture works by name, always randomly initialised (`pretrained=None`, nothing is
+downloaded). The tiny CPU architectures ship as JSON in `otc_ray/model_configs/` and are added to open_clip's
+registry when this module is imported (idempotent). Tokens come from `forward_intermediates` (last block,
+final norm applied), so they work for `CLIP` and `CustomTextCLIP` alike and leave `model(image, text)` and
+`model.encode_*` untouched; the towers must be open_clip's own ViT and text transformer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import TextTransformer, VisionTransformer
+from torch import Tensor, nn
+
+from otc_ray.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+PAD_ID = 0   # open_clip's SimpleTokenizer pads with 0
+
+
+def register_model_configs() -> list[str]:
+    """Add the package's architecture JSONs to open_clip's registry (once); returns their names."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    if not set(names) <= set(open_clip.list_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+    return names
+
+
+register_model_configs()
+
+
+# ----------------------------------------------------------------------------------------- containers
+@dataclass
+class ClipBundle:
+    """A model and what callers need to feed it.
+
+    model: open_clip CLIP / CustomTextCLIP (float32 weights); tokenizer: list[str] -> LongTensor (B, context_length);
+    image_size: input side S; context_length: L; embed_dim: d of every feature; autocast_dtype: the compute dtype
+    that `ModelConfig.precision` asks for (None = fp32), for `torch.autocast`.
+    """
+
+    model: nn.Module
+    tokenizer: Callable[[list[str]], Tensor]
+    image_size: int
+    context_length: int
+    embed_dim: int
+    autocast_dtype: Optional[torch.dtype] = None
+
+
+@dataclass
+class ClipFeatures:
+    """Features of a batch of B images and B captions, all L2-normalized, dimension d.
+
+    image: (B, d) pooled image embeddings; text: (B, d) pooled caption embeddings;
+    patches: (B, M, d) projected patch tokens (class token excluded); words: (B, L, d) projected text tokens at
+    every position; word_mask: (B, L) bool, True at real tokens (SOT/EOT included, padding False);
+    logit_scale: the model's exp(logit_scale) (scalar tensor), for `losses.clip_loss`.
+    """
+
+    image: Tensor
+    text: Tensor
+    patches: Tensor
+    words: Tensor
+    word_mask: Tensor
+    logit_scale: Optional[Tensor] = None
+
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(cfg: ModelConfig) -> ClipBundle:
+    """A randomly initialised open_clip model for `cfg.arch` (a registered name; never downloads)."""
+    register_model_configs()
+    known = open_clip.list_models()
+    if cfg.arch not in known:
+        tiny = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.json")))
+        raise ValueError(f"unknown model arch {cfg.arch!r}: use a registered open_clip architecture "
+                         f"(open_clip.list_models()) or one of this package's: {tiny}")
+    arch_cfg = open_clip.get_model_config(cfg.arch)
+    if arch_cfg.get("text_cfg", {}).get("hf_model_name") or arch_cfg.get("vision_cfg", {}).get("timm_model_name"):
+        raise ValueError(f"arch {cfg.arch!r} needs a Hugging Face / timm tower (downloads, no token features); "
+                         "use an open_clip ViT architecture")
+    model = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False, precision="fp32",
+                                   pretrained_image=False, pretrained_text=False)
+    size = model.visual.image_size
+    return ClipBundle(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(cfg.arch),
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        context_length=int(model.context_length),
+        embed_dim=int(arch_cfg["embed_dim"]),
+        autocast_dtype=_AUTOCAST[cfg.precision],
+    )
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def images_to_tensor(images: Union[np.ndarray, Tensor], image_size: int, device: Union[str, torch.device] = "cpu") -> Tensor:
+    """uint8 images (B, H, W, 3) (or (B, H, W) / (B, H, W, 1) grey) -> float (B, 3, S, S), OpenAI CLIP mean/std.
+
+    Resized (bilinear, antialiased) only when H or W differs from S = image_size.
+    """
+    t = torch.as_tensor(images)
+    if t.dim() == 3:
+        t = t.unsqueeze(-1)
+    if t.dim() != 4 or t.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be (B, H, W, 3) uint8, got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {t.dtype}")
+    x = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(OPENAI_DATASET_STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------- features
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The open_clip model inside a DDP / FSDP-style wrapper (`.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _text_tower(m: nn.Module) -> tuple[nn.Module, object]:
+    """(tower owning forward_intermediates checks, text projection) for CustomTextCLIP or CLIP."""
+    if hasattr(m, "text"):
+        if not isinstance(m.text, TextTransformer):
+            raise ValueError(f"word tokens need open_clip's TextTransformer, got {type(m.text).__name__}")
+        return m.text, m.text.text_projection
+    if hasattr(m, "transformer") and hasattr(m, "text_projection"):
+        return m, m.text_projection
+    raise ValueError(f"{type(m).__name__} has no open_clip text tower")
+
+
+def _project(tokens: Tensor, proj: object) -> Tensor:
+    if proj is None:
+        return tokens
+    if isinstance(proj, nn.Linear):
+        return proj(tokens)
+    return tokens @ proj
+
+
+def _check_visual(m: nn.Module) -> None:
+    if not isinstance(getattr(m, "visual", None), VisionTransformer):
+        raise ValueError(f"patch tokens need open_clip's VisionTransformer tower, got {type(getattr(m, 'visual', None)).__name__}")
+
+
+def _image_part(m: nn.Module, out: dict) -> tuple[Tensor, Tensor]:
+    patches = _project(out["image_intermediates"][-1], m.visual.proj)
+    return out["image_features"], F.normalize(patches, dim=-1)
+
+
+def _text_part(m: nn.Module, out: dict, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, proj = _text_tower(m)
+    words = _project(out["text_intermediates"][-1], proj)
+    return out["text_features"], F.normalize(words, dim=-1), ids != PAD_ID
+
+
+def encode_image_tokens(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """pixels (B, 3, S, S) -> (g (B, d), patches (B, M, d)), both L2-normalized; patches use the visual projection."""
+    m = _unwrap(model)
+    _check_visual(m)
+    out = m.forward_intermediates(image=pixels, image_indices=1, normalize=True, normalize_intermediates=True,
+                                  image_output_fmt="NLC")
+    return _image_part(m, out)
+
+
+def encode_text_tokens(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ids (B, L) -> (t (B, d), words (B, L, d), mask (B, L) bool); L2-normalized, words use the text projection."""
+    m = _unwrap(model)
+    _text_tower(m)
+    out = m.forward_intermediates(text=ids, text_indices=1, normalize=True, normalize_intermediates=True)
+    return _text_part(m, out, ids)
+
+
+def _pooled(out: Union[Tensor, tuple]) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out   # towers built with output_tokens return (pooled, tokens)
+
+
+def encode_image(model: nn.Module, pixels: Tensor) -> Tensor:
+    """pixels (B, 3, S, S) -> normalized global image embeddings (B, d) (no token work)."""
+    return F.normalize(_pooled(_unwrap(model).visual(pixels)), dim=-1)
+
+
+def encode_text(model: nn.Module, ids: Tensor) -> Tensor:
+    """ids (B, L) -> normalized global caption embeddings (B, d) (no token work)."""
+    m = _unwrap(model)
+    return F.normalize(_pooled(m.text(ids)) if hasattr(m, "text") else m.encode_text(ids), dim=-1)
+
+
+def features(model: nn.Module, pixels: Tensor, ids: Tensor) -> ClipFeatures:
+    """One pass of both towers -> ClipFeatures (see its docstring for shapes)."""
+    m = _unwrap(model)
+    _check_visual(m)
+    _text_tower(m)
+    out = m.forward_intermediates(image=pixels, text=ids, image_indices=1, text_indices=1, normalize=True,
+                                  normalize_intermediates=True, image_output_fmt="NLC")
+    g, patches = _image_part(m, out)
+    t, words, mask = _text_part(m, out, ids)
+    return ClipFeatures(image=g, text=t, patches=patches, words=words, word_mask=mask,
+                        logit_scale=m.logit_scale.exp())
+
+
+class FeatureModel(nn.Module):
+    """`features` as a module, so that DDP (`ray.train.torch.prepare_model`) wraps the call that trains."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor, ids: Tensor) -> ClipFeatures:
+        return features(self.model, pixels, ids)

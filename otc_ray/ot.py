@@ -1,0 +1,510 @@
+"""Batched entropic optimal transport between token sets: the one OT convention of otc-ray.
+
+Convention (METHOD.md A), used by every caller (re-matching, losses, benchmarks):
+  * tokens are L2-normalized here (callers may pass raw features); cost C[m, l] = 1 - <x_m, y_l>, in [0, 2];
+  * marginals: a uniform over the real tokens of x, b uniform over the real tokens of y; masked tokens carry
+    zero mass and get zero plan; a problem with no real token on one side has zero mass (plan 0, distance 0);
+  * plan T = argmin_{T in Pi(a, b)} <T, C> - eps * H(T)   (the same T as POT's `ot.sinkhorn(a, b, C, reg=eps)`);
+  * distance D = <T, C> (the transport cost of the entropic plan, not the regularized value);
+  * gradient: envelope style. T is computed without gradient and D is differentiated through C only; this is
+    the exact gradient of the regularized value <T, C> - eps H(T) at convergence (Danskin);
+  * geomloss bridge: SamplesLoss(p=2) uses |x - y|^2 / 2, which equals 1 - cos on unit vectors, with
+    eps = blur**2, so backend "geomloss" runs with blur = sqrt(eps) on the normalized tokens.
+Masked tokens must hold finite values (they are multiplied by 0, not selected out).
+
+Solver (backend "torch"): Sinkhorn in the kernel domain with log-domain absorption (Schmitzer 2016). It reaches
+the fixed point of log-domain Sinkhorn without an exp per entry per iteration:
+  1. costs S = (1 + PENALTY * [y masked]) - <x^, y^> from one GEMM (batched per pair, or one per chunk of
+     pairs); masked tokens have zero inverse norm, and positions that are padding in every set are trimmed;
+  2. potentials (alpha, beta) start at the eps -> 0 c-transforms (row minimum, then column minimum) so that
+     K = exp((alpha + beta - S) / eps) <= 1 has an exact 1 in every real row and column; exponents are clamped
+     at -80 (no denormals and no exp slow path);
+  3. u = a / (K v), v = b / (K^T u) as row-vector batched GEMVs on K and a contiguous copy of K^T; masked tokens
+     have zero mass, so their scalings, and their plan entries, are exactly 0;
+  4. when a scaling exceeds e^20 it is absorbed into (alpha, beta) and K is recomputed; so u K v <= e^-40 on
+     a clamped entry, and a problem whose answer lies below the clamp keeps absorbing until it is inside.
+Problems are processed in chunks sized to stay in cache on CPU (and in large chunks on GPU). Everything runs in
+float32 (float64 inputs stay float64); bfloat16 / float16 inputs are upcast. The candidate and pairwise forms
+keep only the plans for backward and recompute the (cheap) token gathers there.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from otc_ray.config import OTConfig
+
+__all__ = [
+    "ot_distance",
+    "candidate_ot_distance",
+    "pairwise_ot_distance",
+    "geomloss_ot_distance",
+    "ot_distance_cfg",
+    "candidate_ot_distance_cfg",
+    "pairwise_ot_distance_cfg",
+    "balanced_assignment",
+    "exact_assignment",
+]
+
+_PENALTY = 1.0e4                # cost added on masked columns; exp(-(_PENALTY - 4) / eps) == 0 for eps <= 100
+_EXP_FLOOR = -80.0              # kernel exponents are clamped here: exp(-80) is a normal float32, no denormals
+_ABSORB = math.exp(20.0)        # scalings above this are absorbed; a clamped entry then carries u K v <= e^-40
+_CPU_CHUNK_ENTRIES = 1 << 20    # cost entries per chunk on CPU (4 MiB of float32 per array: stays in cache)
+_GPU_CHUNK_ENTRIES = 1 << 28
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_sets(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], paired: bool) -> None:
+    if x.dim() != 3 or y.dim() != 3:
+        raise ValueError(f"x and y must be (P, M, d) and (P, L, d) token sets, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"token dimension differs: x has d={x.shape[-1]}, y has d={y.shape[-1]}")
+    if paired and x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of problems, got P={x.shape[0]} and P={y.shape[0]}")
+    for name, t, m in (("x_mask", x, x_mask), ("y_mask", y, y_mask)):
+        if m is not None and tuple(m.shape) != tuple(t.shape[:2]):
+            raise ValueError(f"{name} must be {tuple(t.shape[:2])} to match its tokens, got {tuple(m.shape)}")
+
+
+def _check_eps_iters(eps: float, iters: int) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+
+
+def _bool_mask(mask: Optional[Tensor], n: int, T: int, device: torch.device) -> Tensor:
+    return torch.ones((n, T), dtype=torch.bool, device=device) if mask is None else mask.to(device, torch.bool)
+
+
+def _trim(t: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Drop trailing positions that are padding in every set: (n, T, d), (n, T) -> (n, T', d), (n, T')."""
+    if mask is None or t.shape[1] == 0:
+        return t, mask
+    real = mask.any(0).nonzero()
+    keep = int(real.max()) + 1 if real.numel() else 1
+    return (t, mask) if keep == t.shape[1] else (t[:, :keep], mask[:, :keep])
+
+
+def _inv_norm(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """1 / |t| per token, 0 for masked tokens: t (n, T, d) -> (n, T)."""
+    r = torch.linalg.vector_norm(t, dim=-1).clamp_min(1e-12).reciprocal()
+    return r if mask is None else r * mask.to(device=t.device, dtype=torch.bool)
+
+
+def _normalize(t: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """t (n, T, d) -> unit-norm tokens in `dtype`, masked tokens set to zero. (n, T, d)."""
+    tf = t.to(dtype)
+    return tf * _inv_norm(tf, mask).unsqueeze(-1)
+
+
+def _col_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 on real columns, 1 + PENALTY on masked ones: (n, L) bool -> (n, L)."""
+    return (~mask).to(dtype).mul_(_PENALTY).add_(1.0)
+
+
+def _masses(mask: Tensor, other: Tensor, dtype: torch.dtype) -> Tensor:
+    """Uniform mass over real tokens; zero on masked tokens and in problems with an empty side. (n, T)."""
+    m = mask.to(dtype)
+    count = m.sum(-1, keepdim=True)
+    return m * (other.any(-1, keepdim=True).to(dtype) / count.clamp_min(1.0))
+
+
+def _chunk(problems: int, entries: int, device: torch.device, cap: int = 1 << 62) -> int:
+    """Problems per chunk so that a chunk holds about the cache budget of cost entries."""
+    budget = _GPU_CHUNK_ENTRIES if device.type != "cpu" else _CPU_CHUNK_ENTRIES
+    return max(1, min(problems, cap, budget // max(1, entries)))
+
+
+# ----------------------------------------------------------------------------------------- core solver
+@torch.no_grad()
+def _sinkhorn_plan(
+    S: Tensor, a: Tensor, b: Tensor, eps: float, iters: int, tol: Optional[float], out: Optional[Tensor] = None,
+) -> Tensor:
+    """Entropic plan for costs S (p, M, L), masses a (p, M), b (p, L) -> plan (p, M, L) (written to `out`).
+
+    Masked rows/columns have zero mass (masked columns also cost >= PENALTY, see `_col_bias`). Kernel-domain
+    Sinkhorn with c-transform initialisation and absorption, see the module docstring.
+    """
+    tiny = torch.finfo(S.dtype).tiny
+    inv_eps = 1.0 / eps
+    real_a, real_b = a > 0, b > 0
+    alpha = S.amin(dim=2)                                                  # (p, M) row c-transform
+    alpha = torch.where(real_a, alpha, torch.full_like(alpha, -_PENALTY))  # masked rows: out of the column min
+    beta = (S - alpha.unsqueeze(2)).amin(dim=1)                            # (p, L) column c-transform
+    beta = torch.where(real_b, beta, torch.zeros_like(beta))
+
+    def kernel() -> tuple[Tensor, Tensor]:
+        K = S.sub(alpha.unsqueeze(2)).sub_(beta.unsqueeze(1)).mul_(-inv_eps).clamp_min_(_EXP_FLOOR).exp_()
+        return K, K.transpose(1, 2).contiguous()
+
+    K, Kt = kernel()
+    u1 = real_a.to(S.dtype).unsqueeze(1)                                   # (p, 1, M) row scalings
+    v1 = real_b.to(S.dtype).unsqueeze(1)                                   # (p, 1, L) column scalings
+    a1, b1 = a.unsqueeze(1), b.unsqueeze(1)
+    Kv, KTu = torch.empty_like(u1), torch.empty_like(v1)
+    for it in range(iters):
+        torch.bmm(v1, Kt, out=Kv)                                          # (K v)^T
+        if tol is not None and it > 0 and float((u1 * Kv - a1).abs_().sum(-1).amax()) < tol:
+            break
+        torch.div(a1, Kv.clamp_min_(tiny), out=u1)
+        torch.bmm(u1, K, out=KTu)                                          # (K^T u)^T
+        torch.div(b1, KTu.clamp_min_(tiny), out=v1)
+        if float(torch.maximum(u1.amax(), v1.amax())) > _ABSORB:           # absorb into the potentials
+            alpha += eps * torch.where(real_a, u1.squeeze(1).clamp_min(tiny).log(), torch.zeros_like(alpha))
+            beta += eps * torch.where(real_b, v1.squeeze(1).clamp_min(tiny).log(), torch.zeros_like(beta))
+            K, Kt = kernel()
+            u1 = real_a.to(S.dtype).unsqueeze(1)
+            v1 = real_b.to(S.dtype).unsqueeze(1)
+    if out is None:
+        return K.mul_(u1.transpose(1, 2)).mul_(v1)
+    return torch.mul(K, u1.transpose(1, 2), out=out).mul_(v1)
+
+
+def _transport_cost(T: Tensor, S: Tensor) -> Tensor:
+    """<T, S> per problem: (p, M, L) x (p, M, L) -> (p,), one batched dot; differentiable in S."""
+    p = S.shape[0]
+    return torch.bmm(T.reshape(p, 1, -1), S.reshape(p, -1, 1)).view(p)
+
+
+# ----------------------------------------------------------------------------------------- autograd forms
+class _CandidateOT(torch.autograd.Function):
+    """D[i, k] = <T, C> between unit tokens xn[i] (B, M, d) and yn[index[i, k]] (N, L, d) -> (B, K).
+
+    Forward solves chunk by chunk and keeps only the plans (B, K, M, L); backward applies the envelope gradient
+    dD/dC = T: grad x^_i = -sum_k g_ik T_ik y^_k, grad y^_j = -sum_{(i, k) -> j} g_ik T_ik^T x^_i.
+    """
+
+    @staticmethod
+    def forward(ctx, xn, yn, index, mx, my, eps, iters, tol, rows):
+        B, M, d = xn.shape
+        L, K = yn.shape[1], index.shape[1]
+        bias = _col_bias(my, xn.dtype)                                     # (N, L)
+        plans = xn.new_empty((B, K, M, L))
+        D = xn.new_empty((B, K))
+        for i0 in range(0, B, rows):
+            i1 = min(B, i0 + rows)
+            n, idx = i1 - i0, index[i0:i1]
+            yg = yn[idx].reshape(n, K * L, d)
+            S = torch.baddbmm(bias[idx].reshape(n, 1, K * L), xn[i0:i1], yg.transpose(1, 2), alpha=-1.0)
+            S = S.view(n, M, K, L).transpose(1, 2).reshape(n * K, M, L)
+            bmx = mx[i0:i1].unsqueeze(1).expand(n, K, M).reshape(n * K, M)
+            bmy = my[idx].reshape(n * K, L)
+            T = _sinkhorn_plan(S, _masses(bmx, bmy, S.dtype), _masses(bmy, bmx, S.dtype), eps, iters, tol,
+                               out=plans[i0:i1].view(n * K, M, L))
+            D[i0:i1] = _transport_cost(T, S).view(n, K)
+        ctx.save_for_backward(xn, yn, index, plans)
+        ctx.rows = rows
+        return D
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gD):
+        xn, yn, index, plans = ctx.saved_tensors
+        B, K, M, L = plans.shape
+        d = xn.shape[2]
+        gx = torch.zeros_like(xn) if ctx.needs_input_grad[0] else None
+        gy = torch.zeros_like(yn) if ctx.needs_input_grad[1] else None
+        for i0 in range(0, B, ctx.rows):
+            i1 = min(B, i0 + ctx.rows)
+            n, idx = i1 - i0, index[i0:i1]
+            G = torch.mul(plans[i0:i1].transpose(1, 2), gD[i0:i1].view(n, 1, K, 1))    # (n, M, K, L)
+            G = G.reshape(n, M, K * L)
+            if gx is not None:
+                gx[i0:i1] = torch.bmm(G, yn[idx].reshape(n, K * L, d)).neg_()
+            if gy is not None:
+                gy.index_add_(0, idx.reshape(-1), torch.bmm(G.transpose(1, 2), xn[i0:i1]).view(n * K, L, d),
+                              alpha=-1.0)
+        return gx, gy, None, None, None, None, None, None, None
+
+
+class _PairwiseOT(torch.autograd.Function):
+    """D[i, j] = <T, C> between unit tokens xn[i] (Bx, M, d) and yn[j] (By, L, d) -> (Bx, By).
+
+    Costs of a (ni x nj) chunk come from one GEMM (ni * M, d) @ (d, nj * L); only the plans are kept for the
+    envelope backward, which uses the same GEMM shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, xn, yn, mx, my, eps, iters, tol, ni, nj):
+        Bx, M, d = xn.shape
+        By, L = yn.shape[:2]
+        xf, yf = xn.reshape(Bx * M, d), yn.reshape(By * L, d)
+        bias = _col_bias(my, xn.dtype).reshape(1, By * L)
+        plans = xn.new_empty((Bx, By, M, L))
+        D = xn.new_empty((Bx, By))
+        for i0 in range(0, Bx, ni):
+            i1 = min(Bx, i0 + ni)
+            for j0 in range(0, By, nj):
+                j1 = min(By, j0 + nj)
+                pi, pj = i1 - i0, j1 - j0
+                S = torch.addmm(bias[:, j0 * L:j1 * L], xf[i0 * M:i1 * M], yf[j0 * L:j1 * L].T, alpha=-1.0)
+                S = S.view(pi, M, pj, L).transpose(1, 2).reshape(pi * pj, M, L)
+                bmx = mx[i0:i1].unsqueeze(1).expand(pi, pj, M).reshape(pi * pj, M)
+                bmy = my[j0:j1].unsqueeze(0).expand(pi, pj, L).reshape(pi * pj, L)
+                T = _sinkhorn_plan(S, _masses(bmx, bmy, S.dtype), _masses(bmy, bmx, S.dtype), eps, iters, tol)
+                D[i0:i1, j0:j1] = _transport_cost(T, S).view(pi, pj)
+                plans[i0:i1, j0:j1] = T.view(pi, pj, M, L)
+        ctx.save_for_backward(xn, yn, plans)
+        ctx.ni, ctx.nj = ni, nj
+        return D
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gD):
+        xn, yn, plans = ctx.saved_tensors
+        Bx, By, M, L = plans.shape
+        d = xn.shape[2]
+        gx = torch.zeros_like(xn) if ctx.needs_input_grad[0] else None
+        gy = torch.zeros_like(yn) if ctx.needs_input_grad[1] else None
+        for i0 in range(0, Bx, ctx.ni):
+            i1 = min(Bx, i0 + ctx.ni)
+            for j0 in range(0, By, ctx.nj):
+                j1 = min(By, j0 + ctx.nj)
+                pi, pj = i1 - i0, j1 - j0
+                G = torch.mul(plans[i0:i1, j0:j1].transpose(1, 2), gD[i0:i1, j0:j1].view(pi, 1, pj, 1))
+                G = G.reshape(pi * M, pj * L)                                              # (pi M, pj L)
+                if gx is not None:
+                    gx[i0:i1] -= (G @ yn[j0:j1].reshape(pj * L, d)).view(pi, M, d)
+                if gy is not None:
+                    gy[j0:j1] -= (G.T @ xn[i0:i1].reshape(pi * M, d)).view(pj, L, d)
+        return gx, gy, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- public API
+def ot_distance(
+    x: Tensor,
+    y: Tensor,
+    x_mask: Optional[Tensor] = None,
+    y_mask: Optional[Tensor] = None,
+    eps: float = 0.05,
+    iters: int = 50,
+    tol: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """Entropic OT between P pairs of token sets under the module convention.
+
+    x: (P, M, d), y: (P, L, d) (any float dtype; normalized here); x_mask (P, M), y_mask (P, L) bool, True = real.
+    `iters` Sinkhorn iterations (fixed count); with `tol`, stop early once the L1 row-marginal error of every
+    problem in a chunk is below tol. Returns distance (P,) and plan (P, M, L), float32 (float64 for float64
+    inputs); the plan carries no gradient, the distance is differentiable through the cost.
+    """
+    _check_sets(x, y, x_mask, y_mask, paired=True)
+    _check_eps_iters(eps, iters)
+    P, M, _ = x.shape
+    L = y.shape[1]
+    dtype, dev = _compute_dtype(x, y), x.device
+    xt, x_mask_t = _trim(x, x_mask)
+    yt, y_mask_t = _trim(y, y_mask)
+    Mt, Lt = xt.shape[1], yt.shape[1]
+    mx, my = _bool_mask(x_mask_t, P, Mt, dev), _bool_mask(y_mask_t, P, Lt, dev)
+    a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
+    bias = _col_bias(my, dtype).unsqueeze(1)                               # (P, 1, Lt)
+    trimmed = (Mt, Lt) != (M, L)
+    plan = (torch.zeros if trimmed else torch.empty)((P, M, L), dtype=dtype, device=dev)
+    pieces = []
+    step = _chunk(P, Mt * Lt, dev)
+    for s in range(0, P, step):
+        sl = slice(s, s + step)
+        xb, yb = xt[sl].to(dtype), yt[sl].to(dtype)
+        # cost from raw tokens: S = bias - (x y^T) * (1/|x| 1/|y|^T), cheaper than normalizing M + L tokens
+        scale = _inv_norm(xb, mx[sl]).unsqueeze(2) * _inv_norm(yb, my[sl]).unsqueeze(1)
+        S = torch.addcmul(bias[sl], torch.bmm(xb, yb.transpose(1, 2)), scale, value=-1.0)
+        if trimmed:
+            T = _sinkhorn_plan(S.detach(), a[sl], b[sl], eps, iters, tol)
+            plan[sl, :Mt, :Lt] = T
+        else:
+            T = _sinkhorn_plan(S.detach(), a[sl], b[sl], eps, iters, tol, out=plan[sl])
+        pieces.append(_transport_cost(T, S))
+    return torch.cat(pieces), plan
+
+
+def candidate_ot_distance(
+    x: Tensor,
+    y: Tensor,
+    index: Tensor,
+    x_mask: Optional[Tensor] = None,
+    y_mask: Optional[Tensor] = None,
+    eps: float = 0.05,
+    iters: int = 50,
+    tol: Optional[float] = None,
+    chunk_pairs: int = 8192,
+) -> Tensor:
+    """One-to-many OT: D[i, k] = ot_distance(x[i], y[index[i, k]]) for x (B, M, d), y (N, L, d), index (B, K).
+
+    The shortlist form (an image against K candidate captions, a caption against K candidate images): every
+    token set is normalized once and x[i] is never copied; it meets its K candidates in one (M, d) @ (d, K L)
+    GEMM. At most `chunk_pairs` problems are in flight. Returns (B, K), differentiable like `ot_distance`.
+    """
+    _check_sets(x, y, x_mask, y_mask, paired=False)
+    _check_eps_iters(eps, iters)
+    if index.dim() != 2 or index.shape[0] != x.shape[0]:
+        raise ValueError(f"index must be (B, K) with B = {x.shape[0]} rows of x, got {tuple(index.shape)}")
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
+    dtype, dev = _compute_dtype(x, y), x.device
+    x, x_mask = _trim(x, x_mask)
+    y, y_mask = _trim(y, y_mask)
+    (B, M, _), (N, L, _), K = x.shape, y.shape, index.shape[1]
+    mx, my = _bool_mask(x_mask, B, M, dev), _bool_mask(y_mask, N, L, dev)
+    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+    # a chunk holds its costs and its gathered candidate tokens: both stay within the cache budget
+    rows = _chunk(B, K * (M * L + L * yn.shape[2]), dev, cap=max(1, chunk_pairs // max(1, K)))
+    return _CandidateOT.apply(xn, yn, index.to(dev), mx, my, eps, iters, tol, rows)
+
+
+def pairwise_ot_distance(
+    x: Tensor,
+    y: Tensor,
+    x_mask: Optional[Tensor] = None,
+    y_mask: Optional[Tensor] = None,
+    eps: float = 0.05,
+    iters: int = 50,
+    tol: Optional[float] = None,
+    chunk_pairs: int = 8192,
+) -> Tensor:
+    """All-pairs OT distances D[i, j] = ot_distance(x[i], y[j]) for x (Bx, M, d), y (By, L, d) -> (Bx, By).
+
+    Each token set is normalized once; the costs of a chunk of at most `chunk_pairs` problems come from one
+    GEMM (ni * M, d) @ (d, nj * L). Differentiable like `ot_distance`.
+    """
+    _check_sets(x, y, x_mask, y_mask, paired=False)
+    _check_eps_iters(eps, iters)
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
+    dtype, dev = _compute_dtype(x, y), x.device
+    x, x_mask = _trim(x, x_mask)
+    y, y_mask = _trim(y, y_mask)
+    (Bx, M, _), (By, L, _) = x.shape, y.shape
+    mx, my = _bool_mask(x_mask, Bx, M, dev), _bool_mask(y_mask, By, L, dev)
+    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+    per_chunk = _chunk(Bx * By, M * L, dev, cap=chunk_pairs)
+    nj = min(By, per_chunk)
+    ni = max(1, min(Bx, per_chunk // nj))
+    return _PairwiseOT.apply(xn, yn, mx, my, eps, iters, tol, ni, nj)
+
+
+def geomloss_ot_distance(
+    x: Tensor,
+    y: Tensor,
+    x_mask: Optional[Tensor] = None,
+    y_mask: Optional[Tensor] = None,
+    eps: float = 0.05,
+    scaling: float = 0.9,
+) -> tuple[Tensor, Tensor]:
+    """`ot_distance` computed by geomloss SamplesLoss("sinkhorn", tensorized, debias=False, potentials=True).
+
+    Same convention: cost |x^ - y^|^2 / 2 = 1 - cos, blur = sqrt(eps); the plan comes from the dual potentials,
+    T = a b exp((F + G - C) / eps), and D = <T, C> with gradient through C only. geomloss anneals eps by
+    `scaling` per step instead of a fixed iteration count, so its marginals hold only approximately.
+    Returns distance (P,) and plan (P, M, L).
+    """
+    from geomloss import SamplesLoss  # imported here: only this backend needs it
+
+    _check_sets(x, y, x_mask, y_mask, paired=True)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    (P, M, _), L = x.shape, y.shape[1]
+    dtype, dev = _compute_dtype(x, y), x.device
+    mx, my = _bool_mask(x_mask, P, M, dev), _bool_mask(y_mask, P, L, dev)
+    a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
+    empty = (a.sum(-1) == 0).unsqueeze(1)
+    # geomloss cannot take an all-zero measure: empty problems get dummy uniform mass and a zero plan after
+    ga = torch.where(empty, torch.full_like(a, 1.0 / M), a)
+    gb = torch.where(empty, torch.full_like(b, 1.0 / L), b)
+    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+    C = 1.0 - torch.bmm(xn, yn.transpose(1, 2))                            # (P, M, L)
+    solver = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), scaling=scaling, debias=False,
+                         potentials=True, backend="tensorized", diameter=2.0)
+    with torch.no_grad():
+        F, G = solver(ga, xn.detach(), gb, yn.detach())
+        T = (F.unsqueeze(2) + G.unsqueeze(1) - C.detach()).div_(eps).exp_()
+        T *= ga.unsqueeze(2) * gb.unsqueeze(1) * (~empty).to(dtype).unsqueeze(2)
+    return _transport_cost(T, C), T
+
+
+def ot_distance_cfg(
+    x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
+    iters: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """`ot_distance` (backend "torch") or `geomloss_ot_distance` (backend "geomloss") as `cfg` selects.
+
+    `iters` overrides cfg.iters (the losses pass cfg.train_iters). Returns distance (P,) and plan (P, M, L).
+    """
+    if cfg.backend == "geomloss":
+        return geomloss_ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, scaling=cfg.geomloss_scaling)
+    return ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol)
+
+
+def candidate_ot_distance_cfg(
+    x: Tensor, y: Tensor, index: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
+    iters: Optional[int] = None,
+) -> Tensor:
+    """`candidate_ot_distance` under `cfg` -> (B, K). The geomloss backend expands the pairs explicitly."""
+    if cfg.backend == "geomloss":
+        B, K = index.shape
+        xi = x.unsqueeze(1).expand(B, K, *x.shape[1:]).reshape(B * K, *x.shape[1:])
+        mi = None if x_mask is None else x_mask.unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
+        yj = y[index].reshape(B * K, *y.shape[1:])
+        mj = None if y_mask is None else y_mask[index].reshape(B * K, -1)
+        return geomloss_ot_distance(xi, yj, mi, mj, eps=cfg.eps, scaling=cfg.geomloss_scaling)[0].view(B, K)
+    return candidate_ot_distance(x, y, index, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol,
+                                 chunk_pairs=cfg.chunk_pairs)
+
+
+def pairwise_ot_distance_cfg(
+    x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
+    iters: Optional[int] = None,
+) -> Tensor:
+    """`pairwise_ot_distance` under `cfg` -> (Bx, By). The geomloss backend expands the pairs explicitly."""
+    if cfg.backend == "geomloss":
+        index = torch.arange(y.shape[0], device=x.device).expand(x.shape[0], -1)
+        return candidate_ot_distance_cfg(x, y, index, x_mask, y_mask, cfg)
+    return pairwise_ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol,
+                                chunk_pairs=cfg.chunk_pairs)
+
+
+# ----------------------------------------------------------------------------------------- assignment
+def balanced_assignment(scores: Tensor, eps: float = 0.05, iters: int = 200, tol: Optional[float] = None) -> Tensor:
+    """Entropic balanced assignment maximizing `scores` (N, K): rows get mass 1/N, columns 1/K.
+
+    Cost = -scores; -inf scores are forbidden pairs (zero plan). Every row and every column needs at least one
+    finite score. Returns the plan (N, K), float32 (float64 for float64 scores), summing to 1; `plan.argmax(1)`
+    is a hard assignment, N * plan[i] the soft one of row i.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (N, K), got {tuple(scores.shape)}")
+    _check_eps_iters(eps, iters)
+    dtype = _compute_dtype(scores)
+    s = scores.detach().to(dtype)
+    allowed = torch.isfinite(s)
+    if not bool(allowed.any(1).all()) or not bool(allowed.any(0).all()):
+        raise ValueError(f"every row and column of scores {tuple(s.shape)} needs at least one finite score")
+    N, K = s.shape
+    S = torch.where(allowed, -s, torch.full_like(s, _PENALTY) + s[allowed].abs().max()).unsqueeze(0)
+    a = torch.full((1, N), 1.0 / N, dtype=dtype, device=s.device)
+    b = torch.full((1, K), 1.0 / K, dtype=dtype, device=s.device)
+    return _sinkhorn_plan(S, a, b, eps, iters, tol)[0].masked_fill_(~allowed, 0.0)
+
+
+def exact_assignment(scores: Tensor) -> Tensor:
+    """Maximum-score assignment of rows to columns by scipy `linear_sum_assignment` (checks and small blocks).
+
+    scores (N, K) -> perm (N,) int64: the column given to each row, -1 for rows left over when N > K.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (N, K), got {tuple(scores.shape)}")
+    s = scores.detach().to("cpu", torch.float64).numpy()
+    rows, cols = linear_sum_assignment(s, maximize=True)
+    perm = torch.full((s.shape[0],), -1, dtype=torch.int64)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
+    return perm.to(scores.device)

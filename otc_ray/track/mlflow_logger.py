@@ -1,0 +1,127 @@
+"""MLflow tracking: the one module that imports mlflow.
+
+The driver creates (or resumes, by run name) the run and hands its id to the workers; rank 0 logs
+through a `RunLogger` bound to that id. Everything goes through an explicit `MlflowClient`, never the
+fluent API's process-global active run, so several runs can be logged from one process.
+
+    run_id = start_or_resume_run(cfg, tags={"defense": "otcclip"})
+    log = RunLogger(tracking_uri(cfg), run_id)
+    log.metrics({"train/loss": 0.3}, step=10)
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, TrackingConfig, flatten
+
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(cfg: Config) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite under the output folder (absolute path)."""
+    return _uri(cfg.tracking, cfg.output_dir)
+
+
+def _uri(tracking: TrackingConfig, output_dir: str) -> str:
+    if tracking.uri:
+        return tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    """The source tree's commit, or 'unknown' (e.g. a `ray job submit` working dir without .git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(uri: str, name: str, artifact_root: str | None) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
+def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
+    """Run id of the run named `tracking.run_name` (or `name`) in the experiment; created with params if new.
+
+    A rerun with the same name continues the same MLflow run (matching Ray Train's resume by run name).
+    """
+    uri = tracking_uri(cfg)
+    local_artifacts = None if "://" in uri and not uri.startswith("sqlite") else \
+        (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
+    exp_id = experiment_id(uri, cfg.tracking.experiment, local_artifacts)
+    client = _client(uri)
+    run_name = cfg.tracking.run_name or cfg.name
+    found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={"git_commit": git_commit(), **(tags or {})})
+    log_params(uri, run.info.run_id, flatten(cfg))
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+    client = _client(uri)
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+class RunLogger:
+    """Logs to one existing run. Construct it on rank 0 only (the caller's rank gate)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Log finite scalars (NaN/inf are skipped: MLflow charts cannot show them)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: dict[str, str]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def artifact(self, path: str, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path=folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """Latest value of every metric of a run."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in _client(uri).get_metric_history(run_id, key)]

@@ -1,0 +1,120 @@
+"""The per-worker training loop (Ray Train V2): CLIP pre-training with the configured defense.
+
+Each worker reads its split of the (re-matched) stream with `get_dataset_shard("train")`, equal-sized
+batches with `drop_last`, and trains a DDP-wrapped open_clip model (gloo on CPU, nccl on GPU). Rank 0
+alone publishes weights to the re-match actors, evaluates on the held-out set, logs to MLflow and
+writes checkpoints; every epoch ends in `ray.train.report` on all ranks.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ..config import Config, config_from_dict
+from ..data import schema as S
+from ..model import FeatureModel, build_model, images_to_tensor
+from ..track.mlflow_logger import RunLogger
+from .chaos import maybe_die
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .defenses import batch_loss
+from .schedule import warmup_cosine
+
+MAX_LOGIT_SCALE = float(np.log(100.0))
+CAPTION_USED = "caption_used"          # written by the re-match stage; absent when no stage runs
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on gains, biases, embeddings and the logit scale (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name or "embedding" in name
+         else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _restore(model, optimizer, scheduler, rng) -> TrainState:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState(epoch=0, step=0)
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(folder, model, optimizer, scheduler, rng)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of every Train worker. loop_config: config (nested dict), run_id, tracking_uri,
+    steps_per_epoch, eval_ref (ObjectRef of the evaluation inputs or None), weights_store (actor name or "")."""
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.train.seed + rank)
+    rng = np.random.default_rng([cfg.train.seed, rank])
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    bundle = build_model(cfg.model)
+    device = ray.train.torch.get_device()
+    bare = bundle.model.to(device)
+    feature_model = ray.train.torch.prepare_model(FeatureModel(bare), parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer = _optimizer(bare, cfg)
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs)
+    state = _restore(bare, optimizer, scheduler, rng)
+
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    evaluate = loop_config.get("evaluate")
+    publish = loop_config.get("publish")
+    chaos = loop_config.get("chaos", "")
+    shard = ray.train.get_dataset_shard("train")
+    autocast = bundle.autocast_dtype
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if rank == 0 and publish is not None:
+            publish(bare, epoch)
+        feature_model.train()
+        start, seen, sums, n_batches = time.perf_counter(), 0, {}, 0
+        for step_in_epoch, batch in enumerate(shard.iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                                 batch_format="numpy")):
+            maybe_die(chaos, rank, epoch, step_in_epoch)
+            pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
+            captions = batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION]
+            ids = bundle.tokenizer([str(c) for c in captions]).to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss, terms = batch_loss(cfg.train.defense, feature_model, bare, pixels, ids, cfg, epoch, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            state.step += 1
+            seen += len(ids)
+            n_batches += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if logger and state.step % cfg.train.log_every == 0:
+                logger.metrics({f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]},
+                               step=state.step)
+        elapsed = time.perf_counter() - start
+        state.epoch = epoch + 1
+        metrics = {"epoch": float(epoch), "train/samples_per_s_worker": seen / max(elapsed, 1e-9),
+                   "train/epoch_seconds": elapsed, "train/batches": float(n_batches)}
+        metrics |= {f"train/epoch_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        if rank == 0:
+            if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
+                metrics |= {f"eval/{k}": v for k, v in evaluate(bundle, bare, device).items()}
+            logger.metrics(metrics, step=epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, bare, optimizer, scheduler, state, rng)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)

@@ -1,0 +1,155 @@
+"""`otc-ray train`: the driver side — data preparation, the MLflow run, the TorchTrainer, the final report.
+
+    result = run_training(load_config("jobs/configs/tiny.yaml", ["train.defense=otcclip"]))
+    result.run_id, result.metrics["eval/backdoor_asr"], result.checkpoint
+
+Data: `data.train`/`data.test` shard sets when given; otherwise the built-in data set is generated
+(and, with `poison.attack`, poisoned) once under `<output_dir>/data/`, and reused by later runs.
+A rerun with the same `name` resumes: Ray Train restores the newest checkpoint of that run name and
+the same MLflow run continues.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import Config, to_dict
+from ..data.decode import good_rows
+from ..data.make import make_shards
+from ..data.ray_io import load_samples
+from ..data.shards import read_info
+from ..poison.transform import poison_shards
+from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
+from .chaos import chaos_spec
+from .evaluation import EpochEvaluator, final_report
+from .loop import train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Shard sets of one run: train (possibly poisoned), test, and the poison manifest folder (or None)."""
+
+    train: str
+    test: str
+    manifest: str | None
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+    seconds: float
+
+
+def _digest(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
+    """Resolve (and generate / poison once, cached by content hash) the shard sets the run needs."""
+    d, root = cfg.data, Path(cfg.output_dir).resolve() / "data"
+    gen_key = {"dataset": d.dataset, "seed": d.seed, "image_size": d.image_size, "tint": d.tint,
+               "per_shard": d.samples_per_shard, "format": d.image_format}
+
+    def built_in(split: str, num: int) -> str:
+        out = root / f"{d.dataset}-{split}-{num}-{_digest(gen_key)}"
+        if read_info(str(out), d.s3) is None:
+            make_shards(d, split, num, str(out), "wds", progress=progress)
+        return str(out)
+
+    train = d.train or built_in("train", d.num_train)
+    test = d.test or built_in("test", d.num_test)
+    if cfg.poison.attack == "none":
+        return TrainData(train, test, None)
+    poisoned = root / f"poisoned-{cfg.poison.attack}-{_digest({'in': train, **to_dict(cfg.poison)})}"
+    if read_info(str(poisoned), d.s3) is None:
+        poison_shards(train, str(poisoned), cfg.poison, d, target_source=test)
+    return TrainData(str(poisoned), test, str(poisoned))
+
+
+def _count(path: str, cfg: Config) -> int:
+    info = read_info(path, cfg.data.s3)
+    if info and "num_samples" in info:
+        return int(info["num_samples"])
+    return load_samples(path, cfg.data).map_batches(good_rows, batch_format="numpy").count()
+
+
+def build_trainer(cfg: Config, train_ds: ray.data.Dataset, loop_config: dict) -> TorchTrainer:
+    """TorchTrainer for the config: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated."""
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.tracking.run_name or cfg.name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": train_ds},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+    )
+
+
+def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, object]:
+    """The stream workers consume: decoded good rows, through the re-match stage when the defense needs it.
+
+    Returns (dataset, publisher): the publisher (or None) is called by rank 0 at each epoch start with the
+    current model, so the re-match actors score that epoch with the weights as they stand.
+    """
+    ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
+    if cfg.train.defense not in ("roclip", "otcclip") or cfg.rematch.method == "none":
+        return ds, None
+    from ..rematch.stage import add_rematch_stage
+    from ..rematch.weights import weight_store
+    from .publish import EpochPublisher
+
+    store_name = f"otc-weights-{cfg.tracking.run_name or cfg.name}"
+    weight_store(store_name)
+    return (add_rematch_stage(ds, cfg.rematch, cfg.model, cfg.ot, weights=store_name),
+            EpochPublisher(store_name, cfg.rematch))
+
+
+def run_training(cfg: Config, progress: bool = True) -> TrainResult:
+    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result."""
+    from ..runtime import init_ray
+
+    start = time.perf_counter()
+    init_ray(cfg.ray)
+    data = prepare_data(cfg, progress)
+    uri = tracking_uri(cfg)
+    run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack,
+                                            "dataset": cfg.data.dataset, "train_data": data.train})
+    train_ds, publisher = training_dataset(cfg, data)
+    rows = _count(data.train, cfg)
+    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
+    evaluator = EpochEvaluator.create(cfg, data.test, data.manifest)
+    loop_config = {"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "steps_per_epoch": steps,
+                   "evaluate": evaluator, "publish": publisher, "chaos": chaos_spec()}
+    logger = RunLogger(uri, run_id)
+    try:
+        result = build_trainer(cfg, train_ds, loop_config).fit()
+    except Exception:
+        logger.finish("FAILED")
+        raise
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    metrics = dict(result.metrics or {})
+    if checkpoint:
+        metrics |= final_report(cfg, data, checkpoint, evaluator, logger)
+    elapsed = time.perf_counter() - start
+    logger.metrics({"run/seconds": elapsed, "run/samples_per_s": rows * cfg.train.epochs / max(elapsed, 1e-9)},
+                   step=cfg.train.epochs)
+    logger.tags({"checkpoint": checkpoint or ""})
+    logger.finish()
+    return TrainResult(run_id, uri, metrics, checkpoint, elapsed)

@@ -1,0 +1,67 @@
+"""Ray Train pre-training end to end on tiny data: MLflow contents, 2 workers, failure + resume, defenses."""
+from pathlib import Path
+
+import pytest
+
+from otc_ray.cli import main
+from otc_ray.config import load_config
+from otc_ray.track.mlflow_logger import metric_history, run_metrics
+from otc_ray.train.chaos import ENV
+from otc_ray.train.trainer import run_training
+
+TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path}", "eval.num_eval=64", *overrides])
+
+
+def test_one_worker_logs_every_metric(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "train.defense=none", "name=one")
+    result = run_training(cfg, progress=False)
+    metrics = run_metrics(result.tracking_uri, result.run_id)
+    for key in ("eval/zeroshot_top1", "eval/backdoor_asr", "train/samples_per_s_worker", "train/epoch_clip_loss",
+                "final/linear_probe_split_acc", "final/zeroshot_top1", "run/seconds"):
+        assert key in metrics, key
+    assert len(metric_history(result.tracking_uri, result.run_id, "eval/zeroshot_top1")) == cfg.train.epochs
+    assert 0.0 <= metrics["eval/backdoor_asr"] <= 1.0
+    assert Path(result.checkpoint, "model.pt").is_file() and Path(result.checkpoint, "state.pt").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.params["train.defense"] == "none" and run.data.tags["attack"] == "backdoor"
+    assert run.info.status == "FINISHED"
+    artifacts = [a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "plots")]
+    assert artifacts == ["plots/asr_accuracy_per_epoch.png"]
+
+
+def test_two_workers_and_resume_after_a_killed_worker(ray_local, tmp_path, monkeypatch):
+    """A worker dies mid-epoch 1 (FailureConfig max_failures=1): the run restarts from the epoch-0
+    checkpoint, finishes, and logs into the same MLflow run."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(ENV, f"{marker}:1:2")
+    cfg = _cfg(tmp_path, "train.defense=none", "train.num_workers=2", "name=two", "train.epochs=2")
+    result = run_training(cfg, progress=False)
+    assert marker.exists()
+    history = metric_history(result.tracking_uri, result.run_id, "epoch")
+    assert sorted({int(s) for s, _ in history}) == [0, 1]
+    assert result.metrics["epoch"] == 1.0
+    again = run_training(cfg, progress=False)          # same name: restored, nothing left to train
+    assert again.run_id == result.run_id
+
+
+@pytest.mark.parametrize("defense", ["safeclip", "otcclip_losses_only"])
+def test_defense_runs_one_epoch(ray_local, tmp_path, defense):
+    extra = ["rematch.method=none"] if defense == "otcclip_losses_only" else []
+    name = defense.split("_")[0]
+    cfg = _cfg(tmp_path, f"train.defense={name}", "train.epochs=1", "train.safeclip_warmup=0", f"name={defense}",
+               "poison.attack=none", *extra)
+    result = run_training(cfg, progress=False)
+    metrics = run_metrics(result.tracking_uri, result.run_id)
+    expected = {"safeclip": "train/epoch_clip_loss", "otcclip": "train/epoch_inter_loss"}[name]
+    assert expected in metrics and metrics["final/eval_count"] == 64
+
+
+def test_bad_config_fails_before_ray(tmp_path, capsys):
+    assert main(["train", "--config", str(TINY), "train.defense=magic"]) == 2
+    assert "train.defense" in capsys.readouterr().err
