@@ -1,4 +1,4 @@
-"""One CLI: `otc-ray data make|inspect`, `otc-ray demo` (more stages register here as they land).
+"""One CLI: `otc-ray data make|inspect`, `poison`, `train`, `clean`, `eval`, `compare`, `demo`.
 
 Every command takes `--config FILE` and trailing `key.sub=value` overrides (see otc_ray.config); flags
 of a command are shorthands for config keys. Errors in input or config print one line and exit 2.
@@ -59,19 +59,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Side-by-side table of an experiment's runs (mean ± std over seeds) and comparison plots."""
+    from .track.compare import compare
+    from .track.mlflow_logger import tracking_uri
+
+    cfg = _config(args, **{"tracking.experiment": args.experiment})
+    plots = None if args.no_plots else Path(args.plots or Path(cfg.output_dir) / "compare")
+    table, paths = compare(tracking_uri(cfg), cfg.tracking.experiment, args.format, plots)
+    print(table)
+    for p in paths:
+        print(f"plot: {p}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job as it stands: build a built-in data set as shards, then inspect it through Ray Data."""
-    from .data.inspect import inspect_shards
-    from .data.make import make_shards
+    """The main job: poisoned built-in data, three defenses trained and compared (jobs/configs/demo.yaml)."""
+    from .demo import DEMO_CONFIG, DEFENSES, run_demo
     from .runtime import init_ray
 
-    cfg = _config(args)
-    out = Path(cfg.output_dir) / "demo"
-    made = make_shards(cfg.data, "train", cfg.data.num_train, str(out / "train"), "wds")
-    print(f"wrote {made.num_samples} {cfg.data.dataset} samples to {made.out} ({made.images_per_second:.0f} images/s)")
+    cfg = load_config(args.config or DEMO_CONFIG, list(args.overrides))
     init_ray(cfg.ray)
-    report = inspect_shards(str(out / "train"), cfg.data, sheet_path=str(out / "train_sheet.png"))
-    print("\n".join(report.lines()))
+    run_demo(cfg, tuple(args.defenses.split(",")) if args.defenses else DEFENSES)
     return 0
 
 
@@ -222,7 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(clean)
     clean.set_defaults(func=cmd_clean)
 
-    demo = sub.add_parser("demo", help="the main job on built-in data with local Ray")
+    cmp_ = sub.add_parser("compare", help="compare the runs of an MLflow experiment (mean ± std over seeds)")
+    cmp_.add_argument("--experiment", help="MLflow experiment (default tracking.experiment)")
+    cmp_.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
+    cmp_.add_argument("--plots", help="folder for the PNG plots (default <output_dir>/compare)")
+    cmp_.add_argument("--no-plots", action="store_true")
+    _common(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
+
+    demo = sub.add_parser("demo", help="the main job: poisoned built-in data, none/roclip/otcclip trained and compared")
+    demo.add_argument("--defenses", help="comma-separated subset, e.g. none,otcclip")
     _common(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -30,10 +30,12 @@ class S3Config:
     """Where `s3://` paths live. Empty fields fall back to the standard AWS environment variables."""
 
     endpoint_url: str = ""          # e.g. http://127.0.0.1:9000 for MinIO / moto; "" = AWS
-    access_key_id: str = ""         # secret: never logged (see `flatten`)
-    secret_access_key: str = ""     # secret: never logged
+    access_key_id: str = field(default="", repr=False)       # secret: never logged (`flatten`), never in repr
+    secret_access_key: str = field(default="", repr=False)   # secret: never logged, never in repr
     anon: bool = False
-    retries: int = 5                # botocore retry attempts for transient errors
+    retries: int = 5                # botocore attempts per request (transient errors, connection refused)
+    connect_timeout: float = 10.0   # seconds per connection attempt: a dead endpoint fails, never hangs
+    read_timeout: float = 60.0      # seconds without a byte from the endpoint before the attempt fails
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class DataConfig:
 class PoisonConfig:
     """The attack applied to the training shards (benchmarks only); see METHOD.md, Attacks."""
 
-    attack: Literal["none", "backdoor", "targeted"] = "none"
+    attack: Literal["none", "backdoor", "targeted", "backdoor+targeted"] = "none"
     trigger: Literal["patch", "solid", "blended", "sig"] = "patch"
     trigger_size: int = 4           # patch side in pixels (patch, solid)
     trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"
@@ -71,7 +73,7 @@ class PoisonConfig:
     sig_frequency: float = 6.0      # SIG cycles across the image width
     target: str = "sneaker"         # backdoor target class name
     count: int = 200                # poisoned samples; used unless rate > 0
-    rate: float = 0.0               # fraction of the training set (overrides count when > 0)
+    rate: float = 0.0               # fraction of the (good) training samples (overrides count when > 0)
     label_consistent: bool = False  # backdoor only images that already belong to the target
     targets: int = 4                # targeted: number of target images (from the test split)
     per_target: int = 50            # targeted: copies of each target image
@@ -271,7 +273,12 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for k, v in values.items():
         if k not in names:
             raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})")
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+        try:
+            kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+        except ConfigError:
+            if k not in SECRET_FIELDS:
+                raise
+            raise ConfigError(f"config key '{prefix}{k}': expected a string (value not shown: secret)") from None
     obj = cls(**kwargs)
     _check_ranges(obj, prefix)
     return obj
@@ -286,7 +293,7 @@ _NONNEGATIVE = {"count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lam
                 "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                 "train_negatives", "intra_samples"}
 _STRICTLY_POSITIVE_FLOAT = {"eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker",
-                            "linear_probe_c"}
+                            "linear_probe_c", "connect_timeout", "read_timeout"}
 
 
 def _check_ranges(obj: Any, prefix: str) -> None:
@@ -328,7 +335,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"config key '{key.strip()}': cannot parse value {raw!r} ({e.__class__.__name__})")
+        shown = "(value not shown: secret)" if key.strip().rpartition(".")[2] in SECRET_FIELDS else repr(raw)
+        raise ConfigError(f"config key '{key.strip()}': cannot parse value {shown} ({e.__class__.__name__})") from None
     if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value):
         value = float(value)            # YAML 1.1 reads '1e-6' as a string
     return key.strip(), value

@@ -107,7 +107,9 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
 
 
 # ----------------------------------------------------------------------------------------- inputs
-def images_to_tensor(images: Union[np.ndarray, Tensor], image_size: int, device: Union[str, torch.device] = "cpu") -> Tensor:
+def images_to_tensor(
+    images: Union[np.ndarray, Tensor], image_size: int, device: Union[str, torch.device] = "cpu",
+) -> Tensor:
     """uint8 images (B, H, W, 3) (or (B, H, W) / (B, H, W, 1) grey) -> float (B, 3, S, S), OpenAI CLIP mean/std.
 
     Resized (bilinear, antialiased) only when H or W differs from S = image_size.
@@ -157,8 +159,9 @@ def _project(tokens: Tensor, proj: object) -> Tensor:
 
 
 def _check_visual(m: nn.Module) -> None:
-    if not isinstance(getattr(m, "visual", None), VisionTransformer):
-        raise ValueError(f"patch tokens need open_clip's VisionTransformer tower, got {type(getattr(m, 'visual', None)).__name__}")
+    visual = getattr(m, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"patch tokens need open_clip's VisionTransformer tower, got {type(visual).__name__}")
 
 
 def _image_part(m: nn.Module, out: dict) -> tuple[Tensor, Tensor]:

@@ -50,11 +50,11 @@ __all__ = [
     "exact_assignment",
 ]
 
-_PENALTY = 1.0e4                # cost added on masked columns; exp(-(_PENALTY - 4) / eps) == 0 for eps <= 100
+_PENALTY = 1.0e4                # cost added for masked y tokens; exp(-(_PENALTY - 4) / eps) == 0 for eps <= 100
 _EXP_FLOOR = -80.0              # kernel exponents are clamped here: exp(-80) is a normal float32, no denormals
 _ABSORB = math.exp(20.0)        # scalings above this are absorbed; a clamped entry then carries u K v <= e^-40
-_CPU_CHUNK_ENTRIES = 1 << 20    # cost entries per chunk on CPU (4 MiB of float32 per array: stays in cache)
-_GPU_CHUNK_ENTRIES = 1 << 28
+_CPU_CHUNK_ENTRIES = 1 << 19    # cost entries per chunk and CPU thread (2 MiB of float32 per array: in cache)
+_GPU_CHUNK_ENTRIES = 1 << 26    # on GPU: large chunks (256 MiB per array), few launches
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -64,7 +64,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _check_sets(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], paired: bool) -> None:
     if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(f"x and y must be (P, M, d) and (P, L, d) token sets, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"x and y must be (P, M, d) and (P, L, d) token sets, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"token dimension differs: x has d={x.shape[-1]}, y has d={y.shape[-1]}")
     if paired and x.shape[0] != y.shape[0]:
@@ -79,6 +80,11 @@ def _check_eps_iters(eps: float, iters: int) -> None:
         raise ValueError(f"eps must be > 0, got {eps}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+
+
+def _fp32(t: Tensor):
+    """Autocast off: under a bf16/fp16 autocast region the costs and Sinkhorn would otherwise run in half precision."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _bool_mask(mask: Optional[Tensor], n: int, T: int, device: torch.device) -> Tensor:
@@ -106,8 +112,8 @@ def _normalize(t: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
     return tf * _inv_norm(tf, mask).unsqueeze(-1)
 
 
-def _col_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """1 on real columns, 1 + PENALTY on masked ones: (n, L) bool -> (n, L)."""
+def _row_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 on real y tokens, 1 + PENALTY on masked ones: (n, L) bool -> (n, L) (the rows of a transposed cost)."""
     return (~mask).to(dtype).mul_(_PENALTY).add_(1.0)
 
 
@@ -120,35 +126,54 @@ def _masses(mask: Tensor, other: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _chunk(problems: int, entries: int, device: torch.device, cap: int = 1 << 62) -> int:
     """Problems per chunk so that a chunk holds about the cache budget of cost entries."""
-    budget = _GPU_CHUNK_ENTRIES if device.type != "cpu" else _CPU_CHUNK_ENTRIES
+    if device.type == "cpu":       # threads split each op: more threads, larger chunks, fewer barriers per pair
+        budget = _CPU_CHUNK_ENTRIES * max(1, torch.get_num_threads())
+    else:
+        budget = _GPU_CHUNK_ENTRIES
     return max(1, min(problems, cap, budget // max(1, entries)))
+
+
+class _Workspace:
+    """Chunk buffers reused across the chunks of one call (a fresh multi-MiB tensor page-faults on every use)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device, self.bufs = dtype, device, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(shape)
 
 
 # ----------------------------------------------------------------------------------------- core solver
 @torch.no_grad()
-def _sinkhorn_plan(
-    S: Tensor, a: Tensor, b: Tensor, eps: float, iters: int, tol: Optional[float], out: Optional[Tensor] = None,
-) -> Tensor:
-    """Entropic plan for costs S (p, M, L), masses a (p, M), b (p, L) -> plan (p, M, L) (written to `out`).
+def _solve(Ct: Tensor, a: Tensor, b: Tensor, eps: float, iters: int, tol: Optional[float], plan: Tensor,
+           ws: _Workspace) -> Tensor:
+    """Sinkhorn on transposed costs Ct (p, L, M) -> writes the plan (p, M, L) into `plan`, returns <T, C> (p,).
 
-    Masked rows/columns have zero mass (masked columns also cost >= PENALTY, see `_col_bias`). Kernel-domain
-    Sinkhorn with c-transform initialisation and absorption, see the module docstring.
+    a (p, M), b (p, L): masses (zero = masked token). Masked L positions must cost >= PENALTY in Ct (the row
+    bias), so that they stay out of the M side's c-transform. See the module docstring for the algorithm.
     """
-    tiny = torch.finfo(S.dtype).tiny
-    inv_eps = 1.0 / eps
+    p, L, M = Ct.shape
+    tiny, inv_eps = torch.finfo(Ct.dtype).tiny, 1.0 / eps
     real_a, real_b = a > 0, b > 0
-    alpha = S.amin(dim=2)                                                  # (p, M) row c-transform
-    alpha = torch.where(real_a, alpha, torch.full_like(alpha, -_PENALTY))  # masked rows: out of the column min
-    beta = (S - alpha.unsqueeze(2)).amin(dim=1)                            # (p, L) column c-transform
+    alpha = Ct.amin(dim=1)                                                 # (p, M) c-transform of the M side
+    alpha = torch.where(real_a, alpha, torch.full_like(alpha, -_PENALTY))  # masked M tokens: out of the next min
+    Kt, K = ws.get("Kt", (p, L, M)), ws.get("K", (p, M, L))
+    beta = torch.sub(Ct, alpha.unsqueeze(1), out=Kt).amin(dim=2)           # (p, L) c-transform of the L side
     beta = torch.where(real_b, beta, torch.zeros_like(beta))
 
-    def kernel() -> tuple[Tensor, Tensor]:
-        K = S.sub(alpha.unsqueeze(2)).sub_(beta.unsqueeze(1)).mul_(-inv_eps).clamp_min_(_EXP_FLOOR).exp_()
-        return K, K.transpose(1, 2).contiguous()
+    def kernel(fresh: bool) -> None:                                       # Kt, K = exp((alpha + beta - C) / eps)
+        if not fresh:
+            torch.sub(Ct, alpha.unsqueeze(1), out=Kt)
+        Kt.sub_(beta.unsqueeze(2)).mul_(-inv_eps).clamp_min_(_EXP_FLOOR).exp_()
+        K.copy_(Kt.transpose(1, 2))
 
-    K, Kt = kernel()
-    u1 = real_a.to(S.dtype).unsqueeze(1)                                   # (p, 1, M) row scalings
-    v1 = real_b.to(S.dtype).unsqueeze(1)                                   # (p, 1, L) column scalings
+    kernel(fresh=True)
+    u1 = real_a.to(Ct.dtype).unsqueeze(1)                                 # (p, 1, M) scalings of the M side
+    v1 = real_b.to(Ct.dtype).unsqueeze(1)                                  # (p, 1, L) scalings of the L side
     a1, b1 = a.unsqueeze(1), b.unsqueeze(1)
     Kv, KTu = torch.empty_like(u1), torch.empty_like(v1)
     for it in range(iters):
@@ -161,47 +186,94 @@ def _sinkhorn_plan(
         if float(torch.maximum(u1.amax(), v1.amax())) > _ABSORB:           # absorb into the potentials
             alpha += eps * torch.where(real_a, u1.squeeze(1).clamp_min(tiny).log(), torch.zeros_like(alpha))
             beta += eps * torch.where(real_b, v1.squeeze(1).clamp_min(tiny).log(), torch.zeros_like(beta))
-            K, Kt = kernel()
-            u1 = real_a.to(S.dtype).unsqueeze(1)
-            v1 = real_b.to(S.dtype).unsqueeze(1)
-    if out is None:
-        return K.mul_(u1.transpose(1, 2)).mul_(v1)
-    return torch.mul(K, u1.transpose(1, 2), out=out).mul_(v1)
+            kernel(fresh=False)
+            u1 = real_a.to(Ct.dtype).unsqueeze(1)
+            v1 = real_b.to(Ct.dtype).unsqueeze(1)
+    torch.mul(K, u1.transpose(1, 2), out=plan).mul_(v1)
+    torch.bmm(v1, Kt.mul_(Ct), out=Kv)                                     # <T, C> = v^T (K o C)^T u
+    return torch.linalg.vecdot(Kv.squeeze(1), u1.squeeze(1))
 
 
-def _transport_cost(T: Tensor, S: Tensor) -> Tensor:
-    """<T, S> per problem: (p, M, L) x (p, M, L) -> (p,), one batched dot; differentiable in S."""
-    p = S.shape[0]
-    return torch.bmm(T.reshape(p, 1, -1), S.reshape(p, -1, 1)).view(p)
+def _paired(x: Tensor, y: Tensor, mx: Tensor, my: Tensor, a: Tensor, b: Tensor, unit: bool, eps: float,
+            iters: int, tol: Optional[float], plan: Tensor) -> Tensor:
+    """Chunked paired solve of x (P, M, d) against y (P, L, d) -> D (P,), plan (P, M, L) written in place.
+
+    unit: tokens are already unit-norm with masked ones zeroed; otherwise the costs are scaled by inverse norms
+    after the GEMM (a pass over M L entries instead of over (M + L) d token values).
+    """
+    (P, M, _), L = x.shape, y.shape[1]
+    dtype = plan.dtype
+    ws = _Workspace(dtype, x.device)
+    bias = _row_bias(my, dtype).unsqueeze(2)                               # (P, L, 1)
+    D = torch.empty(P, dtype=dtype, device=x.device)
+    step = _chunk(P, M * L, x.device)
+    for s in range(0, P, step):
+        e = min(P, s + step)
+        xc, yc = x[s:e].to(dtype), y[s:e].to(dtype)
+        Ct = torch.bmm(yc, xc.transpose(1, 2), out=ws.get("cost", (e - s, L, M)))
+        if unit:
+            torch.sub(bias[s:e], Ct, out=Ct)
+        else:
+            scale = torch.mul(_inv_norm(yc, my[s:e]).unsqueeze(2), _inv_norm(xc, mx[s:e]).unsqueeze(1),
+                              out=ws.get("scale", (e - s, L, M)))
+            torch.addcmul(bias[s:e], Ct, scale, value=-1.0, out=Ct)
+        D[s:e] = _solve(Ct, a[s:e], b[s:e], eps, iters, tol, plan[s:e], ws)
+    return D
 
 
 # ----------------------------------------------------------------------------------------- autograd forms
+class _PairedOT(torch.autograd.Function):
+    """(D (P,), plan (P, M, L)) for unit tokens xn (P, M, d), yn (P, L, d); envelope backward from the plan."""
+
+    @staticmethod
+    def forward(ctx, xn, yn, mx, my, a, b, eps, iters, tol):
+        plan = torch.empty((xn.shape[0], xn.shape[1], yn.shape[1]), dtype=xn.dtype, device=xn.device)
+        D = _paired(xn, yn, mx, my, a, b, True, eps, iters, tol, plan)
+        ctx.save_for_backward(xn, yn, plan)
+        ctx.mark_non_differentiable(plan)
+        return D, plan
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gD, _gplan):
+        xn, yn, plan = ctx.saved_tensors
+        with _fp32(xn):
+            G = plan * gD.view(-1, 1, 1).to(plan.dtype)                    # dD/dC = T
+            gx = torch.bmm(G, yn).neg_() if ctx.needs_input_grad[0] else None
+            gy = torch.bmm(G.transpose(1, 2), xn).neg_() if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None, None, None, None, None, None
+
+
 class _CandidateOT(torch.autograd.Function):
     """D[i, k] = <T, C> between unit tokens xn[i] (B, M, d) and yn[index[i, k]] (N, L, d) -> (B, K).
 
-    Forward solves chunk by chunk and keeps only the plans (B, K, M, L); backward applies the envelope gradient
-    dD/dC = T: grad x^_i = -sum_k g_ik T_ik y^_k, grad y^_j = -sum_{(i, k) -> j} g_ik T_ik^T x^_i.
+    The transposed costs of x[i]'s K problems come from one GEMM (K L, d) @ (d, M), already in the solver's
+    layout. With a gradient to compute, the plans (B, K, M, L) are kept (B K M L floats); backward applies the
+    envelope gradient dD/dC = T:
+    grad x^_i = -sum_k g_ik T_ik y^_k, grad y^_j = -sum_{(i, k) -> j} g_ik T_ik^T x^_i.
     """
 
     @staticmethod
     def forward(ctx, xn, yn, index, mx, my, eps, iters, tol, rows):
-        B, M, d = xn.shape
-        L, K = yn.shape[1], index.shape[1]
-        bias = _col_bias(my, xn.dtype)                                     # (N, L)
-        plans = xn.new_empty((B, K, M, L))
+        (B, M, d), (N, L, _), K = xn.shape, yn.shape, index.shape[1]
+        ws = _Workspace(xn.dtype, xn.device)
+        bias = _row_bias(my, xn.dtype)                                     # (N, L)
+        keep = any(ctx.needs_input_grad[:2])                               # plans are kept only for backward
+        plans = xn.new_empty((B, K, M, L)) if keep else None
         D = xn.new_empty((B, K))
         for i0 in range(0, B, rows):
             i1 = min(B, i0 + rows)
             n, idx = i1 - i0, index[i0:i1]
-            yg = yn[idx].reshape(n, K * L, d)
-            S = torch.baddbmm(bias[idx].reshape(n, 1, K * L), xn[i0:i1], yg.transpose(1, 2), alpha=-1.0)
-            S = S.view(n, M, K, L).transpose(1, 2).reshape(n * K, M, L)
+            yg = torch.index_select(yn, 0, idx.reshape(-1), out=ws.get("tokens", (n * K, L, d)))
+            Ct = torch.baddbmm(bias[idx].reshape(n, K * L, 1), yg.view(n, K * L, d), xn[i0:i1].transpose(1, 2),
+                               alpha=-1.0, out=ws.get("cost", (n, K * L, M))).view(n * K, L, M)
             bmx = mx[i0:i1].unsqueeze(1).expand(n, K, M).reshape(n * K, M)
             bmy = my[idx].reshape(n * K, L)
-            T = _sinkhorn_plan(S, _masses(bmx, bmy, S.dtype), _masses(bmy, bmx, S.dtype), eps, iters, tol,
-                               out=plans[i0:i1].view(n * K, M, L))
-            D[i0:i1] = _transport_cost(T, S).view(n, K)
-        ctx.save_for_backward(xn, yn, index, plans)
+            out = plans[i0:i1].view(n * K, M, L) if keep else ws.get("plan", (n * K, M, L))
+            D[i0:i1] = _solve(Ct, _masses(bmx, bmy, xn.dtype), _masses(bmy, bmx, xn.dtype), eps, iters, tol, out,
+                              ws).view(n, K)
+        if keep:
+            ctx.save_for_backward(xn, yn, index, plans)
         ctx.rows = rows
         return D
 
@@ -209,51 +281,59 @@ class _CandidateOT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gD):
         xn, yn, index, plans = ctx.saved_tensors
-        B, K, M, L = plans.shape
-        d = xn.shape[2]
+        (B, K, M, L), d = plans.shape, xn.shape[2]
+        ws = _Workspace(xn.dtype, xn.device)
         gx = torch.zeros_like(xn) if ctx.needs_input_grad[0] else None
         gy = torch.zeros_like(yn) if ctx.needs_input_grad[1] else None
-        for i0 in range(0, B, ctx.rows):
-            i1 = min(B, i0 + ctx.rows)
-            n, idx = i1 - i0, index[i0:i1]
-            G = torch.mul(plans[i0:i1].transpose(1, 2), gD[i0:i1].view(n, 1, K, 1))    # (n, M, K, L)
-            G = G.reshape(n, M, K * L)
-            if gx is not None:
-                gx[i0:i1] = torch.bmm(G, yn[idx].reshape(n, K * L, d)).neg_()
-            if gy is not None:
-                gy.index_add_(0, idx.reshape(-1), torch.bmm(G.transpose(1, 2), xn[i0:i1]).view(n * K, L, d),
-                              alpha=-1.0)
+        with _fp32(xn):
+            for i0 in range(0, B, ctx.rows):
+                i1 = min(B, i0 + ctx.rows)
+                n, idx = i1 - i0, index[i0:i1]
+                G = torch.mul(plans[i0:i1].transpose(1, 2), gD[i0:i1].view(n, 1, K, 1),
+                              out=ws.get("grad", (n, M, K, L))).view(n, M, K * L)
+                if gx is not None:
+                    yg = torch.index_select(yn, 0, idx.reshape(-1), out=ws.get("tokens", (n * K, L, d)))
+                    torch.bmm(G, yg.view(n, K * L, d), out=gx[i0:i1]).neg_()
+                if gy is not None:
+                    gy.index_add_(0, idx.reshape(-1), torch.bmm(G.transpose(1, 2), xn[i0:i1]).view(n * K, L, d),
+                                  alpha=-1.0)
         return gx, gy, None, None, None, None, None, None, None
 
 
 class _PairwiseOT(torch.autograd.Function):
     """D[i, j] = <T, C> between unit tokens xn[i] (Bx, M, d) and yn[j] (By, L, d) -> (Bx, By).
 
-    Costs of a (ni x nj) chunk come from one GEMM (ni * M, d) @ (d, nj * L); only the plans are kept for the
-    envelope backward, which uses the same GEMM shapes.
+    The costs of a (ni x nj) chunk come from one GEMM (nj L, d) @ (d, ni M) and one reordering copy. Without a
+    gradient to compute nothing but D outlives a chunk; with one, the plans (Bx By M L floats) are kept for the
+    envelope backward, which uses the same GEMM shapes. Chunks have ni == 1 or nj == By, so each chunk's plans
+    are contiguous.
     """
 
     @staticmethod
     def forward(ctx, xn, yn, mx, my, eps, iters, tol, ni, nj):
-        Bx, M, d = xn.shape
-        By, L = yn.shape[:2]
+        (Bx, M, d), (By, L, _) = xn.shape, yn.shape
+        ws = _Workspace(xn.dtype, xn.device)
         xf, yf = xn.reshape(Bx * M, d), yn.reshape(By * L, d)
-        bias = _col_bias(my, xn.dtype).reshape(1, By * L)
-        plans = xn.new_empty((Bx, By, M, L))
+        bias = _row_bias(my, xn.dtype).reshape(By * L, 1)
+        keep = any(ctx.needs_input_grad[:2])                               # plans are kept only for backward
+        plans = xn.new_empty((Bx, By, M, L)) if keep else None
         D = xn.new_empty((Bx, By))
         for i0 in range(0, Bx, ni):
             i1 = min(Bx, i0 + ni)
             for j0 in range(0, By, nj):
                 j1 = min(By, j0 + nj)
                 pi, pj = i1 - i0, j1 - j0
-                S = torch.addmm(bias[:, j0 * L:j1 * L], xf[i0 * M:i1 * M], yf[j0 * L:j1 * L].T, alpha=-1.0)
-                S = S.view(pi, M, pj, L).transpose(1, 2).reshape(pi * pj, M, L)
+                raw = torch.addmm(bias[j0 * L:j1 * L], yf[j0 * L:j1 * L], xf[i0 * M:i1 * M].T, alpha=-1.0,
+                                  out=ws.get("raw", (pj * L, pi * M)))
+                Ct = ws.get("cost", (pi, pj, L, M))
+                Ct.copy_(raw.view(pj, L, pi, M).permute(2, 0, 1, 3))
                 bmx = mx[i0:i1].unsqueeze(1).expand(pi, pj, M).reshape(pi * pj, M)
                 bmy = my[j0:j1].unsqueeze(0).expand(pi, pj, L).reshape(pi * pj, L)
-                T = _sinkhorn_plan(S, _masses(bmx, bmy, S.dtype), _masses(bmy, bmx, S.dtype), eps, iters, tol)
-                D[i0:i1, j0:j1] = _transport_cost(T, S).view(pi, pj)
-                plans[i0:i1, j0:j1] = T.view(pi, pj, M, L)
-        ctx.save_for_backward(xn, yn, plans)
+                out = plans[i0:i1, j0:j1].view(pi * pj, M, L) if keep else ws.get("plan", (pi * pj, M, L))
+                D[i0:i1, j0:j1] = _solve(Ct.view(pi * pj, L, M), _masses(bmx, bmy, xn.dtype),
+                                         _masses(bmy, bmx, xn.dtype), eps, iters, tol, out, ws).view(pi, pj)
+        if keep:
+            ctx.save_for_backward(xn, yn, plans)
         ctx.ni, ctx.nj = ni, nj
         return D
 
@@ -261,21 +341,22 @@ class _PairwiseOT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gD):
         xn, yn, plans = ctx.saved_tensors
-        Bx, By, M, L = plans.shape
-        d = xn.shape[2]
+        (Bx, By, M, L), d = plans.shape, xn.shape[2]
+        ws = _Workspace(xn.dtype, xn.device)
         gx = torch.zeros_like(xn) if ctx.needs_input_grad[0] else None
         gy = torch.zeros_like(yn) if ctx.needs_input_grad[1] else None
-        for i0 in range(0, Bx, ctx.ni):
-            i1 = min(Bx, i0 + ctx.ni)
-            for j0 in range(0, By, ctx.nj):
-                j1 = min(By, j0 + ctx.nj)
-                pi, pj = i1 - i0, j1 - j0
-                G = torch.mul(plans[i0:i1, j0:j1].transpose(1, 2), gD[i0:i1, j0:j1].view(pi, 1, pj, 1))
-                G = G.reshape(pi * M, pj * L)                                              # (pi M, pj L)
-                if gx is not None:
-                    gx[i0:i1] -= (G @ yn[j0:j1].reshape(pj * L, d)).view(pi, M, d)
-                if gy is not None:
-                    gy[j0:j1] -= (G.T @ xn[i0:i1].reshape(pi * M, d)).view(pj, L, d)
+        with _fp32(xn):
+            for i0 in range(0, Bx, ctx.ni):
+                i1 = min(Bx, i0 + ctx.ni)
+                for j0 in range(0, By, ctx.nj):
+                    j1 = min(By, j0 + ctx.nj)
+                    pi, pj = i1 - i0, j1 - j0
+                    G = torch.mul(plans[i0:i1, j0:j1].transpose(1, 2), gD[i0:i1, j0:j1].view(pi, 1, pj, 1),
+                                  out=ws.get("grad", (pi, M, pj, L))).view(pi * M, pj * L)
+                    if gx is not None:
+                        gx[i0:i1] -= (G @ yn[j0:j1].reshape(pj * L, d)).view(pi, M, d)
+                    if gy is not None:
+                        gy[j0:j1] -= (G.T @ xn[i0:i1].reshape(pi * M, d)).view(pj, L, d)
         return gx, gy, None, None, None, None, None, None, None
 
 
@@ -298,32 +379,25 @@ def ot_distance(
     """
     _check_sets(x, y, x_mask, y_mask, paired=True)
     _check_eps_iters(eps, iters)
-    P, M, _ = x.shape
-    L = y.shape[1]
+    (P, M, _), L = x.shape, y.shape[1]
     dtype, dev = _compute_dtype(x, y), x.device
     xt, x_mask_t = _trim(x, x_mask)
     yt, y_mask_t = _trim(y, y_mask)
     Mt, Lt = xt.shape[1], yt.shape[1]
     mx, my = _bool_mask(x_mask_t, P, Mt, dev), _bool_mask(y_mask_t, P, Lt, dev)
     a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
-    bias = _col_bias(my, dtype).unsqueeze(1)                               # (P, 1, Lt)
-    trimmed = (Mt, Lt) != (M, L)
-    plan = (torch.zeros if trimmed else torch.empty)((P, M, L), dtype=dtype, device=dev)
-    pieces = []
-    step = _chunk(P, Mt * Lt, dev)
-    for s in range(0, P, step):
-        sl = slice(s, s + step)
-        xb, yb = xt[sl].to(dtype), yt[sl].to(dtype)
-        # cost from raw tokens: S = bias - (x y^T) * (1/|x| 1/|y|^T), cheaper than normalizing M + L tokens
-        scale = _inv_norm(xb, mx[sl]).unsqueeze(2) * _inv_norm(yb, my[sl]).unsqueeze(1)
-        S = torch.addcmul(bias[sl], torch.bmm(xb, yb.transpose(1, 2)), scale, value=-1.0)
-        if trimmed:
-            T = _sinkhorn_plan(S.detach(), a[sl], b[sl], eps, iters, tol)
-            plan[sl, :Mt, :Lt] = T
+    with _fp32(x):
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+            xn, yn = _normalize(xt, mx, dtype), _normalize(yt, my, dtype)
+            D, T = _PairedOT.apply(xn, yn, mx, my, a, b, eps, iters, tol)
         else:
-            T = _sinkhorn_plan(S.detach(), a[sl], b[sl], eps, iters, tol, out=plan[sl])
-        pieces.append(_transport_cost(T, S))
-    return torch.cat(pieces), plan
+            T = torch.empty((P, Mt, Lt), dtype=dtype, device=dev)
+            D = _paired(xt, yt, mx, my, a, b, False, eps, iters, tol, T)
+    if (Mt, Lt) == (M, L):
+        return D, T
+    plan = torch.zeros((P, M, L), dtype=dtype, device=dev)
+    plan[:, :Mt, :Lt] = T
+    return D, plan
 
 
 def candidate_ot_distance(
@@ -340,8 +414,9 @@ def candidate_ot_distance(
     """One-to-many OT: D[i, k] = ot_distance(x[i], y[index[i, k]]) for x (B, M, d), y (N, L, d), index (B, K).
 
     The shortlist form (an image against K candidate captions, a caption against K candidate images): every
-    token set is normalized once and x[i] is never copied; it meets its K candidates in one (M, d) @ (d, K L)
-    GEMM. At most `chunk_pairs` problems are in flight. Returns (B, K), differentiable like `ot_distance`.
+    token set is normalized once and x[i] is never copied; it meets its K candidates in one (K L, d) @ (d, M)
+    GEMM. At most `chunk_pairs` problems are in flight (their plans, B K M L floats, are kept when a gradient is
+    needed). Returns (B, K), differentiable like `ot_distance`.
     """
     _check_sets(x, y, x_mask, y_mask, paired=False)
     _check_eps_iters(eps, iters)
@@ -352,12 +427,13 @@ def candidate_ot_distance(
     dtype, dev = _compute_dtype(x, y), x.device
     x, x_mask = _trim(x, x_mask)
     y, y_mask = _trim(y, y_mask)
-    (B, M, _), (N, L, _), K = x.shape, y.shape, index.shape[1]
+    (B, M, _), (N, L, d), K = x.shape, y.shape, index.shape[1]
     mx, my = _bool_mask(x_mask, B, M, dev), _bool_mask(y_mask, N, L, dev)
-    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
     # a chunk holds its costs and its gathered candidate tokens: both stay within the cache budget
-    rows = _chunk(B, K * (M * L + L * yn.shape[2]), dev, cap=max(1, chunk_pairs // max(1, K)))
-    return _CandidateOT.apply(xn, yn, index.to(dev), mx, my, eps, iters, tol, rows)
+    rows = _chunk(B, K * (M * L + L * d), dev, cap=max(1, chunk_pairs // max(1, K)))
+    with _fp32(x):
+        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+        return _CandidateOT.apply(xn, yn, index.to(dev), mx, my, eps, iters, tol, rows)
 
 
 def pairwise_ot_distance(
@@ -373,7 +449,8 @@ def pairwise_ot_distance(
     """All-pairs OT distances D[i, j] = ot_distance(x[i], y[j]) for x (Bx, M, d), y (By, L, d) -> (Bx, By).
 
     Each token set is normalized once; the costs of a chunk of at most `chunk_pairs` problems come from one
-    GEMM (ni * M, d) @ (d, nj * L). Differentiable like `ot_distance`.
+    GEMM (nj * L, d) @ (d, ni * M). Differentiable like `ot_distance`; when a gradient is needed the plans of
+    all Bx * By problems are kept for backward (Bx By M L floats), otherwise only one chunk is alive at a time.
     """
     _check_sets(x, y, x_mask, y_mask, paired=False)
     _check_eps_iters(eps, iters)
@@ -384,11 +461,12 @@ def pairwise_ot_distance(
     y, y_mask = _trim(y, y_mask)
     (Bx, M, _), (By, L, _) = x.shape, y.shape
     mx, my = _bool_mask(x_mask, Bx, M, dev), _bool_mask(y_mask, By, L, dev)
-    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
     per_chunk = _chunk(Bx * By, M * L, dev, cap=chunk_pairs)
     nj = min(By, per_chunk)
-    ni = max(1, min(Bx, per_chunk // nj))
-    return _PairwiseOT.apply(xn, yn, mx, my, eps, iters, tol, ni, nj)
+    ni = max(1, min(Bx, per_chunk // nj)) if nj == By else 1
+    with _fp32(x):
+        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+        return _PairwiseOT.apply(xn, yn, mx, my, eps, iters, tol, ni, nj)
 
 
 def geomloss_ot_distance(
@@ -419,15 +497,16 @@ def geomloss_ot_distance(
     # geomloss cannot take an all-zero measure: empty problems get dummy uniform mass and a zero plan after
     ga = torch.where(empty, torch.full_like(a, 1.0 / M), a)
     gb = torch.where(empty, torch.full_like(b, 1.0 / L), b)
-    xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
-    C = 1.0 - torch.bmm(xn, yn.transpose(1, 2))                            # (P, M, L)
     solver = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), scaling=scaling, debias=False,
                          potentials=True, backend="tensorized", diameter=2.0)
-    with torch.no_grad():
-        F, G = solver(ga, xn.detach(), gb, yn.detach())
-        T = (F.unsqueeze(2) + G.unsqueeze(1) - C.detach()).div_(eps).exp_()
-        T *= ga.unsqueeze(2) * gb.unsqueeze(1) * (~empty).to(dtype).unsqueeze(2)
-    return _transport_cost(T, C), T
+    with _fp32(x):
+        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+        C = 1.0 - torch.bmm(xn, yn.transpose(1, 2))                        # (P, M, L)
+        with torch.no_grad():
+            F, G = solver(ga, xn.detach(), gb, yn.detach())
+            T = (F.unsqueeze(2) + G.unsqueeze(1) - C.detach()).div_(eps).exp_()
+            T *= ga.unsqueeze(2) * gb.unsqueeze(1) * (~empty).to(dtype).unsqueeze(2)
+        return torch.linalg.vecdot(T.flatten(1), C.flatten(1)), T
 
 
 def ot_distance_cfg(
@@ -488,10 +567,13 @@ def balanced_assignment(scores: Tensor, eps: float = 0.05, iters: int = 200, tol
     if not bool(allowed.any(1).all()) or not bool(allowed.any(0).all()):
         raise ValueError(f"every row and column of scores {tuple(s.shape)} needs at least one finite score")
     N, K = s.shape
-    S = torch.where(allowed, -s, torch.full_like(s, _PENALTY) + s[allowed].abs().max()).unsqueeze(0)
+    Ct = torch.where(allowed, -s, torch.full_like(s, _PENALTY) + s[allowed].abs().max()).T.contiguous()
     a = torch.full((1, N), 1.0 / N, dtype=dtype, device=s.device)
     b = torch.full((1, K), 1.0 / K, dtype=dtype, device=s.device)
-    return _sinkhorn_plan(S, a, b, eps, iters, tol)[0].masked_fill_(~allowed, 0.0)
+    plan = torch.empty((1, N, K), dtype=dtype, device=s.device)
+    with _fp32(s):
+        _solve(Ct.unsqueeze(0), a, b, eps, iters, tol, plan, _Workspace(dtype, s.device))
+    return plan[0].masked_fill_(~allowed, 0.0)
 
 
 def exact_assignment(scores: Tensor) -> Tensor:

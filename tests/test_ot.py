@@ -167,6 +167,25 @@ def test_bfloat16_inputs_give_finite_results_close_to_float32():
     torch.testing.assert_close(T16.sum(2), T32.sum(2), atol=1e-5, rtol=0)
 
 
+def test_autocast_region_does_not_lower_the_precision():
+    """Callers run features under torch.autocast(bf16); the OT costs and iterations must stay float32."""
+    x, y, mx, my = _problems(P=6, M=12, L=7, d=24, dtype=torch.float32)
+    D, T = ot_distance(x, y, mx, my)
+    P_ = pairwise_ot_distance(x, y, mx, my)
+    C_ = candidate_ot_distance(x, y, torch.arange(6).unsqueeze(1), mx, my)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Da, Ta = ot_distance(x, y, mx, my)
+        Pa = pairwise_ot_distance(xg, y, mx, my)
+        Ca = candidate_ot_distance(x, y, torch.arange(6).unsqueeze(1), mx, my)
+    Pa.sum().backward()
+    torch.testing.assert_close(Da, D, atol=1e-6, rtol=0)
+    torch.testing.assert_close(Ta, T, atol=1e-7, rtol=0)
+    torch.testing.assert_close(Pa, P_, atol=1e-6, rtol=0)
+    torch.testing.assert_close(Ca, C_, atol=1e-6, rtol=0)
+    assert xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
+
+
 def test_tol_stops_early_and_meets_tolerance():
     x, y, mx, my = _problems(P=4, M=12, L=9, d=4, seed=11)
     a = (mx / mx.sum(1, keepdim=True)).double()
@@ -199,8 +218,9 @@ def test_candidate_form_values_and_gradients_equal_paired_form():
     D = candidate_ot_distance(xa, ya, index, mx, my, iters=200, chunk_pairs=2)
     (D * w).sum().backward()
     xb, yb = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-    ref, _ = ot_distance(xb.unsqueeze(1).expand(-1, 3, -1, -1).reshape(12, *x.shape[1:]), yb[index].reshape(12, *y.shape[1:]),
-                         mx.unsqueeze(1).expand(-1, 3, -1).reshape(12, -1), my[index].reshape(12, -1), iters=200)
+    ref, _ = ot_distance(xb.unsqueeze(1).expand(-1, 3, -1, -1).reshape(12, *x.shape[1:]),
+                         yb[index].reshape(12, *y.shape[1:]), mx.unsqueeze(1).expand(-1, 3, -1).reshape(12, -1),
+                         my[index].reshape(12, -1), iters=200)
     (ref.view(4, 3) * w).sum().backward()
     torch.testing.assert_close(D, ref.view(4, 3), atol=1e-12, rtol=0)
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-12, rtol=0)

@@ -107,10 +107,11 @@ def test_backdoor_count_manifest_and_byte_identical_pass_through(clean, tmp_path
     assert info["poison"]["target"] == "sneaker" and info["num_samples"] == 300 and info["dataset"]["name"] == "fashion"
 
 
-def test_backdoor_rate_counts_against_eligible(clean, tmp_path):
-    eligible = sum(s["meta"]["label"] != SNEAKER for s in _samples(clean).values())
+def test_backdoor_rate_is_a_share_of_the_training_set(clean, tmp_path):
+    samples = _samples(clean).values()
+    eligible = sum(s["meta"]["label"] != SNEAKER for s in samples)
     report = _poison(clean, tmp_path / "p", rate=0.05, count=999)             # rate > 0 overrides count
-    assert report.eligible == eligible and report.poisoned == round(0.05 * eligible)
+    assert report.eligible == eligible and report.poisoned == round(0.05 * len(samples)) != round(0.05 * eligible)
     assert len(_manifest(tmp_path / "p")) == report.poisoned
 
 
@@ -287,7 +288,7 @@ def test_bad_requests_fail_with_one_clear_error(clean, tmp_path):
         _poison(clean, clean.parent / "elsewhere", count=1)
     with pytest.raises(ValueError, match="does not fit images of 32x32"):
         _poison(clean, tmp_path / "d", trigger_size=40)
-    with pytest.raises(ValueError, match="already poisoned"):
+    with pytest.raises(ValueError, match="already carries a backdoor attack"):
         _poison(clean.parent / "elsewhere", tmp_path / "e", count=1)
     with pytest.raises(ValueError, match="inside it"):
         _poison(clean, clean / "sub", count=1)
@@ -304,3 +305,20 @@ def test_cli_poison(clean, tmp_path, capsys):
     assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "x"), "--attack", "backdoor",
                  "--target", "unicorn", "--quiet"]) == 2
     assert "unknown class 'unicorn'" in capsys.readouterr().err
+
+
+def test_backdoor_and_targeted_compose_into_one_manifest(clean, test_split, tmp_path):
+    """Targeted on top of a backdoored set: poisoned samples are not re-selected, the manifest holds both."""
+    _poison(clean, tmp_path / "bd", count=10, seed=2)
+    report = _poison(tmp_path / "bd", tmp_path / "both", target_source=test_split, attack="targeted", targets=2,
+                     per_target=3, adversarial="bag", caption_source="data", seed=2)
+    assert report.inserted == 6
+    rows = _manifest(tmp_path / "both")
+    assert manifest_summary(read_manifest(str(tmp_path / "both"), DATA.s3))["by_attack"] == {"backdoor": 10, "targeted": 6}
+    after = _samples(tmp_path / "both")
+    assert all(after[r["key"]]["meta"]["poisoned"] for r in rows)
+    assert all(not _names_class(after[r["key"]]["caption"], "sneaker") for r in rows if r["attack"] == "targeted")
+    info = read_info(str(tmp_path / "both"), DATA.s3)
+    assert info["poison"]["attack"] == "targeted" and info["poison_history"][0]["attack"] == "backdoor"
+    with pytest.raises(ValueError, match="already carries a backdoor attack"):
+        _poison(tmp_path / "both", tmp_path / "again", count=5)

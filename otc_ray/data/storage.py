@@ -31,7 +31,8 @@ def s3_filesystem(cfg: S3Config) -> fsspec.AbstractFileSystem:
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
     kwargs = dict(anon=cfg.anon, client_kwargs=client_kwargs, skip_instance_cache=True,
-                  config_kwargs={"retries": {"max_attempts": cfg.retries, "mode": "standard"}})
+                  config_kwargs={"retries": {"max_attempts": cfg.retries, "mode": "standard"},
+                                 "connect_timeout": cfg.connect_timeout, "read_timeout": cfg.read_timeout})
     if cfg.access_key_id:
         kwargs.update(key=cfg.access_key_id, secret=cfg.secret_access_key)
     return s3fs.S3FileSystem(**kwargs)

@@ -127,6 +127,9 @@ def split_name(name: str) -> tuple[str, str]:
 
 def _row(key: str, parts: dict[str, bytes], source: str, error: str = "") -> dict:
     image_ext = next((e for e in S.IMAGE_EXTENSIONS if e in parts), "")
+    # Names are decoded with surrogateescape; Arrow string columns need valid UTF-8, so undecodable bytes of
+    # a (corrupt or non-UTF-8) name become \xNN escapes (no collision with a safe name: those have no '\\').
+    key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return {S.KEY: key, S.IMAGE_BYTES: parts.get(image_ext, b"") if image_ext else b"",
             S.IMAGE_EXT: image_ext, S.CAPTION_RAW: parts.get("txt"), S.META: parts.get("json", b"{}"),
             S.SOURCE: source, S.ERROR: error}

@@ -50,7 +50,7 @@ from ..data.parquet_format import iter_parquet_samples
 from ..data.shards import INFO_FILE, SUFFIX, ShardSetError, commit_file, encode_image, list_shards, read_info
 from ..data.storage import display, resolve
 from ..data.tar_format import iter_tar_samples
-from .manifest import MANIFEST_FILE, write_manifest
+from .manifest import MANIFEST_FILE, read_manifest, write_manifest
 from .triggers import TriggerSpec, apply_trigger, trigger_region_mask
 
 _TARGETED_KEY = "tgt{t:03d}-{k:04d}"
@@ -261,17 +261,18 @@ class _Scan:
     """What pass 1 learns from the training shards."""
 
     read: int = 0
+    good: int = 0                                           # rows that decode (the base of poison.rate)
     decode_bad: Counter = field(default_factory=Counter)    # reason -> rows the reader passed but decoding rejects
     hashes: array = field(default_factory=lambda: array("Q"))  # keyed hashes of backdoor-eligible samples (uint64)
     data_captions: list[str] = field(default_factory=list)  # targeted, caption_source=data
     reserved: set[str] = field(default_factory=set)         # input keys shaped like targeted keys
 
 
-def _requested_count(cfg: PoisonConfig, eligible: int) -> int:
-    """Samples to poison: `rate` x eligible (rounded) when rate > 0, else `count`."""
-    n = int(round(cfg.rate * eligible)) if cfg.rate > 0 else cfg.count
+def _requested_count(cfg: PoisonConfig, eligible: int, total: int) -> int:
+    """Samples to poison: `rate` x all good training samples (rounded) when rate > 0, else `count`."""
+    n = int(round(cfg.rate * total)) if cfg.rate > 0 else cfg.count
     if cfg.rate > 0 and n == 0:
-        raise ValueError(f"poison.rate {cfg.rate} of {eligible} eligible samples rounds to 0 samples")
+        raise ValueError(f"poison.rate {cfg.rate} of {total} training samples rounds to 0 samples")
     if n > eligible:
         which = "of" if cfg.label_consistent else "not of"
         raise ValueError(f"poison: asked for {n} samples but only {eligible} are eligible ({which} class {cfg.target!r})")
@@ -279,7 +280,7 @@ def _requested_count(cfg: PoisonConfig, eligible: int) -> int:
 
 
 def _is_eligible(c: _Checked, cfg: PoisonConfig, target: int, names_target: re.Pattern) -> bool:
-    if c.error:
+    if c.error or (c.meta or {}).get("poisoned"):
         return False
     if cfg.label_consistent:
         return c.label == target
@@ -301,12 +302,13 @@ def _scan(files: list[str], fs, fmt: str, cfg: PoisonConfig, info: DatasetInfo, 
             c = _check(row, limits, info, patterns)
             if c.error and not c.from_reader:
                 scan.decode_bad[c.error] += 1
+            scan.good += not c.error
             key = row[S.KEY]
             if _TARGETED_KEY_RE.fullmatch(key):
                 scan.reserved.add(key)
             if cfg.attack == "backdoor" and _is_eligible(c, cfg, target, patterns[target]):
                 scan.hashes.append(keyed_hash(key, cfg.seed, b"select"))
-            elif want_captions and not c.error and c.label == target:
+            elif want_captions and not c.error and c.label == target and not c.meta.get("poisoned"):
                 captions.offer(keyed_hash(key, cfg.seed, b"data-caption"), key, c.caption)
         bar.update(scan.read - bar.n)
     bar.close()
@@ -415,16 +417,22 @@ def _load_info(in_path: str, data_cfg: DataConfig) -> tuple[dict, DatasetInfo]:
     if not info or "dataset" not in info:
         raise ValueError(f"{in_path} has no {INFO_FILE} with a 'dataset' section (classes, synonyms, templates); "
                          "poisoning needs the class names")
-    if "poison" in info:
-        raise ValueError(f"{in_path} is already poisoned ({info['poison'].get('attack')}); poison the clean set "
-                         "(one attack per set keeps one ground-truth manifest)")
     return info, DatasetInfo.from_dict(info["dataset"])
+
+
+def prior_attacks(info: dict) -> list[dict]:
+    """The attacks already applied to a shard set (its `_info.json` `poison` section and `poison_history`)."""
+    return list(info.get("poison_history", [])) + ([info["poison"]] if "poison" in info else [])
 
 
 def _check_args(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: DataConfig, info: DatasetInfo,
                 target_source: str | None) -> None:
     if cfg.attack == "none":
         raise ValueError("poison.attack is 'none'; choose backdoor or targeted")
+    done = [p.get("attack") for p in prior_attacks(read_info(in_path, data_cfg.s3) or {})]
+    if cfg.attack in done:
+        raise ValueError(f"{in_path} already carries a {cfg.attack} attack; attacks compose only across kinds "
+                         "(one backdoor and one targeted), each recorded in the one manifest")
     in_root, out_root = resolve(in_path, data_cfg.s3)[1], resolve(out_path, data_cfg.s3)[1]
     if out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/"):
         raise ValueError(f"output {out_path} is the input shard set {in_path} or inside it")
@@ -463,7 +471,7 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
     inserts: list[dict] = []
     if cfg.attack == "backdoor":
         unique = np.unique(np.frombuffer(scan.hashes, dtype=np.uint64))
-        requested = _requested_count(cfg, len(unique))
+        requested = _requested_count(cfg, len(unique), scan.good)
         selected, eligible = set(unique[:requested].tolist()), len(unique)
     else:
         targets, eligible = _pick_targets(target_source, cfg, data_cfg, info, limits)
@@ -483,6 +491,11 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
     report.passed = (report.read - report.poisoned - sum(report.skipped.values())
                      - sum(report.passed_bad.values()))
     out_fs, out_root = resolve(out_path, data_cfg.s3)
+    if prior_attacks(in_info):                       # composed attacks: one manifest holds every poisoned key
+        ext = {"wds": ".tar", "parquet": ".parquet"}[out_fmt]
+        prior = [{**r, "shard": posixpath.splitext(r["shard"])[0] + ext}
+                 for r in read_manifest(in_path, data_cfg.s3).to_pylist()]
+        manifest = prior + manifest
     write_manifest(out_fs, posixpath.join(out_root, MANIFEST_FILE), manifest)
     report.manifest = display(out_fs, posixpath.join(out_root, MANIFEST_FILE))
     _write_info(out_fs, out_root, in_info, in_path, cfg, report, target_source, out_fmt)
@@ -555,4 +568,6 @@ def _write_info(fs, root: str, in_info: dict, in_path: str, cfg: PoisonConfig, r
         poison.update(targets=cfg.targets, per_target=cfg.per_target, caption_source=cfg.caption_source,
                       target_source=target_source)
     info = {**in_info, "num_samples": report.written, "format": out_fmt, "poison": poison}
+    if "poison" in in_info:
+        info["poison_history"] = prior_attacks(in_info)
     commit_file(fs, posixpath.join(root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True).encode())

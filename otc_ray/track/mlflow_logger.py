@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,26 @@ def run_metrics(uri: str, run_id: str) -> dict[str, float]:
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in _client(uri).get_metric_history(run_id, key)]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished or running MLflow run as plain data: params and tags as strings, latest metrics."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def search_runs(uri: str, experiment: str) -> list[RunRecord]:
+    """Every run of `experiment` (oldest first); [] when the experiment does not exist."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+    return [RunRecord(r.info.run_id, r.info.run_name or "", r.info.status, dict(r.data.params), dict(r.data.tags),
+                      dict(r.data.metrics)) for r in runs]

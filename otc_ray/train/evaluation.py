@@ -64,8 +64,8 @@ def _plot(uri: str, run_id: str, folder: Path) -> list[Path]:
     return [path]
 
 
-def final_report(cfg: Config, data, checkpoint: str, evaluator: EpochEvaluator, logger: RunLogger) -> dict[str, float]:
-    """Evaluate the final checkpoint with the linear probe; log metrics, plots and the checkpoint location."""
+def final_report(cfg: Config, checkpoint: str, evaluator: EpochEvaluator, logger: RunLogger) -> dict[str, float]:
+    """Evaluate the final checkpoint (a local folder) with the linear probe; log the metrics and plots."""
     bundle = load_checkpoint_model(str(Path(checkpoint) / MODEL_FILE), cfg.model)
     metrics = {f"final/{k}": v for k, v in evaluator(bundle, bundle.model, "cpu", linear_probe=True).items()}
     logger.metrics(metrics, step=cfg.train.epochs)

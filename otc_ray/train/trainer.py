@@ -20,10 +20,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ..config import Config, to_dict
+from ..config import Config, replace, to_dict
 from ..data.decode import good_rows
 from ..data.make import make_shards
-from ..data.ray_io import load_samples
+from ..data.ray_io import count_outcomes, load_samples
 from ..data.shards import read_info
 from ..poison.transform import poison_shards
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
@@ -70,17 +70,23 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     test = d.test or built_in("test", d.num_test)
     if cfg.poison.attack == "none":
         return TrainData(train, test, None)
-    poisoned = root / f"poisoned-{cfg.poison.attack}-{_digest({'in': train, **to_dict(cfg.poison)})}"
-    if read_info(str(poisoned), d.s3) is None:
-        poison_shards(train, str(poisoned), cfg.poison, d, target_source=test)
-    return TrainData(str(poisoned), test, str(poisoned))
+    source = train
+    for attack in cfg.poison.attack.split("+"):          # "backdoor+targeted" composes two transforms
+        step = replace(cfg, poison__attack=attack).poison
+        out = root / f"poisoned-{attack}-{_digest({'in': source, **to_dict(step)})}"
+        if read_info(str(out), d.s3) is None:
+            poison_shards(source, str(out), step, d, target_source=test, progress=progress)
+        source = str(out)
+    return TrainData(source, test, source)
 
 
-def _count(path: str, cfg: Config) -> int:
-    info = read_info(path, cfg.data.s3)
-    if info and "num_samples" in info:
-        return int(info["num_samples"])
-    return load_samples(path, cfg.data).map_batches(good_rows, batch_format="numpy").count()
+def _outcomes(path: str, cfg: Config) -> dict[str, int]:
+    """{"ok": good samples, reason: samples skipped for it} of a shard set: one read-and-decode pass, so a
+    corrupt or truncated shard shows up in the run's data/* metrics instead of vanishing silently."""
+    outcomes = count_outcomes(load_samples(path, cfg.data))
+    if not outcomes.get("ok"):
+        raise ValueError(f"no usable samples in {path}: {outcomes}")
+    return outcomes
 
 
 def build_trainer(cfg: Config, train_ds: ray.data.Dataset, loop_config: dict) -> TorchTrainer:
@@ -128,25 +134,31 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     start = time.perf_counter()
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress)
+    outcomes = _outcomes(data.train, cfg)
     uri = tracking_uri(cfg)
     run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack,
                                             "dataset": cfg.data.dataset, "train_data": data.train})
     train_ds, publisher = training_dataset(cfg, data)
-    rows = _count(data.train, cfg)
+    rows = outcomes["ok"]
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, data.test, data.manifest)
     loop_config = {"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "steps_per_epoch": steps,
                    "evaluate": evaluator, "publish": publisher, "chaos": chaos_spec()}
     logger = RunLogger(uri, run_id)
+    logger.metrics({"data/ok": rows} | {f"data/skipped_{k}": n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
         result = build_trainer(cfg, train_ds, loop_config).fit()
     except Exception:
         logger.finish("FAILED")
         raise
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
     metrics = dict(result.metrics or {})
-    if checkpoint:
-        metrics |= final_report(cfg, data, checkpoint, evaluator, logger)
+    if result.checkpoint:
+        checkpoint = result.checkpoint.path
+        if cfg.train.storage_path.startswith("s3://") and not checkpoint.startswith("s3://"):
+            checkpoint = f"s3://{checkpoint}"
+        with result.checkpoint.as_directory() as local:       # downloads when storage is remote
+            metrics |= final_report(cfg, local, evaluator, logger)
     elapsed = time.perf_counter() - start
     logger.metrics({"run/seconds": elapsed, "run/samples_per_s": rows * cfg.train.epochs / max(elapsed, 1e-9)},
                    step=cfg.train.epochs)

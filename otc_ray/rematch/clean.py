@@ -1,0 +1,315 @@
+"""The cleaning job: re-match every caption of a shard set with a fixed checkpoint; write cleaned shards.
+
+    summary = clean_shards("s3://bkt/train", "s3://bkt/train_clean", cfg, checkpoint="runs/x/model.pt",
+                           manifest="s3://bkt/train/_poison_manifest.parquet")
+    print("\\n".join(summary.lines()))
+
+Pipeline (Ray Data, streaming): read + decode -> re-matching actor pool (stage.py) -> a write task per batch of
+`data.samples_per_shard` rows, which commits one shard of the kept and re-captioned samples (the input's format,
+original image bytes, the caption used; metadata gains a `clean` entry when something changed) and returns the
+batch's report rows (no images). The driver gathers the report, then commits in this order:
+    clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
+    _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
+    _info.json                  the input's, plus a `clean` section
+    _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
+Nothing is lost: every input row is in the report exactly once, and input keys = output keys + dropped keys.
+Before the marker, shards of this naming that the report does not reference (left by a failed attempt or an
+earlier crashed run) are deleted. A folder that already holds the marker, or foreign shards, is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from otc_ray.config import Config, S3Config
+from otc_ray.data import schema as S
+from otc_ray.data.parquet_format import write_parquet_shard
+from otc_ray.data.ray_io import load_samples
+from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info
+from otc_ray.data.storage import display, resolve
+from otc_ray.data.tar_format import write_tar_shard
+
+from . import stage as T
+from .matcher import check_config
+from .weights import publish, weight_store
+
+REPORT_FILE = "_clean_report.parquet"
+SUMMARY_FILE = "_clean_summary.json"
+SHARD_RE = re.compile(r"^clean-[0-9a-f]{16}\.(tar|parquet)$")
+KEPT, RECAPTIONED, DROPPED = "kept", "recaptioned", "dropped"
+FLAGGED_REASON = "flagged"
+
+REPORT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()), ("caption_used", pa.string()),
+    ("caption", pa.string()), ("source_key", pa.string()), ("own_score", pa.float32()),
+    ("best_score", pa.float32()), ("suspicion", pa.float32()), ("gate_z", pa.float32()), ("flagged", pa.bool_()),
+    ("weight", pa.float32()), ("shard", pa.string()),
+])
+
+
+@dataclass
+class CleanSummary:
+    """What `clean_shards` did; total = kept + recaptioned + dropped (= every input row)."""
+
+    input: str
+    output: str
+    checkpoint: str
+    method: str
+    gate: str
+    action: str
+    total: int = 0
+    kept: int = 0
+    recaptioned: int = 0
+    dropped: int = 0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    flagged: int = 0
+    downweighted: int = 0
+    shards: int = 0
+    orphans_removed: int = 0
+    seconds: float = 0.0
+    detection: Optional[dict[str, float]] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric view for experiment tracking (`log_fn`)."""
+        out = {f"clean_{k}": float(getattr(self, k)) for k in
+               ("total", "kept", "recaptioned", "dropped", "flagged", "downweighted", "shards", "seconds")}
+        out.update({f"clean_dropped_{r}": float(n) for r, n in self.dropped_by_reason.items()})
+        out.update({f"clean_{k}": float(v) for k, v in (self.detection or {}).items()})
+        return out
+
+    def lines(self) -> list[str]:
+        rate = self.total / max(self.seconds, 1e-9)
+        out = [f"cleaned {self.input} -> {self.output} with {self.method} (gate {self.gate}, action {self.action}), "
+               f"checkpoint {self.checkpoint or 'none (random init)'}",
+               f"input rows   {self.total}  ({rate:.0f} rows/s, {self.seconds:.1f} s)",
+               f"kept         {self.kept}" + (f"  ({self.downweighted} down-weighted)" if self.downweighted else ""),
+               f"recaptioned  {self.recaptioned}",
+               f"dropped      {self.dropped}"]
+        out += [f"  {reason:<20} {n}" for reason, n in sorted(self.dropped_by_reason.items())]
+        out.append(f"flagged      {self.flagged}   shards written {self.shards}")
+        if self.detection:
+            d = self.detection
+            out.append(f"detection    precision {d['detect_precision']:.3f}  recall {d['detect_recall']:.3f}  "
+                       f"f1 {d['detect_f1']:.3f}" + (f"  auroc {d['detect_auroc']:.3f}" if "detect_auroc" in d else ""))
+        return out
+
+
+# ----------------------------------------------------------------------------------------- write task
+def _outcomes(batch: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+    """(outcome, reason) per row: bad input and weight-0 rows are dropped; a changed caption is recaptioned."""
+    outcomes, reasons = [], []
+    for err, weight, changed in zip(batch[S.ERROR], batch[T.WEIGHT], batch[T.RECAPTIONED]):
+        if err:
+            outcomes.append(DROPPED), reasons.append(str(err))
+        elif weight <= 0:
+            outcomes.append(DROPPED), reasons.append(FLAGGED_REASON)
+        else:
+            outcomes.append(RECAPTIONED if changed else KEPT), reasons.append("")
+    return outcomes, reasons
+
+
+def _meta(raw: Any, caption: str, source_key: str, changed: bool, weight: float) -> dict:
+    meta = json.loads(raw or b"{}")
+    if changed or weight < 1.0:
+        entry: dict[str, Any] = {"weight": float(weight)}
+        if changed:
+            entry.update(original_caption=caption, source_key=source_key)
+        meta["clean"] = entry
+    return meta
+
+
+def shard_name(keys: list[str], fmt: str, tag: str = "") -> str:
+    """Deterministic shard name from the keys of the batch it comes from (and a tag, the image format of a
+    parquet group): clean-<16 hex>.tar|.parquet. A retried batch overwrites its shard, whatever it keeps."""
+    text = "\n".join(keys) + "\n#" + tag
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"clean-{digest}{SUFFIX[fmt]}"
+
+
+def _groups(samples: list[tuple], fmt: str) -> list[list[tuple]]:
+    """One group per shard: a tar shard takes any mix of image formats, a parquet shard one format."""
+    if fmt == "wds":
+        return [samples] if samples else []
+    by_ext: dict[str, list[tuple]] = {}
+    for sample in samples:
+        by_ext.setdefault(sample[2], []).append(sample)
+    return list(by_ext.values())
+
+
+def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) -> dict[str, np.ndarray]:
+    """Commit the kept and re-captioned rows of a re-matched batch as a shard; return the batch's report rows."""
+    outcomes, reasons = _outcomes(batch)
+    keys = [str(k) for k in batch[S.KEY]]
+    samples = []
+    for i, outcome in enumerate(outcomes):
+        if outcome == DROPPED:
+            continue
+        changed = outcome == RECAPTIONED
+        meta = _meta(batch[S.META][i], str(batch[S.CAPTION][i]), str(batch[T.SOURCE_KEY][i]), changed,
+                     float(batch[T.WEIGHT][i]))
+        samples.append((keys[i], bytes(batch[S.IMAGE_BYTES][i]), str(batch[S.IMAGE_EXT][i]),
+                        str(batch[T.CAPTION_USED][i]), meta))
+    shard_of: dict[str, str] = {}
+    fs = root = None
+    for group in _groups(samples, fmt):
+        name = shard_name(keys, fmt, group[0][2] if fmt == "parquet" else "")
+        stream = io.BytesIO()
+        (write_tar_shard if fmt == "wds" else write_parquet_shard)(stream, group)
+        if fs is None:
+            fs, root = resolve(out, s3)
+        commit_file(fs, posixpath.join(root, name), stream.getvalue())
+        shard_of.update((sample[0], name) for sample in group)
+    return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
+            "reason": np.asarray(reasons, dtype=object),
+            "caption_used": np.asarray([str(c) for c in batch[T.CAPTION_USED]], dtype=object),
+            "caption": np.asarray([str(c) for c in batch[S.CAPTION]], dtype=object),
+            "source_key": np.asarray([str(c) for c in batch[T.SOURCE_KEY]], dtype=object),
+            **{c: np.asarray(batch[c], dtype=np.float32) for c in (T.OWN_SCORE, T.BEST_SCORE, T.SUSPICION, T.GATE_Z)},
+            "flagged": np.asarray(batch[T.FLAGGED], dtype=bool), "weight": np.asarray(batch[T.WEIGHT], np.float32),
+            "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
+
+
+# ----------------------------------------------------------------------------------------- driver steps
+def _check_output(in_path: str, out_path: str, s3: S3Config):
+    """(fs, root) of the output; refuses the input folder, a finished output and foreign shards."""
+    in_fs, in_root = resolve(in_path, s3)
+    fs, root = resolve(out_path, s3)
+    if type(in_fs) is type(fs) and in_root.rstrip("/") == root.rstrip("/"):
+        raise ValueError(f"--out must differ from --in ({out_path})")
+    if fs.exists(posixpath.join(root, SUMMARY_FILE)):
+        raise ValueError(f"{out_path} already holds a finished cleaning ({SUMMARY_FILE}); choose another --out")
+    if fs.isdir(root):
+        foreign = [p for p in fs.find(root) if p.endswith(tuple(SUFFIX.values()))
+                   and not SHARD_RE.match(posixpath.basename(p)) and not posixpath.basename(p).startswith(("_", "."))]
+        if foreign:
+            raise ValueError(f"{out_path} already holds shards that are not this job's ({foreign[0]}); choose an empty --out")
+    return fs, root
+
+
+def _collect(ds: "ray.data.Dataset") -> pa.Table:
+    """All report rows, sorted by key; raises when a key occurs twice (an accounting failure)."""
+    parts: dict[str, list] = {name: [] for name in REPORT_SCHEMA.names}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for name in parts:
+            parts[name].append(batch[name])
+    cols = {name: (np.concatenate(v) if v else np.zeros(0)) for name, v in parts.items()}
+    table = pa.table({f.name: pa.array(cols[f.name].tolist(), type=f.type) for f in REPORT_SCHEMA}, schema=REPORT_SCHEMA)
+    keys = table.column("key").to_pylist()
+    if len(set(keys)) != len(keys):
+        dup = [k for k, n in Counter(keys).items() if n > 1]
+        raise RuntimeError(f"{len(dup)} keys reached the report more than once (e.g. {dup[:3]}): accounting failed")
+    return table.sort_by("key")
+
+
+def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
+    """Delete this job's shard files (and temp files) in `root` that the report does not reference."""
+    removed = 0
+    for path in fs.find(root) if fs.isdir(root) else []:
+        base = posixpath.basename(path)
+        stray_tmp = base.startswith("clean-") and ".tmp-" in base
+        if stray_tmp or (SHARD_RE.match(base) and base not in referenced):
+            fs.rm(path)
+            removed += 1
+    return removed
+
+
+def _detection(report: pa.Table, manifest: str, s3: S3Config) -> dict[str, float]:
+    from otc_ray.evaluate.detection import detection_auroc, detection_metrics
+    from otc_ray.poison.manifest import read_manifest
+
+    poison_keys = set(read_manifest(manifest, s3).column("key").to_pylist())
+    keep = np.asarray([r in ("", FLAGGED_REASON) for r in report.column("reason").to_pylist()], dtype=bool)
+    keys = np.asarray(report.column("key").to_pylist(), dtype=object)[keep]
+    flags = np.asarray(report.column("flagged").to_pylist(), dtype=bool)[keep]
+    out = detection_metrics(flags, poison_keys, keys=list(keys))
+    z = np.asarray(report.column("gate_z").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
+    sus = np.asarray(report.column("suspicion").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
+    truth = np.fromiter((k in poison_keys for k in keys), dtype=bool, count=len(keys))
+    score = -z if len(z) and np.isfinite(z).all() else sus
+    if len(score) and np.isfinite(score).all():
+        out.update(detection_auroc(score, truth))
+    return out
+
+
+def _load_weights(checkpoint: Optional[str], cfg: Config) -> Optional[dict]:
+    if checkpoint is None:
+        return None
+    from otc_ray.evaluate.model_encoder import load_checkpoint_model
+
+    return load_checkpoint_model(checkpoint, cfg.model, cfg.data.s3).model.state_dict()
+
+
+def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[str] = None,
+                 manifest: Optional[str] = None, log_fn: Optional[Callable[[dict[str, float]], None]] = None,
+                 ray_remote_args: Optional[dict[str, Any]] = None) -> CleanSummary:
+    """Clean the shard set at `in_path` into `out_path` (local or s3://) with `cfg.rematch` (see module docstring).
+
+    checkpoint: an open_clip state dict (torch.save(model.state_dict())); None = the seeded random init.
+    manifest: a poison manifest (folder or file) for detection precision / recall. log_fn receives
+    `summary.metrics()`. ray_remote_args go to the re-matching actors. Ray must be initialised.
+    """
+    start = time.perf_counter()
+    check_config(cfg.rematch)
+    s3 = cfg.data.s3
+    _, _, fmt = list_shards(in_path, cfg.data.format, s3)
+    fs, root = _check_output(in_path, out_path, s3)
+    state = _load_weights(checkpoint, cfg)
+    store = None
+    if state is not None:
+        store = weight_store(f"otc-clean-{uuid.uuid4().hex[:12]}")
+        publish(store, state)
+        del state
+    try:
+        ds = T.add_rematch_stage(load_samples(in_path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
+                                 ray_remote_args=ray_remote_args)
+        ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3},
+                            batch_size=cfg.data.samples_per_shard, batch_format="numpy",
+                            num_cpus=cfg.data.read_num_cpus)
+        report = _collect(ds)
+    finally:
+        if store is not None:
+            ray.kill(store)
+    shards = {s for s in report.column("shard").to_pylist() if s}
+    orphans = _remove_orphans(fs, root, shards)
+    buf = io.BytesIO()
+    pq.write_table(report, buf, compression="zstd")
+    commit_file(fs, posixpath.join(root, REPORT_FILE), buf.getvalue())
+
+    outcomes = report.column("outcome").to_pylist()
+    reasons = report.column("reason").to_pylist()
+    weights = report.column("weight").to_numpy(zero_copy_only=False)
+    counts = Counter(outcomes)
+    summary = CleanSummary(
+        input=in_path, output=out_path, checkpoint=checkpoint or "", method=cfg.rematch.method, gate=cfg.rematch.gate,
+        action=cfg.rematch.action, total=report.num_rows, kept=counts[KEPT], recaptioned=counts[RECAPTIONED],
+        dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
+        flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
+        downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),
+        shards=len(shards), orphans_removed=orphans,
+        detection=_detection(report, manifest, s3) if manifest else None)
+    info = read_info(in_path, s3) or {}
+    info["clean"] = {"from": in_path, "checkpoint": checkpoint or "", "rematch": asdict(cfg.rematch),
+                     "num_samples": summary.kept + summary.recaptioned}
+    info["num_samples"] = summary.kept + summary.recaptioned
+    commit_file(fs, posixpath.join(root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True, default=str).encode())
+    summary.seconds = time.perf_counter() - start
+    commit_file(fs, posixpath.join(root, SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2, sort_keys=True).encode())
+    if log_fn is not None:
+        log_fn(summary.metrics())
+    return summary

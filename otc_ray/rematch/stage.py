@@ -1,0 +1,174 @@
+"""The re-matching stage: `Matcher` on a Ray Data actor pool (map_batches), one block per batch.
+
+    ds = load_samples("s3://bkt/train", cfg.data)                             # decoded rows, bad ones marked
+    ds = add_rematch_stage(ds, cfg.rematch, cfg.model, cfg.ot, weights=store)  # + the OUTPUT_COLUMNS
+
+Each actor builds the model once (seeded random init, so all actors agree), then before every batch asks the
+weight store (see weights.py) for a newer version and loads it. With a store, a batch is re-matched only while the
+newest version is published `active` (nothing published yet, or a warm-up epoch: rows pass through unmatched). Rows whose `error` is not "" pass through
+untouched with neutral outputs: the stage never drops a row, so the accounting downstream stays exact (action
+`drop` is expressed as weight 0). Actors use CUDA when `actor_num_gpus > 0` and a GPU is visible. Ray Data
+restarts a dead actor and retries its batch (max_restarts / max_task_retries default to -1 for actor pools).
+
+With `rematch.sticky`, a FlagStore actor (flags.py) shared by every epoch's actors keeps the keys flagged so far:
+they stay flagged (and re-captioned / dropped / down-weighted) in later epochs whatever the gate says then.
+
+Fault injection for tests: when OTC_RAY_FAULT_BATCH=N and OTC_RAY_FAULT_MARKER=<path> are in the actor's
+environment (e.g. `ray_remote_args={"runtime_env": {"env_vars": {...}}}`), the actor that processes its N-th
+batch while <path> does not exist creates <path> and exits the process at once (os._exit), once per marker.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+
+from otc_ray.config import ModelConfig, OTConfig, RematchConfig
+from otc_ray.data import schema as S
+from otc_ray.model import build_model
+
+from .flags import flag_store
+from .matcher import BlockMatch, Matcher, check_config
+from .weights import StoreRef, WeightFollower, weight_store
+
+CAPTION_USED = "caption_used"
+RECAPTIONED = "recaptioned"
+SOURCE_KEY = "source_key"
+OWN_SCORE = "own_score"
+BEST_SCORE = "best_score"
+SUSPICION = "suspicion"
+GATE_Z = "gate_z"
+FLAGGED = "flagged"
+WEIGHT = "weight"
+WEIGHTS_VERSION = "weights_version"
+OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z, FLAGGED, WEIGHT,
+                  WEIGHTS_VERSION)
+
+FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
+FAULT_MARKER_ENV = "OTC_RAY_FAULT_MARKER"
+
+
+def _device(cfg: RematchConfig) -> str:
+    return "cuda" if cfg.actor_num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _maybe_fault(batches_seen: int) -> None:
+    """The test hook described in the module docstring."""
+    at, marker = os.environ.get(FAULT_BATCH_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if at and marker and batches_seen == int(at) and not Path(marker).exists():
+        Path(marker).write_text(f"pid {os.getpid()} exited at batch {batches_seen}\n")
+        os._exit(1)
+
+
+class RematchActor:
+    """Callable class for `map_batches`: decoded batch (n rows) -> same rows + OUTPUT_COLUMNS."""
+
+    def __init__(self, cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
+                 weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
+                 flags: Optional["ray.actor.ActorHandle"] = None):
+        check_config(cfg)
+        torch.set_num_threads(max(1, round(cfg.actor_num_cpus)))
+        self.cfg = cfg
+        self.matcher: Optional[Matcher] = None
+        if cfg.method != "none":
+            torch.manual_seed(cfg.seed)
+            self.matcher = Matcher(build_model(model_cfg), cfg, ot_cfg, device=_device(cfg))
+        self.follower = WeightFollower(weights, namespace) if weights is not None else None
+        self.flags = flags if cfg.sticky else None
+        self.batches = 0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.follower is None or self.matcher is None:
+            return
+        state = self.follower.poll()
+        if state is not None:
+            self.matcher.load_state_dict(state)
+
+    @property
+    def version(self) -> int:
+        return self.follower.version if self.follower is not None else 0
+
+    @property
+    def active(self) -> bool:
+        """Whether batches are re-matched now: always without a store, else as the newest version says."""
+        return self.matcher is not None and (self.follower is None or self.follower.active)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        _maybe_fault(self.batches)
+        self._refresh()
+        return rematch_batch(batch, self.matcher if self.active else None, self.version, self.flags)
+
+
+def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], version: int = 0,
+                  flags: Optional["ray.actor.ActorHandle"] = None) -> dict[str, np.ndarray]:
+    """Add OUTPUT_COLUMNS to a decoded batch: good rows are matched as one block, bad rows get neutral values
+    (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = method none.
+    flags: a FlagStore; its keys stay flagged, and the block's new flags are added to it."""
+    keys = np.asarray(batch[S.KEY], dtype=object)
+    n = len(keys)
+    good = np.fromiter((not e for e in batch[S.ERROR]), dtype=bool, count=n)
+    captions = np.asarray(batch[S.CAPTION], dtype=object)
+    out = {CAPTION_USED: captions.copy(), RECAPTIONED: np.zeros(n, bool), SOURCE_KEY: keys.copy(),
+           OWN_SCORE: np.full(n, np.nan, np.float32), BEST_SCORE: np.full(n, np.nan, np.float32),
+           SUSPICION: np.full(n, np.nan, np.float32), GATE_Z: np.full(n, np.nan, np.float32),
+           FLAGGED: np.zeros(n, bool), WEIGHT: np.ones(n, np.float32), WEIGHTS_VERSION: np.full(n, version, np.int64)}
+    if matcher is not None and good.any():
+        rows = np.flatnonzero(good)
+        block_keys = [str(k) for k in keys[rows]]
+        prior = ray.get(flags.query.remote(block_keys)) if flags is not None else None
+        m: BlockMatch = matcher.match(np.asarray(batch[S.IMAGE])[rows], [str(c) for c in captions[rows]],
+                                      block_keys, prior=prior)
+        r = m.result
+        if flags is not None:
+            new = [k for k, f, p in zip(block_keys, r.flagged.tolist(), prior) if f and not p]
+            if new:
+                flags.add.remote(new)                                                   # fire and forget
+        out[CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
+        out[SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
+        out[RECAPTIONED][rows] = r.recaptioned.numpy()
+        out[OWN_SCORE][rows] = r.own_score.float().numpy()
+        out[BEST_SCORE][rows] = r.best_score.float().numpy()
+        out[SUSPICION][rows] = r.suspicion.float().numpy()
+        out[GATE_Z][rows] = r.gate_z.float().numpy()
+        out[FLAGGED][rows] = r.flagged.numpy()
+        out[WEIGHT][rows] = r.weight.float().numpy()
+    return {**batch, **out}
+
+
+def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
+                      weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
+                      ray_remote_args: Optional[dict[str, Any]] = None,
+                      flags: Optional["ray.actor.ActorHandle"] = None) -> "ray.data.Dataset":
+    """`ds.map_batches(RematchActor, compute=ActorPoolStrategy(min_actors, max_actors), batch_size=block_size)`.
+
+    weights: a WeightStore handle or name (got or created here; None = the seeded random init); ray_remote_args: extra actor options
+    (runtime_env, accelerator_type, ...); flags: a FlagStore for sticky flags (with cfg.sticky and None, one is
+    created here, owned by this driver, shared by every execution of the returned dataset).
+    Output rows = input rows, in blocks of at most block_size.
+    """
+    check_config(cfg)
+    if isinstance(weights, str):
+        # a handle, not a name, goes to the actors: the dataset then holds a reference that keeps the named store
+        # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup
+        weights = weight_store(weights, namespace)
+    if cfg.sticky and flags is None and cfg.method != "none":
+        flags = flag_store()
+    resources: dict[str, Any] = {"num_cpus": cfg.actor_num_cpus}
+    if cfg.actor_num_gpus > 0:
+        resources["num_gpus"] = cfg.actor_num_gpus
+    return ds.map_batches(
+        RematchActor,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        batch_size=cfg.block_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={"cfg": cfg, "model_cfg": model_cfg, "ot_cfg": ot_cfg, "weights": weights,
+                               "namespace": namespace, "flags": flags},
+        **resources,
+        **(ray_remote_args or {}),
+    )

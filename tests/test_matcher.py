@@ -1,0 +1,244 @@
+"""The matcher's core on hand-built features (known answers), and its model-facing wrapper on the tiny model."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otc_ray.config import ModelConfig, OTConfig, RematchConfig
+from otc_ray.rematch.gates import neighbour_vote, robust_z
+from otc_ray.rematch.matcher import (CaptionBank, CaptionFeatures, ImageFeatures, Matcher, Pool, assign, build_pool,
+                                     match_block, shortlist)
+
+OT = OTConfig(eps=0.05, iters=50)
+
+
+def _cfg(**kw) -> RematchConfig:
+    return dataclasses.replace(RematchConfig(pool="block", gate="none", action="recaption", k=8), **kw)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def _permutation_block(seed: int = 0, groups: int = 8, per_group: int = 4, d: int = 32, M: int = 6, L: int = 8,
+                       perm: torch.Tensor | None = None):
+    """B = groups * per_group images. Global embeddings are ambiguous inside a group (one direction per group plus
+    1% noise, for images and captions alike), token sets are not: image i's patches are M random unit vectors and
+    its true caption's words are the same vectors shuffled (+ noise), padded to L. Sample j carries the true
+    caption of image perm[j] (a random permutation unless given). Returns (images, pool, key_ids, perm)."""
+    g = torch.Generator().manual_seed(seed)
+    B = groups * per_group
+    centre = _unit(torch.randn(groups, d, generator=g)).repeat_interleave(per_group, 0)          # (B, d)
+    img_g = _unit(centre + 0.01 * torch.randn(B, d, generator=g))
+    txt_g = _unit(centre + 0.01 * torch.randn(B, d, generator=g))
+    patches = _unit(torch.randn(B, M, d, generator=g))
+    order = torch.argsort(torch.rand(B, M, generator=g), dim=1)
+    words = torch.zeros(B, L, d)
+    words[:, :M] = _unit(patches.gather(1, order.unsqueeze(-1).expand(B, M, d)) + 0.05 * torch.randn(B, M, d, generator=g))
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[:, :M] = True
+    perm = torch.randperm(B, generator=g) if perm is None else perm
+    caps = CaptionFeatures(txt_g[perm], words[perm], mask[perm])
+    images = ImageFeatures(img_g, patches)
+    keys = torch.arange(B, dtype=torch.int64)
+    pool = Pool(caps, img_g, keys, torch.ones(B, dtype=torch.bool))
+    return images, pool, keys, perm
+
+
+@pytest.mark.parametrize("how", ["argmax", "balanced"])
+def test_otcclip_recovers_a_permutation_that_global_matching_cannot(how):
+    images, pool, keys, perm = _permutation_block()
+    B = len(perm)
+    truth = torch.arange(B)
+    ot_res = match_block(images, pool, keys, _cfg(method="otcclip", alpha=0.5, assign=how), OT)
+    ro_res = match_block(images, pool, keys, _cfg(method="roclip"), OT)
+    # sample j's caption belongs to image perm[j]; the right pool row for image i is the j with perm[j] == i
+    assert torch.equal(perm[ot_res.source], truth), "otcclip must recover every true caption"
+    assert ot_res.recaptioned.sum() == (perm != truth).sum()
+    ro_acc = (perm[ro_res.source] == truth).float().mean().item()
+    assert ro_acc < 0.6, f"global matching should be ambiguous here, got accuracy {ro_acc}"
+    # the true caption is in every shortlist (group captions are the nearest by cosine), with the best fused score
+    assert bool((perm[ot_res.shortlist] == truth.unsqueeze(1)).any(1).all())
+    assert bool((ot_res.suspicion >= 0).all())
+
+
+def test_balanced_assignment_spreads_a_crowd():
+    # 5 images all rate caption 0 best (0.9); each has a distinct runner-up (0.85); the crowd must be spread
+    B = 5
+    index = torch.arange(B).repeat(B, 1)
+    scores = torch.zeros(B, B)
+    scores[:, 0] = 0.9
+    scores[torch.arange(1, B), torch.arange(1, B)] = 0.85
+    scores[0, 0] = 0.95
+    argmax = assign(scores, index, "argmax", 0.05, 200)
+    balanced = assign(scores, index, "balanced", 0.02, 500)
+    assert argmax.tolist() == [0] * B
+    assert sorted(balanced.tolist()) == list(range(B))
+    assert balanced[0] == 0
+
+
+def test_balanced_assignment_on_a_shortlist_with_void_slots():
+    scores = torch.tensor([[0.9, 0.5, float("-inf")], [0.9, 0.6, 0.1], [0.9, float("-inf"), 0.7]])
+    index = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 4, 2]])
+    out = assign(scores, index, "balanced", 0.02, 500)
+    assert sorted(out.tolist()) == [0, 1, 2]
+
+
+def test_shortlist_forces_the_own_caption_in():
+    cos = torch.tensor([[0.1, 0.9, 0.8, 0.7], [0.2, 0.95, 0.3, 0.1]])
+    exclude = torch.zeros_like(cos, dtype=torch.bool)
+    idx, valid, in_top = shortlist(cos, 2, exclude)
+    assert idx[0].tolist() == [1, 0] and not in_top[0]          # own (0) replaced the runner-up
+    assert idx[1].tolist() == [1, 2] and in_top[1]               # own (1) ranked first already
+    assert bool(valid.all())
+
+
+def _class_block(seed: int = 1, classes: int = 5, per_class: int = 48, poison: int = 4, d: int = 32):
+    """Clean pairs: image near its class's image direction, caption near its class's text direction; captions are
+    more or less specific (noise of norm 0.3-1.0), which spreads the agreement. Poisoned pairs (~2%): images of
+    class 0 nudged by a trigger, captions of class 1. Returns (img (B, d), txt (B, d), label (B,), poisoned (B,))."""
+    g = torch.Generator().manual_seed(seed)
+    img_dir = _unit(torch.randn(classes, d, generator=g))
+    txt_dir = _unit(torch.randn(classes, d, generator=g))
+    label = torch.arange(classes).repeat_interleave(per_class)
+    B = len(label)
+    spread = (0.3 + 0.7 * torch.rand(B, 1, generator=g)) / d ** 0.5
+    img = _unit(img_dir[label] + 0.3 / d ** 0.5 * torch.randn(B, d, generator=g))
+    txt = _unit(txt_dir[label] + spread * torch.randn(B, d, generator=g))
+    poisoned = torch.zeros(B, dtype=torch.bool)
+    rows = torch.nonzero(label == 0).squeeze(1)[:poison]
+    poisoned[rows] = True
+    trigger = _unit(torch.randn(d, generator=g))
+    img[rows] = _unit(img[rows] + 0.15 * trigger)
+    txt[rows] = _unit(txt_dir[1] + spread[rows] * torch.randn(poison, d, generator=g))
+    return img, txt, label, poisoned
+
+
+def test_neighbour_gate_flags_poison_and_keeps_clean_captions():
+    img, txt, label, poisoned = _class_block()
+    B = len(label)
+    keys = torch.arange(B, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool))
+    cfg = _cfg(method="roclip", gate="neighbour", neighbours=16, gate_threshold=-2.0)
+    res = match_block(ImageFeatures(img), pool, keys, cfg, OT)
+    assert bool(res.flagged[poisoned].all()), f"missed poison: z = {res.gate_z[poisoned].tolist()}"
+    assert float(res.gate_z[poisoned].max()) < float(res.gate_z[~poisoned].min()), "the agreement must separate"
+    # robust z flags the vaguest clean captions too (few): they get a caption of their own class, never another
+    clean_flags = int(res.flagged[~poisoned].sum())
+    assert clean_flags <= 0.05 * int((~poisoned).sum())
+    unflagged = ~res.flagged
+    assert torch.equal(res.source[unflagged], torch.nonzero(unflagged).squeeze(1)), "clean rows keep their captions"
+    assert torch.equal(label[res.source[~poisoned]], label[~poisoned]), "no clean pair gets another class's caption"
+    # the neighbour vote: a poisoned image gets the caption of an unflagged image of its true class
+    src = res.source[poisoned]
+    assert bool((label[src] == 0).all()) and not bool(res.flagged[src].any()) and not bool(poisoned[src].any())
+    # ... and with the gate off, the same block re-captions far more (RoCLIP behaviour), damage included
+    ungated = match_block(ImageFeatures(img), pool, keys, _cfg(method="roclip", gate="none"), OT)
+    assert int(ungated.recaptioned.sum()) > 3 * int(res.recaptioned.sum())
+
+
+def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
+    img, txt, label, poisoned = _class_block(seed=2)
+    B = len(label)
+    half = B // 2
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(0))
+    first, second = perm[:half], perm[half:]
+    bank = CaptionBank(size=1000)
+    keys = torch.arange(B, dtype=torch.int64)
+    # the bank holds the first half, with every entry marked untrusted except those of class 0
+    bank.push(CaptionFeatures(txt[first]), img[first], keys[first], label[first] == 0,
+              [f"c{i}" for i in first.tolist()], [f"k{i}" for i in first.tolist()])
+    # ...and a copy of one second-half sample (same key): it must be neither a candidate nor a neighbour
+    dup = second[:1]
+    bank.push(CaptionFeatures(txt[dup]), img[dup], keys[dup], torch.ones(1, dtype=torch.bool), ["dup"], ["dup"])
+    own = CaptionFeatures(txt[second])
+    pool = build_pool(own, ImageFeatures(img[second]), keys[second], bank)
+    assert pool.captions.t.shape[0] == B - half + half + 1
+    cfg = _cfg(method="roclip", gate="neighbour", neighbours=8, k=4)
+    res = match_block(ImageFeatures(img[second]), pool, keys[second], cfg, OT)
+    dup_row = pool.captions.t.shape[0] - 1
+    assert not bool((res.shortlist[0] == dup_row).any())
+    bank_rows = res.source[res.recaptioned & (res.source >= len(second))]
+    assert bool(pool.trusted[bank_rows].all())
+    vote = neighbour_vote(torch.tensor([[3, 1, 2], [-1, -1, -1]]), torch.tensor([True, False, False, True]))
+    assert vote.tolist() == [3, -1]
+
+
+def test_margin_and_zscore_gates():
+    images, pool, keys, perm = _permutation_block(seed=3)
+    moved = perm != torch.arange(len(perm))
+    res = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", margin=0.1), OT)
+    assert torch.equal(res.flagged, moved)                       # a wrong caption trails its image's true one by ~0.5
+    assert torch.equal(res.recaptioned, moved)
+    z = robust_z(torch.tensor([0.0, 0.1, -0.1, 0.05, -0.05, 0.02, -5.0]))
+    assert z[-1] < -10 and bool((z[:-1].abs() < 2).all())
+    # only captions 0 and 1 swapped among 32: their suspicion is a lone pair of outliers
+    swap = torch.arange(32)
+    swap[[0, 1]] = swap[[1, 0]]
+    images, pool, keys, _ = _permutation_block(seed=4, perm=swap)
+    res = match_block(images, pool, keys, _cfg(method="otcclip", gate="zscore", gate_threshold=-2.0), OT)
+    assert res.flagged.tolist() == [True, True] + [False] * 30
+    assert res.source[:2].tolist() == [1, 0]
+
+
+def test_actions_drop_and_downweight_keep_the_caption():
+    images, pool, keys, perm = _permutation_block(seed=5)
+    moved = perm != torch.arange(len(perm))
+    drop = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", action="drop"), OT)
+    assert torch.equal(drop.weight == 0, moved) and not bool(drop.recaptioned.any())
+    down = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", action="downweight",
+                                                flagged_weight=0.25), OT)
+    assert torch.allclose(down.weight[moved], torch.tensor(0.25)) and bool((down.weight[~moved] == 1).all())
+
+
+# ----------------------------------------------------------------------------------------- the wrapper
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    from otc_ray.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="otc-tiny-vit-32"))
+
+
+def test_matcher_on_the_tiny_model_fills_every_output_and_bounds_the_bank(tiny_bundle):
+    rng = np.random.default_rng(0)
+    B = 24
+    images = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
+    words = ["red", "green", "blue", "small", "large", "square", "circle", "ring"]
+    captions = [f"a {words[i % 8]} {words[(3 * i) % 8]} in the picture" for i in range(B)]
+    keys = [f"{i:04d}" for i in range(B)]
+    cfg = RematchConfig(method="otcclip", gate="neighbour", neighbours=8, pool="bank", bank_size=40, k=4)
+    m = Matcher(tiny_bundle, cfg, OT)
+    out = m.match(images, captions, keys)
+    r = out.result
+    assert r.shortlist.shape == (B, 4) and r.scores.shape == (B, 4)
+    for t in (r.own_score, r.best_score, r.suspicion, r.gate_z, r.agreement):
+        assert t.shape == (B,) and bool(torch.isfinite(t).all())
+    assert bool((r.best_score >= r.own_score - 1e-6).all())
+    changed = [i for i in range(B) if out.caption_used[i] != captions[i]]
+    assert changed == torch.nonzero(r.recaptioned).squeeze(1).tolist()
+    assert all(out.source_key[i] == keys[i] for i in range(B) if i not in changed)
+    assert len(m.bank) == B
+    m.match(images, captions, [f"b{k}" for k in keys])
+    assert len(m.bank) == 40 and m.bank.keys[-1] == f"b{keys[-1]}" and m.bank.t.shape[0] == 40
+    m.load_state_dict(tiny_bundle.model.state_dict())
+    assert len(m.bank) == 0
+    none = Matcher(tiny_bundle, dataclasses.replace(cfg, method="none"), OT).match(images, captions, keys)
+    assert none.caption_used == captions and not bool(none.result.flagged.any())
+
+
+def test_sticky_prior_flags_stay_flagged_unless_sticky_is_off():
+    images, pool, keys, perm = _permutation_block(seed=6)
+    moved = perm != torch.arange(len(perm))
+    steady = int(torch.nonzero(~moved)[0])                     # a row with its own, correct caption
+    prior = torch.zeros(len(perm), dtype=torch.bool)
+    prior[steady] = True
+    cfg = _cfg(method="otcclip", gate="margin", action="drop", sticky=True)
+    res = match_block(images, pool, keys, cfg, OT, prior=prior)
+    assert torch.equal(res.flagged, moved | prior) and res.weight[steady] == 0
+    off = match_block(images, pool, keys, dataclasses.replace(cfg, sticky=False), OT, prior=prior)
+    assert torch.equal(off.flagged, moved)
