@@ -160,6 +160,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
     log_every: int = 20             # steps between per-step loss logs (rank 0)
+    torch_threads: int = 0          # intra-op threads per worker; 0 = the node's cores / workers (Ray sets 1)
     seed: int = 0
 
 
@@ -291,7 +292,7 @@ _POSITIVE = {"num_train", "num_test", "image_size", "samples_per_shard", "max_pi
 _UNIT_INTERVAL = {"alpha", "rate", "tint", "blend_alpha", "geomloss_scaling", "text_drop_prob"}
 _NONNEGATIVE = {"count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
                 "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
-                "train_negatives", "intra_samples"}
+                "train_negatives", "intra_samples", "torch_threads"}
 _STRICTLY_POSITIVE_FLOAT = {"eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker",
                             "linear_probe_c", "connect_timeout", "read_timeout"}
 

@@ -7,7 +7,7 @@ from otc_ray.cli import main
 from otc_ray.config import load_config
 from otc_ray.track.mlflow_logger import metric_history, run_metrics
 from otc_ray.train.chaos import ENV
-from otc_ray.train.trainer import run_training
+from otc_ray.train.trainer import run_training, stage_config
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -50,16 +50,38 @@ def test_two_workers_and_resume_after_a_killed_worker(ray_local, tmp_path, monke
     assert again.run_id == result.run_id
 
 
-@pytest.mark.parametrize("defense", ["safeclip", "otcclip_losses_only"])
-def test_defense_runs_one_epoch(ray_local, tmp_path, defense):
-    extra = ["rematch.method=none"] if defense == "otcclip_losses_only" else []
-    name = defense.split("_")[0]
-    cfg = _cfg(tmp_path, f"train.defense={name}", "train.epochs=1", "train.safeclip_warmup=0", f"name={defense}",
-               "poison.attack=none", *extra)
+def test_safeclip_runs_one_epoch(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "train.defense=safeclip", "train.epochs=1", "train.safeclip_warmup=0", "name=safeclip",
+               "poison.attack=none")
+    metrics = run_metrics(*_run(cfg))
+    assert "train/epoch_clip_loss" in metrics and "train/epoch_image_unimodal_loss" in metrics
+
+
+@pytest.mark.parametrize("defense", ["otcclip", "roclip"])
+def test_rematching_defense_streams_through_the_stage(ray_local, tmp_path, defense):
+    """One epoch re-matched from the start (rematch.start_epoch=0): the stage's flags reach the trainer and
+    detection is scored against the poison manifest."""
+    cfg = _cfg(tmp_path, f"train.defense={defense}", "train.epochs=1", "rematch.start_epoch=0", f"name={defense}")
+    metrics = run_metrics(*_run(cfg))
+    assert 0.0 < metrics["rematch/recaptioned_rate"] <= 1.0
+    assert metrics["rematch/detect_tp"] + metrics["rematch/detect_fn"] > 0        # poisoned rows were seen
+    if defense == "otcclip":
+        assert "train/epoch_inter_loss" in metrics and "train/epoch_intra_loss" in metrics
+    else:
+        # RoCLIP: no gate, every image takes its nearest caption (flagged = given another caption)
+        assert metrics["rematch/flag_rate"] == pytest.approx(metrics["rematch/recaptioned_rate"])
+
+
+def test_roclip_is_the_global_baseline_whatever_rematch_says(tmp_path):
+    cfg = _cfg(tmp_path, "train.defense=roclip", "rematch.method=otcclip", "rematch.gate=neighbour")
+    assert (stage_config(cfg).method, stage_config(cfg).gate) == ("roclip", "none")
+    assert stage_config(_cfg(tmp_path, "train.defense=otcclip", "rematch.method=none")) is None
+    assert stage_config(_cfg(tmp_path, "train.defense=none")) is None
+
+
+def _run(cfg):
     result = run_training(cfg, progress=False)
-    metrics = run_metrics(result.tracking_uri, result.run_id)
-    expected = {"safeclip": "train/epoch_clip_loss", "otcclip": "train/epoch_inter_loss"}[name]
-    assert expected in metrics and metrics["final/eval_count"] == 64
+    return result.tracking_uri, result.run_id
 
 
 def test_bad_config_fails_before_ray(tmp_path, capsys):

@@ -7,6 +7,7 @@ writes checkpoints; every epoch ends in `ray.train.report` on all ranks.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -19,14 +20,15 @@ import torch
 from ..config import Config, config_from_dict
 from ..data import schema as S
 from ..model import FeatureModel, build_model, images_to_tensor
+from ..rematch.stage import CAPTION_USED
 from ..track.mlflow_logger import RunLogger
 from .chaos import maybe_die
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .defenses import batch_loss
 from .schedule import warmup_cosine
+from .tally import RematchTally
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
-CAPTION_USED = "caption_used"          # written by the re-match stage; absent when no stage runs
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -55,6 +57,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    torch.set_num_threads(threads)      # Ray sets OMP_NUM_THREADS to the logical CPUs asked for (often 1)
     torch.manual_seed(cfg.train.seed + rank)
     rng = np.random.default_rng([cfg.train.seed, rank])
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
@@ -74,15 +78,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     chaos = loop_config.get("chaos", "")
     shard = ray.train.get_dataset_shard("train")
     autocast = bundle.autocast_dtype
+    poisoned = frozenset(ray.get(loop_config["poison_keys"])) if loop_config.get("poison_keys") is not None else frozenset()
 
     for epoch in range(state.epoch, cfg.train.epochs):
         if rank == 0 and publish is not None:
             publish(bare, epoch)
         feature_model.train()
         start, seen, sums, n_batches = time.perf_counter(), 0, {}, 0
+        tally = RematchTally(poisoned)
         for step_in_epoch, batch in enumerate(shard.iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                  batch_format="numpy")):
             maybe_die(chaos, rank, epoch, step_in_epoch)
+            tally.add(batch)
             pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
             captions = batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION]
             ids = bundle.tokenizer([str(c) for c in captions]).to(device)
@@ -109,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": float(epoch), "train/samples_per_s_worker": seen / max(elapsed, 1e-9),
                    "train/epoch_seconds": elapsed, "train/batches": float(n_batches)}
         metrics |= {f"train/epoch_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics |= tally.metrics()              # this worker's share of the stream
         if rank == 0:
             if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
                 metrics |= {f"eval/{k}": v for k, v in evaluate(bundle, bare, device).items()}

@@ -89,6 +89,15 @@ def _outcomes(path: str, cfg: Config) -> dict[str, int]:
     return outcomes
 
 
+def _poison_keys(cfg: Config, data: TrainData):
+    """ObjectRef of the manifest's poisoned keys (detection metrics of the re-match stage), or None."""
+    if data.manifest is None:
+        return None
+    from ..poison.manifest import read_manifest
+
+    return ray.put(read_manifest(data.manifest, cfg.data.s3).column("key").to_pylist())
+
+
 def build_trainer(cfg: Config, train_ds: ray.data.Dataset, loop_config: dict) -> TorchTrainer:
     """TorchTrainer for the config: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated."""
     t = cfg.train
@@ -108,6 +117,19 @@ def build_trainer(cfg: Config, train_ds: ray.data.Dataset, loop_config: dict) ->
     )
 
 
+def stage_config(cfg: Config):
+    """The re-match settings a defense trains with, or None when its stream has no re-match stage.
+
+    roclip is the RoCLIP baseline by definition (global nearest caption, every image, no OT): method and gate
+    are fixed. otcclip uses `rematch` as configured (method none disables the stage, for ablations).
+    """
+    if cfg.train.defense == "roclip":
+        return replace(cfg, rematch__method="roclip", rematch__gate="none").rematch
+    if cfg.train.defense == "otcclip" and cfg.rematch.method != "none":
+        return cfg.rematch
+    return None
+
+
 def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, object]:
     """The stream workers consume: decoded good rows, through the re-match stage when the defense needs it.
 
@@ -115,7 +137,8 @@ def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, ob
     current model, so the re-match actors score that epoch with the weights as they stand.
     """
     ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
-    if cfg.train.defense not in ("roclip", "otcclip") or cfg.rematch.method == "none":
+    rematch = stage_config(cfg)
+    if rematch is None:
         return ds, None
     from ..rematch.stage import add_rematch_stage
     from ..rematch.weights import weight_store
@@ -123,8 +146,8 @@ def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, ob
 
     store_name = f"otc-weights-{cfg.tracking.run_name or cfg.name}"
     weight_store(store_name)
-    return (add_rematch_stage(ds, cfg.rematch, cfg.model, cfg.ot, weights=store_name),
-            EpochPublisher(store_name, cfg.rematch))
+    return (add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store_name),
+            EpochPublisher(store_name, rematch))
 
 
 def run_training(cfg: Config, progress: bool = True) -> TrainResult:
@@ -143,7 +166,8 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, data.test, data.manifest)
     loop_config = {"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "steps_per_epoch": steps,
-                   "evaluate": evaluator, "publish": publisher, "chaos": chaos_spec()}
+                   "evaluate": evaluator, "publish": publisher, "chaos": chaos_spec(),
+                   "poison_keys": _poison_keys(cfg, data)}
     logger = RunLogger(uri, run_id)
     logger.metrics({"data/ok": rows} | {f"data/skipped_{k}": n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
