@@ -35,5 +35,12 @@ test: setup
 demo: setup
 	$(VENV)/bin/otc-ray demo
 
+# The benchmarks behind the README's tables, one after another (~1.5 h on 2 cores; run them on an idle machine).
+# The full defense matrix (2 data sets x 3 attacks x 4 defenses x 3 seeds) is `defense_bench.py` without flags.
+bench: setup
+	$(PY) benchmarks/ot_bench.py
+	$(PY) benchmarks/rematch_bench.py --quick
+	$(PY) benchmarks/defense_bench.py --datasets fashion --seeds 0 --attacks patch+targeted,blended
+
 clean:
 	rm -rf runs .pytest_cache

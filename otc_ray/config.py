@@ -118,8 +118,10 @@ class RematchConfig:
     alpha: float = 0.5
     assign: Literal["argmax", "balanced"] = "argmax"
     gate: Literal["none", "margin", "zscore", "neighbour"] = "neighbour"
-    gate_threshold: float = -2.0
+    gate_threshold: float = -3.0    # tuned on a validation split (benchmarks/results/gate_sweep.md)
     neighbours: int = 32
+    duplicate_similarity: float = 0.995   # gate neighbour: pool images this close to an image are copies of it,
+                                          # not witnesses (a targeted attack's K copies); > 1 counts them
     action: Literal["recaption", "drop", "downweight"] = "recaption"
     pool: Literal["block", "bank"] = "bank"
     bank_size: int = 2048
@@ -192,6 +194,7 @@ class RayConfig:
     num_cpus: int = 4               # local instance only: logical CPUs (more than cores avoids deadlock)
     object_store_mb: int = 2048     # local instance only
     progress_bars: bool = True
+    worker_logs: bool = True        # local instance: stream Ray's worker/actor output to the console
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """`otc-ray demo`: the attacks are real and the defense holds, in one command on one machine.
 
 Trains each defense of `DEFENSES` on the same poisoned built-in data (jobs/configs/demo.yaml), one
-MLflow run each in the experiment `tracking.experiment`, then prints the comparison table and how to
-open the MLflow UI on the results.
+MLflow run each in the experiment `tracking.experiment`, then prints the comparison table of these runs and
+how to open the MLflow UI on the results. Runs are named `<name>-<defense>-<digest of the settings>`: a rerun
+with the same settings reuses (or resumes) the finished runs, other overrides train new ones.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .config import Config, replace
 from .track.compare import compare
-from .track.mlflow_logger import tracking_uri
+from .track.mlflow_logger import tracking_uri, training_digest
 
 DEFENSES = ("none", "roclip", "otcclip")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
@@ -21,19 +22,21 @@ def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
     """Train every defense in turn (progress and ETA on stdout); returns the comparison table."""
     from .train.trainer import run_training
 
-    start, times = time.perf_counter(), []
+    start, times, run_ids = time.perf_counter(), [], []
     for i, defense in enumerate(defenses):
         eta = f", ETA {sum(times) / len(times) * (len(defenses) - i) / 60:.1f} min" if times else ""
         print(f"[demo {i + 1}/{len(defenses)}] training defense={defense}{eta}", flush=True)
-        run_cfg = replace(cfg, train__defense=defense, name=f"{cfg.name}-{defense}")
+        run_cfg = replace(cfg, train__defense=defense)
+        run_cfg = replace(run_cfg, name=f"{cfg.name}-{defense}-{training_digest(run_cfg)}")
         result = run_training(run_cfg, progress=True)
         times.append(result.seconds)
+        run_ids.append(result.run_id)
         m = result.metrics
         print(f"[demo {i + 1}/{len(defenses)}] {defense}: zero-shot {m.get('final/zeroshot_top1', float('nan')):.3f}, "
               f"backdoor ASR {m.get('final/backdoor_asr', float('nan')):.3f}, "
               f"targeted ASR {m.get('final/targeted_asr', float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
     uri = tracking_uri(cfg)
-    table, plots = compare(uri, cfg.tracking.experiment, "text", Path(cfg.output_dir) / "compare")
+    table, plots = compare(uri, cfg.tracking.experiment, "text", Path(cfg.output_dir) / "compare", run_ids=run_ids)
     print(f"\n{table}\n")
     for p in plots:
         print(f"plot: {p}")

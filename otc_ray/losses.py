@@ -73,14 +73,19 @@ def clip_loss(
     logit_bias: Optional[Tensor] = None,
     local_loss: bool = False,
     gather_with_grad: bool = False,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """Symmetric InfoNCE of open_clip's ClipLoss: image (B, d), text (B, d) normalized, logit_scale = exp(t).
 
     Under torch.distributed the features of all ranks are gathered: `gather_with_grad` back-propagates through
     the gather; `local_loss` scores only the local rows against all columns (labels offset by rank * B).
+    weights (B,) >= 0: each pair's anchor terms (both directions) count with its weight (the re-match stage's
+    `drop` = 0 / `downweight` actions); the pair still serves as a negative for the others. None = all 1.
     """
     if image.shape != text.shape or image.dim() != 2:
         raise ValueError(f"image and text must both be (B, d), got {tuple(image.shape)} and {tuple(text.shape)}")
+    if weights is not None and tuple(weights.shape) != (image.shape[0],):
+        raise ValueError(f"weights must be ({image.shape[0]},), got {tuple(weights.shape)}")
     all_i, all_t, rank, world = _gather(image, text, local_loss, gather_with_grad)
     if world > 1 and local_loss:
         logits_i = logit_scale * image @ all_t.T
@@ -92,7 +97,28 @@ def clip_loss(
         labels = torch.arange(all_i.shape[0], device=image.device)
     if logit_bias is not None:
         logits_i, logits_t = logits_i + logit_bias, logits_t + logit_bias
-    return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+    if weights is None:
+        return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+    if world > 1 and not local_loss:
+        weights = _gather_weights(weights)
+    per_pair = (F.cross_entropy(logits_i, labels, reduction="none")
+                + F.cross_entropy(logits_t, labels, reduction="none")) / 2
+    return weighted_mean(per_pair, weights)
+
+
+def weighted_mean(values: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """sum(w * v) / sum(w) for values (B,), weights (B,) >= 0; 0 (graph kept) when every weight is 0."""
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def _gather_weights(weights: Tensor) -> Tensor:
+    """Per-pair weights (B,) of all ranks, (B * world,), in rank order (no gradient)."""
+    parts = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, weights.contiguous())
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------- OT losses
@@ -106,8 +132,9 @@ def _mean_token(t: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 def ot_contrastive_loss(
     a: Tensor, a_mask: Optional[Tensor], b: Tensor, b_mask: Optional[Tensor], tau: float, ot_cfg: OTConfig,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
-    """Symmetric InfoNCE over logits -D_OT(a_i, b_j) / tau, positives on the diagonal.
+    """Symmetric InfoNCE over logits -D_OT(a_i, b_j) / tau, positives on the diagonal; weights (B,) as clip_loss's.
 
     a (B, Ta, d), b (B, Tb, d) token sets with masks (B, Ta), (B, Tb) (None = all real). With
     ot_cfg.train_negatives = k in [1, B - 2], each anchor (both directions) meets its positive and its k hardest
@@ -121,7 +148,8 @@ def ot_contrastive_loss(
     if k <= 0 or k >= B - 1:
         logits = -pairwise_ot_distance_cfg(a, b, a_mask, b_mask, ot_cfg, iters=iters) / tau
         labels = torch.arange(B, device=a.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return weighted_mean((F.cross_entropy(logits, labels, reduction="none")
+                              + F.cross_entropy(logits.T, labels, reduction="none")) / 2, weights)
     with torch.no_grad():
         sim = _mean_token(a, a_mask) @ _mean_token(b, b_mask).T                     # (B, B)
         sim.fill_diagonal_(float("-inf"))
@@ -131,18 +159,19 @@ def ot_contrastive_loss(
     d_ab = candidate_ot_distance_cfg(a, b, idx_ab, a_mask, b_mask, ot_cfg, iters=iters)
     d_ba = candidate_ot_distance_cfg(b, a, idx_ba, b_mask, a_mask, ot_cfg, iters=iters)
     target = torch.zeros(B, dtype=torch.long, device=a.device)
-    return (F.cross_entropy(-d_ab / tau, target) + F.cross_entropy(-d_ba / tau, target)) / 2
+    return weighted_mean((F.cross_entropy(-d_ab / tau, target, reduction="none")
+                          + F.cross_entropy(-d_ba / tau, target, reduction="none")) / 2, weights)
 
 
 def ot_inter_loss(
     patches: Tensor, patch_mask: Optional[Tensor], words: Tensor, word_mask: Optional[Tensor], tau: float,
-    ot_cfg: OTConfig,
+    ot_cfg: OTConfig, weights: Optional[Tensor] = None,
 ) -> Tensor:
     """L_inter: image i vs caption j by -D_OT(V_i, W_j) / tau, symmetric cross-entropy over the batch.
 
-    patches (B, M, d), patch_mask (B, M) or None, words (B, L, d), word_mask (B, L).
+    patches (B, M, d), patch_mask (B, M) or None, words (B, L, d), word_mask (B, L), weights (B,) or None.
     """
-    return ot_contrastive_loss(patches, patch_mask, words, word_mask, tau, ot_cfg)
+    return ot_contrastive_loss(patches, patch_mask, words, word_mask, tau, ot_cfg, weights)
 
 
 def ot_intra_loss(
@@ -195,16 +224,18 @@ def otcclip_terms(
     lambda_intra: float = 0.5,
     view: Optional["ClipFeatures"] = None,  # noqa: F821
     view_index: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """The OTCCLIP terms for one batch: {"clip_loss", "inter_loss", "intra_loss"}; a term with weight 0 is skipped.
 
     f: features of the batch (B rows) with logit_scale; view: features of a second augmented view of the rows
     `view_index` (default: the first len(view) rows), usually computed without gradient. L_intra is the mean of
-    the image-view and caption-view terms.
+    the image-view and caption-view terms. weights (B,): per-pair weights of the image-caption terms (clip,
+    inter); L_intra pairs a sample with itself, never with a caption, so it keeps every row.
     """
-    terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale)}
+    terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights)}
     if lambda_inter > 0:
-        terms["inter_loss"] = ot_inter_loss(f.patches, None, f.words, f.word_mask, tau, ot_cfg)
+        terms["inter_loss"] = ot_inter_loss(f.patches, None, f.words, f.word_mask, tau, ot_cfg, weights)
     if lambda_intra > 0 and view is not None:
         idx = torch.arange(view.image.shape[0], device=f.image.device) if view_index is None else view_index
         terms["intra_loss"] = (ot_intra_loss(f.patches[idx], None, view.patches, None, tau, ot_cfg)

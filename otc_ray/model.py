@@ -114,6 +114,8 @@ def images_to_tensor(
 
     Resized (bilinear, antialiased) only when H or W differs from S = image_size.
     """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()          # Ray hands out read-only views of its object store; torch wants to own them
     t = torch.as_tensor(images)
     if t.dim() == 3:
         t = t.unsqueeze(-1)

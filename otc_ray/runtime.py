@@ -21,8 +21,11 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # no token file in ~/.ray for a private instance
-            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20,
-                     include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+            # worker_logs=False keeps the console to the driver's own lines (the demo): worker output is Ray's and
+            # open_clip's INFO chatter plus, without a dashboard, the Train placement-group cleaner's State API
+            # warnings; errors still surface as exceptions of fit(), and the logs stay in the session folder
+            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20, include_dashboard=False,
+                     log_to_driver=cfg.worker_logs, configure_logging=True, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     ctx.print_on_execution_start = False

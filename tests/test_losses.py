@@ -21,7 +21,7 @@ from otc_ray.losses import (
     otcclip_terms,
     unimodal_contrastive_loss,
 )
-from otc_ray.ot import pairwise_ot_distance
+from otc_ray.ot import pairwise_ot_distance, pairwise_ot_distance_cfg
 
 TAU = 0.1
 FULL = OTConfig(train_negatives=0, train_iters=50)
@@ -56,6 +56,46 @@ def test_clip_loss_equals_open_clip_and_prefers_matched_pairs():
         clip_loss(img, txt[:7], scale)
 
 
+WEIGHTS = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0, 0.1])       # 2 ranks x 4 pairs
+
+
+def test_weighted_clip_loss_drops_and_downweights_pairs():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(6, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    torch.testing.assert_close(clip_loss(img, txt, scale, weights=torch.ones(6)), clip_loss(img, txt, scale))
+    logits = scale * img @ txt.T
+    labels = torch.arange(6)
+    per_pair = (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 1.0])
+    # a dropped pair (weight 0) loses its own terms but stays a negative of the others
+    torch.testing.assert_close(clip_loss(img, txt, scale, weights=weights), (per_pair * weights).sum() / 3.5)
+    # the dropped pair still acts as a negative: moving its caption onto image 0 raises the weighted loss
+    confusing = txt.clone()
+    confusing[1] = img[0]
+    assert clip_loss(img, confusing, scale, weights=weights) > clip_loss(img, txt, scale, weights=weights) + 0.1
+    zero = clip_loss(img.clone().requires_grad_(True), txt, scale, weights=torch.zeros(6))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match=r"weights must be \(6,\)"):
+        clip_loss(img, txt, scale, weights=torch.ones(5))
+
+
+def test_weighted_ot_inter_loss_is_the_weighted_mean_of_per_anchor_terms():
+    g = torch.Generator().manual_seed(2)
+    a = F.normalize(torch.randn(5, 4, 8, generator=g), dim=-1)
+    b = F.normalize(a[:, :3] + 0.2 * torch.randn(5, 3, 8, generator=g), dim=-1)
+    cfg = OTConfig(train_negatives=0)
+    one_hot = torch.zeros(5)
+    one_hot[2] = 1.0
+    single = ot_inter_loss(a, None, b, None, 0.1, cfg, weights=one_hot)
+    logits = -pairwise_ot_distance_cfg(a, b, None, None, cfg, iters=cfg.train_iters) / 0.1
+    expected = (F.cross_entropy(logits[2:3], torch.tensor([2])) + F.cross_entropy(logits.T[2:3], torch.tensor([2]))) / 2
+    torch.testing.assert_close(single, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ot_inter_loss(a, None, b, None, 0.1, cfg, weights=torch.ones(5)),
+                               ot_inter_loss(a, None, b, None, 0.1, cfg))
+
+
 def _dist_worker(rank: int, world: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -70,6 +110,8 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str):
             loss = clip_loss(img, txt_all[sl], 5.0, local_loss=local, gather_with_grad=with_grad)
             loss.backward()
             res[f"{local}-{with_grad}"] = (torch.tensor(loss.item()), img.grad.clone())
+        weighted = clip_loss(img_all[sl], txt_all[sl], 5.0, weights=WEIGHTS[sl])
+        res["weighted"] = (torch.tensor(weighted.item()), torch.zeros(1))
         torch.save(res, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -91,6 +133,8 @@ def test_clip_loss_gathers_across_a_real_gloo_group(tmp_path):
     for rank in range(world):
         loss, _ = out[rank]["False-False"]
         assert abs(loss - ref.item()) < 1e-6                     # every rank scores the global batch
+        # the weights are gathered with the features: every rank scores the global weighted batch
+        assert abs(out[rank]["weighted"][0] - clip_loss(img_all.detach(), txt_all, 5.0, weights=WEIGHTS).item()) < 1e-6
     local = [out[r]["True-True"] for r in range(world)]
     assert abs(sum(l for l, _ in local) / world - ref.item()) < 1e-6    # local losses average to the global one
     for rank in range(world):

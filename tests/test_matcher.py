@@ -141,6 +141,28 @@ def test_neighbour_gate_flags_poison_and_keeps_clean_captions():
     assert int(ungated.recaptioned.sum()) > 3 * int(res.recaptioned.sum())
 
 
+def test_copies_of_one_image_are_one_witness_not_many():
+    """A targeted attack: K copies of one class-2 image, each captioned with class 1. The copies are each other's
+    nearest neighbours and agree on the false caption; counted as witnesses they hide the attack."""
+    img, txt, label, _ = _class_block(seed=3, poison=0)
+    B, K = len(label), 12
+    target = int(torch.nonzero(label == 2)[0])
+    copies = torch.arange(B, B + K)
+    img = torch.cat([img, img[target].expand(K, -1)])
+    false_txt = _unit(txt[label == 1][:K] + 0.01)
+    txt = torch.cat([txt, false_txt])
+    keys = torch.arange(B + K, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B + K, dtype=torch.bool))
+    cfg = _cfg(method="roclip", gate="neighbour", neighbours=8, gate_threshold=-2.0)
+    counted = match_block(ImageFeatures(img), pool, keys, dataclasses.replace(cfg, duplicate_similarity=2.0), OT)
+    assert not bool(counted.flagged[copies].any()), "as witnesses the copies vouch for each other"
+    res = match_block(ImageFeatures(img), pool, keys, cfg, OT)
+    assert bool(res.flagged[copies].all()), f"z of the copies: {res.gate_z[copies].tolist()}"
+    assert bool((label[res.source[copies]] == 2).all()), "re-captioned from real neighbours of the target's class"
+    with pytest.raises(ValueError, match="duplicate_similarity"):
+        Matcher.__init__(object.__new__(Matcher), None, dataclasses.replace(cfg, duplicate_similarity=0.0), OT)
+
+
 def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
     img, txt, label, poisoned = _class_block(seed=2)
     B = len(label)
@@ -151,10 +173,10 @@ def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
     keys = torch.arange(B, dtype=torch.int64)
     # the bank holds the first half, with every entry marked untrusted except those of class 0
     bank.push(CaptionFeatures(txt[first]), img[first], keys[first], label[first] == 0,
-              [f"c{i}" for i in first.tolist()], [f"k{i}" for i in first.tolist()])
+              [f"c{i}" for i in first.tolist()], [f"k{i}" for i in first.tolist()], label[first].tolist())
     # ...and a copy of one second-half sample (same key): it must be neither a candidate nor a neighbour
     dup = second[:1]
-    bank.push(CaptionFeatures(txt[dup]), img[dup], keys[dup], torch.ones(1, dtype=torch.bool), ["dup"], ["dup"])
+    bank.push(CaptionFeatures(txt[dup]), img[dup], keys[dup], torch.ones(1, dtype=torch.bool), ["dup"], ["dup"], [0])
     own = CaptionFeatures(txt[second])
     pool = build_pool(own, ImageFeatures(img[second]), keys[second], bank)
     assert pool.captions.t.shape[0] == B - half + half + 1

@@ -97,6 +97,8 @@ def test_stage_on_an_actor_pool_keeps_every_row_and_passes_bad_rows(ray_local, s
     assert (changed == rows[T.RECAPTIONED]).all()
     assert (rows[T.SOURCE_KEY][~changed] == rows[S.KEY][~changed]).all()
     assert set(rows[T.SOURCE_KEY][changed]) <= set(keys)
+    label_of = dict(zip(rows[S.KEY].tolist(), rows[S.LABEL].tolist()))        # the source sample's class travels along
+    assert [label_of[k] for k in rows[T.SOURCE_KEY][good]] == rows[T.SOURCE_LABEL][good].tolist()
 
 
 def _batch(n: int = 40) -> dict[str, np.ndarray]:

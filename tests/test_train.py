@@ -1,4 +1,5 @@
 """Ray Train pre-training end to end on tiny data: MLflow contents, 2 workers, failure + resume, defenses."""
+import math
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,23 @@ def test_safeclip_runs_one_epoch(ray_local, tmp_path):
     assert "train/epoch_clip_loss" in metrics and "train/epoch_image_unimodal_loss" in metrics
 
 
-@pytest.mark.parametrize("defense", ["otcclip", "roclip"])
+@pytest.mark.parametrize("defense", ["otcclip", "roclip", "otcclip-drop"])
 def test_rematching_defense_streams_through_the_stage(ray_local, tmp_path, defense):
     """One epoch re-matched from the start (rematch.start_epoch=0): the stage's flags reach the trainer and
-    detection is scored against the poison manifest."""
-    cfg = _cfg(tmp_path, f"train.defense={defense}", "train.epochs=1", "rematch.start_epoch=0", f"name={defense}")
+    detection is scored against the poison manifest; with action=drop flagged pairs get loss weight 0."""
+    extra = ["rematch.action=drop", "rematch.gate_threshold=0"] if defense.endswith("drop") else []
+    cfg = _cfg(tmp_path, f"train.defense={defense.split('-')[0]}", "train.epochs=1", "rematch.start_epoch=0",
+               f"name={defense}", *extra)
     metrics = run_metrics(*_run(cfg))
-    assert 0.0 < metrics["rematch/recaptioned_rate"] <= 1.0
     assert metrics["rematch/detect_tp"] + metrics["rematch/detect_fn"] > 0        # poisoned rows were seen
+    if defense == "otcclip-drop":       # nothing re-captioned; every flagged pair is out of the loss
+        assert metrics["rematch/recaptioned_rate"] == 0.0 and 0.0 < metrics["rematch/flag_rate"] < 1.0
+        assert metrics["rematch/dropped_rate"] == pytest.approx(metrics["rematch/flag_rate"])
+        assert metrics["rematch/mean_weight"] == pytest.approx(1.0 - metrics["rematch/flag_rate"])
+        assert math.isfinite(metrics["train/epoch_clip_loss"])
+        return
+    assert 0.0 < metrics["rematch/recaptioned_rate"] <= 1.0
+    assert metrics["rematch/dropped_rate"] == 0.0
     if defense == "otcclip":
         assert "train/epoch_inter_loss" in metrics and "train/epoch_intra_loss" in metrics
     else:

@@ -46,12 +46,15 @@ def margin_flags(own_in_topk: Tensor, own_score: Tensor, best_score: Tensor, mar
 
 def neighbour_agreement(
     image: Tensor, pool_image: Tensor, own_text: Tensor, pool_text: Tensor, neighbours: int, exclude: Tensor,
+    duplicate_similarity: float = 2.0,
 ) -> tuple[Tensor, Tensor]:
     """Image-neighbour caption agreement (METHOD.md B, the best measured detector).
 
     image (B, d): the block's image embeddings; pool_image (N, d): the image embedding behind each pool caption;
     own_text (B, d): the block's own caption embeddings; pool_text (N, d); exclude (B, N) bool: pairs that are
-    not neighbours (the image itself, bank copies of the same key). All rows unit-norm.
+    not neighbours (the image itself, bank copies of the same key). All rows unit-norm. Pool images with cosine
+    >= duplicate_similarity to an image are its copies, not independent witnesses, and are skipped too: K copies
+    of one image with the same false caption (a targeted attack) would otherwise vouch for each other.
     Returns agreement (B,) = mean over the n nearest pool images j of <own_text_i, pool_text_j>, and the
     neighbour indices (B, n) into the pool, nearest first (n = min(neighbours, N - 1)); rows with fewer
     allowed neighbours average over those they have (a row with none gets NaN).
@@ -60,7 +63,8 @@ def neighbour_agreement(
     if n < 1:
         return torch.full((image.shape[0],), float("nan"), device=image.device), \
             torch.zeros((image.shape[0], 0), dtype=torch.long, device=image.device)
-    sim = (image @ pool_image.T).masked_fill_(exclude, float("-inf"))                     # (B, N)
+    sim = image @ pool_image.T                                                           # (B, N)
+    sim = sim.masked_fill_(exclude | (sim >= duplicate_similarity), float("-inf"))
     top, nbrs = sim.topk(n, dim=1)                                                       # (B, n)
     valid = torch.isfinite(top)
     text_sim = torch.einsum("bd,bnd->bn", own_text, pool_text[nbrs])                     # (B, n)

@@ -109,6 +109,8 @@ def check_config(cfg: RematchConfig) -> None:
         raise ValueError(f"rematch.assign_iters must be >= 1, got {cfg.assign_iters}")
     if not 0.0 <= cfg.flagged_weight <= 1.0:
         raise ValueError(f"rematch.flagged_weight must be in [0, 1], got {cfg.flagged_weight}")
+    if not cfg.duplicate_similarity > 0:
+        raise ValueError(f"rematch.duplicate_similarity must be > 0 (> 1 disables), got {cfg.duplicate_similarity}")
 
 
 # ----------------------------------------------------------------------------------------- core steps
@@ -221,7 +223,7 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
         not_nbr = exclude.clone()
         not_nbr[own, own] = True                                                         # an image is not its own neighbour
         agreement, nbrs = neighbour_agreement(images.g, pool.image, pool.captions.t[:B], pool.captions.t,
-                                              cfg.neighbours, not_nbr)
+                                              cfg.neighbours, not_nbr, cfg.duplicate_similarity)
         gate_z = robust_z(agreement)
         flagged = gate_z < cfg.gate_threshold
         if prior is not None and cfg.sticky:
@@ -256,7 +258,7 @@ class CaptionBank:
     """FIFO of the most recent `size` captions with their features (RoCLIP's memory bank).
 
     t (S, d), words (S, L, d), mask (S, L), image (S, d), key_ids (S,), trusted (S,), captions / keys (S,)
-    strings; S <= size. Tensors live on the matcher's device.
+    strings, labels (S,) class indices (-1 = unknown); S <= size. Tensors live on the matcher's device.
     """
 
     size: int
@@ -268,16 +270,17 @@ class CaptionBank:
     trusted: Optional[Tensor] = None
     captions: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def clear(self) -> None:
         self.t = self.words = self.mask = self.image = self.key_ids = self.trusted = None
-        self.captions, self.keys = [], []
+        self.captions, self.keys, self.labels = [], [], []
 
     def push(self, caps: CaptionFeatures, image: Tensor, key_ids: Tensor, trusted: Tensor,
-             captions: Sequence[str], keys: Sequence[str]) -> None:
+             captions: Sequence[str], keys: Sequence[str], labels: Sequence[int]) -> None:
         """Append B entries, keeping the newest `size` (their own captions; `trusted` = not flagged)."""
         new = dict(t=caps.t, words=caps.words, mask=caps.mask, image=image, key_ids=key_ids, trusted=trusted)
         for name, value in new.items():
@@ -289,6 +292,7 @@ class CaptionBank:
             setattr(self, name, joined[-self.size:])
         self.captions = (self.captions + list(captions))[-self.size:]
         self.keys = (self.keys + list(keys))[-self.size:]
+        self.labels = (self.labels + list(labels))[-self.size:]
 
 
 def build_pool(own: CaptionFeatures, image: ImageFeatures, key_ids: Tensor, bank: Optional[CaptionBank]) -> Pool:
@@ -311,12 +315,14 @@ def build_pool(own: CaptionFeatures, image: ImageFeatures, key_ids: Tensor, bank
 # ----------------------------------------------------------------------------------------- the wrapper
 @dataclass
 class BlockMatch:
-    """A matched block as the stage writes it: MatchResult on the CPU plus, per sample, the caption used
-    and the key of the sample that caption came from (its own key when unchanged)."""
+    """A matched block as the stage writes it: MatchResult on the CPU plus, per sample, the caption used,
+    the key of the sample that caption came from (its own key when unchanged) and that sample's class label
+    (-1 when unknown; what the damage metric compares)."""
 
     result: MatchResult
     caption_used: list[str]
     source_key: list[str]
+    source_label: list[int]
 
 
 def key_ids_of(keys: Sequence[str]) -> Tensor:
@@ -366,14 +372,16 @@ class Matcher:
 
     @torch.inference_mode()
     def match(self, images: np.ndarray, captions: Sequence[str], keys: Sequence[str],
-              prior: Optional[Sequence[bool]] = None) -> BlockMatch:
+              prior: Optional[Sequence[bool]] = None, labels: Optional[Sequence[int]] = None) -> BlockMatch:
         """Re-match one block: images uint8 (B, H, W, 3), B captions, B keys, optional sticky flags (B,) from
-        earlier epochs -> BlockMatch (then bank += block)."""
+        earlier epochs and class labels (B,) (None = unknown) -> BlockMatch (then bank += block)."""
         B = len(captions)
-        if len(keys) != B or len(images) != B:
-            raise ValueError(f"a block needs as many images, captions and keys; got {len(images)}, {B}, {len(keys)}")
+        labels = [-1] * B if labels is None else [int(x) for x in labels]
+        if len(keys) != B or len(images) != B or len(labels) != B:
+            raise ValueError(f"a block needs as many images, captions, keys and labels; got {len(images)}, {B}, "
+                             f"{len(keys)}, {len(labels)}")
         if self.cfg.method == "none" or B == 0:
-            return _passthrough(captions, keys)
+            return _passthrough(captions, keys, labels)
         img, own = self.encode(images, captions)
         ids = key_ids_of(keys).to(self.device)
         pool = build_pool(own, img, ids, self.bank)
@@ -381,17 +389,18 @@ class Matcher:
         res = match_block(img, pool, ids, self.cfg, self.ot_cfg, prior=prior_t).to("cpu")
         pool_caps = list(captions) + (self.bank.captions if self.bank is not None else [])
         pool_keys = list(keys) + (self.bank.keys if self.bank is not None else [])
+        pool_labels = labels + (self.bank.labels if self.bank is not None else [])
         src = res.source.tolist()
         same_text = torch.tensor([pool_caps[s] == c for s, c in zip(src, captions)], dtype=torch.bool)
         res.source = torch.where(same_text, torch.arange(B), res.source)              # a copy of the same words
         res.recaptioned = res.source != torch.arange(B)
         if self.bank is not None:
-            self.bank.push(own, img.g, ids, ~res.flagged.to(self.device), captions, keys)
+            self.bank.push(own, img.g, ids, ~res.flagged.to(self.device), captions, keys, labels)
         src = res.source.tolist()
-        return BlockMatch(res, [pool_caps[s] for s in src], [pool_keys[s] for s in src])
+        return BlockMatch(res, [pool_caps[s] for s in src], [pool_keys[s] for s in src], [pool_labels[s] for s in src])
 
 
-def _passthrough(captions: Sequence[str], keys: Sequence[str]) -> BlockMatch:
+def _passthrough(captions: Sequence[str], keys: Sequence[str], labels: Sequence[int]) -> BlockMatch:
     """Method none: every sample keeps its caption, weight 1, nothing flagged, scores NaN."""
     B = len(captions)
     nan = torch.full((B,), float("nan"))
@@ -400,4 +409,4 @@ def _passthrough(captions: Sequence[str], keys: Sequence[str]) -> BlockMatch:
                       assigned=own, own_score=nan, best_score=nan, suspicion=nan, gate_z=nan, agreement=nan,
                       flagged=torch.zeros(B, dtype=torch.bool), source=own, recaptioned=torch.zeros(B, dtype=torch.bool),
                       weight=torch.ones(B))
-    return BlockMatch(res, list(captions), list(keys))
+    return BlockMatch(res, list(captions), list(keys), list(labels))

@@ -44,9 +44,10 @@ SUSPICION = "suspicion"
 GATE_Z = "gate_z"
 FLAGGED = "flagged"
 WEIGHT = "weight"
+SOURCE_LABEL = "source_label"            # class label of the sample the caption came from (-1 = unknown)
 WEIGHTS_VERSION = "weights_version"
-OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z, FLAGGED, WEIGHT,
-                  WEIGHTS_VERSION)
+OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, SOURCE_LABEL, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z,
+                  FLAGGED, WEIGHT, WEIGHTS_VERSION)
 
 FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
 FAULT_MARKER_ENV = "OTC_RAY_FAULT_MARKER"
@@ -114,7 +115,8 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
     n = len(keys)
     good = np.fromiter((not e for e in batch[S.ERROR]), dtype=bool, count=n)
     captions = np.asarray(batch[S.CAPTION], dtype=object)
-    out = {CAPTION_USED: captions.copy(), RECAPTIONED: np.zeros(n, bool), SOURCE_KEY: keys.copy(),
+    labels = np.asarray(batch[S.LABEL], dtype=np.int64) if S.LABEL in batch else np.full(n, -1, np.int64)
+    out = {CAPTION_USED: captions.copy(), RECAPTIONED: np.zeros(n, bool), SOURCE_KEY: keys.copy(), SOURCE_LABEL: labels.copy(),
            OWN_SCORE: np.full(n, np.nan, np.float32), BEST_SCORE: np.full(n, np.nan, np.float32),
            SUSPICION: np.full(n, np.nan, np.float32), GATE_Z: np.full(n, np.nan, np.float32),
            FLAGGED: np.zeros(n, bool), WEIGHT: np.ones(n, np.float32), WEIGHTS_VERSION: np.full(n, version, np.int64)}
@@ -123,7 +125,7 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
         block_keys = [str(k) for k in keys[rows]]
         prior = ray.get(flags.query.remote(block_keys)) if flags is not None else None
         m: BlockMatch = matcher.match(np.asarray(batch[S.IMAGE])[rows], [str(c) for c in captions[rows]],
-                                      block_keys, prior=prior)
+                                      block_keys, prior=prior, labels=labels[rows])
         r = m.result
         if flags is not None:
             new = [k for k, f, p in zip(block_keys, r.flagged.tolist(), prior) if f and not p]
@@ -131,6 +133,7 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
                 flags.add.remote(new)                                                   # fire and forget
         out[CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
         out[SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
+        out[SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
         out[RECAPTIONED][rows] = r.recaptioned.numpy()
         out[OWN_SCORE][rows] = r.own_score.float().numpy()
         out[BEST_SCORE][rows] = r.best_score.float().numpy()

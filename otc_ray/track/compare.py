@@ -10,6 +10,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
@@ -124,9 +125,11 @@ def plot(rows: list[Row], uri: str, folder: Path) -> list[Path]:
     return [asr_path, scatter_path]
 
 
-def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None = None) -> tuple[str, list[Path]]:
-    """(table text, plot paths) for every run of the experiment."""
-    runs = [r for r in search_runs(uri, experiment) if r.status in ("FINISHED", "RUNNING")]
+def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None = None,
+            run_ids: Collection[str] | None = None) -> tuple[str, list[Path]]:
+    """(table text, plot paths) for every run of the experiment (only `run_ids` when given)."""
+    runs = [r for r in search_runs(uri, experiment) if r.status in ("FINISHED", "RUNNING")
+            and (run_ids is None or r.run_id in run_ids)]
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}")
     rows = group_runs(runs)

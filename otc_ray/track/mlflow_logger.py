@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, TrackingConfig, flatten
+from ..config import Config, ConfigError, TrackingConfig, flatten
 
 MAX_PARAM_CHARS = 6000
+# settings a resumed run may change: where things run and are logged, not what is trained
+RESUMABLE_PREFIXES = ("ray.", "tracking.", "output_dir", "train.max_failures", "train.keep_checkpoints",
+                      "train.log_every", "train.torch_threads", "train.storage_path", "rematch.min_actors",
+                      "rematch.max_actors", "s3.")
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -75,11 +79,31 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
+        _check_same_training(run_name, dict(found[0].data.params), flatten(cfg))
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, run_name=run_name, tags={"git_commit": git_commit(), **(tags or {})})
     log_params(uri, run.info.run_id, flatten(cfg))
     return run.info.run_id
+
+
+def training_digest(cfg: Config) -> str:
+    """10 hex digits naming what a run trains (its config less RESUMABLE_PREFIXES): equal configs, equal digest."""
+    import hashlib
+    import json
+
+    trained = {k: str(v) for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_PREFIXES)}
+    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _check_same_training(run_name: str, logged: dict[str, str], new: dict[str, Any]) -> None:
+    """ConfigError when resuming `run_name` would continue it under different training settings."""
+    changed = sorted(k for k, v in new.items() if not k.startswith(RESUMABLE_PREFIXES) and k in logged
+                     and logged[k] != str(v)[:MAX_PARAM_CHARS])
+    if changed:
+        diff = ", ".join(f"{k}: {logged[k]} -> {new[k]}" for k in changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise ConfigError(f"run {run_name!r} already exists with other settings ({diff}); resuming it would mix "
+                          f"them. Choose a new `name`, or another output_dir / tracking.experiment.")
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -33,19 +35,24 @@ def safe_share(epoch: int, warmup: int) -> float:
 
 
 def batch_loss(defense: str, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor,
-               cfg: Config, epoch: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-    """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L) under `defense`."""
+               cfg: Config, epoch: int, gen: torch.Generator,
+               weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+    """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L) under `defense`.
+
+    weights (B,): the re-match stage's per-pair loss weights (action drop = 0, downweight < 1), applied to the
+    image-caption terms; None when every pair counts fully."""
     tc = cfg.train
     if defense == "roclip":
         pixels = augment_images(pixels, gen)
     f = feature_model(pixels, ids)
     if defense in ("none", "roclip"):
-        return combine_losses({"clip_loss": clip_loss(f.image, f.text, f.logit_scale)}, {})
+        return combine_losses({"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights)}, {})
     if defense == "otcclip":
         n = f.image.shape[0] if cfg.ot.intra_samples == 0 else min(cfg.ot.intra_samples, f.image.shape[0])
         rows = torch.randperm(f.image.shape[0], generator=gen)[:n].to(pixels.device)
         view = _view(bare_model, pixels, ids, cfg, gen, rows) if tc.lambda_intra > 0 else None
-        terms = otcclip_terms(f, tc.tau_ot, cfg.ot, tc.lambda_inter, tc.lambda_intra, view=view, view_index=rows)
+        terms = otcclip_terms(f, tc.tau_ot, cfg.ot, tc.lambda_inter, tc.lambda_intra, view=view, view_index=rows,
+                              weights=weights)
         return combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})
     if defense == "safeclip":
         all_rows = torch.arange(f.image.shape[0], device=pixels.device)

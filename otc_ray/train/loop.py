@@ -20,7 +20,7 @@ import torch
 from ..config import Config, config_from_dict
 from ..data import schema as S
 from ..model import FeatureModel, build_model, images_to_tensor
-from ..rematch.stage import CAPTION_USED
+from ..rematch.stage import CAPTION_USED, WEIGHT
 from ..track.mlflow_logger import RunLogger
 from .chaos import maybe_die
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -41,6 +41,15 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
          else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _pair_weights(batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor | None:
+    """The stage's per-pair loss weights (B,) (drop/downweight actions), or None when all are 1 or absent.
+    Every rank keeps its full batch (equal shapes for DDP); a dropped pair only loses its loss weight."""
+    if WEIGHT not in batch:
+        return None
+    weights = np.asarray(batch[WEIGHT], dtype=np.float32)
+    return None if bool((weights == 1.0).all()) else torch.from_numpy(weights).to(device)
 
 
 def _restore(model, optimizer, scheduler, rng) -> TrainState:
@@ -93,8 +102,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
             captions = batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION]
             ids = bundle.tokenizer([str(c) for c in captions]).to(device)
+            weights = _pair_weights(batch, device)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss, terms = batch_loss(cfg.train.defense, feature_model, bare, pixels, ids, cfg, epoch, gen)
+                loss, terms = batch_loss(cfg.train.defense, feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ..data.shards import read_info
 from ..poison.transform import poison_shards
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
 from .chaos import chaos_spec
+from .progress import EpochProgress
 from .evaluation import EpochEvaluator, final_report
 from .loop import train_loop_per_worker
 
@@ -171,7 +173,8 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     logger = RunLogger(uri, run_id)
     logger.metrics({"data/ok": rows} | {f"data/skipped_{k}": n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
-        result = build_trainer(cfg, train_ds, loop_config).fit()
+        with EpochProgress(cfg, uri, run_id) if progress else nullcontext():
+            result = build_trainer(cfg, train_ds, loop_config).fit()
     except Exception:
         logger.finish("FAILED")
         raise

@@ -1,0 +1,68 @@
+"""MLflow side without training: resume by name refuses other settings; `compare` groups seeds and plots."""
+from pathlib import Path
+
+import pytest
+
+from otc_ray.config import ConfigError, load_config, replace
+from otc_ray.track.compare import compare
+from otc_ray.track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri, training_digest
+
+TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path}", "tracking.experiment=track-test", *overrides])
+
+
+def test_resume_by_name_refuses_other_training_settings(tmp_path):
+    cfg = _cfg(tmp_path, "name=same")
+    run_id = start_or_resume_run(cfg)
+    assert start_or_resume_run(replace(cfg, train__max_failures=3, ray__num_cpus=8)) == run_id   # where, not what
+    with pytest.raises(ConfigError, match=r"train.epochs: 2 -> 7"):
+        start_or_resume_run(replace(cfg, train__epochs=7))
+    assert training_digest(cfg) == training_digest(replace(cfg, ray__num_cpus=8))
+    assert training_digest(cfg) != training_digest(replace(cfg, train__seed=1))
+
+
+def _fake_run(cfg, defense: str, seed: int, zeroshot: float, asr: list[float]) -> str:
+    run_cfg = replace(cfg, train__defense=defense, train__seed=seed, name=f"{defense}-{seed}")
+    uri = tracking_uri(run_cfg)
+    run_id = start_or_resume_run(run_cfg)
+    log = RunLogger(uri, run_id)
+    for epoch, value in enumerate(asr):
+        log.metrics({"eval/backdoor_asr": value}, step=epoch)
+    log.metrics({"final/zeroshot_top1": zeroshot, "final/backdoor_asr": asr[-1]}, step=len(asr))
+    log.finish()
+    return run_id
+
+
+def test_compare_groups_seeds_with_mean_and_std_and_draws_both_plots(tmp_path):
+    cfg = _cfg(tmp_path, "poison.attack=backdoor", "poison.count=20")
+    ids = [_fake_run(cfg, "none", 0, 0.50, [0.2, 0.9]), _fake_run(cfg, "none", 1, 0.60, [0.3, 0.7]),
+           _fake_run(cfg, "otcclip", 0, 0.55, [0.1, 0.0])]
+    table, plots = compare(tracking_uri(cfg), "track-test", "markdown", tmp_path / "plots")
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"none", "otcclip"}
+    assert "0.550 ± 0.050" in rows["none"] and "0.800 ± 0.100" in rows["none"]      # zero-shot, ASR over 2 seeds
+    assert "| 2 |" in rows["none"] and "| 1 |" in rows["otcclip"]
+    assert all(p.exists() and p.stat().st_size > 1000 for p in plots) and len(plots) == 2
+    only, _ = compare(tracking_uri(cfg), "track-test", "csv", run_ids=ids[2:])
+    assert len(only.strip().splitlines()) == 2 and "otcclip" in only and ",none," not in only
+    with pytest.raises(ValueError, match="no runs"):
+        compare(tracking_uri(cfg), "absent", "text")
+
+
+def test_epoch_progress_prints_each_finished_epoch_once(tmp_path, capsys):
+    from otc_ray.train.progress import EpochProgress
+
+    cfg = _cfg(tmp_path, "name=progress", "train.epochs=3")
+    uri, run_id = tracking_uri(cfg), start_or_resume_run(cfg)
+    log = RunLogger(uri, run_id)
+    epoch = {"train/epoch_seconds": 12.4, "train/samples_per_s_worker": 80.0, "train/epoch_total_loss": 3.21}
+    log.metrics(epoch | {"eval/zeroshot_top1": 0.41, "rematch/flag_rate": 0.024}, step=0)
+    progress = EpochProgress(cfg, uri, run_id)
+    assert progress.poll() == ["[progress] epoch 1/3 12 s 80 samples/s loss 3.21 | zero-shot 0.410 flagged 2.4%"]
+    assert progress.poll() == []
+    log.metrics(epoch | {"eval/backdoor_asr": float("nan")}, step=1)      # NaN is not logged, so not shown
+    assert progress.poll() == ["[progress] epoch 2/3 12 s 80 samples/s loss 3.21"]
+    assert "epoch 2/3" in capsys.readouterr().out
