@@ -66,3 +66,5 @@ def test_epoch_progress_prints_each_finished_epoch_once(tmp_path, capsys):
     log.metrics(epoch | {"eval/backdoor_asr": float("nan")}, step=1)      # NaN is not logged, so not shown
     assert progress.poll() == ["[progress] epoch 2/3 12 s 80 samples/s loss 3.21"]
     assert "epoch 2/3" in capsys.readouterr().out
+    two = EpochProgress(replace(cfg, train__num_workers=2), uri, run_id)
+    assert two.poll()[0].startswith("[progress] epoch 1/3 12 s 160 samples/s (2 workers) loss 3.21")

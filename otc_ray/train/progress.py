@@ -19,10 +19,12 @@ LINE_FIELDS = (("eval/zeroshot_top1", "zero-shot {:.3f}"), ("eval/backdoor_asr",
 HEAD_FIELDS = ("train/epoch_seconds", "train/samples_per_s_worker", "train/epoch_total_loss")
 
 
-def epoch_line(name: str, epochs_done: int, epochs: int, metrics: dict[str, float]) -> str:
-    """The progress line of one epoch from its metrics (missing or NaN fields are left out)."""
+def epoch_line(name: str, epochs_done: int, epochs: int, metrics: dict[str, float], workers: int = 1) -> str:
+    """The progress line of one epoch from its metrics (missing or NaN fields are left out). samples/s is the
+    whole job's: rank 0's rate times the workers (every rank trains the same number of equal batches)."""
+    rate = metrics.get("train/samples_per_s_worker", math.nan) * workers
     head = (f"[{name}] epoch {epochs_done}/{epochs} {metrics.get('train/epoch_seconds', math.nan):.0f} s "
-            f"{metrics.get('train/samples_per_s_worker', math.nan):.0f} samples/s")
+            f"{rate:.0f} samples/s" + (f" ({workers} workers)" if workers > 1 else ""))
     if "train/epoch_total_loss" in metrics:
         head += f" loss {metrics['train/epoch_total_loss']:.2f}"
     tail = [fmt.format(metrics[k]) for k, fmt in LINE_FIELDS if k in metrics and math.isfinite(metrics[k])]
@@ -34,6 +36,7 @@ class EpochProgress:
 
     def __init__(self, cfg: Config, uri: str, run_id: str, interval: float = 5.0):
         self.name, self.epochs = cfg.tracking.run_name or cfg.name, cfg.train.epochs
+        self.workers = cfg.train.num_workers
         self.uri, self.run_id, self.interval = uri, run_id, interval
         self.printed: set[int] = set()
         self._stop = threading.Event()
@@ -49,7 +52,7 @@ class EpochProgress:
         lines = []
         for step in done:
             metrics = {k: values[step] for k, values in history.items() if step in values}
-            lines.append(epoch_line(self.name, step + 1, self.epochs, metrics))
+            lines.append(epoch_line(self.name, step + 1, self.epochs, metrics, self.workers))
             print(lines[-1], flush=True)
             self.printed.add(step)
         return lines
