@@ -44,12 +44,13 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _pair_weights(batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor | None:
-    """The stage's per-pair loss weights (B,) (drop/downweight actions), or None when all are 1 or absent.
-    Every rank keeps its full batch (equal shapes for DDP); a dropped pair only loses its loss weight."""
+    """The stage's per-pair loss weights (B,) (drop/downweight actions), or None without a re-match stage.
+    Every rank keeps its full batch (equal shapes for DDP); a dropped pair only loses its loss weight. The
+    weights are passed even when all are 1: the weighted CLIP loss all-gathers them, so every rank must take
+    the same path or the collectives would not match."""
     if WEIGHT not in batch:
         return None
-    weights = np.asarray(batch[WEIGHT], dtype=np.float32)
-    return None if bool((weights == 1.0).all()) else torch.from_numpy(weights).to(device)
+    return torch.from_numpy(np.asarray(batch[WEIGHT], dtype=np.float32)).to(device)
 
 
 def _restore(model, optimizer, scheduler, rng) -> TrainState:
