@@ -67,9 +67,9 @@ class Cell:
     defense: str
     seed: int
 
-    def overrides(self) -> dict[str, str]:
-        out = {"data.dataset": self.dataset, "train.defense": self.defense, "train.seed": str(self.seed),
-               "poison.seed": str(self.seed), "data.seed": str(self.seed), **CLASS_OVERRIDES[self.dataset]}
+    def overrides(self) -> dict[str, str | int]:
+        out = {"data.dataset": self.dataset, "train.defense": self.defense, "train.seed": self.seed,
+               "poison.seed": self.seed, "data.seed": self.seed, **CLASS_OVERRIDES[self.dataset]}
         if self.attack == "clean":
             return out | {"poison.attack": "none"}
         parts = self.attack.split("+")
@@ -93,14 +93,8 @@ def cells(datasets, attacks, defenses, seeds) -> list[Cell]:
 
 
 def cell_config(base: Config, cell: Cell) -> Config:
-    cfg = replace(base, **{k.replace(".", "__"): _typed(base, k, v) for k, v in cell.overrides().items()})
+    cfg = replace(base, **{k.replace(".", "__"): v for k, v in cell.overrides().items()})
     return replace(cfg, name=f"bench-{cell.dataset}-{cell.attack}-{cell.defense}-s{cell.seed}-{training_digest(cfg)}")
-
-
-def _typed(cfg: Config, dotted: str, value: str):
-    section, key = dotted.split(".")
-    current = getattr(getattr(cfg, section), key)
-    return type(current)(value)
 
 
 def run_cells(base: Config, todo: list[Cell]) -> dict[Cell, str]:

@@ -10,6 +10,8 @@ raises `ConfigError` with a one-line message naming the key. Defaults follow MET
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import types
 import typing
@@ -410,3 +412,8 @@ def _deep_copy(values: Any) -> Any:
     if isinstance(values, list):
         return [_deep_copy(v) for v in values]
     return values
+
+
+def content_digest(values: Any) -> str:
+    """10 hex digits of the JSON of `values` (sorted keys): equal contents, equal digest."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]

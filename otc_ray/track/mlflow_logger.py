@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, TrackingConfig, flatten
+from ..config import Config, ConfigError, TrackingConfig, content_digest, flatten
 
 MAX_PARAM_CHARS = 6000
 # settings a resumed run may change: where things run and are logged, not what is trained
@@ -89,11 +89,7 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
 
 def training_digest(cfg: Config) -> str:
     """10 hex digits naming what a run trains (its config less RESUMABLE_PREFIXES): equal configs, equal digest."""
-    import hashlib
-    import json
-
-    trained = {k: str(v) for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_PREFIXES)}
-    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:10]
+    return content_digest({k: str(v) for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_PREFIXES)})
 
 
 def _check_same_training(run_name: str, logged: dict[str, str], new: dict[str, Any]) -> None:

@@ -47,8 +47,7 @@ class EpochProgress:
         done = sorted({step for step, _ in metric_history(self.uri, self.run_id, "train/epoch_seconds")} - self.printed)
         if not done:
             return []
-        history = {k: dict(metric_history(self.uri, self.run_id, k)) for k, _ in LINE_FIELDS}
-        history |= {k: dict(metric_history(self.uri, self.run_id, k)) for k in HEAD_FIELDS}
+        history = {k: dict(metric_history(self.uri, self.run_id, k)) for k in HEAD_FIELDS + tuple(k for k, _ in LINE_FIELDS)}
         lines = []
         for step in done:
             metrics = {k: values[step] for k, values in history.items() if step in values}

@@ -10,8 +10,6 @@ the same MLflow run continues.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ..config import Config, replace, to_dict
+from ..config import Config, content_digest, replace, to_dict
 from ..data.decode import good_rows
 from ..data.make import make_shards
 from ..data.ray_io import count_outcomes, load_samples
@@ -52,10 +50,6 @@ class TrainResult:
     seconds: float
 
 
-def _digest(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     """Resolve (and generate / poison once, cached by content hash) the shard sets the run needs."""
     d, root = cfg.data, Path(cfg.output_dir).resolve() / "data"
@@ -63,7 +57,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
                "per_shard": d.samples_per_shard, "format": d.image_format}
 
     def built_in(split: str, num: int) -> str:
-        out = root / f"{d.dataset}-{split}-{num}-{_digest(gen_key)}"
+        out = root / f"{d.dataset}-{split}-{num}-{content_digest(gen_key)}"
         if read_info(str(out), d.s3) is None:
             make_shards(d, split, num, str(out), "wds", progress=progress)
         return str(out)
@@ -75,7 +69,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     source = train
     for attack in cfg.poison.attack.split("+"):          # "backdoor+targeted" composes two transforms
         step = replace(cfg, poison__attack=attack).poison
-        out = root / f"poisoned-{attack}-{_digest({'in': source, **to_dict(step)})}"
+        out = root / f"poisoned-{attack}-{content_digest({'in': source, **to_dict(step)})}"
         if read_info(str(out), d.s3) is None:
             poison_shards(source, str(out), step, d, target_source=test, progress=progress)
         source = str(out)
