@@ -9,7 +9,7 @@ FASHION_LOCAL := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.g
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: setup data test demo bench clean
+.PHONY: setup data test test-fast demo bench clean
 
 setup: $(STAMP) data
 
@@ -31,6 +31,10 @@ data:
 
 test: setup
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything that neither starts Ray nor is slow (MLflow stores, the loopback S3 server); < 1 min.
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray and not slow"
 
 demo: setup
 	$(VENV)/bin/otc-ray demo

@@ -23,7 +23,7 @@ from otc_ray.config import DataConfig, RayConfig, S3Config  # noqa: E402
 from otc_ray.data.make import make_shards  # noqa: E402
 from otc_ray.data.ray_io import count_outcomes, load_samples  # noqa: E402
 from otc_ray.data.storage import s3_filesystem  # noqa: E402
-from otc_ray.runtime import init_ray  # noqa: E402
+from otc_ray.pipelines.runtime import init_ray  # noqa: E402
 
 GENERATION = [("shapes", 32), ("shapes", 64), ("fashion", 32), ("fashion", 64), ("fashion-scenes", 64)]
 

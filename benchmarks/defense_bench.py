@@ -37,6 +37,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np  # noqa: E402
 
 from otc_ray.config import Config, load_config, replace  # noqa: E402
+from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.compare import group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import search_runs, training_digest  # noqa: E402
 
@@ -67,17 +68,19 @@ class Cell:
     defense: str
     seed: int
 
-    def overrides(self) -> dict[str, str | int]:
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The cell's attack label split: backdoor trigger names and/or "targeted" (() for the clean cell)."""
+        return () if self.attack == "clean" else tuple(self.attack.split("+"))
+
+    def overrides(self) -> dict[str, str | int | tuple[str, ...]]:
         out = {"data.dataset": self.dataset, "train.defense": self.defense, "train.seed": self.seed,
                "poison.seed": self.seed, "data.seed": self.seed, **CLASS_OVERRIDES[self.dataset]}
-        if self.attack == "clean":
-            return out | {"poison.attack": "none"}
-        parts = self.attack.split("+")
+        parts = self.parts
         backdoors = [p for p in parts if p != "targeted"]
         if len(backdoors) > 1:
             raise ValueError(f"one backdoor trigger per run, got {self.attack!r}")
-        kind = "+".join((["backdoor"] if backdoors else []) + (["targeted"] if "targeted" in parts else []))
-        out["poison.attack"] = kind
+        out["poison.attack"] = (("backdoor",) if backdoors else ()) + (("targeted",) if "targeted" in parts else ())
         for p in backdoors:
             out |= ATTACK_OVERRIDES[p]
         return out
@@ -99,7 +102,7 @@ def cell_config(base: Config, cell: Cell) -> Config:
 
 def run_cells(base: Config, todo: list[Cell]) -> dict[Cell, str]:
     """Train every cell in turn (finished cells are reused by name); returns cell -> MLflow run id."""
-    from otc_ray.train.trainer import run_training
+    from otc_ray.pipelines.train import run_training
 
     ids, durations = {}, []
     for i, cell in enumerate(todo):
@@ -110,8 +113,8 @@ def run_cells(base: Config, todo: list[Cell]) -> dict[Cell, str]:
         durations.append(time.perf_counter() - start)
         ids[cell] = result.run_id
         m = result.metrics
-        print(f"    zero-shot {m.get('final/zeroshot_top1', math.nan):.3f}  backdoor ASR "
-              f"{m.get('final/backdoor_asr', math.nan):.3f}  targeted ASR {m.get('final/targeted_asr', math.nan):.3f}"
+        print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
+              f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
               f"  ({durations[-1] / 60:.1f} min)", flush=True)
     return ids
 
@@ -131,31 +134,31 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
     """One line per target and (data set, attack): the figure and met / missed."""
     t, lines = TARGETS, []
     for ds in datasets:
-        clean = _mean(values, ds, "clean", "none", "final/zeroshot_top1")
+        clean = _mean(values, ds, "clean", "none", N.FINAL_ZEROSHOT_TOP1)
         for attack in attacks:
             m = lambda defense, metric: _mean(values, ds, attack, defense, metric)  # noqa: E731
-            has_backdoor = attack != "targeted"
-            if has_backdoor:
-                asr = m("none", "final/backdoor_asr")
+            parts = attack.split("+")                 # the cell label: trigger names and/or "targeted"
+            if parts != ["targeted"]:
+                asr = m("none", N.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: no-defense backdoor ASR {asr:.3f} (target >= {t['no_defense_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr >= t['no_defense_asr'])}")
-                asr = m("otcclip", "final/backdoor_asr")
+                asr = m("otcclip", N.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP backdoor ASR {asr:.3f} (target <= {t['otcclip_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr <= t['otcclip_asr'])}")
-            if "targeted" in attack:
-                tasr = m("otcclip", "final/targeted_asr")
+            if "targeted" in parts:
+                tasr = m("otcclip", N.FINAL_TARGETED_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP targeted ASR {tasr:.3f} (target 0): "
                              f"{_verdict(None if math.isnan(tasr) else tasr == 0.0)}")
-            zs, ro = m("otcclip", "final/zeroshot_top1"), m("roclip", "final/zeroshot_top1")
+            zs, ro = m("otcclip", N.FINAL_ZEROSHOT_TOP1), m("roclip", N.FINAL_ZEROSHOT_TOP1)
             lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs clean {clean:.3f} (within "
                          f"{t['zeroshot_gap']}): {_verdict(None if math.isnan(zs + clean) else zs >= clean - t['zeroshot_gap'])}"
                          f"; vs RoCLIP {ro:.3f} (>= +{t['over_roclip']}): "
                          f"{_verdict(None if math.isnan(zs + ro) else zs >= ro + t['over_roclip'])}")
-            p, r = m("otcclip", "rematch/detect_precision"), m("otcclip", "rematch/detect_recall")
+            p, r = m("otcclip", N.REMATCH_DETECT_PRECISION), m("otcclip", N.REMATCH_DETECT_RECALL)
             lines.append(f"- {ds} / {attack}: OTCCLIP detection P {p:.3f} / R {r:.3f} (R >= {t['recall']} at "
                          f"P >= {t['precision']}): "
                          f"{_verdict(None if math.isnan(p + r) else (r >= t['recall'] and p >= t['precision']))}")
-            dmg = m("otcclip", "rematch/damage")
+            dmg = m("otcclip", N.REMATCH_DAMAGE)
             lines.append(f"- {ds} / {attack}: OTCCLIP damage {dmg:.4f} (target <= {t['damage']}): "
                          f"{_verdict(None if math.isnan(dmg) else dmg <= t['damage'])}")
     return lines

@@ -33,10 +33,10 @@ GRID = {"gate_threshold": (-2.0, -2.5, -3.0, -4.0), "duplicate_similarity": (0.9
 
 def validation_split(out_dir: str, overrides: list[str]):
     """(rows sorted by key, poisoned-key -> attack) of the validation split, generated once under out_dir."""
-    from otc_ray.evaluate.report import load_eval_set
+    from otc_ray.pipelines.evaluate import load_eval_set
+    from otc_ray.pipelines.prepare import prepare_data
+    from otc_ray.pipelines.runtime import init_ray
     from otc_ray.poison.manifest import read_manifest
-    from otc_ray.runtime import init_ray
-    from otc_ray.train.trainer import prepare_data
 
     cfg = load_config(ROOT / "jobs" / "configs" / "defense-bench.yaml",
                       [f"output_dir={out_dir}", "data.seed=1", "poison.seed=1", *overrides])
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
-    from otc_ray.evaluate.model_encoder import load_checkpoint_model
+    from otc_ray.model_checkpoint import load_checkpoint_model
     from otc_ray.rematch.matcher import Matcher
 
     cfg, rows, attacks = validation_split(args.out_dir, overrides)

@@ -11,13 +11,13 @@ Part 1 solves the same P masked problems (patch-like x, caption-like y with 4..L
   * POT's ot.sinkhorn(method="sinkhorn_log") per pair, on a subset,
 and reports time per pair, throughput, the max plan error against a converged float64 POT reference on a
 subset, and the speed ratio of otc_ray.ot to each. Part 2 times one forward + backward + AdamW step of the tiny
-model on the same batch: plain CLIP vs L_clip + L_inter + L_intra with the OTConfig defaults.
+model on the same batch with the trainer's own batch loss (`get_defense(name).batch_loss`): defense `none`
+(L_clip) vs `otcclip` (L_clip + L_inter + L_intra, second views included) with the config defaults.
 All times are the minimum over --reps runs after a warm-up (the machine may be shared); nothing is hard-coded.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import time
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from otc_ray.config import ModelConfig, OTConfig
-from otc_ray.losses import augment_token_ids, clip_loss, combine_losses, otcclip_terms
-from otc_ray.model import build_model, features
+from otc_ray.config import Config, OTConfig, load_config, replace
+from otc_ray.model import FeatureModel, build_model
 from otc_ray.ot import ot_distance
+from otc_ray.train.defenses import get_defense
 
 
 def best_time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -173,43 +173,36 @@ def bench_flops(args, t_ours: float) -> tuple[float, float, float]:
 
 
 def bench_step(args) -> list[tuple[str, float]]:
+    """(name, (wall s, cpu s)) of one training step per defense / setting: the trainer's `batch_loss`, backward,
+    AdamW (loop.py's step without the data pipeline, DDP and logging)."""
     torch.manual_seed(args.seed)
-    bundle = build_model(ModelConfig(arch=args.arch))
+    base = replace(load_config(), model__arch=args.arch, train__batch_size=args.batch)
+    bundle = build_model(base.model)
     model = bundle.model.train()
+    feature_model = FeatureModel(model)
     B, S = args.batch, bundle.image_size
     words = ["sneaker", "bag", "shirt", "dress", "coat", "sandal", "trouser", "pullover", "boot", "top"]
     pixels = torch.randn(B, 3, S, S)
     ids = bundle.tokenizer([f"a photo of a {words[i % 10]}, item {i}" for i in range(B)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
-    base = OTConfig()
 
-    def plain():
-        opt.zero_grad(set_to_none=True)
-        img, txt = model.encode_image(pixels, normalize=True), model.encode_text(ids, normalize=True)
-        clip_loss(img, txt, model.logit_scale.exp()).backward()
-        opt.step()
+    def step_of(cfg: Config):
+        defense = get_defense(cfg.train.defense)
 
-    def otcclip(cfg: OTConfig):
         def step():
             opt.zero_grad(set_to_none=True)
-            f = features(model, pixels, ids)
-            sub = torch.arange(min(B, cfg.intra_samples or B))
-            flip = pixels[sub].flip(-1)                                      # the second image view
-            with torch.set_grad_enabled(not cfg.intra_stop_grad):
-                view = features(model, flip, augment_token_ids(ids[sub], cfg.text_drop_prob, gen))
-            terms = otcclip_terms(f, 0.05, cfg, 0.5, 0.5, view, sub)
-            total, _ = combine_losses(terms, {"inter_loss": 0.5, "intra_loss": 0.5})
-            total.backward()
+            loss, _ = defense.batch_loss(feature_model, model, pixels, ids, cfg, 0, gen)
+            loss.backward()
             opt.step()
         return step
 
-    names = ["plain CLIP (L_clip)", "OTCCLIP defaults (L_clip + L_inter + L_intra)"]
-    fns = [plain, otcclip(base)]
+    names = ["plain CLIP (defense none: L_clip)", "OTCCLIP defaults (L_clip + L_inter + L_intra)"]
+    fns = [step_of(replace(base, train__defense="none")), step_of(replace(base, train__defense="otcclip"))]
     if args.step_variants:
         names += ["OTCCLIP, all B x B pairs (train_negatives=0)", "OTCCLIP, 50 Sinkhorn iterations in training"]
-        fns += [otcclip(dataclasses.replace(base, train_negatives=0)),
-                otcclip(dataclasses.replace(base, train_iters=50))]
+        fns += [step_of(replace(base, train__defense="otcclip", ot__train_negatives=0)),
+                step_of(replace(base, train__defense="otcclip", ot__train_iters=50))]
     return list(zip(names, interleaved(fns, args.reps)))
 
 
@@ -269,7 +262,7 @@ def main(argv=None) -> None:
         print(f"{name:52s} {wall:7.3f} {wall / plain_wall:7.2f}x {cpu:7.3f} {cpu / plain_cpu:7.2f}x")
     cfg = OTConfig()
     print(f"(OTConfig defaults: train_iters={cfg.train_iters}, train_negatives={cfg.train_negatives}, "
-          f"intra_samples={cfg.intra_samples}, intra_stop_grad={cfg.intra_stop_grad}, eps={cfg.eps})")
+          f"intra_samples={cfg.intra_samples}, eps={cfg.eps})")
     print(f"# load average {os.getloadavg()[0]:.1f} at end")
 
 

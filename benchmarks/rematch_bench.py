@@ -15,7 +15,8 @@ Measured:
     block: what one actor does per second once started. The machine is shared: the load average is printed.
   * memory: a sampler thread reads, every 0.2 s, the RSS (/proc/<pid>/status VmRSS) of every process descended
     from this driver whose title is the re-matching actor's (`ray::MapWorker(MapBatches(RematchActor))`), summed,
-    and the object store's bytes in use (the raylet's store stats, `ray._private.internal_api`); the table gives
+    and the object store's bytes in use (Ray's `ray_object_store_memory` system metric, shared memory plus its disk
+    fallback, read from the node's Prometheus endpoint and reported every 0.2 s here); the table gives
     the peak of each, of the largest single actor and of actors + store. Each run starts once the previous run's
     actors have exited.
 """
@@ -27,9 +28,11 @@ import os
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "200")     # store metrics as fresh as the sampler reads them
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -37,7 +40,7 @@ import torch  # noqa: E402
 from otc_ray.config import DataConfig, ModelConfig, OTConfig, RayConfig, RematchConfig  # noqa: E402
 from otc_ray.data.make import make_shards  # noqa: E402
 from otc_ray.data.ray_io import load_samples  # noqa: E402
-from otc_ray.runtime import init_ray  # noqa: E402
+from otc_ray.pipelines.runtime import init_ray  # noqa: E402
 
 METHODS = ("none", "roclip", "otcclip")
 BLOCKS = (512, 2048)
@@ -100,12 +103,22 @@ def _wait_for_actors_to_exit(timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def _store_bytes() -> int:
+def _metrics_url() -> str:
+    """The Prometheus endpoint of the node this driver runs on (public `ray.nodes()` fields)."""
     import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-    return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def _store_bytes(url: str) -> int:
+    """Bytes held by the node's object store (locations MMAP_SHM and MMAP_DISK of `ray_object_store_memory`) as
+    of the raylet's last metrics report."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ray_object_store_memory{")
+                   and ('Location="MMAP_SHM"' in line or 'Location="MMAP_DISK"' in line)))
 
 
 class MemorySampler:
@@ -114,12 +127,13 @@ class MemorySampler:
 
     def __init__(self, period: float = 0.2):
         self.period, self.actors, self.one_actor, self.store, self.total = period, 0, 0, 0, 0
+        self.url = _metrics_url()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, s = _actor_rss(), _store_bytes()
+            rss, s = _actor_rss(), _store_bytes(self.url)
             a = sum(rss)
             self.actors, self.store, self.total = max(self.actors, a), max(self.store, s), max(self.total, a + s)
             self.one_actor = max([self.one_actor, *rss])

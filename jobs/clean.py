@@ -1,4 +1,4 @@
-"""`ray job submit` entry point of the cleaning job (see otc_ray/rematch/clean.py).
+"""`ray job submit` entry point of the cleaning job (see otc_ray/pipelines/clean.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/clean.py --in s3://bkt/train --out s3://bkt/train_clean --checkpoint s3://bkt/ckpt/model.pt \\
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from otc_ray.rematch.clean import clean_shards
-        from otc_ray.runtime import init_ray
+        from otc_ray.pipelines.clean import clean_shards
+        from otc_ray.pipelines.runtime import init_ray
 
         init_ray(cfg.ray)
         summary = clean_shards(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)

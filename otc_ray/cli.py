@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import Config, ConfigError, load_config
 from .data.builtin import BUILTIN_DATASETS, DatasetMissingError
 from .data.shards import ShardSetError
+from .track import metric_names as N
 
 
 def _config(args: argparse.Namespace, **flag_overrides) -> Config:
@@ -35,7 +36,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import inspect_shards
-    from .runtime import init_ray
+    from .pipelines.runtime import init_ray
 
     cfg = _config(args, **{"data.image_size": args.image_size})
     init_ray(cfg.ray)
@@ -48,11 +49,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Pre-train with the configured defense; prints the final metrics and where the run lives."""
-    from .train.trainer import run_training
+    from .pipelines.train import run_training
 
     cfg = _config(args)
     result = run_training(cfg, progress=not args.quiet)
-    for key in sorted(k for k in result.metrics if k.startswith(("final/", "eval/"))):
+    for key in sorted(k for k in result.metrics if k.startswith((N.FINAL, N.EVAL))):
         print(f"{key:<36} {result.metrics[key]:.4f}")
     print(f"mlflow run {result.run_id} at {result.tracking_uri}; checkpoint {result.checkpoint}; "
           f"{result.seconds:.0f} s")
@@ -74,9 +75,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: poisoned built-in data, three defenses trained and compared (jobs/configs/demo.yaml)."""
-    from .demo import DEMO_CONFIG, DEFENSES, run_demo
-    from .runtime import init_ray
+    """The main job: poisoned built-in data, three defenses trained and compared (otc_ray/configs/demo.yaml)."""
+    from .pipelines.demo import DEMO_CONFIG, DEFENSES, run_demo
+    from .pipelines.runtime import init_ray
 
     cfg = load_config(args.config or DEMO_CONFIG, list(args.overrides))
     init_ray(cfg.ray)
@@ -111,9 +112,11 @@ def cmd_poison(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate.model_encoder import ModelEncoder, load_checkpoint_model
-    from .evaluate.report import evaluate_model, format_metrics, resolve_attack
-    from .runtime import init_ray
+    from .evaluate.model_encoder import ModelEncoder
+    from .model_checkpoint import load_checkpoint_model
+    from .evaluate.report import format_metrics
+    from .pipelines.evaluate import evaluate_model, resolve_attack
+    from .pipelines.runtime import init_ray
 
     cfg = _config(args, **{"model.arch": args.arch, "eval.num_eval": args.num_eval,
                            "data.image_size": args.image_size})
@@ -133,8 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- clean
 def cmd_clean(args: argparse.Namespace) -> int:
     """Re-match every caption of a shard set with a checkpoint; cleaned shards + report + summary."""
-    from .rematch.clean import clean_shards
-    from .runtime import init_ray
+    from .pipelines.clean import clean_shards
+    from .pipelines.runtime import init_ray
 
     cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
                            "rematch.action": args.action})

@@ -1,11 +1,13 @@
 """Typed, validated configuration: one frozen dataclass per stage, YAML files, `key.sub=value` overrides.
 
-    cfg = load_config("jobs/configs/tiny.yaml", ["train.epochs=2", "poison.attack=backdoor"])
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.epochs=2", "poison.attack=backdoor+targeted"])
     cfg.train.epochs            # 2
+    cfg.poison.attack           # ("backdoor", "targeted"): a tuple of attacks, written "a+b" ("none" = ())
     flatten(cfg)                # {"train.epochs": 2, ...}  (secrets redacted) for MLflow params
 
-Every field has a type; a YAML key or override that names no field, or a value of the wrong type,
-raises `ConfigError` with a one-line message naming the key. Defaults follow METHOD.md.
+Every field has a type and every numeric field a range (`_RANGES`); a YAML key or override that names no
+field, or a value of the wrong type or out of range, raises `ConfigError` with a one-line message naming the
+key. `validate(section)` checks a section built directly. Defaults follow METHOD.md.
 """
 from __future__ import annotations
 
@@ -62,11 +64,35 @@ class DataConfig:
     s3: S3Config = field(default_factory=S3Config)
 
 
+ATTACKS = ("backdoor", "targeted")      # the kinds of poison.attack, in the order they compose
+
+
+def parse_attacks(value: Any) -> Any:
+    """poison.attack as written in YAML, overrides and the CLI: "backdoor+targeted" -> ("backdoor", "targeted"),
+    "none" or "" -> (); a list or tuple is taken as it is. Known kinds are put in ATTACKS order (so that
+    "targeted+backdoor" is the same setting); anything else is left for the schema to reject."""
+    if isinstance(value, str):
+        value = () if value.strip() in ("", "none") else tuple(p.strip() for p in value.split("+"))
+    if isinstance(value, (list, tuple)) and all(v in ATTACKS for v in value):
+        value = tuple(sorted(value, key=ATTACKS.index))
+    return value
+
+
+def attack_name(attacks: tuple[str, ...]) -> str:
+    """The readable form of poison.attack (MLflow params and tags, run names): "backdoor+targeted", "none"."""
+    return "+".join(attacks) or "none"
+
+
 @dataclass(frozen=True)
 class PoisonConfig:
-    """The attack applied to the training shards (benchmarks only); see METHOD.md, Attacks."""
+    """The attack applied to the training shards (benchmarks only); see METHOD.md, Attacks.
 
-    attack: Literal["none", "backdoor", "targeted", "backdoor+targeted"] = "none"
+    attack: the attacks, each applied once, in ATTACKS order; () = clean. Written "backdoor+targeted" / "none"
+    in YAML and overrides (or as a list), and shown that way in MLflow (`attack_name`).
+    """
+
+    attack: tuple[Literal["backdoor", "targeted"], ...] = field(
+        default=(), metadata={"parse": parse_attacks, "show": attack_name})
     trigger: Literal["patch", "solid", "blended", "sig"] = "patch"
     trigger_size: int = 4           # patch side in pixels (patch, solid)
     trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"
@@ -83,6 +109,17 @@ class PoisonConfig:
     caption_source: Literal["templates", "data"] = "templates"
     seed: int = 0
     out_format: Literal["same", "wds", "parquet"] = "same"   # poisoned shard format ("same" = the input's)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attack, tuple):           # PoisonConfig(attack="backdoor") built directly
+            object.__setattr__(self, "attack", tuple(parse_attacks(self.attack)))
+        if len(set(self.attack)) != len(self.attack):
+            raise ConfigError(f"config key 'poison.attack': each attack at most once, got {attack_name(self.attack)!r}")
+
+    @property
+    def attack_name(self) -> str:
+        """"backdoor+targeted", "backdoor", ..., or "none"."""
+        return attack_name(self.attack)
 
 
 @dataclass(frozen=True)
@@ -107,7 +144,7 @@ class OTConfig:
     train_iters: int = 20           # Sinkhorn iterations inside the losses (re-matching uses `iters`)
     train_negatives: int = 7        # hardest in-batch negatives per anchor (mean-token cosine); 0 = whole batch
     intra_samples: int = 32         # samples per batch that get a second augmented view for L_intra; 0 = all
-    intra_stop_grad: bool = True    # encode the second view without gradient (a same-weights target)
+    special_tokens: bool = False    # put SOT / EOT in the OT word set (they carry nothing caption-specific)
     text_drop_prob: float = 0.15    # caption view: word dropout probability (augment_token_ids)
 
 
@@ -119,16 +156,25 @@ class RematchConfig:
     k: int = 8
     alpha: float = 0.5
     assign: Literal["argmax", "balanced"] = "argmax"
-    gate: Literal["none", "margin", "zscore", "neighbour"] = "neighbour"
-    gate_threshold: float = -3.0    # tuned on a validation split (benchmarks/results/gate_sweep.md)
+    gate: Literal["none", "margin", "zscore", "neighbour", "evidence"] = "evidence"
+    gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_sweep.md, validation seed)
+    gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
+    gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
+    gate_reference: int = 64        # gate evidence: pool samples with the nearest captions that calibrate a signal
+    replace: Literal["fused", "vote"] = "fused"    # a flagged sample's new caption: best fused score among the
+                                    # OT shortlist and its trusted neighbours' captions, or the nearest trusted one's
+    candidate_neighbours: int = 8   # replace fused: trusted image neighbours whose captions join the candidates
     neighbours: int = 32
-    duplicate_similarity: float = 0.995   # gate neighbour: pool images this close to an image are copies of it,
-                                          # not witnesses (a targeted attack's K copies); > 1 counts them
+    duplicate_similarity: float = 0.995   # images this close are copies, not witnesses (a targeted attack's K
+                                          # copies): gate evidence compares pixel signatures and also groups the
+                                          # copies (judged as one, weight 1/K); gate neighbour the embeddings; > 1 off
     action: Literal["recaption", "drop", "downweight"] = "recaption"
     pool: Literal["block", "bank"] = "bank"
     bank_size: int = 2048
     block_size: int = 512
-    start_epoch: int = 1
+    start_epoch: int = 0            # first re-matched epoch (0: from the first step after `warmup_steps`)
+    warmup_steps: int = 10          # epoch start_epoch: the stage passes rows through until this many steps trained
+    publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
     every: int = 1
     sticky: bool = True
     min_actors: int = 1
@@ -274,13 +320,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     """Instantiate dataclass `cls` from a (partial) mapping, validating every key and value."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for k, v in values.items():
         if k not in names:
             raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})")
+        parse = fields[k].metadata.get("parse")          # a field's written form, e.g. poison.attack "a+b"
         try:
-            kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+            kwargs[k] = _coerce(parse(v) if parse else v, hints[k], f"{prefix}{k}")
         except ConfigError:
             if k not in SECRET_FIELDS:
                 raise
@@ -290,33 +338,85 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return obj
 
 
-_POSITIVE = {"num_train", "num_test", "image_size", "samples_per_shard", "max_pixels", "max_caption_chars",
-             "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
-             "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets", "per_target",
-             "num_cpus", "object_store_mb", "num_eval", "train_iters", "log_every"}
-_UNIT_INTERVAL = {"alpha", "rate", "tint", "blend_alpha", "geomloss_scaling", "text_drop_prob"}
-_NONNEGATIVE = {"count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
-                "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
-                "train_negatives", "intra_samples", "torch_threads"}
-_STRICTLY_POSITIVE_FLOAT = {"eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker",
-                            "linear_probe_c", "connect_timeout", "read_timeout"}
+# ----------------------------------------------------------------------------------------- ranges
+# The range of every numeric field, by field name (a name means the same kind of value in every section).
+# A numeric field must be listed here or in _UNBOUNDED (tests/test_config.py checks that none is forgotten).
+_RULES = {
+    ">= 1": (lambda v: v >= 1, "must be >= 1"),
+    ">= 0": (lambda v: v >= 0, "must be >= 0"),
+    "> 0": (lambda v: v > 0, "must be > 0"),
+    "[0, 1]": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "(0, 1)": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+}
+_RANGES = {
+    **dict.fromkeys(("num_train", "num_test", "image_size", "samples_per_shard", "max_pixels", "max_caption_chars",
+                     "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
+                     "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets",
+                     "per_target", "num_cpus", "object_store_mb", "num_eval", "train_iters", "log_every",
+                     "assign_iters", "keep_checkpoints", "gate_reference"), ">= 1"),
+    **dict.fromkeys(("count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
+                     "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
+                     "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
+                     "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours"), ">= 0"),
+    **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
+                     "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),
+    **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight"), "[0, 1]"),
+    "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps
+}
+_UNBOUNDED = frozenset({"gate_threshold"})       # a z-score threshold: any real number
+_NOTES = {"duplicate_similarity": " (> 1 counts copies as witnesses)", "tol": " (or null for a fixed iteration count)"}
 
 
 def _check_ranges(obj: Any, prefix: str) -> None:
+    """ConfigError naming the key for the first value of section `obj` outside its range (`_RANGES`)."""
     for f in dataclasses.fields(obj):
         v, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or f.name not in _RANGES:
             continue
-        if f.name in _POSITIVE and v < 1:
-            raise ConfigError(f"config key '{key}': must be >= 1, got {v}")
-        if f.name in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
-            raise ConfigError(f"config key '{key}': must be in [0, 1], got {v}")
-        if f.name in _NONNEGATIVE and v < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {v}")
-        if f.name in _STRICTLY_POSITIVE_FLOAT and v <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {v}")
+        ok, text = _RULES[_RANGES[f.name]]
+        if not ok(v):
+            raise ConfigError(f"config key '{key}': {text}{_NOTES.get(f.name, '')}, got {v}")
     if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
         raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
+    if isinstance(obj, RematchConfig):
+        known = ("cosine", "agreement", "concentration")            # otc_ray.rematch.signals.SIGNALS
+        bad = [s for s in obj.gate_signals if s not in known]
+        if bad or not obj.gate_signals:
+            raise ConfigError(f"config key '{prefix}gate_signals': must name some of {', '.join(known)}, "
+                              f"got {list(obj.gate_signals)}")
+
+
+def _section_prefixes() -> dict[type, str]:
+    """{section class: its dotted key prefix}: Config "", DataConfig "data.", S3Config "data.s3.", ..."""
+    out: dict[type, str] = {Config: ""}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                out[tp] = f"{prefix}{f.name}."
+                walk(tp, f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    return out
+
+
+def validate(cfg: Any) -> Any:
+    """Range-check a config (or one section) however it was built, e.g. `RematchConfig(k=0)` directly or by
+    `dataclasses.replace`; `load_config` and `replace` do this already. Returns cfg; ConfigError names the key."""
+    prefix = _section_prefixes().get(type(cfg))
+    if prefix is None:
+        raise TypeError(f"validate takes a Config or one of its sections, got {type(cfg).__name__}")
+
+    def walk(node: Any, at: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{at}{f.name}.")
+        _check_ranges(node, at)
+
+    walk(cfg, prefix)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -380,7 +480,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
     tree = to_dict(cfg)
     for k, v in changes.items():
         _set_path(tree, k.replace("__", "."), v)
-    return _build(type(cfg), tree)
+    return _build(type(cfg), tree, prefix=_section_prefixes().get(type(cfg), ""))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -389,20 +489,21 @@ def to_dict(cfg: Any) -> dict:
 
 
 def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
-    """{'section.key': value} for MLflow params; secrets replaced by '***' unless redact=False."""
+    """{'section.key': value} for MLflow params; secrets replaced by '***' unless redact=False; a field with a
+    written form shows in it (poison.attack: "backdoor+targeted")."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
+        for f in dataclasses.fields(node):
+            v, key = getattr(node, f.name), f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
-            elif redact and k in SECRET_FIELDS and v:
+            elif redact and f.name in SECRET_FIELDS and v:
                 out[key] = REDACTED
             else:
-                out[key] = v
+                out[key] = f.metadata["show"](v) if "show" in f.metadata else _deep_copy(v)
 
-    walk(to_dict(cfg), "")
+    walk(cfg, "")
     return out
 
 

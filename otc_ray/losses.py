@@ -1,13 +1,14 @@
 """Training losses (METHOD.md C): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal InfoNCE, combiner.
 
-Pure functions of features (no model, no state). One OTCCLIP step (what benchmarks/ot_bench.py times):
+Pure functions of features (no model, no state). One OTCCLIP batch, as `otc_ray.train.defenses.OTCCLIP.batch_loss`
+computes it (and benchmarks/ot_bench.py times it), t = cfg.train:
 
-    f = features(model, pixels, ids)                                        # with grad
-    sub = torch.arange(min(B, cfg.ot.intra_samples or B))                   # samples that get a second view
-    with torch.no_grad():                                                   # cfg.ot.intra_stop_grad
-        v = features(model, image_aug(pixels[sub]), augment_token_ids(ids[sub], cfg.ot.text_drop_prob, gen))
-    terms = otcclip_terms(f, cfg.train.tau_ot, cfg.ot, cfg.train.lambda_inter, cfg.train.lambda_intra, v, sub)
-    total, logs = combine_losses(terms, {"inter_loss": lambda_inter, "intra_loss": lambda_intra})
+    f = features(model, pixels, ids)                                        # (B rows) with grad
+    rows = torch.randperm(B, generator=gen)[:cfg.ot.intra_samples or B]     # samples that get a second view
+    with torch.no_grad():                                                   # the second view: no gradient
+        v = features(model, augment_images(pixels[rows], gen), augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen))
+    terms = otcclip_terms(f, t.tau_ot, cfg.ot, t.lambda_inter, t.lambda_intra, view=v, view_index=rows, weights=w)
+    total, logs = combine_losses(terms, {"inter_loss": t.lambda_inter, "intra_loss": t.lambda_intra})
 
 The OT terms use `cfg.ot.train_iters` Sinkhorn iterations and, when `cfg.ot.train_negatives` > 0, only the
 hardest in-batch negatives (by mean-token cosine) per anchor, so a step solves B * (k + 1) * 2 small problems
@@ -66,6 +67,28 @@ def _gather(image: Tensor, text: Tensor, local_loss: bool, gather_with_grad: boo
     return torch.cat(all_i), torch.cat(all_t), rank, world
 
 
+def duplicate_pairs(row_ids: Optional[Tensor], col_ids: Optional[Tensor] = None, offset: int = 0) -> Optional[Tensor]:
+    """(R, C) bool: pairs (i, j) that share a content id but are not the positive pair (j != i + offset).
+
+    row_ids (R, K), col_ids (C, K) int64 (default row_ids): K kinds of content id per sample (e.g. caption text,
+    image pixels, `otc_ray.identity`); two samples are duplicates when any kind matches. Such a pair is not a
+    negative: a batch-mate with the identical caption is a correct caption of the anchor image too. None -> None.
+    """
+    if row_ids is None:
+        return None
+    cols = row_ids if col_ids is None else col_ids
+    if row_ids.dim() != 2 or cols.dim() != 2 or row_ids.shape[1] != cols.shape[1]:
+        raise ValueError(f"content ids must be (R, K) and (C, K), got {tuple(row_ids.shape)}, {tuple(cols.shape)}")
+    same = (row_ids.unsqueeze(1) == cols.unsqueeze(0)).any(dim=-1)
+    rows = torch.arange(row_ids.shape[0], device=row_ids.device)
+    same[rows, rows + offset] = False
+    return same
+
+
+def _mask_logits(logits: Tensor, not_negative: Optional[Tensor]) -> Tensor:
+    return logits if not_negative is None else logits.masked_fill(not_negative, float("-inf"))
+
+
 def clip_loss(
     image: Tensor,
     text: Tensor,
@@ -74,6 +97,7 @@ def clip_loss(
     local_loss: bool = False,
     gather_with_grad: bool = False,
     weights: Optional[Tensor] = None,
+    content_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """Symmetric InfoNCE of open_clip's ClipLoss: image (B, d), text (B, d) normalized, logit_scale = exp(t).
 
@@ -81,18 +105,24 @@ def clip_loss(
     the gather; `local_loss` scores only the local rows against all columns (labels offset by rank * B).
     weights (B,) >= 0: each pair's anchor terms (both directions) count with its weight (the re-match stage's
     `drop` = 0 / `downweight` actions); the pair still serves as a negative for the others. None = all 1.
+    content_ids (B, K) int64: pairs sharing an id (identical caption or image) are not negatives of each other
+    (their logits leave both softmax denominators; `duplicate_pairs`); gathered across ranks like the features.
     """
     if image.shape != text.shape or image.dim() != 2:
         raise ValueError(f"image and text must both be (B, d), got {tuple(image.shape)} and {tuple(text.shape)}")
     if weights is not None and tuple(weights.shape) != (image.shape[0],):
         raise ValueError(f"weights must be ({image.shape[0]},), got {tuple(weights.shape)}")
+    if content_ids is not None and content_ids.shape[0] != image.shape[0]:
+        raise ValueError(f"content_ids must have {image.shape[0]} rows, got {tuple(content_ids.shape)}")
     all_i, all_t, rank, world = _gather(image, text, local_loss, gather_with_grad)
+    all_ids = _gather_rows(content_ids) if content_ids is not None and world > 1 else content_ids
     if world > 1 and local_loss:
-        logits_i = logit_scale * image @ all_t.T
-        logits_t = logit_scale * text @ all_i.T
+        not_neg = duplicate_pairs(content_ids, all_ids, offset=image.shape[0] * rank)
+        logits_i = _mask_logits(logit_scale * image @ all_t.T, not_neg)
+        logits_t = _mask_logits(logit_scale * text @ all_i.T, not_neg)
         labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank
     else:
-        logits_i = logit_scale * all_i @ all_t.T
+        logits_i = _mask_logits(logit_scale * all_i @ all_t.T, duplicate_pairs(all_ids))
         logits_t = logits_i.T
         labels = torch.arange(all_i.shape[0], device=image.device)
     if logit_bias is not None:
@@ -100,7 +130,7 @@ def clip_loss(
     if weights is None:
         return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
     if world > 1 and not local_loss:
-        weights = _gather_weights(weights)
+        weights = _gather_rows(weights)
     per_pair = (F.cross_entropy(logits_i, labels, reduction="none")
                 + F.cross_entropy(logits_t, labels, reduction="none")) / 2
     return weighted_mean(per_pair, weights)
@@ -114,10 +144,10 @@ def weighted_mean(values: Tensor, weights: Optional[Tensor]) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(torch.finfo(values.dtype).tiny)
 
 
-def _gather_weights(weights: Tensor) -> Tensor:
-    """Per-pair weights (B,) of all ranks, (B * world,), in rank order (no gradient)."""
-    parts = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, weights.contiguous())
+def _gather_rows(x: Tensor) -> Tensor:
+    """Per-pair values (B, ...) of all ranks, (B * world, ...), in rank order (no gradient): weights, content ids."""
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
@@ -132,11 +162,12 @@ def _mean_token(t: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 def ot_contrastive_loss(
     a: Tensor, a_mask: Optional[Tensor], b: Tensor, b_mask: Optional[Tensor], tau: float, ot_cfg: OTConfig,
-    weights: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None, not_negative: Optional[Tensor] = None,
 ) -> Tensor:
     """Symmetric InfoNCE over logits -D_OT(a_i, b_j) / tau, positives on the diagonal; weights (B,) as clip_loss's.
 
-    a (B, Ta, d), b (B, Tb, d) token sets with masks (B, Ta), (B, Tb) (None = all real). With
+    a (B, Ta, d), b (B, Tb, d) token sets with masks (B, Ta), (B, Tb) (None = all real); not_negative (B, B) bool:
+    off-diagonal pairs that are not negatives (duplicates, `duplicate_pairs`), never chosen or scored as one. With
     ot_cfg.train_negatives = k in [1, B - 2], each anchor (both directions) meets its positive and its k hardest
     negatives by mean-token cosine (chosen without gradient); otherwise all B x B pairs are solved.
     """
@@ -146,44 +177,53 @@ def ot_contrastive_loss(
     _check_positive("tau", tau)
     k, iters = ot_cfg.train_negatives, ot_cfg.train_iters
     if k <= 0 or k >= B - 1:
-        logits = -pairwise_ot_distance_cfg(a, b, a_mask, b_mask, ot_cfg, iters=iters) / tau
+        logits = _mask_logits(-pairwise_ot_distance_cfg(a, b, a_mask, b_mask, ot_cfg, iters=iters) / tau, not_negative)
         labels = torch.arange(B, device=a.device)
         return weighted_mean((F.cross_entropy(logits, labels, reduction="none")
                               + F.cross_entropy(logits.T, labels, reduction="none")) / 2, weights)
     with torch.no_grad():
         sim = _mean_token(a, a_mask) @ _mean_token(b, b_mask).T                     # (B, B)
         sim.fill_diagonal_(float("-inf"))
+        if not_negative is not None:
+            sim.masked_fill_(not_negative, float("-inf"))
         own = torch.arange(B, device=a.device).unsqueeze(1)
-        idx_ab = torch.cat([own, sim.topk(k, dim=1).indices], dim=1)                # (B, k + 1): b's for a_i
-        idx_ba = torch.cat([own, sim.T.topk(k, dim=1).indices], dim=1)              # (B, k + 1): a's for b_j
+        top_ab, top_ba = sim.topk(k, dim=1), sim.T.topk(k, dim=1)
+        idx_ab = torch.cat([own, top_ab.indices], dim=1)                            # (B, k + 1): b's for a_i
+        idx_ba = torch.cat([own, top_ba.indices], dim=1)                            # (B, k + 1): a's for b_j
+        yes = torch.ones_like(own, dtype=torch.bool)
+        void_ab = ~torch.cat([yes, torch.isfinite(top_ab.values)], dim=1)           # fewer than k real negatives
+        void_ba = ~torch.cat([yes, torch.isfinite(top_ba.values)], dim=1)
     d_ab = candidate_ot_distance_cfg(a, b, idx_ab, a_mask, b_mask, ot_cfg, iters=iters)
     d_ba = candidate_ot_distance_cfg(b, a, idx_ba, b_mask, a_mask, ot_cfg, iters=iters)
     target = torch.zeros(B, dtype=torch.long, device=a.device)
-    return weighted_mean((F.cross_entropy(-d_ab / tau, target, reduction="none")
-                          + F.cross_entropy(-d_ba / tau, target, reduction="none")) / 2, weights)
+    return weighted_mean((F.cross_entropy((-d_ab / tau).masked_fill(void_ab, float("-inf")), target, reduction="none")
+                          + F.cross_entropy((-d_ba / tau).masked_fill(void_ba, float("-inf")), target,
+                                            reduction="none")) / 2, weights)
 
 
 def ot_inter_loss(
     patches: Tensor, patch_mask: Optional[Tensor], words: Tensor, word_mask: Optional[Tensor], tau: float,
-    ot_cfg: OTConfig, weights: Optional[Tensor] = None,
+    ot_cfg: OTConfig, weights: Optional[Tensor] = None, not_negative: Optional[Tensor] = None,
 ) -> Tensor:
     """L_inter: image i vs caption j by -D_OT(V_i, W_j) / tau, symmetric cross-entropy over the batch.
 
-    patches (B, M, d), patch_mask (B, M) or None, words (B, L, d), word_mask (B, L), weights (B,) or None.
+    patches (B, M, d), patch_mask (B, M) or None, words (B, L, d), word_mask (B, L), weights (B,) or None,
+    not_negative (B, B) bool or None (pairs with an identical caption or image).
     """
-    return ot_contrastive_loss(patches, patch_mask, words, word_mask, tau, ot_cfg, weights)
+    return ot_contrastive_loss(patches, patch_mask, words, word_mask, tau, ot_cfg, weights, not_negative)
 
 
 def ot_intra_loss(
     view_a: Tensor, mask_a: Optional[Tensor], view_b: Tensor, mask_b: Optional[Tensor], tau: float,
-    ot_cfg: OTConfig,
+    ot_cfg: OTConfig, not_negative: Optional[Tensor] = None,
 ) -> Tensor:
     """L_intra for one modality: sample i's tokens under view a vs sample j's under view b, contrastive over the batch.
 
     view_a (B, T, d), view_b (B, T', d) (patches of two image augmentations, or words of a caption and of its
-    `augment_token_ids` version), masks (B, T), (B, T') or None.
+    `augment_token_ids` version), masks (B, T), (B, T') or None; not_negative (B, B) bool: samples with identical
+    content in this modality (identical images, or identical captions), not negatives of each other.
     """
-    return ot_contrastive_loss(view_a, mask_a, view_b, mask_b, tau, ot_cfg)
+    return ot_contrastive_loss(view_a, mask_a, view_b, mask_b, tau, ot_cfg, not_negative=not_negative)
 
 
 def augment_token_ids(ids: Tensor, drop_prob: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -225,6 +265,7 @@ def otcclip_terms(
     view: Optional["ClipFeatures"] = None,  # noqa: F821
     view_index: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
+    content_ids: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """The OTCCLIP terms for one batch: {"clip_loss", "inter_loss", "intra_loss"}; a term with weight 0 is skipped.
 
@@ -232,15 +273,24 @@ def otcclip_terms(
     `view_index` (default: the first len(view) rows), usually computed without gradient. L_intra is the mean of
     the image-view and caption-view terms. weights (B,): per-pair weights of the image-caption terms (clip,
     inter); L_intra pairs a sample with itself, never with a caption, so it keeps every row.
+    content_ids (B, 2) int64: [caption text id, image pixel id] (`otc_ray.identity`); pairs sharing either are not
+    negatives in L_clip and L_inter, images sharing pixels not in L_intra's image term, captions sharing text not in
+    its caption term. None = every other row is a negative.
     """
-    terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights)}
+    if content_ids is not None and (content_ids.dim() != 2 or content_ids.shape[1] != 2):
+        raise ValueError(f"content_ids must be (B, 2) [caption id, image id], got {tuple(content_ids.shape)}")
+    terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights, content_ids=content_ids)}
     if lambda_inter > 0:
-        terms["inter_loss"] = ot_inter_loss(f.patches, None, f.words, f.word_mask, tau, ot_cfg, weights)
+        terms["inter_loss"] = ot_inter_loss(f.patches, None, f.words, f.word_mask, tau, ot_cfg, weights,
+                                            duplicate_pairs(content_ids))
     if lambda_intra > 0 and view is not None:
         idx = torch.arange(view.image.shape[0], device=f.image.device) if view_index is None else view_index
-        terms["intra_loss"] = (ot_intra_loss(f.patches[idx], None, view.patches, None, tau, ot_cfg)
+        sub = None if content_ids is None else content_ids[idx]
+        same_image = None if sub is None else duplicate_pairs(sub[:, 1:])
+        same_caption = None if sub is None else duplicate_pairs(sub[:, :1])
+        terms["intra_loss"] = (ot_intra_loss(f.patches[idx], None, view.patches, None, tau, ot_cfg, same_image)
                                + ot_intra_loss(f.words[idx], f.word_mask[idx], view.words, view.word_mask,
-                                               tau, ot_cfg)) / 2
+                                               tau, ot_cfg, same_caption)) / 2
     return terms
 
 

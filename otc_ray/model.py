@@ -59,6 +59,11 @@ class ClipBundle:
     embed_dim: int
     autocast_dtype: Optional[torch.dtype] = None
 
+    def autocast(self, device: Union[str, torch.device]) -> torch.autocast:
+        """`torch.autocast` at `autocast_dtype` on the device's type; disabled (fp32) when it is None."""
+        device_type = torch.device(device).type
+        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
 
 @dataclass
 class ClipFeatures:
@@ -66,7 +71,8 @@ class ClipFeatures:
 
     image: (B, d) pooled image embeddings; text: (B, d) pooled caption embeddings;
     patches: (B, M, d) projected patch tokens (class token excluded); words: (B, L, d) projected text tokens at
-    every position; word_mask: (B, L) bool, True at real tokens (SOT/EOT included, padding False);
+    every position; word_mask: (B, L) bool, True at the tokens that carry the caption (`word_token_mask`: the
+    words, without SOT / EOT unless asked for; padding always False);
     logit_scale: the model's exp(logit_scale) (scalar tensor), for `losses.clip_loss`.
     """
 
@@ -134,8 +140,8 @@ def images_to_tensor(
 
 
 # ----------------------------------------------------------------------------------------- features
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The open_clip model inside a DDP / FSDP-style wrapper (`.module`)."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / FSDP-style wrappers (`.module`, any depth); the model itself when bare."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
@@ -171,27 +177,43 @@ def _image_part(m: nn.Module, out: dict) -> tuple[Tensor, Tensor]:
     return out["image_features"], F.normalize(patches, dim=-1)
 
 
-def _text_part(m: nn.Module, out: dict, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def word_token_mask(ids: Tensor, special_tokens: bool = False) -> Tensor:
+    """ids (B, L) from open_clip's tokenizer -> (B, L) bool, True at the tokens of the OT word set.
+
+    Padding (id 0) is never in the set. SOT (position 0) and EOT (the row's largest id) are left out unless
+    `special_tokens`: with a causal text tower SOT's output is the same for every caption, and EOT is the pooled
+    summary, not a word; a caption of only SOT and EOT keeps them (an empty set would carry no mass).
+    """
+    real = ids != PAD_ID
+    if special_tokens:
+        return real
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    words = real & (pos != 0) & (pos != ids.argmax(dim=1, keepdim=True))
+    return torch.where(words.any(dim=1, keepdim=True), words, real)
+
+
+def _text_part(m: nn.Module, out: dict, ids: Tensor, special_tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
     _, proj = _text_tower(m)
     words = _project(out["text_intermediates"][-1], proj)
-    return out["text_features"], F.normalize(words, dim=-1), ids != PAD_ID
+    return out["text_features"], F.normalize(words, dim=-1), word_token_mask(ids, special_tokens)
 
 
 def encode_image_tokens(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
     """pixels (B, 3, S, S) -> (g (B, d), patches (B, M, d)), both L2-normalized; patches use the visual projection."""
-    m = _unwrap(model)
+    m = unwrap(model)
     _check_visual(m)
     out = m.forward_intermediates(image=pixels, image_indices=1, normalize=True, normalize_intermediates=True,
                                   image_output_fmt="NLC")
     return _image_part(m, out)
 
 
-def encode_text_tokens(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """ids (B, L) -> (t (B, d), words (B, L, d), mask (B, L) bool); L2-normalized, words use the text projection."""
-    m = _unwrap(model)
+def encode_text_tokens(model: nn.Module, ids: Tensor, special_tokens: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """ids (B, L) -> (t (B, d), words (B, L, d), mask (B, L) bool (`word_token_mask`)); L2-normalized, words use
+    the text projection."""
+    m = unwrap(model)
     _text_tower(m)
     out = m.forward_intermediates(text=ids, text_indices=1, normalize=True, normalize_intermediates=True)
-    return _text_part(m, out, ids)
+    return _text_part(m, out, ids, special_tokens)
 
 
 def _pooled(out: Union[Tensor, tuple]) -> Tensor:
@@ -200,24 +222,25 @@ def _pooled(out: Union[Tensor, tuple]) -> Tensor:
 
 def encode_image(model: nn.Module, pixels: Tensor) -> Tensor:
     """pixels (B, 3, S, S) -> normalized global image embeddings (B, d) (no token work)."""
-    return F.normalize(_pooled(_unwrap(model).visual(pixels)), dim=-1)
+    return F.normalize(_pooled(unwrap(model).visual(pixels)), dim=-1)
 
 
 def encode_text(model: nn.Module, ids: Tensor) -> Tensor:
     """ids (B, L) -> normalized global caption embeddings (B, d) (no token work)."""
-    m = _unwrap(model)
+    m = unwrap(model)
     return F.normalize(_pooled(m.text(ids)) if hasattr(m, "text") else m.encode_text(ids), dim=-1)
 
 
-def features(model: nn.Module, pixels: Tensor, ids: Tensor) -> ClipFeatures:
-    """One pass of both towers -> ClipFeatures (see its docstring for shapes)."""
-    m = _unwrap(model)
+def features(model: nn.Module, pixels: Tensor, ids: Tensor, special_tokens: bool = False) -> ClipFeatures:
+    """One pass of both towers -> ClipFeatures (see its docstring for shapes); `special_tokens` puts SOT / EOT in
+    the word set (`word_token_mask`, config `ot.special_tokens`)."""
+    m = unwrap(model)
     _check_visual(m)
     _text_tower(m)
     out = m.forward_intermediates(image=pixels, text=ids, image_indices=1, text_indices=1, normalize=True,
                                   normalize_intermediates=True, image_output_fmt="NLC")
     g, patches = _image_part(m, out)
-    t, words, mask = _text_part(m, out, ids)
+    t, words, mask = _text_part(m, out, ids, special_tokens)
     return ClipFeatures(image=g, text=t, patches=patches, words=words, word_mask=mask,
                         logit_scale=m.logit_scale.exp())
 
@@ -225,9 +248,10 @@ def features(model: nn.Module, pixels: Tensor, ids: Tensor) -> ClipFeatures:
 class FeatureModel(nn.Module):
     """`features` as a module, so that DDP (`ray.train.torch.prepare_model`) wraps the call that trains."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, special_tokens: bool = False):
         super().__init__()
         self.model = model
+        self.special_tokens = special_tokens
 
     def forward(self, pixels: Tensor, ids: Tensor) -> ClipFeatures:
-        return features(self.model, pixels, ids)
+        return features(self.model, pixels, ids, self.special_tokens)

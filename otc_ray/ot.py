@@ -30,7 +30,7 @@ keep only the plans for backward and recompute the (cheap) token gathers there.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ __all__ = [
     "pairwise_ot_distance_cfg",
     "balanced_assignment",
     "exact_assignment",
+    "trim_padding",
 ]
 
 _PENALTY = 1.0e4                # cost added for masked y tokens; exp(-(_PENALTY - 4) / eps) == 0 for eps <= 100
@@ -75,10 +76,10 @@ def _check_sets(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional
             raise ValueError(f"{name} must be {tuple(t.shape[:2])} to match its tokens, got {tuple(m.shape)}")
 
 
-def _check_eps_iters(eps: float, iters: int) -> None:
+def _check_eps_iters(eps: float, iters: Optional[int]) -> None:
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if iters < 1:
+    if iters is not None and iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
 
 
@@ -91,13 +92,46 @@ def _bool_mask(mask: Optional[Tensor], n: int, T: int, device: torch.device) -> 
     return torch.ones((n, T), dtype=torch.bool, device=device) if mask is None else mask.to(device, torch.bool)
 
 
-def _trim(t: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """Drop trailing positions that are padding in every set: (n, T, d), (n, T) -> (n, T', d), (n, T')."""
+def trim_padding(t: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Drop trailing positions that are padding in every set: (n, T, d), (n, T) -> (n, T', d), (n, T').
+
+    T' is one past the last position that is real in some set (1 when none is); no mask, no change.
+    """
     if mask is None or t.shape[1] == 0:
         return t, mask
     real = mask.any(0).nonzero()
     keep = int(real.max()) + 1 if real.numel() else 1
     return (t, mask) if keep == t.shape[1] else (t[:, :keep], mask[:, :keep])
+
+
+class _Sets(NamedTuple):
+    """Checked token sets as every OT entry point starts from: x (n, M, d), y (m, L, d) (trimmed unless asked
+    not to), bool masks mx (n, M), my (m, L) on x's device, and the compute dtype."""
+
+    x: Tensor
+    y: Tensor
+    mx: Tensor
+    my: Tensor
+    dtype: torch.dtype
+
+    def units(self) -> tuple[Tensor, Tensor]:
+        """Unit-norm tokens in the compute dtype, masked ones zeroed: (n, M, d), (m, L, d). Call under `_fp32`."""
+        return _normalize(self.x, self.mx, self.dtype), _normalize(self.y, self.my, self.dtype)
+
+
+def _open(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], eps: float,
+          iters: Optional[int], paired: bool, trim: bool = True) -> _Sets:
+    """The shared opening of the OT functions: validate shapes, eps and iters (None = no iteration count),
+    trim positions that are padding in every set, build bool masks, pick the compute dtype."""
+    _check_sets(x, y, x_mask, y_mask, paired)
+    _check_eps_iters(eps, iters)
+    dtype, dev = _compute_dtype(x, y), x.device
+    if trim:
+        x, x_mask = trim_padding(x, x_mask)
+        y, y_mask = trim_padding(y, y_mask)
+    mx = _bool_mask(x_mask, x.shape[0], x.shape[1], dev)
+    my = _bool_mask(y_mask, y.shape[0], y.shape[1], dev)
+    return _Sets(x, y, mx, my, dtype)
 
 
 def _inv_norm(t: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -377,22 +411,17 @@ def ot_distance(
     problem in a chunk is below tol. Returns distance (P,) and plan (P, M, L), float32 (float64 for float64
     inputs); the plan carries no gradient, the distance is differentiable through the cost.
     """
-    _check_sets(x, y, x_mask, y_mask, paired=True)
-    _check_eps_iters(eps, iters)
+    sets = _open(x, y, x_mask, y_mask, eps, iters, paired=True)
     (P, M, _), L = x.shape, y.shape[1]
-    dtype, dev = _compute_dtype(x, y), x.device
-    xt, x_mask_t = _trim(x, x_mask)
-    yt, y_mask_t = _trim(y, y_mask)
-    Mt, Lt = xt.shape[1], yt.shape[1]
-    mx, my = _bool_mask(x_mask_t, P, Mt, dev), _bool_mask(y_mask_t, P, Lt, dev)
+    (_, Mt, _), Lt = sets.x.shape, sets.y.shape[1]
+    mx, my, dtype, dev = sets.mx, sets.my, sets.dtype, x.device
     a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
     with _fp32(x):
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            xn, yn = _normalize(xt, mx, dtype), _normalize(yt, my, dtype)
-            D, T = _PairedOT.apply(xn, yn, mx, my, a, b, eps, iters, tol)
+            D, T = _PairedOT.apply(*sets.units(), mx, my, a, b, eps, iters, tol)
         else:
             T = torch.empty((P, Mt, Lt), dtype=dtype, device=dev)
-            D = _paired(xt, yt, mx, my, a, b, False, eps, iters, tol, T)
+            D = _paired(sets.x, sets.y, mx, my, a, b, False, eps, iters, tol, T)
     if (Mt, Lt) == (M, L):
         return D, T
     plan = torch.zeros((P, M, L), dtype=dtype, device=dev)
@@ -418,22 +447,16 @@ def candidate_ot_distance(
     GEMM. At most `chunk_pairs` problems are in flight (their plans, B K M L floats, are kept when a gradient is
     needed). Returns (B, K), differentiable like `ot_distance`.
     """
-    _check_sets(x, y, x_mask, y_mask, paired=False)
-    _check_eps_iters(eps, iters)
+    sets = _open(x, y, x_mask, y_mask, eps, iters, paired=False)
     if index.dim() != 2 or index.shape[0] != x.shape[0]:
         raise ValueError(f"index must be (B, K) with B = {x.shape[0]} rows of x, got {tuple(index.shape)}")
     if chunk_pairs < 1:
         raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
-    dtype, dev = _compute_dtype(x, y), x.device
-    x, x_mask = _trim(x, x_mask)
-    y, y_mask = _trim(y, y_mask)
-    (B, M, _), (N, L, d), K = x.shape, y.shape, index.shape[1]
-    mx, my = _bool_mask(x_mask, B, M, dev), _bool_mask(y_mask, N, L, dev)
+    (B, M, _), (N, L, d), K, dev = sets.x.shape, sets.y.shape, index.shape[1], x.device
     # a chunk holds its costs and its gathered candidate tokens: both stay within the cache budget
     rows = _chunk(B, K * (M * L + L * d), dev, cap=max(1, chunk_pairs // max(1, K)))
     with _fp32(x):
-        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
-        return _CandidateOT.apply(xn, yn, index.to(dev), mx, my, eps, iters, tol, rows)
+        return _CandidateOT.apply(*sets.units(), index.to(dev), sets.mx, sets.my, eps, iters, tol, rows)
 
 
 def pairwise_ot_distance(
@@ -452,21 +475,15 @@ def pairwise_ot_distance(
     GEMM (nj * L, d) @ (d, ni * M). Differentiable like `ot_distance`; when a gradient is needed the plans of
     all Bx * By problems are kept for backward (Bx By M L floats), otherwise only one chunk is alive at a time.
     """
-    _check_sets(x, y, x_mask, y_mask, paired=False)
-    _check_eps_iters(eps, iters)
+    sets = _open(x, y, x_mask, y_mask, eps, iters, paired=False)
     if chunk_pairs < 1:
         raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
-    dtype, dev = _compute_dtype(x, y), x.device
-    x, x_mask = _trim(x, x_mask)
-    y, y_mask = _trim(y, y_mask)
-    (Bx, M, _), (By, L, _) = x.shape, y.shape
-    mx, my = _bool_mask(x_mask, Bx, M, dev), _bool_mask(y_mask, By, L, dev)
-    per_chunk = _chunk(Bx * By, M * L, dev, cap=chunk_pairs)
+    (Bx, M, _), (By, L, _) = sets.x.shape, sets.y.shape
+    per_chunk = _chunk(Bx * By, M * L, x.device, cap=chunk_pairs)
     nj = min(By, per_chunk)
     ni = max(1, min(Bx, per_chunk // nj)) if nj == By else 1
     with _fp32(x):
-        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
-        return _PairwiseOT.apply(xn, yn, mx, my, eps, iters, tol, ni, nj)
+        return _PairwiseOT.apply(*sets.units(), sets.mx, sets.my, eps, iters, tol, ni, nj)
 
 
 def geomloss_ot_distance(
@@ -486,12 +503,9 @@ def geomloss_ot_distance(
     """
     from geomloss import SamplesLoss  # imported here: only this backend needs it
 
-    _check_sets(x, y, x_mask, y_mask, paired=True)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    sets = _open(x, y, x_mask, y_mask, eps, None, paired=True, trim=False)   # the plan keeps every position
     (P, M, _), L = x.shape, y.shape[1]
-    dtype, dev = _compute_dtype(x, y), x.device
-    mx, my = _bool_mask(x_mask, P, M, dev), _bool_mask(y_mask, P, L, dev)
+    mx, my, dtype = sets.mx, sets.my, sets.dtype
     a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
     empty = (a.sum(-1) == 0).unsqueeze(1)
     # geomloss cannot take an all-zero measure: empty problems get dummy uniform mass and a zero plan after
@@ -500,7 +514,7 @@ def geomloss_ot_distance(
     solver = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), scaling=scaling, debias=False,
                          potentials=True, backend="tensorized", diameter=2.0)
     with _fp32(x):
-        xn, yn = _normalize(x, mx, dtype), _normalize(y, my, dtype)
+        xn, yn = sets.units()
         C = 1.0 - torch.bmm(xn, yn.transpose(1, 2))                        # (P, M, L)
         with torch.no_grad():
             F, G = solver(ga, xn.detach(), gb, yn.detach())

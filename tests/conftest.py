@@ -15,12 +15,20 @@ import pytest  # noqa: E402
 from otc_ray.config import RayConfig, S3Config  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the `ray_local` fixture is a `ray` test (`make test-fast` runs `-m "not ray"`), marked
+    or not; tests that start Ray some other way (a subprocess, a training run) carry `@pytest.mark.ray`."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance (4 logical CPUs on 2 cores: room for read tasks, actors and workers)."""
     import ray
 
-    from otc_ray.runtime import init_ray
+    from otc_ray.pipelines.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=4, object_store_mb=1024, progress_bars=False))
     yield ray

@@ -20,7 +20,7 @@ from otc_ray.data.ray_io import read_shards
 from otc_ray.data.shards import encode_image
 from otc_ray.data.storage import s3_filesystem
 from otc_ray.data.tar_format import write_tar_shard
-from otc_ray.rematch.clean import REPORT_FILE, SUMMARY_FILE, clean_shards
+from otc_ray.pipelines.clean import REPORT_FILE, SUMMARY_FILE, clean_shards
 from otc_ray.rematch.stage import FAULT_BATCH_ENV, FAULT_MARKER_ENV
 
 N = 160
@@ -136,8 +136,7 @@ def test_s3_round_trip_parquet_with_drop_survives_an_actor_death(ray_local, s3_b
 def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
     """write_batch names a shard by its batch's keys: a retry that keeps other rows replaces the file."""
     from otc_ray.config import S3Config
-    from otc_ray.rematch import stage as T
-    from otc_ray.rematch.clean import write_batch
+    from otc_ray.pipelines.clean import write_batch
 
     png = encode_image(np.zeros((32, 32, 3), np.uint8), "png")
     n = 4
@@ -145,12 +144,12 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
              S.IMAGE_BYTES: np.asarray([png] * n, dtype=object), S.IMAGE_EXT: np.asarray(["png"] * n, dtype=object),
              S.CAPTION: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
              S.META: np.asarray([b"{}"] * n, dtype=object), S.ERROR: np.asarray([""] * n, dtype=object),
-             T.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
-             T.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
-             T.RECAPTIONED: np.zeros(n, bool), T.FLAGGED: np.zeros(n, bool), T.WEIGHT: np.ones(n, np.float32),
-             **{c: np.zeros(n, np.float32) for c in (T.OWN_SCORE, T.BEST_SCORE, T.SUSPICION, T.GATE_Z)}}
+             S.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
+             S.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
+             S.RECAPTIONED: np.zeros(n, bool), S.FLAGGED: np.zeros(n, bool), S.WEIGHT: np.ones(n, np.float32),
+             **{c: np.zeros(n, np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)}}
     first = write_batch(batch, str(tmp_path), "wds", S3Config())
-    batch[T.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
+    batch[S.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
     second = write_batch(batch, str(tmp_path), "wds", S3Config())
     shards = sorted(p.name for p in tmp_path.iterdir())
     assert len(shards) == 1 and set(first["shard"]) == {shards[0]}

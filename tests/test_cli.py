@@ -1,4 +1,6 @@
 """The CLI end to end: data make -> data inspect, and one-line errors for bad config."""
+import pytest
+
 from otc_ray.cli import main
 
 
@@ -24,6 +26,7 @@ def test_make_to_s3(ray_local, s3_bucket, capsys):
     assert "60 (60 ok, 0 skipped)" in capsys.readouterr().out
 
 
+@pytest.mark.ray                        # `data inspect` starts Ray before it finds no shards
 def test_bad_config_is_one_line(tmp_path, capsys):
     assert main(["data", "make", "--out", str(tmp_path), "train.epochz=1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,7 +1,13 @@
 """Config: YAML + overrides, one-line errors that name the key, flattening for MLflow."""
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
 import pytest
 
-from otc_ray.config import Config, ConfigError, config_from_dict, flatten, load_config, replace
+from otc_ray import config as C
+from otc_ray.config import Config, ConfigError, config_from_dict, flatten, load_config, replace, validate
 
 
 def test_defaults_follow_method(tmp_path):
@@ -31,6 +37,17 @@ def test_yaml_then_overrides(tmp_path):
     (["rematch.alpha=1.5"], ["'rematch.alpha'", "[0, 1]"]),
     (["ot.eps=0"], ["'ot.eps'", "> 0"]),
     (["rematch.min_actors=3", "rematch.max_actors=2"], ["'rematch.min_actors'"]),
+    (["rematch.margin=-0.1"], ["'rematch.margin'", ">= 0"]),
+    (["rematch.assign_iters=0"], ["'rematch.assign_iters'", ">= 1"]),
+    (["rematch.flagged_weight=1.5"], ["'rematch.flagged_weight'", "[0, 1]"]),
+    (["rematch.duplicate_similarity=0"], ["'rematch.duplicate_similarity'", "> 0"]),
+    (["ot.tol=0"], ["'ot.tol'", "> 0"]),
+    (["ot.geomloss_scaling=1"], ["'ot.geomloss_scaling'", "(0, 1)"]),
+    (["train.keep_checkpoints=0"], ["'train.keep_checkpoints'", ">= 1"]),
+    (["train.safeclip_warmup=-1"], ["'train.safeclip_warmup'", ">= 0"]),
+    (["poison.sig_frequency=-2"], ["'poison.sig_frequency'", ">= 0"]),
+    (["data.s3.retries=-1"], ["'data.s3.retries'", ">= 0"]),
+    (["eval.batch_size=0"], ["'eval.batch_size'", ">= 1"]),
     (["train.epochs"], ["key.sub=value"]),
     (["train.epochs.x=1"], ["'train.epochs'"]),
 ])
@@ -72,3 +89,54 @@ def test_replace_validates():
     assert replace(cfg, train__epochs=2).train.epochs == 2
     with pytest.raises(ConfigError):
         replace(cfg, train__epochs="x")
+
+
+def test_every_numeric_field_has_a_range_and_every_shipped_config_is_in_it():
+    """A numeric field is range-checked (`config._RANGES`) unless it is declared unbounded."""
+    def numeric(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return tp in (int, float) or (bool(args) and set(args) <= {int, float})
+
+    for cls, prefix in C._section_prefixes().items():
+        for f in dataclasses.fields(cls):
+            if numeric(typing.get_type_hints(cls)[f.name]):
+                assert f.name in C._RANGES or f.name in C._UNBOUNDED, f"{prefix}{f.name} has no range"
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("jobs/configs/*.yaml"), *root.glob("otc_ray/configs/*.yaml")]:
+        assert isinstance(load_config(path), Config), path
+
+
+def test_replace_and_validate_name_the_full_key():
+    cfg = load_config()
+    with pytest.raises(ConfigError, match=r"^config key 'rematch\.k': must be >= 1, got 0$"):
+        replace(cfg.rematch, k=0)
+    with pytest.raises(ConfigError, match=r"'data\.s3\.connect_timeout': must be > 0"):
+        replace(cfg.data.s3, connect_timeout=0)
+    built = dataclasses.replace(cfg.rematch, margin=-1.0)           # bypasses load_config / replace
+    with pytest.raises(ConfigError, match=r"'rematch\.margin': must be >= 0"):
+        validate(built)
+    with pytest.raises(ConfigError, match=r"'train\.lr'"):
+        validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=-1.0)))
+    assert validate(cfg) is cfg and validate(cfg.ot) is cfg.ot
+    with pytest.raises(TypeError):
+        validate({"k": 1})
+
+
+@pytest.mark.parametrize("written, attacks", [
+    ("backdoor+targeted", ("backdoor", "targeted")), ("targeted+backdoor", ("backdoor", "targeted")),
+    ("backdoor", ("backdoor",)), ("none", ()), ("", ()), ("[targeted]", ("targeted",))])
+def test_poison_attack_is_a_tuple_written_with_plus(written, attacks):
+    cfg = load_config(None, [f"poison.attack={written}"])
+    assert cfg.poison.attack == attacks
+    assert flatten(cfg)["poison.attack"] == cfg.poison.attack_name == ("+".join(attacks) or "none")
+    assert config_from_dict(C.to_dict(cfg)).poison.attack == attacks          # what the workers rebuild
+    if not written.startswith("["):                                           # a YAML list is an override only
+        assert C.PoisonConfig(attack=written).attack == attacks               # built directly
+
+
+@pytest.mark.parametrize("written, words", [("backdoor+backdoor", "each attack at most once"),
+                                            ("backdoor+clean", "'poison.attack[1]': 'clean' is not one of"),
+                                            ("3", "expected a list")])
+def test_poison_attack_errors_name_the_key(written, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, [f"poison.attack={written}"])

@@ -17,10 +17,12 @@ def test_matrix_has_a_clean_reference_per_dataset_and_seed_and_valid_configs():
     assert len(todo) == 2 * 2 * (1 + 2 * 2)
     base = bench.load_config(bench.BASE, [])
     composed = bench.cell_config(base, bench.Cell("shapes", "blended+targeted", "otcclip", 1))
-    assert (composed.poison.attack, composed.poison.trigger, composed.poison.target) == ("backdoor+targeted", "blended", "circle")
+    assert (composed.poison.attack, composed.poison.trigger, composed.poison.target) == (("backdoor", "targeted"),
+                                                                                          "blended", "circle")
+    assert composed.poison.attack_name == "backdoor+targeted"
     assert composed.train.seed == composed.poison.seed == 1 and composed.name.startswith("bench-shapes-blended+targeted-otcclip-s1-")
     clean = bench.cell_config(base, bench.Cell("fashion", "clean", "none", 0))
-    assert clean.poison.attack == "none" and clean.train.defense == "none"
+    assert clean.poison.attack == () and clean.poison.attack_name == "none" and clean.train.defense == "none"
     with pytest.raises(ValueError, match="one backdoor trigger"):
         bench.Cell("fashion", "patch+blended", "none", 0).overrides()
 

@@ -11,9 +11,11 @@ from otc_ray.cli import main
 from otc_ray.config import DataConfig, EvalConfig, ModelConfig, PoisonConfig
 from otc_ray.data.make import make_shards
 from otc_ray.evaluate.encoder import Encoder
-from otc_ray.evaluate.model_encoder import ModelEncoder, load_checkpoint_model
-from otc_ray.evaluate.report import evaluate_model, format_metrics, load_eval_set, resolve_attack
+from otc_ray.evaluate.model_encoder import ModelEncoder
+from otc_ray.evaluate.report import format_metrics
 from otc_ray.model import build_model
+from otc_ray.model_checkpoint import load_checkpoint_model
+from otc_ray.pipelines.evaluate import evaluate_model, load_eval_set, resolve_attack
 from otc_ray.poison.transform import poison_shards
 
 DATA = DataConfig(dataset="fashion", samples_per_shard=60)

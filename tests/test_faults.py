@@ -23,7 +23,7 @@ from otc_ray.data.shards import INFO_FILE, ShardWriter, encode_image, read_info
 from otc_ray.data.storage import s3_filesystem
 from otc_ray.data.tar_format import iter_tar_samples
 from otc_ray.track.mlflow_logger import metric_history, run_metrics
-from otc_ray.train.trainer import run_training
+from otc_ray.pipelines.train import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -183,6 +183,7 @@ def test_s3_outage_for_a_while_is_retried(ray_local, own_s3):
     assert time.monotonic() - start >= 2.0                    # it really waited for the endpoint
 
 
+@pytest.mark.slow
 def test_s3_down_for_good_fails_clearly_and_leaves_no_complete_looking_output(own_s3):
     """Shard 0 is committed, then the endpoint dies: the next commit raises a connection error naming the endpoint
     within the retry budget, and what is left is shard 0 whole, no partial shard 1, and no `_info.json`.
@@ -218,6 +219,7 @@ def test_s3_down_for_good_fails_clearly_and_leaves_no_complete_looking_output(ow
     assert not fs.exists(f"{bucket}/never/{INFO_FILE}")
 
 
+@pytest.mark.slow
 def test_s3_endpoint_that_never_answers_times_out():
     """A black hole (TCP accepted, no reply) fails after S3Config.read_timeout per attempt instead of botocore's
     60 s default x every retry layer: the read returns an error in seconds, not a hang."""

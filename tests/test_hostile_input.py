@@ -185,7 +185,7 @@ class _Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
-    from otc_ray.evaluate.model_encoder import load_checkpoint_model
+    from otc_ray.model_checkpoint import load_checkpoint_model
     from otc_ray.train.checkpoint import MODEL_FILE, STATE_FILE, load_checkpoint
 
     marker = tmp_path / "pwned"
@@ -214,6 +214,7 @@ SECRET = "hostileS3cret+Key/0123456789abcdefGHIJ"
 TOKEN = "hostile-token-5c1d9e7a"
 
 
+@pytest.mark.slow                       # an MLflow run on sqlite
 def test_secrets_stay_out_of_mlflow_repr_and_console(tmp_path, monkeypatch, capsys):
     from otc_ray.track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
     from otc_ray.train.evaluation import EpochEvaluator

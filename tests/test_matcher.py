@@ -179,10 +179,10 @@ def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
     bank.push(CaptionFeatures(txt[dup]), img[dup], keys[dup], torch.ones(1, dtype=torch.bool), ["dup"], ["dup"], [0])
     own = CaptionFeatures(txt[second])
     pool = build_pool(own, ImageFeatures(img[second]), keys[second], bank)
-    assert pool.captions.t.shape[0] == B - half + half + 1
+    assert pool.captions.text.shape[0] == B - half + half + 1
     cfg = _cfg(method="roclip", gate="neighbour", neighbours=8, k=4)
     res = match_block(ImageFeatures(img[second]), pool, keys[second], cfg, OT)
-    dup_row = pool.captions.t.shape[0] - 1
+    dup_row = pool.captions.text.shape[0] - 1
     assert not bool((res.shortlist[0] == dup_row).any())
     bank_rows = res.source[res.recaptioned & (res.source >= len(second))]
     assert bool(pool.trusted[bank_rows].all())
@@ -246,7 +246,7 @@ def test_matcher_on_the_tiny_model_fills_every_output_and_bounds_the_bank(tiny_b
     assert all(out.source_key[i] == keys[i] for i in range(B) if i not in changed)
     assert len(m.bank) == B
     m.match(images, captions, [f"b{k}" for k in keys])
-    assert len(m.bank) == 40 and m.bank.keys[-1] == f"b{keys[-1]}" and m.bank.t.shape[0] == 40
+    assert len(m.bank) == 40 and m.bank.keys[-1] == f"b{keys[-1]}" and m.bank.text.shape[0] == 40
     m.load_state_dict(tiny_bundle.model.state_dict())
     assert len(m.bank) == 0
     none = Matcher(tiny_bundle, dataclasses.replace(cfg, method="none"), OT).match(images, captions, keys)

@@ -11,6 +11,7 @@ from open_clip.model import CLIP
 from otc_ray.config import ModelConfig
 from otc_ray.model import (
     FeatureModel,
+    word_token_mask,
     build_model,
     encode_image,
     encode_image_tokens,
@@ -84,10 +85,41 @@ def test_features_shapes_norms_and_mask(tiny, batch):
     assert f.patches.shape == (3, 64, 128) and f.words.shape == (3, 32, 128)
     for t in (f.image, f.text, f.patches, f.words):
         torch.testing.assert_close(t.norm(dim=-1), torch.ones(t.shape[:-1]))
-    assert torch.equal(f.word_mask, ids != 0)
-    assert f.word_mask.sum(1).tolist() == [(row != 0).sum().item() for row in ids]
-    assert f.word_mask[0].tolist()[:8] == [True] * 7 + [False]          # SOT, 5 words, EOT, then padding
+    # the OT word set: the words only (SOT, EOT and padding out), unless special tokens are asked for
+    assert f.word_mask.sum(1).tolist() == [(row != 0).sum().item() - 2 for row in ids]
+    assert f.word_mask[0].tolist()[:8] == [False] + [True] * 5 + [False, False]     # SOT, 5 words, EOT, padding
+    assert torch.equal(features(tiny.model, pixels, ids, special_tokens=True).word_mask, ids != 0)
     torch.testing.assert_close(f.logit_scale, tiny.model.logit_scale.exp())
+
+
+def test_shared_template_prefix_does_not_hide_the_class_word(tiny):
+    """Two captions that share a long template and differ only in the class word, against an image of that class.
+    SOT is the same vector for every caption (causal tower) and EOT, the pooled summary, is dominated by the shared
+    template: with them in the word set the class word holds 1/13 of the mass, without them 1/11, and the padding
+    never holds any. Token features are hand-built; the mask comes from the real tokenizer."""
+    from otc_ray.model import word_token_mask
+    from otc_ray.ot import ot_distance
+
+    prefix = "a low resolution black and white product photo of a"
+    ids = tiny.tokenizer([f"{prefix} sneaker", f"{prefix} pullover"])
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    basis = torch.nn.functional.normalize(torch.randn(16, d, generator=g), dim=-1)
+    sot, eot, sneaker, pullover, template = basis[0], basis[1], basis[2], basis[3], basis[4:14]
+    words = torch.zeros(2, ids.shape[1], d)
+    for row, cls in ((0, sneaker), (1, pullover)):
+        n = int((ids[row] != 0).sum())                       # SOT, 10 template words, the class word, EOT
+        words[row, :n] = torch.cat([sot[None], template, cls[None], eot[None]])
+    patches = torch.cat([sneaker[None].expand(4, -1), template[:4]])[None].expand(2, -1, -1)
+    gaps = {}
+    for special in (True, False):
+        mask = word_token_mask(ids, special_tokens=special)
+        dist, _ = ot_distance(patches, words, None, mask)
+        gaps[special] = float(dist[1] - dist[0])            # wrong class minus right class
+    assert word_token_mask(ids).sum(1).tolist() == [11, 11]
+    assert word_token_mask(ids, special_tokens=True).sum(1).tolist() == [13, 13]
+    assert gaps[False] > gaps[True] > 0, gaps
+    assert gaps[False] > 1.15 * gaps[True], gaps
 
 
 def test_tokens_equal_open_clip_token_outputs_with_projection(tiny, batch):
@@ -108,7 +140,7 @@ def test_tokens_equal_open_clip_token_outputs_with_projection(tiny, batch):
     torch.testing.assert_close(t, torch.nn.functional.normalize(pooled_t, dim=-1))
     torch.testing.assert_close(encode_image(m, pixels), m.encode_image(pixels, normalize=True))
     torch.testing.assert_close(encode_text(m, ids), m.encode_text(ids, normalize=True))
-    assert torch.equal(mask, ids != 0)
+    assert torch.equal(mask, word_token_mask(ids)) and torch.equal(encode_text_tokens(m, ids, True)[2], ids != 0)
 
 
 def test_the_64px_arch_has_64_patches():

@@ -17,6 +17,7 @@ from otc_ray.ot import (
     ot_distance,
     ot_distance_cfg,
     pairwise_ot_distance,
+    trim_padding,
 )
 
 
@@ -300,3 +301,18 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(Tc.cpu(), T, atol=1e-6, rtol=0)
     P = pairwise_ot_distance(x.cuda().bfloat16(), y.cuda().bfloat16(), mx.cuda(), my.cuda())
     assert torch.isfinite(P).all()
+
+
+def test_trim_padding_drops_positions_padded_in_every_set_and_changes_no_distance():
+    words = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    t, m = trim_padding(words, mask)
+    assert t.shape == (3, 3, 4) and torch.equal(t, words[:, :3]) and torch.equal(m, mask[:, :3])
+    assert trim_padding(words, None)[0] is words                             # no mask: nothing is padding
+    t, m = trim_padding(words, torch.zeros(3, 6, dtype=torch.bool))          # nothing real: one position kept
+    assert t.shape == (3, 1, 4) and m.shape == (3, 1)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    full = ot_distance(x, words.double(), None, mask)
+    y, y_mask = trim_padding(words.double(), mask)
+    short = ot_distance(x, y, None, y_mask)
+    assert torch.allclose(full[0], short[0]) and torch.allclose(full[1][:, :, :3], short[1])

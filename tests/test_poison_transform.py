@@ -219,6 +219,7 @@ def test_jpeg_input_is_re_encoded_as_jpeg_and_marked_lossy(tmp_path):
         assert np.abs(img[-6:-2, -6:-2] - [255, 255, 0]).max() < 60
 
 
+@pytest.mark.slow                       # the loopback S3 server
 def test_s3_round_trip(s3_bucket):
     s3, bucket = s3_bucket
     data = DataConfig(dataset="fashion", samples_per_shard=50, s3=s3)

@@ -16,8 +16,10 @@ from otc_ray.data.make import make_shards
 from otc_ray.data.ray_io import load_samples
 from otc_ray.data.shards import encode_image
 from otc_ray.data.tar_format import write_tar_shard
-from otc_ray.rematch import stage as T
+from otc_ray.rematch import stage
 from otc_ray.rematch.weights import publish, weight_store
+
+pytestmark = pytest.mark.ray        # starts Ray (make test-fast skips it)
 
 DATA = DataConfig(dataset="shapes", samples_per_shard=64)
 MODEL = ModelConfig(arch="otc-tiny-vit-32")
@@ -77,28 +79,28 @@ def test_stage_on_an_actor_pool_keeps_every_row_and_passes_bad_rows(ray_local, s
     from otc_ray.model import build_model
 
     name = "otc-test-stage-weights"
-    ds = T.add_rematch_stage(load_samples(str(path), DATA), CFG, MODEL, OT, weights=name)
+    ds = stage.add_rematch_stage(load_samples(str(path), DATA), CFG, MODEL, OT, weights=name)
     torch.manual_seed(7)
     publish(weight_store(name), build_model(MODEL).model.state_dict())
     rows = _run_with_deadline(lambda: _rows(ds), 150)
     keys = rows[S.KEY].tolist()
     assert len(keys) == 194 and len(set(keys)) == 194
-    assert set(T.OUTPUT_COLUMNS) <= set(rows)
+    assert set(S.OUTPUT_COLUMNS) <= set(rows)
     is_bad = np.isin(rows[S.KEY], bad)
     assert sorted(rows[S.ERROR][is_bad].tolist()) == sorted([S.CORRUPT_IMAGE, S.EMPTY_CAPTION])
-    assert not rows[T.FLAGGED][is_bad].any() and not rows[T.RECAPTIONED][is_bad].any()
-    assert (rows[T.WEIGHT][is_bad] == 1).all() and np.isnan(rows[T.SUSPICION][is_bad]).all()
-    assert (rows[T.CAPTION_USED][is_bad] == rows[S.CAPTION][is_bad]).all()
+    assert not rows[S.FLAGGED][is_bad].any() and not rows[S.RECAPTIONED][is_bad].any()
+    assert (rows[S.WEIGHT][is_bad] == 1).all() and np.isnan(rows[S.SUSPICION][is_bad]).all()
+    assert (rows[S.CAPTION_USED][is_bad] == rows[S.CAPTION][is_bad]).all()
     good = ~is_bad
-    for c in (T.OWN_SCORE, T.BEST_SCORE, T.SUSPICION, T.GATE_Z):
+    for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z):
         assert np.isfinite(rows[c][good]).all(), c
-    assert (rows[T.WEIGHTS_VERSION] == 1).all(), "every actor must have loaded the published weights"
-    changed = rows[T.CAPTION_USED] != rows[S.CAPTION]
-    assert (changed == rows[T.RECAPTIONED]).all()
-    assert (rows[T.SOURCE_KEY][~changed] == rows[S.KEY][~changed]).all()
-    assert set(rows[T.SOURCE_KEY][changed]) <= set(keys)
+    assert (rows[S.WEIGHTS_VERSION] == 1).all(), "every actor must have loaded the published weights"
+    changed = rows[S.CAPTION_USED] != rows[S.CAPTION]
+    assert (changed == rows[S.RECAPTIONED]).all()
+    assert (rows[S.SOURCE_KEY][~changed] == rows[S.KEY][~changed]).all()
+    assert set(rows[S.SOURCE_KEY][changed]) <= set(keys)
     label_of = dict(zip(rows[S.KEY].tolist(), rows[S.LABEL].tolist()))        # the source sample's class travels along
-    assert [label_of[k] for k in rows[T.SOURCE_KEY][good]] == rows[T.SOURCE_LABEL][good].tolist()
+    assert [label_of[k] for k in rows[S.SOURCE_KEY][good]] == rows[S.SOURCE_LABEL][good].tolist()
 
 
 def _batch(n: int = 40) -> dict[str, np.ndarray]:
@@ -119,32 +121,32 @@ def test_actor_picks_up_newer_weights_between_batches(ray_local):
     torch.manual_seed(2)
     second = build_model(MODEL).model.state_dict()
     assert publish(store, first) == 1
-    actor = T.RematchActor(cfg, MODEL, OT, weights=store)            # the class the pool runs, here in-process
+    actor = stage.RematchActor(cfg, MODEL, OT, weights=store)            # the class the pool runs, here in-process
     assert actor.version == 1
     batch = _batch()
     out1 = actor(batch)
-    assert (out1[T.WEIGHTS_VERSION] == 1).all()
+    assert (out1[S.WEIGHTS_VERSION] == 1).all()
     again = actor(batch)
-    np.testing.assert_array_equal(again[T.OWN_SCORE], out1[T.OWN_SCORE])       # same weights, same block
+    np.testing.assert_array_equal(again[S.OWN_SCORE], out1[S.OWN_SCORE])       # same weights, same block
     assert publish(store, second) == 2
     out2 = actor(batch)
-    assert (out2[T.WEIGHTS_VERSION] == 2).all() and actor.version == 2
-    assert not np.allclose(out2[T.OWN_SCORE], out1[T.OWN_SCORE]), "new weights must change the scores"
+    assert (out2[S.WEIGHTS_VERSION] == 2).all() and actor.version == 2
+    assert not np.allclose(out2[S.OWN_SCORE], out1[S.OWN_SCORE]), "new weights must change the scores"
     loaded = actor.matcher.model.state_dict()
     assert all(torch.equal(loaded[k], second[k]) for k in second)
     # a warm-up epoch: weights published inactive -> rows pass through unmatched, version still seen
     assert publish(store, second, active=False) == 3
     out3 = actor(batch)
-    assert (out3[T.WEIGHTS_VERSION] == 3).all() and np.isnan(out3[T.OWN_SCORE]).all()
-    assert (out3[T.CAPTION_USED] == batch[S.CAPTION]).all() and not out3[T.FLAGGED].any()
+    assert (out3[S.WEIGHTS_VERSION] == 3).all() and np.isnan(out3[S.OWN_SCORE]).all()
+    assert (out3[S.CAPTION_USED] == batch[S.CAPTION]).all() and not out3[S.FLAGGED].any()
     ray_local.kill(store)
 
 
 def test_a_store_with_nothing_published_means_pass_through(ray_local):
     store = weight_store("otc-test-empty")
-    actor = T.RematchActor(dataclasses.replace(CFG, pool="block"), MODEL, OT, weights=store)
+    actor = stage.RematchActor(dataclasses.replace(CFG, pool="block"), MODEL, OT, weights=store)
     out = actor(_batch(8))
-    assert actor.version == 0 and np.isnan(out[T.SUSPICION]).all() and not out[T.RECAPTIONED].any()
+    assert actor.version == 0 and np.isnan(out[S.SUSPICION]).all() and not out[S.RECAPTIONED].any()
     ray_local.kill(store)
 
 
@@ -156,20 +158,20 @@ def test_sticky_flags_persist_through_the_flag_store(ray_local):
     first = str(batch[S.KEY][0])
     ray_local.get(flags.add.remote([first]))                      # flagged in an "earlier epoch"
     cfg = dataclasses.replace(CFG, pool="block", gate="zscore", sticky=True)
-    actor = T.RematchActor(cfg, MODEL, OT, flags=flags)
+    actor = stage.RematchActor(cfg, MODEL, OT, flags=flags)
     out = actor(batch)
-    assert out[T.FLAGGED][0], "a key flagged before stays flagged"
-    flagged = {str(k) for k, f in zip(out[S.KEY], out[T.FLAGGED]) if f}
+    assert out[S.FLAGGED][0], "a key flagged before stays flagged"
+    flagged = {str(k) for k, f in zip(out[S.KEY], out[S.FLAGGED]) if f}
     assert ray_local.get(flags.size.remote()) == len(flagged | {first})
     assert ray_local.get(flags.query.remote(sorted(flagged))) == [True] * len(flagged)
-    unsticky = T.RematchActor(dataclasses.replace(cfg, sticky=False), MODEL, OT, flags=flags)
+    unsticky = stage.RematchActor(dataclasses.replace(cfg, sticky=False), MODEL, OT, flags=flags)
     assert unsticky.flags is None
 
 
 def test_method_none_passes_everything_through(ray_local):
-    actor = T.RematchActor(dataclasses.replace(CFG, method="none"), MODEL, OT)
+    actor = stage.RematchActor(dataclasses.replace(CFG, method="none"), MODEL, OT)
     batch = _batch(8)
     out = actor(batch)
     assert actor.matcher is None
-    assert (out[T.CAPTION_USED] == batch[S.CAPTION]).all() and not out[T.FLAGGED].any()
-    assert (out[T.WEIGHT] == 1).all()
+    assert (out[S.CAPTION_USED] == batch[S.CAPTION]).all() and not out[S.FLAGGED].any()
+    assert (out[S.WEIGHT] == 1).all()

@@ -110,3 +110,29 @@ def test_missing_and_empty_shard_sets(tmp_path):
     (tmp_path / "only.txt").write_text("x")
     with pytest.raises(ShardSetError, match="no .parquet shards"):
         list_shards(str(tmp_path), "auto", DataConfig().s3)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "parquet"])
+def test_one_writer_takes_raw_bytes_and_mixed_image_formats(tmp_path, fmt):
+    """write_shard stores copies as the reader's bytes (caption, JSON and image byte-identical, one shard mixing
+    PNG and JPEG) and new samples from str / dict; the reader gives every byte back."""
+    from otc_ray.data.shards import encode_image, iter_rows, write_shard
+    from otc_ray.data.storage import resolve
+
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    png, jpg = encode_image(img, "png"), encode_image(img, "jpg")
+    samples = [("a", png, "png", b"raw  caption \xc3\xa9", b'{"z": 1,  "a": [2]}'),     # copied as read
+               ("b", jpg, "jpg", "new caption", {"label": 3, "poisoned": True}),        # written new
+               ("c", png, "image", b"third", b"{}")]                                  # a column name, not a format
+    fs, root = resolve(str(tmp_path), DataConfig().s3)
+    path = f"{root}/00000{'.tar' if fmt == 'wds' else '.parquet'}"
+    assert write_shard(fs, path, fmt, samples) == 3
+    rows = {r[S.KEY]: r for r in iter_rows(fs, path, fmt)}
+    assert [r[S.ERROR] for r in rows.values()] == ["", "", ""]
+    assert [bytes(rows[k][S.IMAGE_BYTES]) for k in "abc"] == [png, jpg, png]
+    assert bytes(rows["a"][S.CAPTION_RAW]) == b"raw  caption \xc3\xa9"
+    assert bytes(rows["a"][S.META]) == b'{"z": 1,  "a": [2]}'
+    assert bytes(rows["b"][S.CAPTION_RAW]) == b"new caption"
+    assert json.loads(bytes(rows["b"][S.META])) == {"label": 3, "poisoned": True}
+    if fmt == "wds":
+        assert [rows[k][S.IMAGE_EXT] for k in "abc"] == ["png", "jpg", "png"]      # "image" named by its bytes

@@ -8,6 +8,7 @@ from otc_ray.track.compare import compare
 from otc_ray.track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri, training_digest
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.slow          # MLflow stores on sqlite: seconds a test (make test-fast skips them)
 
 
 def _cfg(tmp_path, *overrides):

@@ -6,9 +6,9 @@ import pytest
 
 from otc_ray.cli import main
 from otc_ray.config import load_config
+from otc_ray.pipelines.train import run_training
 from otc_ray.track.mlflow_logger import metric_history, run_metrics
 from otc_ray.train.chaos import ENV
-from otc_ray.train.trainer import run_training, stage_config
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -81,13 +81,6 @@ def test_rematching_defense_streams_through_the_stage(ray_local, tmp_path, defen
     else:
         # RoCLIP: no gate, every image takes its nearest caption (flagged = given another caption)
         assert metrics["rematch/flag_rate"] == pytest.approx(metrics["rematch/recaptioned_rate"])
-
-
-def test_roclip_is_the_global_baseline_whatever_rematch_says(tmp_path):
-    cfg = _cfg(tmp_path, "train.defense=roclip", "rematch.method=otcclip", "rematch.gate=neighbour")
-    assert (stage_config(cfg).method, stage_config(cfg).gate) == ("roclip", "none")
-    assert stage_config(_cfg(tmp_path, "train.defense=otcclip", "rematch.method=none")) is None
-    assert stage_config(_cfg(tmp_path, "train.defense=none")) is None
 
 
 def _run(cfg):

@@ -1,6 +1,6 @@
 """Parquet shards: one row per sample with image bytes, caption and metadata columns.
 
-Written as `key`, `png`|`jpg` (binary), `caption`, `json` (string). Read leniently, as img2dataset's
+Written as `key`, `png`|`jpg`|`webp` (binary), `caption`, `json` (string). Read leniently, as img2dataset's
 parquet output is laid out: the image is the first of the `jpg`/`png`/`webp`/`image` binary columns,
 the caption is `caption` or `txt`, metadata is `json` or else every other scalar column (url, status,
 width, ...). A row whose image is null (img2dataset's failed downloads) is `missing_image`; a file
@@ -9,12 +9,14 @@ that pyarrow cannot open is one `corrupt_shard` marker row `{shard}#corrupt`.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import BinaryIO, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
 CAPTION_COLUMNS = ("caption", "txt")
@@ -54,18 +56,24 @@ def iter_parquet_samples(stream: BinaryIO, source: str, batch_rows: int = 1024) 
                S.META: json.dumps({"detail": str(e)[:200]}).encode(), S.SOURCE: source, S.ERROR: S.CORRUPT_SHARD}
 
 
-def write_parquet_shard(stream: BinaryIO, samples: Iterable[tuple[str, bytes, str, str, dict]]) -> int:
-    """Write (key, image bytes, image ext, caption, meta) samples as one parquet file; returns the count."""
-    keys, images, captions, metas, ext = [], [], [], [], None
-    for key, image, image_ext, caption, meta in samples:
-        if ext not in (None, image_ext):
-            raise ValueError(f"parquet shard mixes image formats {ext!r} and {image_ext!r}")
-        ext = image_ext
+def write_parquet_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:
+    """Write samples (see otc_ray.data.sample) as one parquet file with columns key, <image column>, caption,
+    json; returns the count. Image bytes are stored as they are, under a column named after the most common
+    image format of the shard (decoders detect each image's format from its bytes, so one shard may mix them);
+    an empty image is null (read back as missing_image), a None caption null. A caption or metadata that is not
+    UTF-8 raises UnicodeDecodeError (parquet string columns cannot hold it)."""
+    keys, images, captions, metas, exts = [], [], [], [], Counter()
+    for key, image, ext, caption, meta in samples:
+        text = caption_bytes(caption)
         keys.append(key)
-        images.append(image)
-        captions.append(caption)
-        metas.append(json.dumps(meta, sort_keys=True))
-    table = pa.table({"key": pa.array(keys, pa.string()), ext or "png": pa.array(images, pa.binary()),
+        images.append(bytes(image) or None)
+        captions.append(None if text is None else text.decode("utf-8"))
+        metas.append(meta_bytes(meta).decode("utf-8"))
+        if image:
+            fmt = image_ext(ext, image)
+            exts["jpg" if fmt == "jpeg" else fmt] += 1
+    column = exts.most_common(1)[0][0] if exts else "png"
+    table = pa.table({"key": pa.array(keys, pa.string()), column: pa.array(images, pa.binary()),
                       "caption": pa.array(captions, pa.string()), "json": pa.array(metas, pa.string())})
     pq.write_table(table, stream, compression="zstd")
     return len(keys)

@@ -12,6 +12,16 @@ Decoded rows add:
     CAPTION      str     validated caption
     IMAGE        uint8   (H, W, 3) image resized to the configured size
     LABEL        int64   class index from the metadata, -1 when unknown
+Re-matched rows (otc_ray.rematch stage) add OUTPUT_COLUMNS:
+    CAPTION_USED     str      the caption the sample trains with (its own, or the one it was re-matched to)
+    RECAPTIONED      bool     CAPTION_USED comes from another sample
+    SOURCE_KEY       str      key of the sample CAPTION_USED came from (its own key when unchanged)
+    SOURCE_LABEL     int64    class label of that sample (-1 = unknown)
+    OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z
+                     float32  own caption's score, best candidate's score, best - own, the gate's z (NaN = unscored)
+    FLAGGED          bool     the gate's verdict
+    WEIGHT           float32  loss weight (0 = dropped)
+    WEIGHTS_VERSION  int64    version of the published weights that scored the row (0 = none)
 """
 from __future__ import annotations
 
@@ -28,6 +38,21 @@ LABEL = "label"
 
 READER_COLUMNS = (KEY, IMAGE_BYTES, IMAGE_EXT, CAPTION_RAW, META, SOURCE, ERROR)
 DECODED_COLUMNS = (KEY, IMAGE, CAPTION, LABEL, IMAGE_BYTES, IMAGE_EXT, META, SOURCE, ERROR)
+
+# columns the re-match stage adds (otc_ray.rematch.stage)
+CAPTION_USED = "caption_used"
+RECAPTIONED = "recaptioned"
+SOURCE_KEY = "source_key"
+OWN_SCORE = "own_score"
+BEST_SCORE = "best_score"
+SUSPICION = "suspicion"
+GATE_Z = "gate_z"
+FLAGGED = "flagged"
+WEIGHT = "weight"
+SOURCE_LABEL = "source_label"
+WEIGHTS_VERSION = "weights_version"
+OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, SOURCE_LABEL, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z,
+                  FLAGGED, WEIGHT, WEIGHTS_VERSION)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt",)

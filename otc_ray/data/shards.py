@@ -1,4 +1,5 @@
-"""Shard sets on disk or S3: listing (format detection), a rolling writer, the `_info.json` side file.
+"""Shard sets on disk or S3: listing (format detection), reading one shard's rows, the one shard writer
+(`write_shard`, and `ShardWriter` rolling over it), the `_info.json` side file.
 
 A shard set is a folder (or prefix) of `NNNNN.tar` or `NNNNN.parquet` files. Files whose name starts
 with `_` or `.` are side files (`_info.json`, img2dataset's `_stats.json`); in a folder holding tar
@@ -11,18 +12,20 @@ import io
 import json
 import posixpath
 import uuid
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from ..config import S3Config
-from .parquet_format import write_parquet_shard
+from .parquet_format import iter_parquet_samples, write_parquet_shard
+from .sample import Sample
 from .storage import display, resolve
-from .tar_format import write_tar_shard
+from .tar_format import iter_tar_samples, write_tar_shard
 
 SUFFIX = {"wds": ".tar", "parquet": ".parquet"}
+_WRITERS = {"wds": write_tar_shard, "parquet": write_parquet_shard}
 INFO_FILE = "_info.json"
 Format = Literal["wds", "parquet"]
 
@@ -79,6 +82,25 @@ def commit_file(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def iter_rows(fs, path: str, fmt: str) -> Iterator[dict]:
+    """Reader rows (otc_ray.data.schema reader columns) of one shard file, in this process: tar streamed,
+    parquet read whole."""
+    with fs.open(path, "rb") as f:
+        source = display(fs, path)
+        yield from (iter_tar_samples(f, source) if fmt == "wds" else iter_parquet_samples(f, source))
+
+
+def write_shard(fs, path: str, fmt: Format, samples: Iterable[Sample]) -> int:
+    """Commit one shard file of format `fmt` ("wds" tar or "parquet") holding `samples` (otc_ray.data.sample:
+    new samples as str / dict, copies as the reader's raw bytes); atomic (`commit_file`). Returns the count."""
+    if fmt not in _WRITERS:
+        raise ValueError(f"format must be one of {sorted(_WRITERS)}, got {fmt!r}")
+    stream = io.BytesIO()
+    n = _WRITERS[fmt](stream, samples)
+    commit_file(fs, path, stream.getvalue())
+    return n
+
+
 class ShardWriter:
     """Rolling writer: `add(...)` samples, a shard is committed every `samples_per_shard`; `close()` ends.
 
@@ -93,7 +115,7 @@ class ShardWriter:
         self.fmt, self.per_shard = fmt, samples_per_shard
         self.index, self.buffer, self.written, self.paths = start_index, [], 0, []
 
-    def add(self, key: str, image: bytes, image_ext: str, caption: str, meta: dict) -> None:
+    def add(self, key: str, image: bytes, image_ext: str, caption: str | bytes | None, meta: dict | bytes) -> None:
         self.buffer.append((key, image, image_ext, caption, meta))
         if len(self.buffer) >= self.per_shard:
             self.flush()
@@ -101,10 +123,8 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        stream = io.BytesIO()
-        (write_tar_shard if self.fmt == "wds" else write_parquet_shard)(stream, self.buffer)
         path = posixpath.join(self.root, f"{self.index:05d}{SUFFIX[self.fmt]}")
-        commit_file(self.fs, path, stream.getvalue())
+        write_shard(self.fs, path, self.fmt, self.buffer)
         self.paths.append(display(self.fs, path))
         self.written += len(self.buffer)
         self.index += 1

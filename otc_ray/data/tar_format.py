@@ -13,12 +13,12 @@ Rows are dicts with the reader columns of `otc_ray.data.schema`.
 from __future__ import annotations
 
 import io
-import json
 import posixpath
 import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
 from . import schema as S
+from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
 BLOCK = 512
 _ZERO = b"\0" * BLOCK
@@ -176,13 +176,18 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
         yield _row(f"{source}#{'truncated' if e.reason == S.TRUNCATED_SHARD else 'corrupt'}", {}, source, e.reason)
 
 
-def write_tar_shard(stream: BinaryIO, samples: Iterable[tuple[str, bytes, str, str, dict]]) -> int:
-    """Write (key, image bytes, image ext, caption, meta) samples; deterministic bytes (mtime 0, no owner)."""
+def write_tar_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:
+    """Write samples (see otc_ray.data.sample: raw bytes or str / dict) as `{key}.{ext}`, `{key}.txt`,
+    `{key}.json` members; returns the count. Deterministic bytes (mtime 0, mode 644, no owner); pax headers only
+    for names ustar cannot hold (over 100 characters, non-ASCII). An empty image or a None caption writes no
+    member for it, so a copied defective sample stays as it was."""
     n = 0
-    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for key, image, ext, caption, meta in samples:
-            for suffix, payload in ((ext, image), ("txt", caption.encode("utf-8")),
-                                    ("json", json.dumps(meta, sort_keys=True).encode("utf-8"))):
+            text = caption_bytes(caption)
+            members = ([(image_ext(ext, image), image)] if image else []) \
+                + ([("txt", text)] if text is not None else []) + [("json", meta_bytes(meta))]
+            for suffix, payload in members:
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))

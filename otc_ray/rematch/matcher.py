@@ -1,4 +1,4 @@
-"""Caption re-matching (METHOD.md B): shortlist, OT re-rank, assign, gate, act. Pure torch, no Ray.
+"""Caption re-matching (METHOD.md B, B2): gate, then OT picks the caption. Pure torch, no Ray.
 
 Two layers:
   * `match_block(images, pool, key_ids, cfg, ot_cfg) -> MatchResult` is the core. It takes features only
@@ -9,13 +9,21 @@ Two layers:
     matcher = Matcher(build_model(model_cfg), cfg.rematch, cfg.ot, device="cpu")
     out = matcher.match(images_uint8, captions, keys)        # BlockMatch: MatchResult + caption_used, source_key
 
+OTCCLIP (gate `evidence`, the default): each pair's evidence (`signals.py`: global cosine, image-neighbour caption
+agreement, OT plan concentration), calibrated against the pool pairs with the most similar captions, combined,
+and averaged over the pair's duplicate group (exact pixel hash or image cosine >= duplicate_similarity: the K
+copies of a targeted attack are judged as one sample and weigh 1/K in the loss). A flagged pair's candidates are
+its OT shortlist (top-k trusted pool captions by global cosine) plus the captions of its nearest trusted image
+neighbours; it trains with the candidate of best fused score alpha*cos + (1-alpha)*(1-D_OT) (`replace: fused`;
+alpha = 1 is the cosine-only ablation, `replace: vote` the nearest trusted neighbour's caption).
+
 Pool layout: rows 0..B-1 are the block's own captions (row i belongs to image i), rows B.. are the bank.
-The cost: one GEMM for the global cosines (B, N), OT only on the B x k shortlisted pairs (one batched call,
-word tokens trimmed to the longest real caption), the gates on (B, N) / (B, n) tensors; no loop over samples.
+The cost: one GEMM for the global cosines (B, N), one batched OT over the B own pairs (the concentration), OT on
+the flagged rows' candidates only, the gates on (B, N) / (B, n) tensors; no loop over samples.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -24,29 +32,35 @@ import torch
 from torch import Tensor
 
 from otc_ray import ot
-from otc_ray.config import OTConfig, RematchConfig
+from otc_ray.config import OTConfig, RematchConfig, validate
+from otc_ray import identity
 from otc_ray.model import ClipBundle, encode_image, encode_text, features, images_to_tensor
 
 from .gates import margin_flags, neighbour_agreement, neighbour_vote, robust_z
+from .signals import SIGNALS, caption_calibrated_z, combine_z, plan_concentration
 
 
 # ----------------------------------------------------------------------------------------- containers
 @dataclass
 class ImageFeatures:
-    """B images: g (B, d) unit global embeddings; patches (B, M, d) unit patch tokens (None when unused)."""
+    """B images: image (B, d) unit global embeddings; patches (B, M, d) unit patch tokens (None when unused);
+    ids (B,) int64 pixel hashes and signature (B, 256) pixel signatures (`otc_ray.identity`; None when unknown:
+    duplicates are then found by the global embeddings)."""
 
-    g: Tensor
+    image: Tensor
     patches: Optional[Tensor] = None
+    ids: Optional[Tensor] = None
+    signature: Optional[Tensor] = None
 
 
 @dataclass
 class CaptionFeatures:
-    """N captions: t (N, d) unit global embeddings; words (N, L, d) unit word tokens and mask (N, L) bool,
-    True at real tokens (None when unused)."""
+    """N captions: text (N, d) unit global embeddings; words (N, L, d) unit word tokens and word_mask (N, L) bool,
+    True at the OT word set (None when unused)."""
 
-    t: Tensor
+    text: Tensor
     words: Optional[Tensor] = None
-    mask: Optional[Tensor] = None
+    word_mask: Optional[Tensor] = None
 
 
 @dataclass
@@ -56,13 +70,20 @@ class Pool:
     captions: CaptionFeatures (N rows); image: (N, d) unit embedding of the image each caption came with
     (the neighbour gate's image neighbours); key_ids: (N,) int64 sample-key ids (bank copies of a block
     sample are excluded from its candidates and neighbours); trusted: (N,) bool, False for bank entries
-    that were flagged when they were matched (the neighbour vote never copies their caption).
+    that were flagged when they were matched (never a candidate caption, never a voter);
+    image_ids: (N,) int64 pixel hashes, signatures: (N, 256) pixel signatures of the image behind each caption
+    (`otc_ray.identity`; None = duplicates by global image embedding);
+    signals: (N, S) float, the gate evidence of each bank row when it was matched, in `signals.SIGNALS` order
+    (rows 0..B-1 and unknown rows NaN; None = all unknown).
     """
 
     captions: CaptionFeatures
     image: Tensor
     key_ids: Tensor
     trusted: Tensor
+    image_ids: Optional[Tensor] = None
+    signatures: Optional[Tensor] = None
+    signals: Optional[Tensor] = None
 
 
 @dataclass
@@ -74,11 +95,16 @@ class MatchResult:
     own_in_topk (B,) bool: the own caption made the natural top-k by global cosine;
     assigned (B,) int64: the method's choice (argmax of scores, or the balanced assignment);
     own_score, best_score, suspicion (B,) float: own caption's score, best candidate's score, best - own;
-    gate_z (B,) float: the robust z-score the gate thresholds (NaN for gates none / margin);
-    agreement (B,) float: neighbour caption agreement (NaN unless gate neighbour);
+    gate_z (B,) float: the z-score the gate thresholds (NaN for gates none / margin; gate evidence: the
+    combined caption-calibrated z, averaged over the duplicate group);
+    agreement (B,) float: neighbour caption agreement (NaN unless gate neighbour / evidence);
     flagged (B,) bool: the gate's verdict (gate none: the method changed the caption);
     source (B,) int64: the pool row whose caption the sample trains with (i itself when unchanged);
-    recaptioned (B,) bool: source != i;  weight (B,) float: loss weight (0 = dropped, action drop).
+    recaptioned (B,) bool: source != i;  weight (B,) float: loss weight (0 = dropped, action drop; gate
+    evidence: times 1 / group_size);
+    signals (B, S) float: raw evidence in `signals.SIGNALS` order, low = suspicious (NaN where not computed);
+    signal_z (B, S) float: each signal's caption-calibrated z (NaN for signals not in the gate);
+    group_size (B,) int64: pool rows in the sample's duplicate group, itself included (1 = no duplicate).
     """
 
     shortlist: Tensor
@@ -94,23 +120,12 @@ class MatchResult:
     source: Tensor
     recaptioned: Tensor
     weight: Tensor
+    signals: Optional[Tensor] = None
+    signal_z: Optional[Tensor] = None
+    group_size: Optional[Tensor] = None
 
     def to(self, device: str | torch.device) -> "MatchResult":
-        return MatchResult(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-
-def check_config(cfg: RematchConfig) -> None:
-    """ValueError naming the key for rematch values the config schema does not range-check."""
-    if cfg.margin < 0:
-        raise ValueError(f"rematch.margin must be >= 0, got {cfg.margin}")
-    if not cfg.assign_eps > 0:
-        raise ValueError(f"rematch.assign_eps must be > 0, got {cfg.assign_eps}")
-    if cfg.assign_iters < 1:
-        raise ValueError(f"rematch.assign_iters must be >= 1, got {cfg.assign_iters}")
-    if not 0.0 <= cfg.flagged_weight <= 1.0:
-        raise ValueError(f"rematch.flagged_weight must be in [0, 1], got {cfg.flagged_weight}")
-    if not cfg.duplicate_similarity > 0:
-        raise ValueError(f"rematch.duplicate_similarity must be > 0 (> 1 disables), got {cfg.duplicate_similarity}")
+        return MatchResult(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
 
 # ----------------------------------------------------------------------------------------- core steps
@@ -140,13 +155,6 @@ def shortlist(cos: Tensor, k: int, exclude: Tensor) -> tuple[Tensor, Tensor, Ten
     return idx, valid, in_top
 
 
-def _trim(words: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop trailing token positions that are padding in every caption: (N, L, d) -> (N, L', d)."""
-    real = mask.any(dim=0).nonzero()
-    L = int(real.max()) + 1 if real.numel() else 1
-    return words[:, :L], mask[:, :L]
-
-
 def fused_scores(images: ImageFeatures, pool: Pool, index: Tensor, cos: Tensor, alpha: float,
                  ot_cfg: OTConfig) -> Tensor:
     """alpha * cos + (1 - alpha) * (1 - D_OT) on the shortlist: index (B, k), cos (B, N) -> (B, k).
@@ -157,9 +165,9 @@ def fused_scores(images: ImageFeatures, pool: Pool, index: Tensor, cos: Tensor, 
     if alpha >= 1.0:
         return c
     caps = pool.captions
-    if images.patches is None or caps.words is None or caps.mask is None:
+    if images.patches is None or caps.words is None or caps.word_mask is None:
         raise ValueError("OT re-ranking (alpha < 1) needs patch tokens and word tokens with their mask")
-    words, mask = _trim(caps.words, caps.mask)
+    words, mask = ot.trim_padding(caps.words, caps.word_mask)
     D = ot.candidate_ot_distance_cfg(images.patches, words, index, None, mask, ot_cfg)
     return alpha * c + (1.0 - alpha) * (1.0 - D.to(c.dtype))
 
@@ -184,24 +192,187 @@ def assign(scores: Tensor, index: Tensor, how: str, eps: float, iters: int) -> T
     return cols[plan.argmax(dim=1)]
 
 
+@dataclass
+class Evidence:
+    """The evidence gate's view of a block of B images against a pool of N rows.
+
+    signals (B, S): raw values in SIGNALS order, low = suspicious (NaN for signals not asked for);
+    signal_z (B, S): each signal's caption-calibrated z (NaN for signals not in the gate);
+    z (B,): combined caption-calibrated z, averaged over each sample's duplicate group within the block;
+    duplicate (B, N) bool: pool rows that are copies of the sample's image (itself excluded);
+    group_size (B,) int64: 1 + duplicates; neighbours (B, n): non-duplicate image neighbours, nearest first (-1 =
+    none); own_distance (B,): D_OT of the own pair (NaN when concentration was not computed).
+    """
+
+    signals: Tensor
+    signal_z: Tensor
+    z: Tensor
+    duplicate: Tensor
+    group_size: Tensor
+    neighbours: Tensor
+    own_distance: Tensor
+
+
+def duplicates(images: ImageFeatures, pool: Pool, not_pool: Tensor, similarity: float) -> Tensor:
+    """(B, N) bool: pool rows whose image is a copy of block image i: the same pixel hash, or pixel-signature cosine
+    >= similarity (without signatures: global-embedding cosine, which an untrained encoder makes ~1 for every
+    pair). Rows in not_pool (B, N) (the image itself, bank copies of its key) are never duplicates."""
+    if images.signature is not None and pool.signatures is not None:
+        dup = (images.signature @ pool.signatures.T) >= similarity
+    else:
+        dup = (images.image @ pool.image.T) >= similarity
+    if images.ids is not None and pool.image_ids is not None:
+        dup |= images.ids.unsqueeze(1) == pool.image_ids.to(images.ids.device).unsqueeze(0)
+    return dup & ~not_pool
+
+
+def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
+             cfg: RematchConfig, ot_cfg: OTConfig) -> Evidence:
+    """Signals, calibration and combination of the evidence gate (see the module docstring and `signals.py`).
+
+    cos (B, N): global cosines of the block's images against the pool captions; not_pool (B, N) bool: the image
+    itself and bank copies of its key.
+    """
+    B, dev = images.image.shape[0], images.image.device
+    unknown = [s for s in cfg.gate_signals if s not in SIGNALS]
+    if unknown or not cfg.gate_signals:
+        raise ValueError(f"rematch.gate_signals must name some of {SIGNALS}, got {cfg.gate_signals!r}")
+    own = torch.arange(B, device=dev)
+    dup = duplicates(images, pool, not_pool, cfg.duplicate_similarity)
+    values = torch.full((B, len(SIGNALS)), float("nan"), device=dev)
+    values[:, SIGNALS.index("cosine")] = cos[own, own]
+    agreement, nbrs = neighbour_agreement(images.image, pool.image, pool.captions.text[:B], pool.captions.text,
+                                          cfg.neighbours, not_pool | dup)
+    values[:, SIGNALS.index("agreement")] = agreement
+    own_distance = torch.full((B,), float("nan"), device=dev)
+    if "concentration" in cfg.gate_signals or (cfg.replace == "fused" and cfg.method == "otcclip" and cfg.alpha < 1):
+        caps = pool.captions
+        if images.patches is None or caps.words is None or caps.word_mask is None:
+            raise ValueError("gate evidence needs patch tokens and word tokens with their mask")
+        words, mask = ot.trim_padding(caps.words[:B], caps.word_mask[:B])
+        own_distance, plan = ot.ot_distance(images.patches, words, None, mask, eps=ot_cfg.eps, iters=ot_cfg.iters,
+                                            tol=ot_cfg.tol)
+        values[:, SIGNALS.index("concentration")] = -plan_concentration(plan, mask)
+    pool_values = torch.full((cos.shape[1], len(SIGNALS)), float("nan"), device=dev)
+    if pool.signals is not None:
+        pool_values[:] = pool.signals.to(dev)
+    pool_values[:B] = values
+    no_reference = not_pool | dup
+    z = {s: caption_calibrated_z(values[:, SIGNALS.index(s)], pool_values[:, SIGNALS.index(s)],
+                                 pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
+         for s in cfg.gate_signals}
+    combined = combine_z(z, cfg.gate_combine)
+    signal_z = torch.full_like(values, float("nan"))
+    for name, zs in z.items():
+        signal_z[:, SIGNALS.index(name)] = zs
+    group = dup[:, :B] | torch.eye(B, dtype=torch.bool, device=dev)                   # (B, B) block members
+    group_z = (group.float() @ combined.unsqueeze(1)).squeeze(1) / group.sum(1)
+    return Evidence(values, signal_z, group_z, dup, 1 + dup.sum(1), nbrs, own_distance)
+
+
+def fused_replacement(images: ImageFeatures, pool: Pool, cos: Tensor, rows: Tensor, allowed: Tensor,
+                      neighbours: Tensor, cfg: RematchConfig, ot_cfg: OTConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """New captions for the flagged rows `rows` (F,): the candidate of best fused score.
+
+    Candidates of row i: its top-k allowed pool captions by global cosine (the OT shortlist) and the captions of its
+    first `candidate_neighbours` allowed image neighbours (neighbours (B, n), nearest first). allowed (B, N) bool:
+    trusted rows that are neither the image itself nor its duplicates. Score: alpha * cos + (1 - alpha) * (1 - D_OT)
+    (alpha = 1: no OT). Returns (candidates (F, K) pool rows, scores (F, K) with -inf for void slots, choice (F,)
+    pool rows, -1 where no candidate is allowed).
+    """
+    F_, dev = rows.numel(), cos.device
+    if F_ == 0:
+        empty = torch.zeros((0, 1), dtype=torch.long, device=dev)
+        return empty, empty.float(), torch.zeros(0, dtype=torch.long, device=dev)
+    ok = allowed[rows]                                                                 # (F, N)
+    k = min(cfg.k, cos.shape[1])
+    top, short = cos[rows].masked_fill(~ok, float("-inf")).topk(k, dim=1)              # (F, k)
+    short_ok = torch.isfinite(top)
+    nb = neighbours[rows]                                                              # (F, n)
+    nb_ok = (nb >= 0) & ok.gather(1, nb.clamp_min(0))
+    order = torch.where(nb_ok, torch.arange(nb.shape[1], device=dev), nb.shape[1]).argsort(dim=1)
+    c = min(cfg.candidate_neighbours, nb.shape[1])
+    nb, nb_ok = nb.gather(1, order[:, :c]), nb_ok.gather(1, order[:, :c])              # first c allowed neighbours
+    cand = torch.cat([short, nb.clamp_min(0)], dim=1)                                  # (F, k + c)
+    valid = torch.cat([short_ok, nb_ok], dim=1)
+    cand = torch.where(valid, cand, cand[:, :1])                                       # void slots: any real row
+    sub = ImageFeatures(images.image[rows], None if images.patches is None else images.patches[rows])
+    scores = fused_scores(sub, pool, cand, cos[rows], cfg.alpha, ot_cfg).masked_fill(~valid, float("-inf"))
+    choice = cand.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+    return cand, scores, torch.where(valid.any(dim=1), choice, torch.full_like(choice, -1))
+
+
+def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Tensor,
+                    cfg: RematchConfig, ot_cfg: OTConfig, prior: Optional[Tensor]) -> MatchResult:
+    """Gate `evidence`: flag by calibrated evidence per duplicate group, re-caption by fused score (or vote)."""
+    B, dev = images.image.shape[0], images.image.device
+    own = torch.arange(B, device=dev)
+    not_pool = exclude.clone()
+    not_pool[own, own] = True
+    ev = evidence(images, pool, cos, not_pool, cfg, ot_cfg)
+    flagged = ev.z < cfg.gate_threshold
+    if prior is not None and cfg.sticky:
+        flagged = flagged | prior.to(dev)
+    trusted = pool.trusted.to(dev).clone()
+    trusted[:B] = ~flagged
+    allowed = trusted.unsqueeze(0) & ~not_pool & ~ev.duplicate                        # (B, N)
+    alpha = cfg.alpha if cfg.method == "otcclip" else 1.0
+    c = cos[own, own]
+    own_score = c if alpha >= 1.0 else alpha * c + (1.0 - alpha) * (1.0 - ev.own_distance)
+    rows = flagged.nonzero().squeeze(1)
+    width = min(cfg.k, cos.shape[1]) + min(cfg.candidate_neighbours, ev.neighbours.shape[1])
+    shortlist_ = own.unsqueeze(1).expand(B, width).clone()
+    scores = torch.full((B, width), float("-inf"), device=dev)
+    replacement = torch.full((B,), -1, dtype=torch.long, device=dev)
+    if cfg.replace == "vote":
+        replacement[rows] = neighbour_vote(ev.neighbours[rows], trusted)
+    elif cfg.replace == "fused":
+        cand, sc, choice = fused_replacement(images, pool, cos, rows, allowed, ev.neighbours,
+                                             dataclasses.replace(cfg, alpha=alpha), ot_cfg)
+        shortlist_[rows, :cand.shape[1]], scores[rows, :sc.shape[1]] = cand, sc
+        replacement[rows] = choice
+    else:
+        raise ValueError(f"rematch.replace must be fused or vote, got {cfg.replace!r}")
+    best_score = torch.maximum(own_score, scores.amax(dim=1))
+    weight = 1.0 / ev.group_size.float()
+    source = own.clone()
+    has_new = flagged & (replacement >= 0)
+    if cfg.action == "recaption":
+        source = torch.where(has_new, replacement, own)
+        weight = weight.masked_fill(flagged & ~has_new, 0.0)                          # no trusted caption: dropped
+    elif cfg.action == "drop":
+        weight = weight.masked_fill(flagged, 0.0)
+    elif cfg.action == "downweight":
+        weight = torch.where(flagged, weight * cfg.flagged_weight, weight)
+    else:
+        raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
+    return MatchResult(shortlist=shortlist_, scores=scores, own_in_topk=torch.ones(B, dtype=torch.bool, device=dev),
+                       assigned=source, own_score=own_score, best_score=best_score, suspicion=best_score - own_score,
+                       gate_z=ev.z, agreement=ev.signals[:, SIGNALS.index("agreement")], flagged=flagged,
+                       source=source, recaptioned=source != own, weight=weight, signals=ev.signals,
+                       signal_z=ev.signal_z, group_size=ev.group_size)
+
+
 def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: RematchConfig,
                 ot_cfg: OTConfig, prior: Optional[Tensor] = None) -> MatchResult:
     """Re-match a block of B images against the pool (see `MatchResult` for every output).
 
     images: B images; pool: N >= B captions, rows 0..B-1 the block's own; key_ids (B,) int64;
-    prior (B,) bool: samples flagged before (sticky flags, cfg.sticky): they stay flagged whatever the gate says.
-    cfg.method "otcclip" (fused OT re-rank) or "roclip" (global cosine only); "none" is the caller's
+    prior (B,) bool: samples flagged before (sticky flags, cfg.sticky): they stay flagged whatever the gate says;
+    cfg.method "otcclip" (fused OT scores) or "roclip" (global cosine only); "none" is the caller's
     pass-through and is refused here.
     """
     if cfg.method not in ("otcclip", "roclip"):
         raise ValueError(f"match_block runs methods otcclip and roclip, got {cfg.method!r}")
-    B, N = images.g.shape[0], pool.captions.t.shape[0]
+    B, N = images.image.shape[0], pool.captions.text.shape[0]
     if N < B:
         raise ValueError(f"the pool must start with the block's own {B} captions, got {N} rows")
-    dev = images.g.device
+    dev = images.image.device
     own = torch.arange(B, device=dev)
     exclude = _exclusions(key_ids.to(dev), pool.key_ids.to(dev))
-    cos = images.g @ pool.captions.t.T                                                    # (B, N)
+    cos = images.image @ pool.captions.text.T                                                    # (B, N)
+    if cfg.gate == "evidence":
+        return _match_evidence(images, pool, cos, exclude, cfg, ot_cfg, prior)
     index, valid, in_top = shortlist(cos, cfg.k, exclude)
     alpha = cfg.alpha if cfg.method == "otcclip" else 1.0
     scores = fused_scores(images, pool, index, cos, alpha, ot_cfg).masked_fill(~valid, float("-inf"))
@@ -222,7 +393,7 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
     elif cfg.gate == "neighbour":
         not_nbr = exclude.clone()
         not_nbr[own, own] = True                                                         # an image is not its own neighbour
-        agreement, nbrs = neighbour_agreement(images.g, pool.image, pool.captions.t[:B], pool.captions.t,
+        agreement, nbrs = neighbour_agreement(images.image, pool.image, pool.captions.text[:B], pool.captions.text,
                                               cfg.neighbours, not_nbr, cfg.duplicate_similarity)
         gate_z = robust_z(agreement)
         flagged = gate_z < cfg.gate_threshold
@@ -233,7 +404,7 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
         vote = neighbour_vote(nbrs, trusted)
         replacement = torch.where(vote >= 0, vote, assigned)
     else:
-        raise ValueError(f"rematch.gate must be none, margin, zscore or neighbour, got {cfg.gate!r}")
+        raise ValueError(f"rematch.gate must be none, margin, zscore, neighbour or evidence, got {cfg.gate!r}")
     if prior is not None and cfg.sticky:
         flagged = flagged | prior.to(dev)
 
@@ -257,17 +428,21 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
 class CaptionBank:
     """FIFO of the most recent `size` captions with their features (RoCLIP's memory bank).
 
-    t (S, d), words (S, L, d), mask (S, L), image (S, d), key_ids (S,), trusted (S,), captions / keys (S,)
+    text (S, d), words (S, L, d), word_mask (S, L), image (S, d), key_ids (S,), trusted (S,), image_ids (S,) pixel
+    hashes, signatures (S, 256) pixel signatures, signals (S, len(SIGNALS)) gate evidence, captions / keys (S,)
     strings, labels (S,) class indices (-1 = unknown); S <= size. Tensors live on the matcher's device.
     """
 
     size: int
-    t: Optional[Tensor] = None
+    text: Optional[Tensor] = None
     words: Optional[Tensor] = None
-    mask: Optional[Tensor] = None
+    word_mask: Optional[Tensor] = None
     image: Optional[Tensor] = None
     key_ids: Optional[Tensor] = None
     trusted: Optional[Tensor] = None
+    image_ids: Optional[Tensor] = None
+    signatures: Optional[Tensor] = None
+    signals: Optional[Tensor] = None
     captions: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -276,18 +451,24 @@ class CaptionBank:
         return len(self.captions)
 
     def clear(self) -> None:
-        self.t = self.words = self.mask = self.image = self.key_ids = self.trusted = None
+        self.text = self.words = self.word_mask = self.image = self.key_ids = self.trusted = None
+        self.image_ids = self.signatures = self.signals = None
         self.captions, self.keys, self.labels = [], [], []
 
     def push(self, caps: CaptionFeatures, image: Tensor, key_ids: Tensor, trusted: Tensor,
-             captions: Sequence[str], keys: Sequence[str], labels: Sequence[int]) -> None:
+             captions: Sequence[str], keys: Sequence[str], labels: Sequence[int],
+             image_ids: Optional[Tensor] = None, signatures: Optional[Tensor] = None,
+             signals: Optional[Tensor] = None) -> None:
         """Append B entries, keeping the newest `size` (their own captions; `trusted` = not flagged)."""
-        new = dict(t=caps.t, words=caps.words, mask=caps.mask, image=image, key_ids=key_ids, trusted=trusted)
+        new = dict(text=caps.text, words=caps.words, word_mask=caps.word_mask, image=image, key_ids=key_ids,
+                   trusted=trusted, image_ids=image_ids, signatures=signatures, signals=signals)
         for name, value in new.items():
             old = getattr(self, name)
             if value is None:
                 setattr(self, name, None)
                 continue
+            if old is not None and name in ("words", "word_mask") and old.shape[1] != value.shape[1]:
+                old, value = _pad_tokens(old, value)
             joined = value if old is None else torch.cat([old, value])
             setattr(self, name, joined[-self.size:])
         self.captions = (self.captions + list(captions))[-self.size:]
@@ -295,21 +476,31 @@ class CaptionBank:
         self.labels = (self.labels + list(labels))[-self.size:]
 
 
+def _pad_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Pad two token tensors (n, L, ...) to the same L (zeros / False): for concatenation along dim 0."""
+    L = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]))  # noqa: E731
+    return pad(a), pad(b)
+
+
 def build_pool(own: CaptionFeatures, image: ImageFeatures, key_ids: Tensor, bank: Optional[CaptionBank]) -> Pool:
     """The pool of a block: its own B captions, then the bank (when given and not empty)."""
-    B = own.t.shape[0]
-    trusted = torch.ones(B, dtype=torch.bool, device=own.t.device)
+    B = own.text.shape[0]
+    trusted = torch.ones(B, dtype=torch.bool, device=own.text.device)
     if bank is None or len(bank) == 0:
-        return Pool(own, image.g, key_ids, trusted)
+        return Pool(own, image.image, key_ids, trusted, image.ids, image.signature)
     words = mask = None
     if own.words is not None and bank.words is not None:
-        L = max(own.words.shape[1], bank.words.shape[1])
-        pad = lambda w, n: torch.nn.functional.pad(w, (0, 0, 0, n - w.shape[1]))          # noqa: E731
-        padm = lambda m, n: torch.nn.functional.pad(m, (0, n - m.shape[1]))              # noqa: E731
-        words = torch.cat([pad(own.words, L), pad(bank.words, L)])
-        mask = torch.cat([padm(own.mask, L), padm(bank.mask, L)])
-    return Pool(CaptionFeatures(torch.cat([own.t, bank.t]), words, mask), torch.cat([image.g, bank.image]),
-                torch.cat([key_ids, bank.key_ids]), torch.cat([trusted, bank.trusted]))
+        words = torch.cat(_pad_tokens(own.words, bank.words))
+        mask = torch.cat(_pad_tokens(own.word_mask, bank.word_mask))
+    join = lambda a, b: None if a is None or b is None else torch.cat([a, b])          # noqa: E731
+    signals = None
+    if bank.signals is not None:
+        signals = torch.cat([torch.full((B, bank.signals.shape[1]), float("nan"), device=bank.signals.device),
+                             bank.signals])
+    return Pool(CaptionFeatures(torch.cat([own.text, bank.text]), words, mask), torch.cat([image.image, bank.image]),
+                torch.cat([key_ids, bank.key_ids]), torch.cat([trusted, bank.trusted]),
+                join(image.ids, bank.image_ids), join(image.signature, bank.signatures), signals)
 
 
 # ----------------------------------------------------------------------------------------- the wrapper
@@ -337,7 +528,7 @@ class Matcher:
     """
 
     def __init__(self, bundle: ClipBundle, cfg: RematchConfig, ot_cfg: OTConfig, device: str | torch.device = "cpu"):
-        check_config(cfg)
+        validate(cfg)
         self.bundle, self.cfg, self.ot_cfg = bundle, cfg, ot_cfg
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
@@ -348,26 +539,28 @@ class Matcher:
         if self.bank is not None:
             self.bank.clear()
 
-    def _autocast(self):
-        dtype = self.bundle.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
-
     def _needs_tokens(self) -> bool:
-        return self.cfg.method == "otcclip" and self.cfg.alpha < 1.0
+        """Token features are needed for OT: the fused re-rank (alpha < 1) or the evidence gate's concentration."""
+        if self.cfg.method != "otcclip":
+            return False
+        return self.cfg.alpha < 1.0 or (self.cfg.gate == "evidence" and "concentration" in self.cfg.gate_signals)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, captions: Sequence[str]) -> tuple[ImageFeatures, CaptionFeatures]:
         """uint8 images (B, H, W, 3) and B captions -> features on the device, float32, unit norm.
 
-        One forward of both towers; token features only when the OT re-rank needs them."""
+        One forward of both towers; token features only when OT needs them. The images also get their pixel hashes
+        and signatures (`otc_ray.identity`: the duplicate test of the evidence gate)."""
         pixels = images_to_tensor(images, self.bundle.image_size, self.device)
         ids = self.bundle.tokenizer(list(captions)).to(self.device)
-        with self._autocast():
+        pixel_ids = identity.image_ids(images).to(self.device)
+        signature = identity.pixel_signatures(images).to(self.device)
+        with self.bundle.autocast(self.device):
             if self._needs_tokens():
-                f = features(self.model, pixels, ids)
-                return (ImageFeatures(f.image.float(), f.patches.float()),
+                f = features(self.model, pixels, ids, self.ot_cfg.special_tokens)
+                return (ImageFeatures(f.image.float(), f.patches.float(), pixel_ids, signature),
                         CaptionFeatures(f.text.float(), f.words.float(), f.word_mask))
-            return (ImageFeatures(encode_image(self.model, pixels).float()),
+            return (ImageFeatures(encode_image(self.model, pixels).float(), None, pixel_ids, signature),
                     CaptionFeatures(encode_text(self.model, ids).float()))
 
     @torch.inference_mode()
@@ -395,7 +588,8 @@ class Matcher:
         res.source = torch.where(same_text, torch.arange(B), res.source)              # a copy of the same words
         res.recaptioned = res.source != torch.arange(B)
         if self.bank is not None:
-            self.bank.push(own, img.g, ids, ~res.flagged.to(self.device), captions, keys, labels)
+            self.bank.push(own, img.image, ids, ~res.flagged.to(self.device), captions, keys, labels, img.ids,
+                           img.signature, None if res.signals is None else res.signals.to(self.device))
         src = res.source.tolist()
         return BlockMatch(res, [pool_caps[s] for s in src], [pool_keys[s] for s in src], [pool_labels[s] for s in src])
 

@@ -1,7 +1,7 @@
 """The re-matching stage: `Matcher` on a Ray Data actor pool (map_batches), one block per batch.
 
     ds = load_samples("s3://bkt/train", cfg.data)                             # decoded rows, bad ones marked
-    ds = add_rematch_stage(ds, cfg.rematch, cfg.model, cfg.ot, weights=store)  # + the OUTPUT_COLUMNS
+    ds = add_rematch_stage(ds, cfg.rematch, cfg.model, cfg.ot, weights=store)  # + schema.OUTPUT_COLUMNS
 
 Each actor builds the model once (seeded random init, so all actors agree), then before every batch asks the
 weight store (see weights.py) for a newer version and loads it. With a store, a batch is re-matched only while the
@@ -27,27 +27,13 @@ import numpy as np
 import ray
 import torch
 
-from otc_ray.config import ModelConfig, OTConfig, RematchConfig
+from otc_ray.config import ModelConfig, OTConfig, RematchConfig, validate
 from otc_ray.data import schema as S
 from otc_ray.model import build_model
 
 from .flags import flag_store
-from .matcher import BlockMatch, Matcher, check_config
+from .matcher import BlockMatch, Matcher
 from .weights import StoreRef, WeightFollower, weight_store
-
-CAPTION_USED = "caption_used"
-RECAPTIONED = "recaptioned"
-SOURCE_KEY = "source_key"
-OWN_SCORE = "own_score"
-BEST_SCORE = "best_score"
-SUSPICION = "suspicion"
-GATE_Z = "gate_z"
-FLAGGED = "flagged"
-WEIGHT = "weight"
-SOURCE_LABEL = "source_label"            # class label of the sample the caption came from (-1 = unknown)
-WEIGHTS_VERSION = "weights_version"
-OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, SOURCE_LABEL, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z,
-                  FLAGGED, WEIGHT, WEIGHTS_VERSION)
 
 FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
 FAULT_MARKER_ENV = "OTC_RAY_FAULT_MARKER"
@@ -66,12 +52,12 @@ def _maybe_fault(batches_seen: int) -> None:
 
 
 class RematchActor:
-    """Callable class for `map_batches`: decoded batch (n rows) -> same rows + OUTPUT_COLUMNS."""
+    """Callable class for `map_batches`: decoded batch (n rows) -> same rows + schema.OUTPUT_COLUMNS."""
 
     def __init__(self, cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
                  weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
                  flags: Optional["ray.actor.ActorHandle"] = None):
-        check_config(cfg)
+        validate(cfg)
         torch.set_num_threads(max(1, round(cfg.actor_num_cpus)))
         self.cfg = cfg
         self.matcher: Optional[Matcher] = None
@@ -108,18 +94,20 @@ class RematchActor:
 
 def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], version: int = 0,
                   flags: Optional["ray.actor.ActorHandle"] = None) -> dict[str, np.ndarray]:
-    """Add OUTPUT_COLUMNS to a decoded batch: good rows are matched as one block, bad rows get neutral values
-    (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = method none.
+    """Add schema.OUTPUT_COLUMNS to a decoded batch: good rows are matched as one block, bad rows get neutral
+    values (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = method none.
     flags: a FlagStore; its keys stay flagged, and the block's new flags are added to it."""
     keys = np.asarray(batch[S.KEY], dtype=object)
     n = len(keys)
     good = np.fromiter((not e for e in batch[S.ERROR]), dtype=bool, count=n)
     captions = np.asarray(batch[S.CAPTION], dtype=object)
     labels = np.asarray(batch[S.LABEL], dtype=np.int64) if S.LABEL in batch else np.full(n, -1, np.int64)
-    out = {CAPTION_USED: captions.copy(), RECAPTIONED: np.zeros(n, bool), SOURCE_KEY: keys.copy(), SOURCE_LABEL: labels.copy(),
-           OWN_SCORE: np.full(n, np.nan, np.float32), BEST_SCORE: np.full(n, np.nan, np.float32),
-           SUSPICION: np.full(n, np.nan, np.float32), GATE_Z: np.full(n, np.nan, np.float32),
-           FLAGGED: np.zeros(n, bool), WEIGHT: np.ones(n, np.float32), WEIGHTS_VERSION: np.full(n, version, np.int64)}
+    out = {S.CAPTION_USED: captions.copy(), S.RECAPTIONED: np.zeros(n, bool), S.SOURCE_KEY: keys.copy(),
+           S.SOURCE_LABEL: labels.copy(),
+           S.OWN_SCORE: np.full(n, np.nan, np.float32), S.BEST_SCORE: np.full(n, np.nan, np.float32),
+           S.SUSPICION: np.full(n, np.nan, np.float32), S.GATE_Z: np.full(n, np.nan, np.float32),
+           S.FLAGGED: np.zeros(n, bool), S.WEIGHT: np.ones(n, np.float32),
+           S.WEIGHTS_VERSION: np.full(n, version, np.int64)}
     if matcher is not None and good.any():
         rows = np.flatnonzero(good)
         block_keys = [str(k) for k in keys[rows]]
@@ -131,16 +119,16 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
             new = [k for k, f, p in zip(block_keys, r.flagged.tolist(), prior) if f and not p]
             if new:
                 flags.add.remote(new)                                                   # fire and forget
-        out[CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
-        out[SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
-        out[SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
-        out[RECAPTIONED][rows] = r.recaptioned.numpy()
-        out[OWN_SCORE][rows] = r.own_score.float().numpy()
-        out[BEST_SCORE][rows] = r.best_score.float().numpy()
-        out[SUSPICION][rows] = r.suspicion.float().numpy()
-        out[GATE_Z][rows] = r.gate_z.float().numpy()
-        out[FLAGGED][rows] = r.flagged.numpy()
-        out[WEIGHT][rows] = r.weight.float().numpy()
+        out[S.CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
+        out[S.SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
+        out[S.SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
+        out[S.RECAPTIONED][rows] = r.recaptioned.numpy()
+        out[S.OWN_SCORE][rows] = r.own_score.float().numpy()
+        out[S.BEST_SCORE][rows] = r.best_score.float().numpy()
+        out[S.SUSPICION][rows] = r.suspicion.float().numpy()
+        out[S.GATE_Z][rows] = r.gate_z.float().numpy()
+        out[S.FLAGGED][rows] = r.flagged.numpy()
+        out[S.WEIGHT][rows] = r.weight.float().numpy()
     return {**batch, **out}
 
 
@@ -155,7 +143,7 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
     created here, owned by this driver, shared by every execution of the returned dataset).
     Output rows = input rows, in blocks of at most block_size.
     """
-    check_config(cfg)
+    validate(cfg)
     if isinstance(weights, str):
         # a handle, not a name, goes to the actors: the dataset then holds a reference that keeps the named store
         # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup

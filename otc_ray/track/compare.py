@@ -14,14 +14,17 @@ from typing import Collection
 
 import numpy as np
 
-from .mlflow_logger import RunRecord, metric_history, search_runs
+from ..config import parse_attacks
+from . import metric_names as N
+from .mlflow_logger import RunRecord, search_runs
+from .plots import plot_compare
 
 GROUP_PARAMS = (("data", "data.dataset"), ("defense", "train.defense"), ("attack", "poison.attack"),
                 ("trigger", "poison.trigger"), ("poison", "poison.count"))
-METRICS = (("zero-shot", "final/zeroshot_top1"), ("lin-probe", "final/linear_probe_split_acc"),
-           ("backdoor ASR", "final/backdoor_asr"), ("targeted ASR", "final/targeted_asr"),
-           ("det P", "rematch/detect_precision"), ("det R", "rematch/detect_recall"),
-           ("damage", "rematch/damage"), ("samples/s", "train/samples_per_s_worker"), ("time s", "run/seconds"))
+METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("lin-probe", N.FINAL_LINEAR_PROBE_SPLIT_ACC),
+           ("backdoor ASR", N.FINAL_BACKDOOR_ASR), ("targeted ASR", N.FINAL_TARGETED_ASR),
+           ("det P", N.REMATCH_DETECT_PRECISION), ("det R", N.REMATCH_DETECT_RECALL),
+           ("damage", N.REMATCH_DAMAGE), ("samples/s", N.TRAIN_SAMPLES_PER_S_WORKER), ("time s", N.RUN_SECONDS))
 
 
 @dataclass
@@ -40,16 +43,21 @@ class Row:
         return fmt.format(mean) + (f" ± {fmt.format(float(np.std(vals)))}" if len(vals) > 1 else "")
 
 
+def run_attacks(run: RunRecord) -> tuple[str, ...]:
+    """The run's poison.attack as a tuple (logged in its written form, "backdoor+targeted" / "none")."""
+    return tuple(parse_attacks(run.params.get("poison.attack", "none")))
+
+
 def effective_poison(run: RunRecord) -> str:
     """The poison count as a table cell ('0' for clean runs)."""
-    if run.params.get("poison.attack", "none") == "none":
+    attacks = run_attacks(run)
+    if not attacks:
         return "0"
     parts = []
-    attack = run.params.get("poison.attack", "")
-    if "backdoor" in attack:
+    if "backdoor" in attacks:
         rate = float(run.params.get("poison.rate", "0") or 0)
         parts.append(f"{rate:.2%}" if rate > 0 else run.params.get("poison.count", "?"))
-    if "targeted" in attack:
+    if "targeted" in attacks:
         parts.append(f"{run.params.get('poison.targets')}x{run.params.get('poison.per_target')}")
     return "+".join(parts)
 
@@ -58,7 +66,7 @@ def group_runs(runs: list[RunRecord]) -> list[Row]:
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in runs:
         key = tuple(effective_poison(run) if name == "poison" else
-                    ("-" if name == "trigger" and "backdoor" not in run.params.get("poison.attack", "") else run.params.get(p, "?"))
+                    ("-" if name == "trigger" and "backdoor" not in run_attacks(run) else run.params.get(p, "?"))
                     for name, p in GROUP_PARAMS)
         groups.setdefault(key, []).append(run)
     rows = []
@@ -82,49 +90,6 @@ def render(rows: list[Row], fmt: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header] + body)
 
 
-def plot(rows: list[Row], uri: str, folder: Path) -> list[Path]:
-    """asr_per_epoch.png (backdoor ASR by epoch, one line per run, coloured by defense) and
-    zeroshot_vs_asr.png (final zero-shot against final backdoor ASR, one point per run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    defenses = sorted({r.group[1] for r in rows})
-    colour = {d: plt.cm.tab10(i) for i, d in enumerate(defenses)}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        for run in row.runs:
-            points = sorted(metric_history(uri, run.run_id, "eval/backdoor_asr"))
-            if points:
-                ax.plot([p[0] + 1 for p in points], [p[1] for p in points], color=colour[row.group[1]], alpha=0.8,
-                        label=row.group[1])
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys())
-    ax.set(xlabel="epoch", ylabel="backdoor ASR", ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    asr_path = folder / "asr_per_epoch.png"
-    fig.savefig(asr_path, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for row in rows:
-        xs = [r.metrics.get("final/backdoor_asr", math.nan) for r in row.runs]
-        ys = [r.metrics.get("final/zeroshot_top1", math.nan) for r in row.runs]
-        ax.scatter(xs, ys, color=colour[row.group[1]], label=f"{row.group[1]} / {row.group[2]}")
-    ax.set(xlabel="backdoor ASR (lower is better)", ylabel="zero-shot top-1", xlim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    scatter_path = folder / "zeroshot_vs_asr.png"
-    fig.savefig(scatter_path, dpi=120)
-    plt.close(fig)
-    return [asr_path, scatter_path]
-
-
 def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None = None,
             run_ids: Collection[str] | None = None) -> tuple[str, list[Path]]:
     """(table text, plot paths) for every run of the experiment (only `run_ids` when given)."""
@@ -133,4 +98,4 @@ def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}")
     rows = group_runs(runs)
-    return render(rows, fmt), (plot(rows, uri, plots_dir) if plots_dir else [])
+    return render(rows, fmt), (plot_compare(rows, uri, plots_dir) if plots_dir else [])

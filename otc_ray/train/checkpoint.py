@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model import unwrap
+
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 
@@ -23,30 +25,26 @@ class TrainState:
     step: int
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, state: TrainState,
                     rng: np.random.Generator) -> Path:
     """Write `state.pt` (resumable) and `model.pt` (the bare open_clip state dict, for eval/clean) into folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bg = rng.bit_generator.state
-    torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": state.epoch, "step": state.step,
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": {"state": str(bg["state"]["state"]), "inc": str(bg["state"]["inc"]),
                               "has_uint32": int(bg["has_uint32"]), "uinteger": int(bg["uinteger"])}},
                folder / STATE_FILE)
-    torch.save(_unwrap(model).state_dict(), folder / MODEL_FILE)
+    torch.save(unwrap(model).state_dict(), folder / MODEL_FILE)
     return folder
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, rng: np.random.Generator) -> TrainState:
     """Restore everything `save_checkpoint` wrote; returns the epoch/step to continue from."""
     blob = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    _unwrap(model).load_state_dict(blob["model"])
+    unwrap(model).load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])

@@ -1,4 +1,10 @@
-"""The training objective of each defense, for one batch (METHOD.md C and Baselines).
+"""The defenses (METHOD.md C and Baselines), one class each in the registry `DEFENSES`, looked up by the value
+of `train.defense` (`get_defense`): what the training stream re-matches (`Defense.rematch`) and the objective of
+one batch (`Defense.batch_loss`).
+
+    defense = get_defense(cfg.train.defense)
+    defense.rematch(cfg)                    # RematchConfig of the stage, or None
+    loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
 
     none      L_clip
     roclip    L_clip on the captions the re-match stage chose (global nearest caption), augmented images
@@ -10,12 +16,13 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from abc import ABC, abstractmethod
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, RematchConfig, replace
 from ..losses import augment_token_ids, clip_loss, combine_losses, otcclip_terms, unimodal_contrastive_loss
 from ..model import features
 from .augment import augment_images
@@ -24,37 +31,97 @@ UNIMODAL_TEMPERATURE = 0.1
 
 
 def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, gen: torch.Generator, rows: Tensor):
-    """Features of a second augmented view (images shifted/flipped, captions with word dropout), no gradient."""
+    """Features of a second augmented view (images shifted/flipped, captions with word dropout) of the rows `rows`.
+
+    Always without gradient: the view is a same-weights target (the bare model, outside DDP, so a second forward
+    never meets DDP's once-per-step gradient bookkeeping)."""
     with torch.no_grad():
-        return features(model, augment_images(pixels[rows], gen), augment_token_ids(ids[rows], cfg.ot.text_drop_prob,
-                                                                                    gen))
+        return features(model, augment_images(pixels[rows], gen),
+                        augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen), cfg.ot.special_tokens)
 
 
 def safe_share(epoch: int, warmup: int) -> float:
     return min(0.85, 0.5 + 0.1 * max(0, epoch - warmup))
 
 
-def batch_loss(defense: str, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor,
-               cfg: Config, epoch: int, gen: torch.Generator,
-               weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
-    """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L) under `defense`.
+class Defense(ABC):
+    """One defense: what its training stream re-matches (`rematch`) and what it trains (`batch_loss`)."""
 
-    weights (B,): the re-match stage's per-pair loss weights (action drop = 0, downweight < 1), applied to the
-    image-caption terms; None when every pair counts fully."""
-    tc = cfg.train
-    if defense == "roclip":
-        pixels = augment_images(pixels, gen)
-    f = feature_model(pixels, ids)
-    if defense in ("none", "roclip"):
-        return combine_losses({"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights)}, {})
-    if defense == "otcclip":
+    name: ClassVar[str]
+
+    def rematch(self, cfg: Config) -> Optional[RematchConfig]:
+        """The settings of the re-match stage the training stream goes through; None: no re-match stage."""
+        return None
+
+    @abstractmethod
+    def batch_loss(self, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
+                   epoch: int, gen: torch.Generator, weights: Optional[Tensor] = None,
+                   content_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+        """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L).
+
+        feature_model: the (DDP-wrapped) `FeatureModel` that trains; bare_model: the open_clip model inside it
+        (second views, no gradient); weights (B,): the re-match stage's per-pair loss weights (action drop = 0,
+        downweight < 1) for the image-caption terms, None when every pair counts fully; content_ids (B, 2) int64:
+        [caption text id, image pixel id] (`otc_ray.identity`): batch-mates sharing one are not negatives of each
+        other in any contrastive term (`losses.duplicate_pairs`); None = every other row is a negative."""
+
+
+def _clip_only(f, weights: Optional[Tensor], content_ids: Optional[Tensor]) -> tuple[Tensor, dict[str, float]]:
+    return combine_losses({"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights,
+                                                  content_ids=content_ids)}, {})
+
+
+class NoDefense(Defense):
+    """Plain CLIP: L_clip on the captions as crawled. No re-match stage."""
+
+    name = "none"
+
+    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+        return _clip_only(feature_model(pixels, ids), weights, content_ids)
+
+
+class RoCLIP(Defense):
+    """RoCLIP: every image takes its globally nearest caption (the stage runs method roclip, gate none, whatever
+    `rematch` says: the baseline by definition); L_clip on those captions with augmented images."""
+
+    name = "roclip"
+
+    def rematch(self, cfg: Config) -> Optional[RematchConfig]:
+        return replace(cfg, rematch__method="roclip", rematch__gate="none").rematch
+
+    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+        return _clip_only(feature_model(augment_images(pixels, gen), ids), weights, content_ids)
+
+
+class OTCCLIP(Defense):
+    """OTCCLIP: the stream re-matched as `rematch` says (method none disables the stage, for ablations);
+    L_clip + lambda_inter L_inter + lambda_intra L_intra from the first step."""
+
+    name = "otcclip"
+
+    def rematch(self, cfg: Config) -> Optional[RematchConfig]:
+        return None if cfg.rematch.method == "none" else cfg.rematch
+
+    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+        tc = cfg.train
+        f = feature_model(pixels, ids)
         n = f.image.shape[0] if cfg.ot.intra_samples == 0 else min(cfg.ot.intra_samples, f.image.shape[0])
         rows = torch.randperm(f.image.shape[0], generator=gen)[:n].to(pixels.device)
         view = _view(bare_model, pixels, ids, cfg, gen, rows) if tc.lambda_intra > 0 else None
         terms = otcclip_terms(f, tc.tau_ot, cfg.ot, tc.lambda_inter, tc.lambda_intra, view=view, view_index=rows,
-                              weights=weights)
+                              weights=weights, content_ids=content_ids)
         return combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})
-    if defense == "safeclip":
+
+
+class SafeCLIP(Defense):
+    """SafeCLIP: unimodal warm-up, then L_clip on the batch's safe pairs and the unimodal loss on the rest
+    (module docstring). No re-match stage."""
+
+    name = "safeclip"
+
+    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+        tc = cfg.train
+        f = feature_model(pixels, ids)
         all_rows = torch.arange(f.image.shape[0], device=pixels.device)
         view = _view(bare_model, pixels, ids, cfg, gen, all_rows)
         if epoch < tc.safeclip_warmup:
@@ -65,9 +132,20 @@ def batch_loss(defense: str, feature_model: nn.Module, bare_model: nn.Module, pi
         n_safe = max(2, int(round(safe_share(epoch, tc.safeclip_warmup) * len(similarity))))
         order = similarity.argsort(descending=True)
         safe, risky = order[:n_safe], order[n_safe:]
-        terms = {"clip_loss": clip_loss(f.image[safe], f.text[safe], f.logit_scale)}
+        terms = {"clip_loss": clip_loss(f.image[safe], f.text[safe], f.logit_scale,
+                                        content_ids=None if content_ids is None else content_ids[safe])}
         if len(risky) > 1:
             terms["image_unimodal_loss"] = unimodal_contrastive_loss(f.image[risky], view.image[risky], UNIMODAL_TEMPERATURE)
             terms["text_unimodal_loss"] = unimodal_contrastive_loss(f.text[risky], view.text[risky], UNIMODAL_TEMPERATURE)
         return combine_losses(terms, {})
-    raise ValueError(f"unknown defense {defense!r}")
+
+
+DEFENSES: dict[str, Defense] = {d.name: d for d in (NoDefense(), RoCLIP(), SafeCLIP(), OTCCLIP())}
+
+
+def get_defense(name: str) -> Defense:
+    """The defense registered as `name` (the value of `train.defense`); ValueError naming the known ones."""
+    try:
+        return DEFENSES[name]
+    except KeyError:
+        raise ValueError(f"unknown defense {name!r} (train.defense): known are {', '.join(DEFENSES)}") from None

@@ -12,9 +12,13 @@ from pathlib import Path
 import ray
 
 from ..config import Config
-from ..evaluate.model_encoder import ModelEncoder, load_checkpoint_model
-from ..evaluate.report import evaluate_arrays, load_eval_set, resolve_attack, shard_set_classes
-from ..track.mlflow_logger import RunLogger, metric_history
+from ..data.builtin import DatasetInfo
+from ..evaluate.model_encoder import ModelEncoder
+from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
+from ..model_checkpoint import load_checkpoint_model
+from ..track import metric_names as N
+from ..track.mlflow_logger import RunLogger
+from ..track.plots import plot_run
 from .checkpoint import MODEL_FILE
 
 
@@ -26,10 +30,10 @@ class EpochEvaluator:
     cfg: Config
 
     @staticmethod
-    def create(cfg: Config, test_path: str, manifest: str | None) -> "EpochEvaluator":
-        inputs = (load_eval_set(test_path, cfg.data, cfg.eval.num_eval), shard_set_classes(test_path, cfg.data),
-                  resolve_attack(manifest, cfg.poison, cfg.data))
-        return EpochEvaluator(ray.put(inputs), cfg)
+    def create(cfg: Config, test: EvalSet, info: DatasetInfo, attack: AttackTruth) -> "EpochEvaluator":
+        """Ship the held-out rows, classes and attack truth (read by the driver: pipelines.evaluate.eval_inputs)
+        to the object store once."""
+        return EpochEvaluator(ray.put((test, info, attack)), cfg)
 
     def __call__(self, bundle, model, device, linear_probe: bool = False) -> dict[str, float]:
         test, info, attack = ray.get(self.ref)
@@ -40,36 +44,12 @@ class EpochEvaluator:
             model.train()
 
 
-def _plot(uri: str, run_id: str, folder: Path) -> list[Path]:
-    """ASR and zero-shot accuracy per epoch (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("eval/zeroshot_top1", "zero-shot top-1"), ("eval/backdoor_asr", "backdoor ASR"),
-                       ("eval/targeted_asr", "targeted ASR")):
-        points = sorted(metric_history(uri, run_id, key))
-        if points:
-            ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = folder / "asr_accuracy_per_epoch.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
-
-
 def final_report(cfg: Config, checkpoint: str, evaluator: EpochEvaluator, logger: RunLogger) -> dict[str, float]:
     """Evaluate the final checkpoint (a local folder) with the linear probe; log the metrics and plots."""
     bundle = load_checkpoint_model(str(Path(checkpoint) / MODEL_FILE), cfg.model)
-    metrics = {f"final/{k}": v for k, v in evaluator(bundle, bundle.model, "cpu", linear_probe=True).items()}
+    metrics = N.prefixed(N.FINAL, evaluator(bundle, bundle.model, "cpu", linear_probe=True))
     logger.metrics(metrics, step=cfg.train.epochs)
     with tempfile.TemporaryDirectory() as folder:
-        for path in _plot(logger.uri, logger.run_id, Path(folder)):
+        for path in plot_run(logger.uri, logger.run_id, Path(folder)):
             logger.artifact(str(path), "plots")
     return metrics

@@ -1,15 +1,20 @@
 """The per-worker training loop (Ray Train V2): CLIP pre-training with the configured defense.
 
 Each worker reads its split of the (re-matched) stream with `get_dataset_shard("train")`, equal-sized
-batches with `drop_last`, and trains a DDP-wrapped open_clip model (gloo on CPU, nccl on GPU). Rank 0
-alone publishes weights to the re-match actors, evaluates on the held-out set, logs to MLflow and
-writes checkpoints; every epoch ends in `ray.train.report` on all ranks.
+batches with `drop_last`, and trains a DDP-wrapped open_clip model (gloo on CPU, nccl on GPU) on the batch loss
+of the configured defense (`defenses.get_defense`). Rank 0 alone publishes weights to the re-match actors,
+evaluates on the held-out set, logs to MLflow and writes checkpoints; every epoch ends in `ray.train.report` on
+all ranks. The driver hands every worker one `LoopConfig`:
+
+    TorchTrainer(functools.partial(train_loop_per_worker, LoopConfig(cfg, run_id, uri, steps_per_epoch, ...)), ...)
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import ray
@@ -17,18 +22,47 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config
 from ..data import schema as S
 from ..model import FeatureModel, build_model, images_to_tensor
-from ..rematch.stage import CAPTION_USED, WEIGHT
+from ..data.schema import CAPTION_USED, WEIGHT
+from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger
 from .chaos import maybe_die
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .defenses import batch_loss
+from .defenses import get_defense
 from .schedule import warmup_cosine
 from .tally import RematchTally
 
+if TYPE_CHECKING:
+    from .evaluation import EpochEvaluator
+    from .publish import EpochPublisher
+
 MAX_LOGIT_SCALE = float(np.log(100.0))
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every Train worker; picklable (Ray ships it with the train function).
+
+    config: the run's validated Config (travels typed, a frozen dataclass tree);
+    run_id, tracking_uri: the MLflow run that rank 0 logs into;
+    steps_per_epoch: optimizer steps per epoch on each worker (the LR schedule's length is this x epochs);
+    evaluate: rank 0's held-out evaluation, (bundle, model, device) -> metrics, or None for none;
+    publish: rank 0's hand-off of the weights to the re-match actors at each epoch start, (model, epoch), or None
+    when the defense streams without a re-match stage;
+    chaos: the fault-injection spec of `chaos.ENV` ("" = off);
+    poison_keys: ObjectRef of the poison manifest's keys (detection metrics of the stage), or None (clean data).
+    """
+
+    config: Config
+    run_id: str
+    tracking_uri: str
+    steps_per_epoch: int
+    evaluate: Optional["EpochEvaluator"] = None
+    publish: Optional["EpochPublisher"] = None
+    chaos: str = ""
+    poison_keys: Optional[ray.ObjectRef] = None
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -61,10 +95,12 @@ def _restore(model, optimizer, scheduler, rng) -> TrainState:
         return load_checkpoint(folder, model, optimizer, scheduler, rng)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point of every Train worker. loop_config: config (nested dict), run_id, tracking_uri,
-    steps_per_epoch, eval_ref (ObjectRef of the evaluation inputs or None), weights_store (actor name or "")."""
-    cfg = config_from_dict(loop_config["config"])
+def train_loop_per_worker(loop: LoopConfig) -> None:
+    """Entry point of every Train worker (bound to its `LoopConfig` with functools.partial): trains
+    `cfg.train.epochs` epochs from the newest checkpoint, reporting each epoch's metrics (and, on rank 0, its
+    checkpoint) to Ray Train."""
+    cfg = loop.config
+    defense = get_defense(cfg.train.defense)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
@@ -78,17 +114,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bare = bundle.model.to(device)
     feature_model = ray.train.torch.prepare_model(FeatureModel(bare), parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = _optimizer(bare, cfg)
-    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    steps_per_epoch = loop.steps_per_epoch
     scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs)
     state = _restore(bare, optimizer, scheduler, rng)
 
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    evaluate = loop_config.get("evaluate")
-    publish = loop_config.get("publish")
-    chaos = loop_config.get("chaos", "")
+    logger = RunLogger(loop.tracking_uri, loop.run_id) if rank == 0 else None
+    evaluate, publish, chaos = loop.evaluate, loop.publish, loop.chaos
     shard = ray.train.get_dataset_shard("train")
-    autocast = bundle.autocast_dtype
-    poisoned = frozenset(ray.get(loop_config["poison_keys"])) if loop_config.get("poison_keys") is not None else frozenset()
+    poisoned = frozenset(ray.get(loop.poison_keys)) if loop.poison_keys is not None else frozenset()
 
     for epoch in range(state.epoch, cfg.train.epochs):
         if rank == 0 and publish is not None:
@@ -104,8 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             captions = batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION]
             ids = bundle.tokenizer([str(c) for c in captions]).to(device)
             weights = _pair_weights(batch, device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss, terms = batch_loss(cfg.train.defense, feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
+            with bundle.autocast(device):
+                loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
@@ -120,17 +153,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             if logger and state.step % cfg.train.log_every == 0:
-                logger.metrics({f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]},
-                               step=state.step)
+                logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
-        metrics = {"epoch": float(epoch), "train/samples_per_s_worker": seen / max(elapsed, 1e-9),
-                   "train/epoch_seconds": elapsed, "train/batches": float(n_batches)}
-        metrics |= {f"train/epoch_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics = {N.EPOCH: float(epoch), N.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
+                   N.TRAIN_EPOCH_SECONDS: elapsed, N.TRAIN_BATCHES: float(n_batches)}
+        metrics |= {N.train_epoch(k): v / max(n_batches, 1) for k, v in sums.items()}
         metrics |= tally.metrics()              # this worker's share of the stream
         if rank == 0:
             if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
-                metrics |= {f"eval/{k}": v for k, v in evaluate(bundle, bare, device).items()}
+                metrics |= N.prefixed(N.EVAL, evaluate(bundle, bare, device))
             logger.metrics(metrics, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(folder, bare, optimizer, scheduler, state, rng)

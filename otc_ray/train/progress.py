@@ -11,22 +11,23 @@ import math
 import threading
 
 from ..config import Config
+from ..track import metric_names as N
 from ..track.mlflow_logger import metric_history
 
-LINE_FIELDS = (("eval/zeroshot_top1", "zero-shot {:.3f}"), ("eval/backdoor_asr", "backdoor ASR {:.3f}"),
-               ("eval/targeted_asr", "targeted ASR {:.2f}"), ("rematch/flag_rate", "flagged {:.1%}"),
-               ("rematch/detect_recall", "detection recall {:.2f}"))
-HEAD_FIELDS = ("train/epoch_seconds", "train/samples_per_s_worker", "train/epoch_total_loss")
+LINE_FIELDS = ((N.EVAL_ZEROSHOT_TOP1, "zero-shot {:.3f}"), (N.EVAL_BACKDOOR_ASR, "backdoor ASR {:.3f}"),
+               (N.EVAL_TARGETED_ASR, "targeted ASR {:.2f}"), (N.REMATCH_FLAG_RATE, "flagged {:.1%}"),
+               (N.REMATCH_DETECT_RECALL, "detection recall {:.2f}"))
+HEAD_FIELDS = (N.TRAIN_EPOCH_SECONDS, N.TRAIN_SAMPLES_PER_S_WORKER, N.TRAIN_EPOCH_TOTAL_LOSS)
 
 
 def epoch_line(name: str, epochs_done: int, epochs: int, metrics: dict[str, float], workers: int = 1) -> str:
     """The progress line of one epoch from its metrics (missing or NaN fields are left out). samples/s is the
     whole job's: rank 0's rate times the workers (every rank trains the same number of equal batches)."""
-    rate = metrics.get("train/samples_per_s_worker", math.nan) * workers
-    head = (f"[{name}] epoch {epochs_done}/{epochs} {metrics.get('train/epoch_seconds', math.nan):.0f} s "
+    rate = metrics.get(N.TRAIN_SAMPLES_PER_S_WORKER, math.nan) * workers
+    head = (f"[{name}] epoch {epochs_done}/{epochs} {metrics.get(N.TRAIN_EPOCH_SECONDS, math.nan):.0f} s "
             f"{rate:.0f} samples/s" + (f" ({workers} workers)" if workers > 1 else ""))
-    if "train/epoch_total_loss" in metrics:
-        head += f" loss {metrics['train/epoch_total_loss']:.2f}"
+    if N.TRAIN_EPOCH_TOTAL_LOSS in metrics:
+        head += f" loss {metrics[N.TRAIN_EPOCH_TOTAL_LOSS]:.2f}"
     tail = [fmt.format(metrics[k]) for k, fmt in LINE_FIELDS if k in metrics and math.isfinite(metrics[k])]
     return head + (" | " + " ".join(tail) if tail else "")
 
@@ -44,7 +45,7 @@ class EpochProgress:
 
     def poll(self) -> list[str]:
         """Print (and return) the lines of epochs finished since the last poll."""
-        done = sorted({step for step, _ in metric_history(self.uri, self.run_id, "train/epoch_seconds")} - self.printed)
+        done = sorted({step for step, _ in metric_history(self.uri, self.run_id, N.TRAIN_EPOCH_SECONDS)} - self.printed)
         if not done:
             return []
         history = {k: dict(metric_history(self.uri, self.run_id, k)) for k in HEAD_FIELDS + tuple(k for k, _ in LINE_FIELDS)}

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..data import schema as S
 from ..evaluate.detection import damage_metrics, detection_metrics
-from ..rematch.stage import FLAGGED, RECAPTIONED, SOURCE_LABEL, WEIGHT
+from ..track import metric_names as N
+from ..data.schema import FLAGGED, RECAPTIONED, SOURCE_LABEL, WEIGHT
 
 
 @dataclass
@@ -40,14 +41,14 @@ class RematchTally:
             return {}
         flags, truth = np.concatenate(self.flags), np.concatenate(self.truth)
         weights = np.concatenate(self.weights)
-        out = {"rematch/flag_rate": float(flags.mean()), "rematch/recaptioned_rate": self.recaptioned / len(flags),
-               "rematch/dropped_rate": float((weights == 0).mean()), "rematch/mean_weight": float(weights.mean())}
+        out = {N.REMATCH_FLAG_RATE: float(flags.mean()), N.REMATCH_RECAPTIONED_RATE: self.recaptioned / len(flags),
+               N.REMATCH_DROPPED_RATE: float((weights == 0).mean()), N.REMATCH_MEAN_WEIGHT: float(weights.mean())}
         if self.poisoned_keys:
-            out |= {f"rematch/{k}": v for k, v in detection_metrics(flags, truth).items()}
+            out |= N.prefixed(N.REMATCH, detection_metrics(flags, truth))
         if self.labels:
             labels, sources = np.concatenate(self.labels), np.concatenate(self.source_labels)
             known = (labels >= 0) & (sources >= 0)
             clean = ~truth & known
             if clean.any():         # damage: clean pairs now trained with a caption of another class
-                out |= {f"rematch/{k}": v for k, v in damage_metrics(clean, labels, sources).items()}
+                out |= N.prefixed(N.REMATCH, damage_metrics(clean, labels, sources))
         return out

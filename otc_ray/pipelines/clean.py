@@ -4,10 +4,10 @@
                            manifest="s3://bkt/train/_poison_manifest.parquet")
     print("\\n".join(summary.lines()))
 
-Pipeline (Ray Data, streaming): read + decode -> re-matching actor pool (stage.py) -> a write task per batch of
-`data.samples_per_shard` rows, which commits one shard of the kept and re-captioned samples (the input's format,
-original image bytes, the caption used; metadata gains a `clean` entry when something changed) and returns the
-batch's report rows (no images). The driver gathers the report, then commits in this order:
+Pipeline (Ray Data, streaming): read + decode -> re-matching actor pool (otc_ray/rematch/stage.py) -> a write
+task per batch of `data.samples_per_shard` rows, which commits one shard of the kept and re-captioned samples
+(the input's format, original image bytes, the caption used; metadata gains a `clean` entry when something
+changed) and returns the batch's report rows (no images). The driver gathers the report, then commits in this order:
     clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
     _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
     _info.json                  the input's, plus a `clean` section
@@ -34,17 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from otc_ray.config import Config, S3Config
+from otc_ray.config import Config, S3Config, validate
 from otc_ray.data import schema as S
-from otc_ray.data.parquet_format import write_parquet_shard
 from otc_ray.data.ray_io import load_samples
-from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info
+from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info, write_shard
 from otc_ray.data.storage import display, resolve
-from otc_ray.data.tar_format import write_tar_shard
-
-from . import stage as T
-from .matcher import check_config
-from .weights import publish, weight_store
+from otc_ray.rematch.stage import add_rematch_stage
+from otc_ray.rematch.weights import publish, weight_store
 
 REPORT_FILE = "_clean_report.parquet"
 SUMMARY_FILE = "_clean_summary.json"
@@ -114,7 +110,7 @@ class CleanSummary:
 def _outcomes(batch: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
     """(outcome, reason) per row: bad input and weight-0 rows are dropped; a changed caption is recaptioned."""
     outcomes, reasons = [], []
-    for err, weight, changed in zip(batch[S.ERROR], batch[T.WEIGHT], batch[T.RECAPTIONED]):
+    for err, weight, changed in zip(batch[S.ERROR], batch[S.WEIGHT], batch[S.RECAPTIONED]):
         if err:
             outcomes.append(DROPPED), reasons.append(str(err))
         elif weight <= 0:
@@ -134,26 +130,17 @@ def _meta(raw: Any, caption: str, source_key: str, changed: bool, weight: float)
     return meta
 
 
-def shard_name(keys: list[str], fmt: str, tag: str = "") -> str:
-    """Deterministic shard name from the keys of the batch it comes from (and a tag, the image format of a
-    parquet group): clean-<16 hex>.tar|.parquet. A retried batch overwrites its shard, whatever it keeps."""
-    text = "\n".join(keys) + "\n#" + tag
+def shard_name(keys: list[str], fmt: str) -> str:
+    """Deterministic shard name from the keys of the batch it comes from: clean-<16 hex>.tar|.parquet.
+    A retried batch overwrites its shard, whatever it keeps."""
+    text = "\n".join(keys) + "\n#"
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
     return f"clean-{digest}{SUFFIX[fmt]}"
 
 
-def _groups(samples: list[tuple], fmt: str) -> list[list[tuple]]:
-    """One group per shard: a tar shard takes any mix of image formats, a parquet shard one format."""
-    if fmt == "wds":
-        return [samples] if samples else []
-    by_ext: dict[str, list[tuple]] = {}
-    for sample in samples:
-        by_ext.setdefault(sample[2], []).append(sample)
-    return list(by_ext.values())
-
-
 def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) -> dict[str, np.ndarray]:
-    """Commit the kept and re-captioned rows of a re-matched batch as a shard; return the batch's report rows."""
+    """Commit the kept and re-captioned rows of a re-matched batch as one shard (any mix of image formats, the
+    original bytes); return the batch's report rows."""
     outcomes, reasons = _outcomes(batch)
     keys = [str(k) for k in batch[S.KEY]]
     samples = []
@@ -161,27 +148,22 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
         if outcome == DROPPED:
             continue
         changed = outcome == RECAPTIONED
-        meta = _meta(batch[S.META][i], str(batch[S.CAPTION][i]), str(batch[T.SOURCE_KEY][i]), changed,
-                     float(batch[T.WEIGHT][i]))
+        meta = _meta(batch[S.META][i], str(batch[S.CAPTION][i]), str(batch[S.SOURCE_KEY][i]), changed,
+                     float(batch[S.WEIGHT][i]))
         samples.append((keys[i], bytes(batch[S.IMAGE_BYTES][i]), str(batch[S.IMAGE_EXT][i]),
-                        str(batch[T.CAPTION_USED][i]), meta))
-    shard_of: dict[str, str] = {}
-    fs = root = None
-    for group in _groups(samples, fmt):
-        name = shard_name(keys, fmt, group[0][2] if fmt == "parquet" else "")
-        stream = io.BytesIO()
-        (write_tar_shard if fmt == "wds" else write_parquet_shard)(stream, group)
-        if fs is None:
-            fs, root = resolve(out, s3)
-        commit_file(fs, posixpath.join(root, name), stream.getvalue())
-        shard_of.update((sample[0], name) for sample in group)
+                        str(batch[S.CAPTION_USED][i]), meta))
+    name = shard_name(keys, fmt)
+    if samples:
+        fs, root = resolve(out, s3)
+        write_shard(fs, posixpath.join(root, name), fmt, samples)
+    shard_of = {sample[0]: name for sample in samples}
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
-            "caption_used": np.asarray([str(c) for c in batch[T.CAPTION_USED]], dtype=object),
+            "caption_used": np.asarray([str(c) for c in batch[S.CAPTION_USED]], dtype=object),
             "caption": np.asarray([str(c) for c in batch[S.CAPTION]], dtype=object),
-            "source_key": np.asarray([str(c) for c in batch[T.SOURCE_KEY]], dtype=object),
-            **{c: np.asarray(batch[c], dtype=np.float32) for c in (T.OWN_SCORE, T.BEST_SCORE, T.SUSPICION, T.GATE_Z)},
-            "flagged": np.asarray(batch[T.FLAGGED], dtype=bool), "weight": np.asarray(batch[T.WEIGHT], np.float32),
+            "source_key": np.asarray([str(c) for c in batch[S.SOURCE_KEY]], dtype=object),
+            **{c: np.asarray(batch[c], dtype=np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)},
+            "flagged": np.asarray(batch[S.FLAGGED], dtype=bool), "weight": np.asarray(batch[S.WEIGHT], np.float32),
             "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
 
 
@@ -250,7 +232,7 @@ def _detection(report: pa.Table, manifest: str, s3: S3Config) -> dict[str, float
 def _load_weights(checkpoint: Optional[str], cfg: Config) -> Optional[dict]:
     if checkpoint is None:
         return None
-    from otc_ray.evaluate.model_encoder import load_checkpoint_model
+    from otc_ray.model_checkpoint import load_checkpoint_model
 
     return load_checkpoint_model(checkpoint, cfg.model, cfg.data.s3).model.state_dict()
 
@@ -265,7 +247,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     `summary.metrics()`. ray_remote_args go to the re-matching actors. Ray must be initialised.
     """
     start = time.perf_counter()
-    check_config(cfg.rematch)
+    validate(cfg.rematch)
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
     fs, root = _check_output(in_path, out_path, s3)
@@ -276,7 +258,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
         publish(store, state)
         del state
     try:
-        ds = T.add_rematch_stage(load_samples(in_path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
+        ds = add_rematch_stage(load_samples(in_path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
                                  ray_remote_args=ray_remote_args)
         ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3},
                             batch_size=cfg.data.samples_per_shard, batch_format="numpy",

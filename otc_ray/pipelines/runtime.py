@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from .config import RayConfig
+from ..config import RayConfig
 
 
 def init_ray(cfg: RayConfig) -> None:

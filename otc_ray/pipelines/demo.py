@@ -1,8 +1,9 @@
 """`otc-ray demo`: the attacks are real and the defense holds, in one command on one machine.
 
-Trains each defense of `DEFENSES` on the same poisoned built-in data (jobs/configs/demo.yaml), one
-MLflow run each in the experiment `tracking.experiment`, then prints the comparison table of these runs and
-how to open the MLflow UI on the results. Runs are named `<name>-<defense>-<digest of the settings>`: a rerun
+Trains each defense of `DEFENSES` on the same poisoned built-in data (otc_ray/configs/demo.yaml, package data
+that a plain `pip install .` installs beside the code), one MLflow run each in the experiment
+`tracking.experiment`, then prints the comparison table of these runs and how to open the MLflow UI on the
+results. Runs are named `<name>-<defense>-<digest of the settings>`: a rerun
 with the same settings reuses (or resumes) the finished runs, other overrides train new ones.
 """
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Config, replace
-from .track.compare import compare
-from .track.mlflow_logger import tracking_uri, training_digest
+from ..config import Config, replace
+from ..track import metric_names as N
+from ..track.compare import compare
+from ..track.mlflow_logger import tracking_uri, training_digest
 
 DEFENSES = ("none", "roclip", "otcclip")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"      # otc_ray/configs/ (package data)
 
 
 def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
     """Train every defense in turn (progress and ETA on stdout); returns the comparison table."""
-    from .train.trainer import run_training
+    from .train import run_training
 
     start, times, run_ids = time.perf_counter(), [], []
     for i, defense in enumerate(defenses):
@@ -32,9 +34,9 @@ def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
         times.append(result.seconds)
         run_ids.append(result.run_id)
         m = result.metrics
-        print(f"[demo {i + 1}/{len(defenses)}] {defense}: zero-shot {m.get('final/zeroshot_top1', float('nan')):.3f}, "
-              f"backdoor ASR {m.get('final/backdoor_asr', float('nan')):.3f}, "
-              f"targeted ASR {m.get('final/targeted_asr', float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
+        print(f"[demo {i + 1}/{len(defenses)}] {defense}: zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, float('nan')):.3f}, "
+              f"backdoor ASR {m.get(N.FINAL_BACKDOOR_ASR, float('nan')):.3f}, "
+              f"targeted ASR {m.get(N.FINAL_TARGETED_ASR, float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
     uri = tracking_uri(cfg)
     table, plots = compare(uri, cfg.tracking.experiment, "text", Path(cfg.output_dir) / "compare", run_ids=run_ids)
     print(f"\n{table}\n")

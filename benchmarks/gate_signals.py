@@ -1,0 +1,205 @@
+"""Which evidence separates poisoned pairs, and at what operating point: the gate's signals on trained checkpoints.
+
+    .venv/bin/python benchmarks/gate_signals.py --data runs/data/poisoned-targeted-XXXX \
+        --checkpoint none/e1=runs/ray_results/val-none/checkpoint_A/model.pt --checkpoint ... \
+        [--config otc_ray/configs/demo.yaml] [key=value ...]
+
+Each checkpoint re-matches the whole (poisoned) shard set block by block, in a seeded shuffled order, with
+`Matcher` exactly as one re-match actor does (gate `evidence`, all three signals, bank as configured, sticky
+flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan concentration) and
+their caption-calibrated z-scores, then reports, backdoor and targeted pairs apart against the clean ones:
+the AUROC of every raw signal and every calibrated z, and for each combination of signals (min = union of
+outliers, mean) the flag rate, precision and recall at several thresholds, and damage (clean pairs re-captioned
+with another class's caption). Data are read in this process (no Ray). Writes a markdown table (--output) and
+one JSON line per checkpoint (--json) as each finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from otc_ray.config import load_config
+from otc_ray.data.decode import DecodeLimits, decode_image
+from otc_ray.data.tar_format import iter_tar_samples
+from otc_ray.evaluate.detection import detection_auroc
+from otc_ray.rematch.signals import SIGNALS
+
+ROOT = Path(__file__).resolve().parents[1]
+THRESHOLDS = (-2.0, -2.5, -3.0, -3.5, -4.0)
+
+
+@dataclasses.dataclass
+class ShardRows:
+    """Decoded good samples of a shard set: keys (n,), images uint8 (n, H, W, 3), captions, labels (n,) (-1 =
+    unknown), kind (n,) "" / "backdoor" / "targeted" from the poison manifest. labels is the class the caption names
+    (the attack's class for a poisoned pair), image_labels the class of the image (its original class)."""
+
+    keys: np.ndarray
+    images: np.ndarray
+    captions: list[str]
+    labels: np.ndarray
+    kind: np.ndarray
+    image_labels: np.ndarray
+
+
+def read_rows(folder: str, data_cfg) -> ShardRows:
+    import pyarrow.parquet as pq
+
+    keys, images, captions, labels = [], [], [], []
+    limits = DecodeLimits.from_config(data_cfg)
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with open(shard, "rb") as f:
+            for row in iter_tar_samples(f, str(shard)):
+                if row["error"] or not row["caption_raw"]:
+                    continue
+                image, err = decode_image(row["image_bytes"], limits)
+                if err:
+                    continue
+                meta = json.loads(row["meta"] or b"{}")
+                keys.append(row["key"])
+                images.append(image)
+                captions.append(row["caption_raw"].decode("utf-8"))
+                labels.append(int(meta.get("label", -1)))
+    manifest = pq.read_table(Path(folder) / "_poison_manifest.parquet",
+                             columns=["key", "attack", "target_label", "original_label"])
+    attack = dict(zip(manifest.column("key").to_pylist(), manifest.column("attack").to_pylist()))
+    caption_class = dict(zip(manifest.column("key").to_pylist(), manifest.column("target_label").to_pylist()))
+    kind = np.asarray([attack.get(k, "") for k in keys])
+    original = dict(zip(manifest.column("key").to_pylist(), manifest.column("original_label").to_pylist()))
+    image_labels = np.asarray([original.get(k, lab) for k, lab in zip(keys, labels)], dtype=np.int64)
+    # the class a pair's caption names: the image's label for clean pairs, the attack's target for poisoned ones
+    labels = np.asarray([caption_class.get(k, lab) for k, lab in zip(keys, labels)], dtype=np.int64)
+    return ShardRows(np.asarray(keys), np.stack(images), captions, labels, kind, image_labels)
+
+
+def run_matcher(matcher, rows: ShardRows, order: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """Per sample (in `order`): raw signals (n, S), calibrated z (n, S), flags, source class, group size."""
+    out = {"signals": [], "signal_z": [], "flagged": [], "recaptioned": [], "source_label": [], "group": []}
+    for start in range(0, len(order), block):
+        idx = order[start:start + block]
+        m = matcher.match(rows.images[idx], [rows.captions[i] for i in idx], rows.keys[idx].tolist(),
+                          labels=rows.labels[idx].tolist())
+        r = m.result
+        out["signals"].append(r.signals.numpy())
+        out["signal_z"].append(r.signal_z.numpy())
+        out["flagged"].append(r.flagged.numpy())
+        out["recaptioned"].append(r.recaptioned.numpy())
+        out["source_label"].append(np.asarray(m.source_label))
+        out["group"].append(r.group_size.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def auroc(score: np.ndarray, positive: np.ndarray, clean: np.ndarray) -> float:
+    """AUROC of `score` (higher = more suspicious) for positive vs clean rows; NaN scores count as least suspicious."""
+    rows = positive | clean
+    s = np.nan_to_num(score[rows], nan=-1e9)
+    return detection_auroc(s, positive[rows])["detect_auroc"]
+
+
+def operating_points(z: np.ndarray, kind: np.ndarray) -> list[dict]:
+    clean = kind == ""
+    pts = []
+    for t in THRESHOLDS:
+        flag = z < t
+        tp = int((flag & ~clean).sum())
+        pts.append({"threshold": t, "flag_rate": float(flag.mean()),
+                    "precision": tp / max(1, int(flag.sum())),
+                    "recall_backdoor": float(flag[kind == "backdoor"].mean()) if (kind == "backdoor").any() else np.nan,
+                    "recall_targeted": float(flag[kind == "targeted"].mean()) if (kind == "targeted").any() else np.nan,
+                    "clean_flagged": float(flag[clean].mean())})
+    return pts
+
+
+def _accuracy(res: dict, image_labels: np.ndarray, rows: np.ndarray) -> float:
+    changed = rows & res["recaptioned"]
+    return float((res["source_label"][changed] == image_labels[changed]).mean()) if changed.any() else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="poisoned shard folder (tar) with _poison_manifest.parquet")
+    parser.add_argument("--checkpoint", action="append", required=True, help="label=path/to/model.pt (repeat)")
+    parser.add_argument("--config", default=str(ROOT / "otc_ray" / "configs" / "demo.yaml"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gate_signals.md"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "gate_signals.jsonl"))
+    parser.add_argument("--seed", type=int, default=0, help="block order")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args, overrides = parser.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
+    from otc_ray.model_checkpoint import load_checkpoint_model
+    from otc_ray.rematch.matcher import Matcher
+
+    cfg = load_config(args.config, ["rematch.gate=evidence", "rematch.sticky=false", *overrides])
+    rcfg = dataclasses.replace(cfg.rematch, gate_signals=SIGNALS)
+    rows = read_rows(args.data, cfg.data)
+    order = np.random.default_rng(args.seed).permutation(len(rows.keys))
+    kind, labels = rows.kind[order], rows.labels[order]
+    n_bd, n_tg = int((kind == "backdoor").sum()), int((kind == "targeted").sum())
+    lines = ["# Gate signals on a poisoned shard set\n",
+             f"`{args.data}`: {len(order)} pairs ({n_bd} backdoor, {n_tg} targeted); block {rcfg.block_size}, "
+             f"bank {rcfg.bank_size}, neighbours {rcfg.neighbours}, reference {rcfg.gate_reference}, eps "
+             f"{cfg.ot.eps}, {cfg.ot.iters} iterations, special tokens {cfg.ot.special_tokens}. AUROC: poisoned vs "
+             "clean (higher = the signal ranks poison as more suspicious).\n",
+             "| checkpoint | attack | " + " | ".join(f"{s} raw" for s in SIGNALS) + " | "
+             + " | ".join(f"{s} z" for s in SIGNALS) + " | min z | mean z |",
+             "|---|---|" + "---|" * (2 * len(SIGNALS) + 2)]
+    points = ["\n## Operating points (combined z < threshold; no duplicate-group averaging here)\n",
+              "| checkpoint | signals | combine | threshold | flagged | P | R backdoor | R targeted | clean flagged |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for spec in args.checkpoint:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
+        start = time.perf_counter()
+        res = run_matcher(Matcher(load_checkpoint_model(path, cfg.model), rcfg, cfg.ot), rows, order, rcfg.block_size)
+        seconds = time.perf_counter() - start
+        z = res["signal_z"]
+        record = {"checkpoint": name, "path": path, "seconds": seconds, "auroc": {}, "points": []}
+        for attack in ("backdoor", "targeted"):
+            pos = kind == attack
+            if not pos.any():
+                continue
+            raw = [auroc(-res["signals"][:, i], pos, kind == "") for i in range(len(SIGNALS))]
+            cal = [auroc(-z[:, i], pos, kind == "") for i in range(len(SIGNALS))]
+            mins, means = auroc(-np.nanmin(z, 1), pos, kind == ""), auroc(-np.nanmean(z, 1), pos, kind == "")
+            record["auroc"][attack] = {"raw": dict(zip(SIGNALS, raw)), "z": dict(zip(SIGNALS, cal)),
+                                       "min": mins, "mean": means}
+            lines.append(f"| {name} | {attack} | " + " | ".join(f"{v:.3f}" for v in raw + cal + [mins, means]) + " |")
+        for size in (1, 2, 3):
+            for combo in itertools.combinations(range(len(SIGNALS)), size):
+                for how in (("min",) if size == 1 else ("min", "mean")):
+                    sub = z[:, combo]
+                    comb = sub.min(1) if how == "min" else sub.mean(1)
+                    for p in operating_points(comb, kind):
+                        p |= {"signals": [SIGNALS[i] for i in combo], "combine": how}
+                        record["points"].append(p)
+                        points.append(f"| {name} | {'+'.join(p['signals'])} | {how} | {p['threshold']} | "
+                                      f"{p['flag_rate']:.3f} | {p['precision']:.3f} | {p['recall_backdoor']:.3f} | "
+                                      f"{p['recall_targeted']:.3f} | {p['clean_flagged']:.3f} |")
+        clean = kind == ""
+        flagged = res["flagged"]
+        record["matcher"] = {"flag_rate": float(flagged.mean()), "precision": float((flagged & ~clean).sum() / max(1, flagged.sum())),
+                             "recall_backdoor": float(flagged[kind == "backdoor"].mean()),
+                             "recall_targeted": float(flagged[kind == "targeted"].mean()) if n_tg else None,
+                             "damage": float((res["source_label"][clean] != labels[clean]).mean()),
+                             # of the flagged pairs that got a new caption, the share whose caption names the image's class
+                             "caption_accuracy_poisoned": _accuracy(res, rows.image_labels[order], flagged & ~clean),
+                             "caption_accuracy_clean": _accuracy(res, rows.image_labels[order], flagged & clean),
+                             "overrides": overrides,
+                             "threshold": rcfg.gate_threshold}
+        print(json.dumps({k: v for k, v in record.items() if k != "points"}), flush=True)
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("\n".join(lines + points) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Evaluation of a model on a held-out shard set: the driver-side reads that feed `evaluate.report`'s metrics.
+
+    metrics = evaluate_model(encoder, "shards/test", cfg.data, cfg.poison, cfg.eval,
+                             manifest_path="shards/train_bd", train_path="shards/train")
+    print(format_metrics(metrics))                            # otc_ray.evaluate.report
+
+The metrics (`otc_ray.evaluate`) take arrays; this module reads the shards and the poison manifest into them:
+`load_eval_set` (good rows through Ray Data, the `limit` smallest keys, so the evaluated subset does not depend
+on read order), `shard_set_classes` (class names and templates from `_info.json`) and `resolve_attack` (the
+trigger, target and target images the ASRs are measured against).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..config import DataConfig, EvalConfig, PoisonConfig
+from ..data import schema as S
+from ..data.builtin import DatasetInfo
+from ..data.decode import DecodeLimits, decode_image, good_rows
+from ..data.ray_io import load_samples
+from ..data.shards import read_info
+from ..evaluate.encoder import Encoder
+from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
+from ..poison.manifest import read_manifest
+from ..poison.triggers import TriggerSpec
+
+_COLUMNS = (S.KEY, S.IMAGE, S.CAPTION, S.LABEL)
+
+
+def _smallest_keys(parts: list[dict], limit: int) -> dict:
+    """Concatenate column batches and keep the `limit` rows with the smallest keys, sorted by key."""
+    cat = {c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS}
+    order = np.argsort(cat[S.KEY].astype(str), kind="stable")[:limit]
+    return {c: v[order] for c, v in cat.items()}
+
+
+def load_eval_set(path: str, data_cfg: DataConfig, limit: int) -> EvalSet:
+    """The `limit` good rows with the smallest keys of the shard set at `path` (one streaming Ray Data pass;
+    memory bounded by about 2 x limit decoded images)."""
+    ds = load_samples(path, data_cfg).map_batches(good_rows, batch_format="numpy").select_columns(list(_COLUMNS))
+    kept: list[dict] = []
+    held = 0
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
+        kept.append({c: np.asarray(batch[c]) for c in _COLUMNS})
+        held += len(batch[S.KEY])
+        if held > 2 * limit:
+            kept = [_smallest_keys(kept, limit)]
+            held = len(kept[0][S.KEY])
+    if not held:
+        raise ValueError(f"{path} holds no good samples to evaluate on")
+    rows = _smallest_keys(kept, limit)
+    return EvalSet(rows[S.KEY].astype(str), rows[S.IMAGE].astype(np.uint8), [str(c) for c in rows[S.CAPTION]],
+                   rows[S.LABEL].astype(np.int64))
+
+
+def shard_set_classes(path: str, data_cfg: DataConfig) -> DatasetInfo:
+    """Class names and templates of a shard set, from its `_info.json`."""
+    info = read_info(path, data_cfg.s3)
+    if not info or "dataset" not in info:
+        raise ValueError(f"{path} has no _info.json with a 'dataset' section; evaluation needs its class names")
+    return DatasetInfo.from_dict(info["dataset"])
+
+
+def resolve_attack(manifest_path: str | None, poison_cfg: PoisonConfig, data_cfg: DataConfig) -> AttackTruth:
+    """The backdoor trigger and target from the manifest's backdoor rows (else the config), and the targeted
+    attack's target images (decoded from the manifest's `image_bytes`, one per source key)."""
+    spec, target, source = TriggerSpec.from_config(poison_cfg), poison_cfg.target, "config"
+    if manifest_path is None:
+        return AttackTruth(spec, target, source)
+    rows = read_manifest(manifest_path, data_cfg.s3).to_pydict()
+    backdoor = [i for i, a in enumerate(rows["attack"]) if a == "backdoor"]
+    if backdoor:
+        specs = {rows["trigger"][i] for i in backdoor}
+        targets = {rows["target_class"][i] for i in backdoor}
+        if len(specs) > 1 or len(targets) > 1:
+            raise ValueError(f"manifest {manifest_path} mixes {len(specs)} triggers and {len(targets)} targets")
+        d = json.loads(specs.pop())
+        spec = TriggerSpec(**{**d, "color": tuple(d.get("color", (255, 255, 0)))})
+        target, source = targets.pop(), "manifest"
+    limits = DecodeLimits.from_config(data_cfg)
+    images, adversarial, seen = [], [], set()
+    for i, attack in enumerate(rows["attack"]):
+        if attack != "targeted" or rows["source_key"][i] in seen:
+            continue
+        seen.add(rows["source_key"][i])
+        image, err = decode_image(rows["image_bytes"][i], limits)
+        if err:
+            raise ValueError(f"manifest {manifest_path}: target image {rows['source_key'][i]} does not decode ({err})")
+        images.append(image)
+        adversarial.append(rows["target_class"][i])
+    return AttackTruth(spec, target, source, np.stack(images) if images else None, tuple(adversarial))
+
+
+def eval_inputs(test_path: str, manifest_path: str | None, data_cfg: DataConfig, poison_cfg: PoisonConfig,
+                eval_cfg: EvalConfig) -> tuple[EvalSet, DatasetInfo, AttackTruth]:
+    """(test rows, classes, attack truth): everything `evaluate_arrays` needs besides the encoder (the cheap
+    reads first, so a shard set without classes or a bad manifest fails before the Ray Data pass)."""
+    info = shard_set_classes(test_path, data_cfg)
+    attack = resolve_attack(manifest_path, poison_cfg, data_cfg)
+    return load_eval_set(test_path, data_cfg, eval_cfg.num_eval), info, attack
+
+
+def evaluate_model(encoder: Encoder, test_path: str, data_cfg: DataConfig, poison_cfg: PoisonConfig,
+                   eval_cfg: EvalConfig, manifest_path: str | None = None,
+                   train_path: str | None = None) -> dict[str, float]:
+    """Every metric of `encoder` on the test shards at `test_path` (keys: see otc_ray.evaluate.report).
+
+    manifest_path: a poisoned set's folder or `_poison_manifest.parquet` (trigger, target, target images);
+    train_path: shards to fit the linear probe on (else half of the test set). Needs Ray (Ray Data reads).
+    """
+    test, info, attack = eval_inputs(test_path, manifest_path, data_cfg, poison_cfg, eval_cfg)
+    train = None
+    if train_path and eval_cfg.linear_probe_train > 0:
+        train = load_eval_set(train_path, data_cfg, eval_cfg.linear_probe_train)
+        train = train.subset((train.labels >= 0) & (train.labels < len(info.classes)))
+        if not len(train.keys):
+            raise ValueError(f"linear probe: {train_path} holds no samples with a known class")
+    return evaluate_arrays(encoder, test, info, attack, eval_cfg, linear_probe=True, train=train)

@@ -1,0 +1,63 @@
+"""Data preparation for a training run: the shard sets it reads, generated and poisoned once when not given.
+
+    data = prepare_data(cfg)        # TrainData(train=..., test=..., manifest=...)
+
+`data.train` / `data.test` shard sets are used as they are; otherwise the built-in data set is generated (and,
+with `poison.attack`, poisoned: each attack of the tuple in turn, one transform each) once under
+`<output_dir>/data/`, in folders named by a digest of their settings, and reused by later runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, content_digest, replace, to_dict
+from ..data.make import make_shards
+from ..data.ray_io import count_outcomes, load_samples
+from ..data.shards import read_info
+from ..poison.transform import poison_shards
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Shard sets of one run: train (possibly poisoned), test, and the poison manifest folder (or None)."""
+
+    train: str
+    test: str
+    manifest: str | None
+
+
+def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
+    """Resolve (and generate / poison once, cached by content hash) the shard sets the run needs."""
+    d, root = cfg.data, Path(cfg.output_dir).resolve() / "data"
+    gen_key = {"dataset": d.dataset, "seed": d.seed, "image_size": d.image_size, "tint": d.tint,
+               "per_shard": d.samples_per_shard, "format": d.image_format}
+
+    def built_in(split: str, num: int) -> str:
+        out = root / f"{d.dataset}-{split}-{num}-{content_digest(gen_key)}"
+        if read_info(str(out), d.s3) is None:
+            make_shards(d, split, num, str(out), "wds", progress=progress)
+        return str(out)
+
+    train = d.train or built_in("train", d.num_train)
+    test = d.test or built_in("test", d.num_test)
+    if not cfg.poison.attack:
+        return TrainData(train, test, None)
+    source = train
+    for attack in cfg.poison.attack:                 # ("backdoor", "targeted") composes two transforms
+        step = replace(cfg, poison__attack=(attack,)).poison
+        # the folder digest spells the step's attack as one name, as the cache has always been keyed
+        out = root / f"poisoned-{attack}-{content_digest({'in': source, **to_dict(step), 'attack': attack})}"
+        if read_info(str(out), d.s3) is None:
+            poison_shards(source, str(out), step, d, target_source=test, progress=progress)
+        source = str(out)
+    return TrainData(source, test, source)
+
+
+def count_usable(path: str, cfg: Config) -> dict[str, int]:
+    """{"ok": good samples, reason: samples skipped for it} of a shard set: one read-and-decode pass, so a
+    corrupt or truncated shard shows up in the run's data/* metrics instead of vanishing silently."""
+    outcomes = count_outcomes(load_samples(path, cfg.data))
+    if not outcomes.get("ok"):
+        raise ValueError(f"no usable samples in {path}: {outcomes}")
+    return outcomes

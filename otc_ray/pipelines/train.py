@@ -1,0 +1,109 @@
+"""`otc-ray train`: the driver side of a training run — data, the MLflow run, the trainer, the final report.
+
+    result = run_training(load_config("jobs/configs/tiny.yaml", ["train.defense=otcclip"]))
+    result.run_id, result.metrics["final/backdoor_asr"], result.checkpoint
+
+Joins the stages: `prepare_data` (make / poison the shard sets), the read + re-match stream the workers consume
+(`training_dataset`), the held-out evaluation inputs (`pipelines.evaluate`), the MLflow run (`track`) and the
+TorchTrainer (`train.trainer.build_trainer`). A rerun with the same `name` resumes: Ray Train restores the
+newest checkpoint of that run name and the same MLflow run continues.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import ray
+
+from ..config import Config
+from ..data.decode import good_rows
+from ..data.ray_io import load_samples
+from ..track import metric_names as N
+from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
+from ..train.chaos import chaos_spec
+from ..train.defenses import get_defense
+from ..train.evaluation import EpochEvaluator, final_report
+from ..train.progress import EpochProgress
+from ..train.loop import LoopConfig
+from ..train.trainer import build_trainer
+from .evaluate import eval_inputs
+from .prepare import TrainData, count_usable, prepare_data
+from .runtime import init_ray
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+    seconds: float
+
+
+def _poison_keys(cfg: Config, data: TrainData):
+    """ObjectRef of the manifest's poisoned keys (detection metrics of the re-match stage), or None."""
+    if data.manifest is None:
+        return None
+    from ..poison.manifest import read_manifest
+
+    return ray.put(read_manifest(data.manifest, cfg.data.s3).column("key").to_pylist())
+
+
+def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, object]:
+    """The stream workers consume: decoded good rows, through the re-match stage when the defense needs it.
+
+    Returns (dataset, publisher): the publisher (or None) is called by rank 0 at each epoch start with the
+    current model, so the re-match actors score that epoch with the weights as they stand.
+    """
+    ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
+    rematch = get_defense(cfg.train.defense).rematch(cfg)
+    if rematch is None:
+        return ds, None
+    from ..rematch.stage import add_rematch_stage
+    from ..rematch.weights import weight_store
+    from ..train.publish import EpochPublisher
+
+    store_name = f"otc-weights-{cfg.tracking.run_name or cfg.name}"
+    weight_store(store_name)
+    return (add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store_name),
+            EpochPublisher(store_name, rematch))
+
+
+def run_training(cfg: Config, progress: bool = True) -> TrainResult:
+    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result."""
+    start = time.perf_counter()
+    init_ray(cfg.ray)
+    data = prepare_data(cfg, progress)
+    outcomes = count_usable(data.train, cfg)
+    uri = tracking_uri(cfg)
+    run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
+                                            "dataset": cfg.data.dataset, "train_data": data.train})
+    train_ds, publisher = training_dataset(cfg, data)
+    rows = outcomes["ok"]
+    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
+    evaluator = EpochEvaluator.create(cfg, *eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval))
+    loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
+                      poison_keys=_poison_keys(cfg, data))
+    logger = RunLogger(uri, run_id)
+    logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
+    try:
+        with EpochProgress(cfg, uri, run_id) if progress else nullcontext():
+            result = build_trainer(train_ds, loop).fit()
+    except Exception:
+        logger.finish("FAILED")
+        raise
+    checkpoint = None
+    metrics = dict(result.metrics or {})
+    if result.checkpoint:
+        checkpoint = result.checkpoint.path
+        if cfg.train.storage_path.startswith("s3://") and not checkpoint.startswith("s3://"):
+            checkpoint = f"s3://{checkpoint}"
+        with result.checkpoint.as_directory() as local:       # downloads when storage is remote
+            metrics |= final_report(cfg, local, evaluator, logger)
+    elapsed = time.perf_counter() - start
+    logger.metrics({N.RUN_SECONDS: elapsed, N.RUN_SAMPLES_PER_S: rows * cfg.train.epochs / max(elapsed, 1e-9)},
+                   step=cfg.train.epochs)
+    logger.tags({"checkpoint": checkpoint or ""})
+    logger.finish()
+    return TrainResult(run_id, uri, metrics, checkpoint, elapsed)

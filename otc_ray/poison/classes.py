@@ -1,0 +1,66 @@
+"""Class detection for poisoning: which class a sample belongs to, and captions that name a class.
+
+A sample's class is its meta `label` (or `class` name); when neither names a known class, its caption decides:
+it "names" a class when one of the class's synonyms occurs in it as words (`class_patterns`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..data import schema as S
+from ..data.builtin import DatasetInfo
+from ..data.decode import DecodeLimits, decode_caption, decode_image, decode_meta
+
+
+def class_patterns(info: DatasetInfo) -> list[re.Pattern]:
+    """Per class: a regex matching any of its synonyms (or its name) as whole words."""
+    out = []
+    for name in info.classes:
+        words = sorted({name, *info.synonyms.get(name, [])}, key=len, reverse=True)
+        out.append(re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.I))
+    return out
+
+
+def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Pattern]) -> int:
+    """Class index of a sample: meta `label` (int in range), else meta `class` name, else the single class
+    its caption names; -1 when unknown or ambiguous."""
+    label = meta.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(info.classes):
+        return label
+    if meta.get("class") in info.classes:
+        return info.classes.index(meta["class"])
+    named = [c for c, p in enumerate(patterns) if p.search(caption)]
+    return named[0] if len(named) == 1 else -1
+
+
+def template_caption(info: DatasetInfo, label: int, h: int) -> str:
+    """A caption naming class `label`, template and synonym chosen by the hash `h` (deterministic variety)."""
+    n_templates = len(info.caption_templates)
+    n_synonyms = max(1, len(info.synonyms.get(info.classes[label], [])))
+    return info.caption_for(label, h % n_templates, (h // n_templates) % n_synonyms)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A reader row after validation: error "" for a good sample."""
+
+    error: str
+    label: int = -1
+    caption: str = ""
+    meta: dict = field(default_factory=dict)
+    from_reader: bool = False        # the reader flagged it (not re-writable: skipped)
+
+
+def check_row(row: dict, limits: DecodeLimits, info: DatasetInfo, patterns: list[re.Pattern],
+              with_image: bool = True) -> Checked:
+    """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class."""
+    if row[S.ERROR]:
+        return Checked(row[S.ERROR], from_reader=True)
+    meta, err = decode_meta(row[S.META])
+    caption, err = decode_caption(row[S.CAPTION_RAW], limits) if not err else ("", err)
+    if not err and with_image:
+        _, err = decode_image(row[S.IMAGE_BYTES], limits)
+    if err:
+        return Checked(err)
+    return Checked("", class_of(meta, caption, info, patterns), caption, meta)

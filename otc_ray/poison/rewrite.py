@@ -1,0 +1,155 @@
+"""The rewrite for poisoning (pass 2 of `poison_shards`): input shard i becomes output shard i.
+
+The chosen samples are rewritten (backdoor: image triggered at `data.image_size` and re-encoded in the input's
+format, PNG, or JPEG which the manifest records as lossy; caption of the target class unless label-consistent);
+every other sample is copied as the reader's raw bytes (image, caption and JSON byte-identical, defective
+samples included); targeted copies are appended to shards chosen by hash. A poisoned sample's meta keeps its
+true `label` and gains `"poisoned": true` and the attack fields. Shards are written by the one shard writer
+(`otc_ray.data.shards.write_shard`).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from ..config import DataConfig, PoisonConfig
+from ..data import schema as S
+from ..data.builtin import DatasetInfo
+from ..data.decode import DecodeLimits, decode_image
+from ..data.sample import Sample, image_ext
+from ..data.shards import SUFFIX, encode_image, iter_rows, write_shard
+from ..data.storage import resolve
+from .classes import Checked, check_row, class_patterns, template_caption
+from .select import TARGETED_KEY, is_eligible, keyed_hash
+from .triggers import TriggerSpec, apply_trigger
+
+
+def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], data_captions: list[str],
+                     num_shards: int) -> list[dict]:
+    """T x K new samples: key tgtTTT-KKKK, the target image's bytes, an adversarial-class caption, the
+    target's meta (true label) plus the attack fields; `shard` is the output shard index (by hash)."""
+    adversarial = info.label_of(cfg.adversarial)
+    if cfg.caption_source == "data" and not data_captions:
+        raise ValueError(f"poison.caption_source=data but the training shards hold no good sample of "
+                         f"class {cfg.adversarial!r}")
+    out = []
+    for t, tgt in enumerate(targets):
+        for k in range(cfg.per_target):
+            key = TARGETED_KEY.format(t=t, k=k)
+            h = keyed_hash(key, cfg.seed, b"caption")
+            caption = (data_captions[(t * cfg.per_target + k) % len(data_captions)] if cfg.caption_source == "data"
+                       else template_caption(info, adversarial, h))
+            meta = {**tgt["meta"], "poisoned": True, "attack": "targeted", "poison_class": cfg.adversarial,
+                    "source_key": tgt["key"]}
+            ext = image_ext(tgt["ext"], tgt["image"])
+            out.append({"key": key, "image": tgt["image"], "ext": ext, "caption": caption, "meta": meta,
+                        "shard": keyed_hash(key, cfg.seed, b"placement") % num_shards,
+                        "manifest": {"key": key, "attack": "targeted", "trigger": "",
+                                     "original_caption": tgt["caption"], "poisoned_caption": caption,
+                                     "original_class": info.classes[tgt["label"]], "original_label": tgt["label"],
+                                     "target_class": cfg.adversarial, "target_label": adversarial,
+                                     "source_key": tgt["key"], "source": tgt["source"],
+                                     "image_format": "jpg" if ext == "jpeg" else ext, "lossy": False,
+                                     "image_bytes": tgt["image"]}})
+    return out
+
+
+def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo, spec: TriggerSpec,
+                    limits: DecodeLimits) -> tuple[Sample, dict]:
+    """(sample, manifest row without `shard`) of one backdoored sample."""
+    key = row[S.KEY]
+    image, _ = decode_image(row[S.IMAGE_BYTES], limits)
+    triggered = apply_trigger(image[None], spec, rng_seed=[keyed_hash(key, cfg.seed, b"trigger") >> 1])[0]
+    image_format = "jpg" if row[S.IMAGE_EXT] in ("jpg", "jpeg") else "png"
+    target = info.label_of(cfg.target)
+    if cfg.label_consistent:                 # caption kept as stored (raw bytes)
+        caption, stored = c.caption, bytes(row[S.CAPTION_RAW])
+    else:
+        caption = template_caption(info, target, keyed_hash(key, cfg.seed, b"caption"))
+        stored = caption
+    meta = {**c.meta, "poisoned": True, "attack": "backdoor", "poison_class": cfg.target, "trigger": spec.kind}
+    sample = (key, encode_image(triggered, image_format), image_format, stored, meta)
+    manifest = {"key": key, "attack": "backdoor", "trigger": json.dumps(spec.to_dict(), sort_keys=True),
+                "original_caption": c.caption, "poisoned_caption": caption,
+                "original_class": info.classes[c.label] if c.label >= 0 else "", "original_label": c.label,
+                "target_class": cfg.target, "target_label": target, "source_key": key, "source": row[S.SOURCE],
+                "image_format": image_format, "lossy": image_format == "jpg", "image_bytes": None}
+    return sample, manifest
+
+
+def raw_sample(row: dict, out_fmt: str) -> Sample | str:
+    """A reader row as a sample of its raw bytes, or the skip reason when `out_fmt` cannot hold it unchanged
+    (parquet string columns need UTF-8 captions and metadata)."""
+    caption, meta = row[S.CAPTION_RAW], row[S.META] or b"{}"
+    caption = bytes(caption) if caption is not None else None
+    meta = bytes(meta) if not isinstance(meta, str) else meta.encode("utf-8")
+    if out_fmt == "parquet":
+        for value, reason in ((caption, S.BAD_UTF8), (meta, S.BAD_META)):
+            try:
+                value is None or value.decode("utf-8")
+            except UnicodeDecodeError:
+                return reason
+    return (row[S.KEY], bytes(row[S.IMAGE_BYTES] or b""), row[S.IMAGE_EXT], caption, meta)
+
+
+@dataclass
+class Rewritten:
+    """What pass 2 wrote: manifest rows, counts, and (by reason) the rows not written: skipped = every row not
+    written, not_copied = the defective rows the reader accepted that the output format cannot hold unchanged."""
+
+    manifest: list[dict] = field(default_factory=list)
+    poisoned: int = 0
+    inserted: int = 0
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    not_copied: Counter = field(default_factory=Counter)
+
+
+def rewrite(files: list[str], fs, fmt: str, out_path: str, out_fmt: str, kind: str, cfg: PoisonConfig,
+            data_cfg: DataConfig, info: DatasetInfo, spec: TriggerSpec | None, limits: DecodeLimits,
+            selected: set[int], inserts: list[dict], total: int, progress: bool) -> Rewritten:
+    """Pass 2: write every output shard (`total` input rows, for the progress bar)."""
+    out_fs, out_root = resolve(out_path, data_cfg.s3)
+    patterns = class_patterns(info)
+    target = info.label_of(cfg.target) if kind == "backdoor" else -1
+    done: set[int] = set()
+    out = Rewritten()
+    bar = tqdm(total=total, desc="poison write", unit="sample", disable=not progress)
+    for index, path in enumerate(files):
+        shard_name = f"{index:05d}{SUFFIX[out_fmt]}"
+        samples: list[Sample] = []
+        for row in iter_rows(fs, path, fmt):
+            bar.update(1)
+            h = keyed_hash(row[S.KEY], cfg.seed, b"select") if selected else -1
+            if h in selected and h not in done:
+                c = check_row(row, limits, info, patterns)
+                if is_eligible(c, cfg, target, patterns[target]):
+                    sample, entry = backdoor_sample(row, c, cfg, info, spec, limits)
+                    samples.append(sample)
+                    out.manifest.append({**entry, "shard": shard_name})
+                    done.add(h)
+                    out.poisoned += 1
+                    continue
+            if row[S.ERROR]:
+                out.skipped[row[S.ERROR]] += 1
+                continue
+            raw = raw_sample(row, out_fmt)
+            if isinstance(raw, str):
+                out.skipped[raw] += 1
+                out.not_copied[raw] += 1
+                continue
+            samples.append(raw)
+        for ins in (i for i in inserts if i["shard"] == index):
+            samples.append((ins["key"], ins["image"], ins["ext"], ins["caption"], ins["meta"]))
+            out.manifest.append({**ins["manifest"], "shard": shard_name})
+            out.inserted += 1
+        out.written += write_shard(out_fs, posixpath.join(out_root, shard_name), out_fmt, samples)
+    bar.close()
+    if out.poisoned != len(selected):
+        raise RuntimeError(f"poisoned {out.poisoned} samples, selected {len(selected)}: the input changed "
+                           "between the two passes")
+    return out

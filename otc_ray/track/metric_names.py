@@ -1,0 +1,59 @@
+"""The names of a run's MLflow metrics, defined once: what the trainer logs and what compare, progress,
+the CLI, the demo and the benchmarks read.
+
+A name is `<prefix><key>`:
+    data/     the training shard set's outcome counts (step 0)        data/ok, data/skipped_<reason>
+    train/    rank 0's loss terms per step, its epoch figures          train/<term>, train/epoch_<term>, ...
+    rematch/  the re-match stage's flags as one worker saw them        rematch/flag_rate, rematch/detect_recall, ...
+    eval/     the evaluation of each epoch (no linear probe)           eval/<key of evaluate.report.evaluate_arrays>
+    final/    the evaluation of the final model                        final/<same keys, linear probe included>
+    run/      the whole run                                            run/seconds, run/samples_per_s
+"""
+from __future__ import annotations
+
+DATA, TRAIN, REMATCH, EVAL, FINAL, RUN = "data/", "train/", "rematch/", "eval/", "final/", "run/"
+
+# keys of the evaluation dict (otc_ray.evaluate.report.evaluate_arrays), under EVAL and FINAL
+ZEROSHOT_TOP1 = "zeroshot_top1"
+BACKDOOR_ASR = "backdoor_asr"
+TARGETED_ASR = "targeted_asr"
+LINEAR_PROBE_SPLIT_ACC = "linear_probe_split_acc"
+
+EPOCH = "epoch"                                             # the epoch index (0-based) every rank reports
+DATA_OK = DATA + "ok"
+TRAIN_LR = TRAIN + "lr"
+TRAIN_SAMPLES_PER_S_WORKER = TRAIN + "samples_per_s_worker"
+TRAIN_EPOCH_SECONDS = TRAIN + "epoch_seconds"
+TRAIN_BATCHES = TRAIN + "batches"
+TRAIN_EPOCH_TOTAL_LOSS = TRAIN + "epoch_total_loss"
+REMATCH_FLAG_RATE = REMATCH + "flag_rate"
+REMATCH_RECAPTIONED_RATE = REMATCH + "recaptioned_rate"
+REMATCH_DROPPED_RATE = REMATCH + "dropped_rate"
+REMATCH_MEAN_WEIGHT = REMATCH + "mean_weight"
+REMATCH_DETECT_PRECISION = REMATCH + "detect_precision"
+REMATCH_DETECT_RECALL = REMATCH + "detect_recall"
+REMATCH_DAMAGE = REMATCH + "damage"
+EVAL_ZEROSHOT_TOP1 = EVAL + ZEROSHOT_TOP1
+EVAL_BACKDOOR_ASR = EVAL + BACKDOOR_ASR
+EVAL_TARGETED_ASR = EVAL + TARGETED_ASR
+FINAL_ZEROSHOT_TOP1 = FINAL + ZEROSHOT_TOP1
+FINAL_BACKDOOR_ASR = FINAL + BACKDOOR_ASR
+FINAL_TARGETED_ASR = FINAL + TARGETED_ASR
+FINAL_LINEAR_PROBE_SPLIT_ACC = FINAL + LINEAR_PROBE_SPLIT_ACC
+RUN_SECONDS = RUN + "seconds"
+RUN_SAMPLES_PER_S = RUN + "samples_per_s"
+
+
+def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    """{prefix + key: value}: a metrics dict (loss terms, evaluation, detection) under one prefix."""
+    return {prefix + k: v for k, v in values.items()}
+
+
+def data_skipped(reason: str) -> str:
+    """The count of training samples skipped for `reason` (a `data.schema` skip reason)."""
+    return f"{DATA}skipped_{reason}"
+
+
+def train_epoch(term: str) -> str:
+    """Rank 0's mean of loss term `term` (e.g. "clip_loss") over an epoch."""
+    return f"{TRAIN}epoch_{term}"

@@ -1,0 +1,75 @@
+"""The defense registry (what each defense re-matches and trains) and the typed hand-off to the Train workers."""
+import dataclasses
+import math
+import pickle
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from otc_ray.config import TrainConfig, load_config
+from otc_ray.train.defenses import DEFENSES, Defense, get_defense
+from otc_ray.train.loop import LoopConfig
+from otc_ray.train.publish import EpochPublisher
+
+TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+
+
+def test_the_registry_holds_every_configurable_defense():
+    assert set(DEFENSES) == set(typing.get_args(typing.get_type_hints(TrainConfig)["defense"]))
+    for name, defense in DEFENSES.items():
+        assert isinstance(defense, Defense) and defense.name == name and get_defense(name) is defense
+
+
+def test_unknown_defense_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown defense 'magic' \(train\.defense\): known are none, roclip"):
+        get_defense("magic")
+
+
+def test_what_each_defense_rematches():
+    cfg = load_config(TINY, ["rematch.method=otcclip", "rematch.gate=neighbour", "rematch.k=5"])
+    assert get_defense("none").rematch(cfg) is None
+    assert get_defense("safeclip").rematch(cfg) is None
+    assert get_defense("otcclip").rematch(cfg) == cfg.rematch                  # as configured
+    assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.method=none"])) is None   # ablation
+    roclip = get_defense("roclip").rematch(cfg)                                # the baseline by definition
+    assert (roclip.method, roclip.gate) == ("roclip", "none")
+    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate) == cfg.rematch
+
+
+@pytest.mark.parametrize("defense, terms", [
+    ("none", {"clip_loss"}),
+    ("roclip", {"clip_loss"}),
+    ("otcclip", {"clip_loss", "inter_loss", "intra_loss"}),
+    ("safeclip", {"image_unimodal_loss", "text_unimodal_loss"}),                 # epoch 0 < safeclip_warmup
+])
+def test_batch_loss_of_each_defense(defense, terms):
+    from otc_ray.model import FeatureModel, build_model
+
+    cfg = load_config(TINY, [f"train.defense={defense}", "ot.intra_samples=2", "train.safeclip_warmup=1"])
+    torch.manual_seed(0)
+    bundle = build_model(cfg.model)
+    B, S = 4, bundle.image_size
+    pixels = torch.randn(B, 3, S, S)
+    ids = bundle.tokenizer(["a red shoe", "a blue bag", "a green shirt", "a black coat"])
+    loss, logged = get_defense(defense).batch_loss(FeatureModel(bundle.model), bundle.model, pixels, ids, cfg, 0,
+                                                   torch.Generator().manual_seed(0))
+    assert set(logged) == terms | {"total_loss"}
+    total = float(loss.detach())
+    assert loss.requires_grad and math.isfinite(total) and total == pytest.approx(logged["total_loss"])
+
+
+def test_loop_config_round_trips_through_pickle():
+    """The hand-off travels to the workers pickled (Ray's cloudpickle), with the typed config inside."""
+    import ray.cloudpickle
+
+    cfg = load_config(TINY, ["train.defense=otcclip"])
+    loop = LoopConfig(cfg, "run-id", "sqlite:///runs/mlflow.db", 39, publish=EpochPublisher("otc-weights-x", cfg.rematch),
+                      chaos="/tmp/marker:1:2")
+    for dumps, loads in ((pickle.dumps, pickle.loads), (ray.cloudpickle.dumps, ray.cloudpickle.loads)):
+        back = loads(dumps(loop))
+        assert back == loop and back.config == cfg and back.config.train.defense == "otcclip"
+        assert back.evaluate is None and back.poison_keys is None and back.publish.cfg == cfg.rematch
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loop.steps_per_epoch = 1

@@ -1,0 +1,127 @@
+"""OTCCLIP's gate and caption choice on hand-built features (known answers): the evidence signals, their
+calibration within a caption's cluster, duplicate groups judged as one, and OT choosing the new caption."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from otc_ray.config import OTConfig, RematchConfig
+from otc_ray.rematch.matcher import CaptionFeatures, ImageFeatures, Pool, match_block
+from otc_ray.rematch.signals import caption_calibrated_z, combine_z, plan_concentration
+
+OT = OTConfig(eps=0.05, iters=100)
+
+
+def _cfg(**kw) -> RematchConfig:
+    base = RematchConfig(method="otcclip", pool="block", gate="evidence", action="recaption", k=4,
+                         candidate_neighbours=4, neighbours=8, gate_reference=16, sticky=True)
+    return dataclasses.replace(base, **kw)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def test_plan_concentration_known_answers():
+    M, L = 4, 3
+    uniform = torch.full((1, M, L), 1.0 / (M * L))
+    peaked = torch.zeros(1, M, L)
+    peaked[0, 0, 0] = peaked[0, 1, 1] = peaked[0, 2, 2] = 1.0 / L                        # each word on one patch
+    half = peaked.clone()
+    half[0, :, 2] = 0
+    half[0, 0, 2] = half[0, 3, 2] = 0.5 / L                                              # word 2 split over two
+    conc = plan_concentration(torch.cat([uniform, peaked, half]))
+    torch.testing.assert_close(conc, torch.tensor([1 / M, 1.0, (1 + 1 + 0.5) / 3]))
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(plan_concentration(half, mask), torch.tensor([1.0]))      # word 2 masked out
+    assert torch.isnan(plan_concentration(uniform, torch.zeros(1, L, dtype=torch.bool))).all()
+
+
+def test_calibration_within_the_caption_cluster_finds_an_outlier_a_block_z_misses():
+    """Two caption clusters with different typical values (class A pairs score ~0.8, class B ~0.3). A class-A pair
+    scoring 0.45 is normal for the block but far below its own cluster."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 40
+    a_dir, b_dir = _unit(torch.randn(2, d, generator=g))
+    text = _unit(torch.cat([a_dir.expand(n, d), b_dir.expand(n, d)]) + 0.05 * torch.randn(2 * n, d, generator=g))
+    values = torch.cat([0.8 + 0.03 * torch.randn(n, generator=g), 0.3 + 0.03 * torch.randn(n, generator=g)])
+    values[0] = 0.45
+    self_mask = torch.eye(2 * n, dtype=torch.bool)
+    z = caption_calibrated_z(values, values, text, text, reference=16, exclude=self_mask)
+    assert float(z[0]) < -3 and float(z[1:].min()) > -3, z[:5]
+    block = (values - values.median()) / (1.4826 * (values - values.median()).abs().median())
+    assert float(block[0]) > -1, "a block-wide z sees nothing unusual"
+    assert torch.equal(combine_z({"a": torch.tensor([-4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}, "min"),
+                       torch.tensor([-4.0, 0.0]))
+    assert torch.equal(combine_z({"a": torch.tensor([-4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}, "mean"),
+                       torch.tensor([-2.0, 0.0]))
+
+
+def _clusters(seed: int, classes: int = 4, per_class: int = 24, d: int = 32):
+    """Aligned image and caption embeddings: class c's images and captions both lie near direction c."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = _unit(torch.randn(classes, d, generator=g))
+    label = torch.arange(classes).repeat_interleave(per_class)
+    img = _unit(dirs[label] + 0.25 * torch.randn(len(label), d, generator=g) / d ** 0.5)
+    txt = _unit(dirs[label] + 0.25 * torch.randn(len(label), d, generator=g) / d ** 0.5)
+    return img, txt, label, dirs
+
+
+def test_copies_of_a_target_are_one_group_flagged_together_and_weighted_one_over_k():
+    """A targeted attack: K pixel-identical copies of a class-0 image, captioned with class 1. Their cosine is low
+    for class-1 captions; the group is flagged as a whole and each copy weighs 1/K."""
+    img, txt, label, dirs = _clusters(seed=1)
+    B0, K = len(label), 6
+    target = _unit(dirs[0] + 0.25 * torch.randn(dirs.shape[1]) / dirs.shape[1] ** 0.5)    # a new class-0 image
+    img = torch.cat([img, target.expand(K, -1)])
+    txt = torch.cat([txt, _unit(dirs[1] + 0.02 * torch.randn(K, dirs.shape[1]))])
+    ids = torch.arange(B0 + K, dtype=torch.int64)
+    ids[B0:] = 10_000                                                                  # identical pixels
+    B = B0 + K
+    keys = torch.arange(B, dtype=torch.int64)
+    images = ImageFeatures(img, None, ids)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=ids)
+    res = match_block(images, pool, keys, _cfg(gate_signals=("cosine",), alpha=1.0, gate_threshold=-3.0), OT)
+    copies = torch.arange(B0, B)
+    assert res.group_size[copies].tolist() == [K] * K and bool((res.group_size[:B0] == 1).all())
+    assert bool(res.flagged[copies].all()), res.gate_z[copies]
+    assert not bool(res.flagged[:B0].any()), res.gate_z[:B0].min()
+    torch.testing.assert_close(res.weight[copies], torch.full((K,), 1.0 / K))
+    # re-captioned with a caption of the image's real class, never with another copy's false caption
+    assert bool((label[res.source[copies]] == 0).all()) and bool((res.source[copies] < B0).all())
+
+
+def test_ot_picks_the_caption_whose_words_match_the_patches():
+    """A flagged image with two candidate captions: X's words are the image's patches but X's global embedding
+    points away from the image; Y's global embedding is the image's but its words match nothing. The fused score
+    with alpha = 1 (cosine only) takes Y, OT (alpha = 0, or 0.3) takes X; the vote takes the nearest trusted image
+    neighbour's caption whatever its words."""
+    g = torch.Generator().manual_seed(0)
+    d, M, L = 32, 6, 4
+    basis = _unit(torch.randn(24, d, generator=g))
+    patches = basis[:M]                                                                 # image 0's patches
+    img_g = _unit(patches.mean(0))
+    rows_g = [img_g, _unit(img_g + 0.9 * basis[20]), _unit(img_g + 0.25 * basis[21]), _unit(img_g + 0.5 * basis[22])]
+    image = torch.stack(rows_g)                                                         # 0 flagged, 1..3 others
+    text = torch.stack([_unit(basis[23]),                                                # own (false) caption
+                        _unit(img_g + 1.2 * basis[20]),                                  # X: far globally ...
+                        _unit(img_g + 0.05 * basis[21]),                                 # Y: near globally ...
+                        _unit(img_g + 0.5 * basis[22])])
+    words = torch.stack([basis[12:16], patches[:L], basis[16:20], basis[8:12]])         # ... X's words = patches
+    mask = torch.ones(4, L, dtype=torch.bool)
+    pts = torch.stack([patches, _unit(torch.randn(M, d, generator=g)), _unit(torch.randn(M, d, generator=g)),
+                       _unit(torch.randn(M, d, generator=g))])
+    keys = torch.arange(4, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(text, words, mask), image, keys, torch.ones(4, dtype=torch.bool))
+    images = ImageFeatures(image, pts)
+    prior = torch.tensor([True, False, False, False])                                   # sample 0 is flagged
+    cfg = _cfg(gate_signals=("cosine",), gate_threshold=-1e9, neighbours=3, candidate_neighbours=3, k=3)
+    picks = {}
+    for name, kw in {"cosine": dict(alpha=1.0), "ot": dict(alpha=0.0), "fused": dict(alpha=0.3),
+                     "vote": dict(replace="vote")}.items():
+        res = match_block(images, pool, keys, dataclasses.replace(cfg, **kw), OT, prior=prior)
+        assert res.flagged.tolist() == [True, False, False, False]
+        picks[name] = int(res.source[0])
+    assert picks == {"cosine": 2, "ot": 1, "fused": 1, "vote": 2}, picks
