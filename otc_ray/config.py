@@ -172,8 +172,8 @@ class RematchConfig:
     pool: Literal["block", "bank"] = "bank"
     bank_size: int = 2048
     block_size: int = 512
-    start_epoch: int = 0            # first re-matched epoch (0: from the first step after `warmup_steps`)
-    warmup_steps: int = 10          # epoch start_epoch: the stage passes rows through until this many steps trained
+    start_epoch: int = 0            # first re-matched epoch (0: screened by a model warmed up for `warmup_steps`)
+    warmup_steps: int = 10          # start_epoch 0: steps trained on the raw stream's first rows before epoch 0
     publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
     every: int = 1
     sticky: bool = True
@@ -210,6 +210,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
     log_every: int = 20             # steps between per-step loss logs (rank 0)
+    shuffle_buffer: int = 2048      # rows of each worker's local shuffle buffer, reseeded every epoch; 0 = off
     torch_threads: int = 0          # intra-op threads per worker; 0 = the node's cores / workers (Ray sets 1)
     seed: int = 0
 
@@ -357,7 +358,7 @@ _RANGES = {
     **dict.fromkeys(("count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
-                     "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours"), ">= 0"),
+                     "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer"), ">= 0"),
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight"), "[0, 1]"),

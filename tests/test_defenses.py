@@ -11,7 +11,7 @@ import torch
 from otc_ray.config import TrainConfig, load_config
 from otc_ray.train.defenses import DEFENSES, Defense, get_defense
 from otc_ray.train.loop import LoopConfig
-from otc_ray.train.publish import EpochPublisher
+from otc_ray.train.publish import WeightPublisher
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 
@@ -65,7 +65,7 @@ def test_loop_config_round_trips_through_pickle():
     import ray.cloudpickle
 
     cfg = load_config(TINY, ["train.defense=otcclip"])
-    loop = LoopConfig(cfg, "run-id", "sqlite:///runs/mlflow.db", 39, publish=EpochPublisher("otc-weights-x", cfg.rematch),
+    loop = LoopConfig(cfg, "run-id", "sqlite:///runs/mlflow.db", 39, publish=WeightPublisher("otc-weights-x", cfg.rematch),
                       chaos="/tmp/marker:1:2")
     for dumps, loads in ((pickle.dumps, pickle.loads), (ray.cloudpickle.dumps, ray.cloudpickle.loads)):
         back = loads(dumps(loop))

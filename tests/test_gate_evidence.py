@@ -125,3 +125,33 @@ def test_ot_picks_the_caption_whose_words_match_the_patches():
         assert res.flagged.tolist() == [True, False, False, False]
         picks[name] = int(res.source[0])
     assert picks == {"cosine": 2, "ot": 1, "fused": 1, "vote": 2}, picks
+
+
+def test_the_cleaning_matcher_picks_by_fused_score_so_alpha_changes_the_captions():
+    """`otc-ray clean` runs the same `Matcher` (through the same stage): with half the samples flagged (the other half
+    are the trusted candidates), alpha = 1 (cosine only) and alpha = 0 (OT only) choose different new captions for
+    some of them on a real tiny model."""
+    import numpy as np
+
+    from otc_ray.config import ModelConfig
+    from otc_ray.model import build_model
+    from otc_ray.rematch.matcher import Matcher
+
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(arch="otc-tiny-vit-32"))
+    rng = np.random.default_rng(0)
+    B = 32
+    images = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
+    words = ["red", "green", "blue", "small", "large", "square", "circle", "ring", "left", "right"]
+    captions = [f"a {words[i % 10]} {words[(3 * i + 1) % 10]} {words[(7 * i + 2) % 10]}" for i in range(B)]
+    keys = [f"k{i}" for i in range(B)]
+    prior = [i % 2 == 0 for i in range(B)]
+    picks = {}
+    for alpha in (1.0, 0.0):
+        cfg = _cfg(alpha=alpha, gate_threshold=-1e9, k=6, candidate_neighbours=4, pool="block")
+        out = Matcher(bundle, cfg, OT).match(images, captions, keys, prior=prior)
+        assert out.result.flagged.tolist() == prior
+        assert all(out.caption_used[i] != captions[i] for i in range(0, B, 2))        # flagged: a trusted caption
+        picks[alpha] = out.caption_used
+    changed = sum(a != b for a, b in zip(picks[1.0], picks[0.0]))
+    assert changed > 0, "alpha must change which captions the cleaning job picks"

@@ -278,3 +278,44 @@ def test_otcclip_terms_on_a_tiny_model_backpropagates():
     total.backward()
     assert bundle.model.visual.proj.grad.abs().sum() > 0 and bundle.model.logit_scale.grad is not None
     assert set(otcclip_terms(f, 0.05, cfg, 0.0, 0.5)) == {"clip_loss"}      # no view, lambda_inter 0
+
+
+# ----------------------------------------------------------------------------------------- false negatives
+def test_identical_captions_or_images_are_not_negatives_in_the_clip_loss():
+    """Rows 0 and 1 carry the byte-identical caption (same text id), rows 2 and 3 the same image (same pixel id):
+    with content ids the loss equals plain cross-entropy with those off-diagonal logits removed."""
+    from otc_ray.losses import clip_loss, duplicate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1), F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt[1] = txt[0]
+    ids = torch.tensor([[7, 100], [7, 101], [8, 102], [9, 102], [10, 103], [11, 104]])
+    same = duplicate_pairs(ids)
+    assert same.nonzero().tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+    logits = 10.0 * img @ txt.T
+    masked = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(6)
+    expected = (F.cross_entropy(masked, labels) + F.cross_entropy(masked.T, labels)) / 2
+    got = clip_loss(img, txt, 10.0, content_ids=ids)
+    torch.testing.assert_close(got, expected)
+    assert float(got) < float(clip_loss(img, txt, 10.0)), "the positive's own text no longer counts against it"
+
+
+def test_the_hardest_ot_negative_is_never_a_duplicate():
+    """In L_inter a batch-mate with the identical caption is the hardest 'negative' by construction; masked, the
+    loss no longer pushes the anchor away from its own text, and matches the all-pairs form with the mask."""
+    from otc_ray.losses import duplicate_pairs, ot_contrastive_loss
+
+    patches, words, wmask = _concept_tokens(B=8, seed=3)[:3]
+    words = words.clone()
+    words[1], wmask[1] = words[0], wmask[0]                          # row 1 carries row 0's caption
+    ids = torch.stack([torch.tensor([0, 0, 2, 3, 4, 5, 6, 7]), torch.arange(100, 108)], dim=1)
+    same = duplicate_pairs(ids)
+    cfg = OTConfig(eps=0.05, train_iters=50, train_negatives=3)
+    hard = ot_contrastive_loss(patches, None, words, wmask, 0.1, cfg, not_negative=same)
+    full = ot_contrastive_loss(patches, None, words, wmask, 0.1, dataclasses.replace(cfg, train_negatives=0),
+                               not_negative=same)
+    unmasked = ot_contrastive_loss(patches, None, words, wmask, 0.1, cfg)
+    assert torch.isfinite(hard) and torch.isfinite(full)
+    assert float(hard) < float(unmasked)
+    assert float(hard) <= float(full) + 1e-5                         # k hardest negatives are a subset of all

@@ -19,8 +19,11 @@ Re-matched rows (otc_ray.rematch stage) add OUTPUT_COLUMNS:
     SOURCE_LABEL     int64    class label of that sample (-1 = unknown)
     OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z
                      float32  own caption's score, best candidate's score, best - own, the gate's z (NaN = unscored)
-    FLAGGED          bool     the gate's verdict
-    WEIGHT           float32  loss weight (0 = dropped)
+    FLAGGED          bool     flagged: the gate's verdict now, or a sticky flag from an earlier epoch
+    GATE_FLAGGED     bool     the gate's own verdict on this pass (a new flag when FLAGGED was not set before)
+    SCREENED         bool     the row went through an active matcher (False: passed through unscored)
+    GROUP_SIZE       int64    rows of the pool in the sample's duplicate group (1 = none; 0 = unscreened)
+    WEIGHT           float32  loss weight (0 = dropped; 1/GROUP_SIZE for copies under gate evidence)
     WEIGHTS_VERSION  int64    version of the published weights that scored the row (0 = none)
 """
 from __future__ import annotations
@@ -51,8 +54,11 @@ FLAGGED = "flagged"
 WEIGHT = "weight"
 SOURCE_LABEL = "source_label"
 WEIGHTS_VERSION = "weights_version"
+GATE_FLAGGED = "gate_flagged"
+SCREENED = "screened"
+GROUP_SIZE = "group_size"
 OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, SOURCE_LABEL, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z,
-                  FLAGGED, WEIGHT, WEIGHTS_VERSION)
+                  FLAGGED, GATE_FLAGGED, SCREENED, GROUP_SIZE, WEIGHT, WEIGHTS_VERSION)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt",)

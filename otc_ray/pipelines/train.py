@@ -4,7 +4,7 @@
     result.run_id, result.metrics["final/backdoor_asr"], result.checkpoint
 
 Joins the stages: `prepare_data` (make / poison the shard sets), the read + re-match stream the workers consume
-(`training_dataset`), the held-out evaluation inputs (`pipelines.evaluate`), the MLflow run (`track`) and the
+(`training_datasets`), the held-out evaluation inputs (`pipelines.evaluate`), the MLflow run (`track`) and the
 TorchTrainer (`train.trainer.build_trainer`). A rerun with the same `name` resumes: Ray Train restores the
 newest checkpoint of that run name and the same MLflow run continues.
 """
@@ -42,32 +42,38 @@ class TrainResult:
 
 
 def _poison_keys(cfg: Config, data: TrainData):
-    """ObjectRef of the manifest's poisoned keys (detection metrics of the re-match stage), or None."""
+    """ObjectRef of {poisoned key: attack} from the manifest (detection metrics of the re-match stage), or None."""
     if data.manifest is None:
         return None
     from ..poison.manifest import read_manifest
 
-    return ray.put(read_manifest(data.manifest, cfg.data.s3).column("key").to_pylist())
+    manifest = read_manifest(data.manifest, cfg.data.s3)
+    return ray.put(dict(zip(manifest.column("key").to_pylist(), manifest.column("attack").to_pylist())))
 
 
-def training_dataset(cfg: Config, data: TrainData) -> tuple[ray.data.Dataset, object]:
-    """The stream workers consume: decoded good rows, through the re-match stage when the defense needs it.
+def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.Dataset], object, int]:
+    """The streams workers consume: "train", decoded good rows through the re-match stage when the defense needs
+    it, and, when the stage screens epoch 0, "warmup": the raw rows of the `rematch.warmup_steps` steps trained
+    before epoch 0 so that the gate does not screen with an untrained model.
 
-    Returns (dataset, publisher): the publisher (or None) is called by rank 0 at each epoch start with the
-    current model, so the re-match actors score that epoch with the weights as they stand.
+    Returns (datasets, publisher, warmup steps): the publisher (or None) is called by rank 0 at epoch starts and
+    every `rematch.publish_every` steps with the current model, for the re-match actors.
     """
     ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
     rematch = get_defense(cfg.train.defense).rematch(cfg)
     if rematch is None:
-        return ds, None
+        return {"train": ds}, None, 0
     from ..rematch.stage import add_rematch_stage
     from ..rematch.weights import weight_store
-    from ..train.publish import EpochPublisher
+    from ..train.publish import WeightPublisher
 
     store_name = f"otc-weights-{cfg.tracking.run_name or cfg.name}"
     weight_store(store_name)
-    return (add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store_name),
-            EpochPublisher(store_name, rematch))
+    datasets = {"train": add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store_name)}
+    warmup = rematch.warmup_steps if rematch.start_epoch == 0 else 0
+    if warmup > 0:
+        datasets["warmup"] = ds.limit(warmup * cfg.train.batch_size * cfg.train.num_workers)
+    return datasets, WeightPublisher(store_name, rematch), warmup
 
 
 def run_training(cfg: Config, progress: bool = True) -> TrainResult:
@@ -79,17 +85,17 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     uri = tracking_uri(cfg)
     run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
                                             "dataset": cfg.data.dataset, "train_data": data.train})
-    train_ds, publisher = training_dataset(cfg, data)
+    datasets, publisher, warmup = training_datasets(cfg, data)
     rows = outcomes["ok"]
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, *eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval))
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
-                      poison_keys=_poison_keys(cfg, data))
+                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup)
     logger = RunLogger(uri, run_id)
     logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
         with EpochProgress(cfg, uri, run_id) if progress else nullcontext():
-            result = build_trainer(train_ds, loop).fit()
+            result = build_trainer(datasets, loop).fit()
     except Exception:
         logger.finish("FAILED")
         raise

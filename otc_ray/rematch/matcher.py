@@ -104,7 +104,8 @@ class MatchResult:
     evidence: times 1 / group_size);
     signals (B, S) float: raw evidence in `signals.SIGNALS` order, low = suspicious (NaN where not computed);
     signal_z (B, S) float: each signal's caption-calibrated z (NaN for signals not in the gate);
-    group_size (B,) int64: pool rows in the sample's duplicate group, itself included (1 = no duplicate).
+    group_size (B,) int64: pool rows in the sample's duplicate group, itself included (1 = no duplicate);
+    gate_flagged (B,) bool: the gate's own verdict on this block, before sticky flags from earlier epochs.
     """
 
     shortlist: Tensor
@@ -123,6 +124,7 @@ class MatchResult:
     signals: Optional[Tensor] = None
     signal_z: Optional[Tensor] = None
     group_size: Optional[Tensor] = None
+    gate_flagged: Optional[Tensor] = None
 
     def to(self, device: str | torch.device) -> "MatchResult":
         return MatchResult(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
@@ -310,9 +312,8 @@ def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Ten
     not_pool = exclude.clone()
     not_pool[own, own] = True
     ev = evidence(images, pool, cos, not_pool, cfg, ot_cfg)
-    flagged = ev.z < cfg.gate_threshold
-    if prior is not None and cfg.sticky:
-        flagged = flagged | prior.to(dev)
+    gate_flagged = ev.z < cfg.gate_threshold
+    flagged = gate_flagged | prior.to(dev) if prior is not None and cfg.sticky else gate_flagged
     trusted = pool.trusted.to(dev).clone()
     trusted[:B] = ~flagged
     allowed = trusted.unsqueeze(0) & ~not_pool & ~ev.duplicate                        # (B, N)
@@ -350,7 +351,7 @@ def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Ten
                        assigned=source, own_score=own_score, best_score=best_score, suspicion=best_score - own_score,
                        gate_z=ev.z, agreement=ev.signals[:, SIGNALS.index("agreement")], flagged=flagged,
                        source=source, recaptioned=source != own, weight=weight, signals=ev.signals,
-                       signal_z=ev.signal_z, group_size=ev.group_size)
+                       signal_z=ev.signal_z, group_size=ev.group_size, gate_flagged=gate_flagged)
 
 
 def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: RematchConfig,
@@ -397,14 +398,13 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
                                               cfg.neighbours, not_nbr, cfg.duplicate_similarity)
         gate_z = robust_z(agreement)
         flagged = gate_z < cfg.gate_threshold
-        if prior is not None and cfg.sticky:
-            flagged = flagged | prior.to(dev)
         trusted = pool.trusted.to(dev).clone()
-        trusted[:B] = ~flagged
+        trusted[:B] = ~(flagged | prior.to(dev)) if prior is not None and cfg.sticky else ~flagged
         vote = neighbour_vote(nbrs, trusted)
         replacement = torch.where(vote >= 0, vote, assigned)
     else:
         raise ValueError(f"rematch.gate must be none, margin, zscore, neighbour or evidence, got {cfg.gate!r}")
+    gate_flagged = flagged
     if prior is not None and cfg.sticky:
         flagged = flagged | prior.to(dev)
 
@@ -420,7 +420,8 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
         raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
     return MatchResult(shortlist=index, scores=scores, own_in_topk=in_top, assigned=assigned, own_score=own_score,
                        best_score=best_score, suspicion=suspicion, gate_z=gate_z, agreement=agreement,
-                       flagged=flagged, source=source, recaptioned=source != own, weight=weight)
+                       flagged=flagged, source=source, recaptioned=source != own, weight=weight,
+                       gate_flagged=gate_flagged)
 
 
 # ----------------------------------------------------------------------------------------- the bank

@@ -106,7 +106,8 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
            S.SOURCE_LABEL: labels.copy(),
            S.OWN_SCORE: np.full(n, np.nan, np.float32), S.BEST_SCORE: np.full(n, np.nan, np.float32),
            S.SUSPICION: np.full(n, np.nan, np.float32), S.GATE_Z: np.full(n, np.nan, np.float32),
-           S.FLAGGED: np.zeros(n, bool), S.WEIGHT: np.ones(n, np.float32),
+           S.FLAGGED: np.zeros(n, bool), S.GATE_FLAGGED: np.zeros(n, bool), S.SCREENED: np.zeros(n, bool),
+           S.GROUP_SIZE: np.zeros(n, np.int64), S.WEIGHT: np.ones(n, np.float32),
            S.WEIGHTS_VERSION: np.full(n, version, np.int64)}
     if matcher is not None and good.any():
         rows = np.flatnonzero(good)
@@ -128,6 +129,9 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
         out[S.SUSPICION][rows] = r.suspicion.float().numpy()
         out[S.GATE_Z][rows] = r.gate_z.float().numpy()
         out[S.FLAGGED][rows] = r.flagged.numpy()
+        out[S.GATE_FLAGGED][rows] = (r.flagged if r.gate_flagged is None else r.gate_flagged).numpy()
+        out[S.SCREENED][rows] = True
+        out[S.GROUP_SIZE][rows] = 1 if r.group_size is None else r.group_size.numpy()
         out[S.WEIGHT][rows] = r.weight.float().numpy()
     return {**batch, **out}
 

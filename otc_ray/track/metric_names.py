@@ -33,6 +33,19 @@ REMATCH_MEAN_WEIGHT = REMATCH + "mean_weight"
 REMATCH_DETECT_PRECISION = REMATCH + "detect_precision"
 REMATCH_DETECT_RECALL = REMATCH + "detect_recall"
 REMATCH_DAMAGE = REMATCH + "damage"
+REMATCH_SCREENED_RATE = REMATCH + "screened_rate"          # share of rows an active matcher scored
+REMATCH_STALENESS = REMATCH + "weights_staleness"          # publications the scoring weights lagged behind (rank 0)
+
+
+def rematch_recall(attack: str) -> str:
+    """Recall of all flags (sticky ones included) on one attack's pairs this epoch: rematch/recall_backdoor."""
+    return f"{REMATCH}recall_{attack}"
+
+
+def rematch_gate(name: str) -> str:
+    """The gate's own verdict this epoch (new flags; sticky ones not counted): rematch/gate_recall_backdoor,
+    rematch/gate_precision, rematch/gate_flag_rate."""
+    return f"{REMATCH}gate_{name}"
 EVAL_ZEROSHOT_TOP1 = EVAL + ZEROSHOT_TOP1
 EVAL_BACKDOOR_ASR = EVAL + BACKDOOR_ASR
 EVAL_TARGETED_ASR = EVAL + TARGETED_ASR

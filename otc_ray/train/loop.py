@@ -22,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from .. import identity
 from ..config import Config
 from ..data import schema as S
 from ..model import FeatureModel, build_model, images_to_tensor
@@ -49,10 +50,13 @@ class LoopConfig:
     run_id, tracking_uri: the MLflow run that rank 0 logs into;
     steps_per_epoch: optimizer steps per epoch on each worker (the LR schedule's length is this x epochs);
     evaluate: rank 0's held-out evaluation, (bundle, model, device) -> metrics, or None for none;
-    publish: rank 0's hand-off of the weights to the re-match actors at each epoch start, (model, epoch), or None
-    when the defense streams without a re-match stage;
+    publish: rank 0's hand-off of the weights to the re-match actors (at epoch starts and every
+    `rematch.publish_every` steps), or None when the defense streams without a re-match stage;
     chaos: the fault-injection spec of `chaos.ENV` ("" = off);
-    poison_keys: ObjectRef of the poison manifest's keys (detection metrics of the stage), or None (clean data).
+    poison_keys: ObjectRef of {poisoned key: attack} from the poison manifest (detection metrics of the stage), or
+    None (clean data);
+    warmup_steps: steps trained on the "warmup" dataset (the raw stream's first rows) before epoch 0, so that the
+    re-match gate screens epoch 0 with a model that has learnt something (0 = none, no such dataset).
     """
 
     config: Config
@@ -63,6 +67,7 @@ class LoopConfig:
     publish: Optional["EpochPublisher"] = None
     chaos: str = ""
     poison_keys: Optional[ray.ObjectRef] = None
+    warmup_steps: int = 0
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -85,6 +90,17 @@ def _pair_weights(batch: dict[str, np.ndarray], device: torch.device) -> torch.T
     if WEIGHT not in batch:
         return None
     return torch.from_numpy(np.asarray(batch[WEIGHT], dtype=np.float32)).to(device)
+
+
+def _batches(cfg: Config, epoch: int, rank: int) -> dict:
+    """`iter_batches` arguments of one epoch: equal-sized numpy batches, locally shuffled with a seed of
+    (train.seed, epoch, rank), so each epoch's batches differ and a rerun repeats them (`train.shuffle_buffer`
+    rows; 0 = stream order)."""
+    args = {"batch_size": cfg.train.batch_size, "drop_last": True, "batch_format": "numpy"}
+    if cfg.train.shuffle_buffer > 0:
+        args |= {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+                 "local_shuffle_seed": (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 31}
+    return args
 
 
 def _restore(model, optimizer, scheduler, rng) -> TrainState:
@@ -112,54 +128,75 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     bundle = build_model(cfg.model)
     device = ray.train.torch.get_device()
     bare = bundle.model.to(device)
-    feature_model = ray.train.torch.prepare_model(FeatureModel(bare), parallel_strategy_kwargs={"find_unused_parameters": True})
+    feature_model = ray.train.torch.prepare_model(FeatureModel(bare, cfg.ot.special_tokens),
+                                                  parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = _optimizer(bare, cfg)
     steps_per_epoch = loop.steps_per_epoch
-    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs)
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs + loop.warmup_steps)
     state = _restore(bare, optimizer, scheduler, rng)
 
     logger = RunLogger(loop.tracking_uri, loop.run_id) if rank == 0 else None
     evaluate, publish, chaos = loop.evaluate, loop.publish, loop.chaos
     shard = ray.train.get_dataset_shard("train")
-    poisoned = frozenset(ray.get(loop.poison_keys)) if loop.poison_keys is not None else frozenset()
+    poisoned = dict(ray.get(loop.poison_keys)) if loop.poison_keys is not None else {}
+    published = 0
+
+    def train_step(batch: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
+        """One optimizer step on a numpy batch (re-matched or raw); returns the loss terms."""
+        pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
+        captions = [str(c) for c in (batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION])]
+        ids = bundle.tokenizer(captions).to(device)
+        weights = _pair_weights(batch, device)
+        content = torch.stack([identity.text_ids(captions), identity.image_ids(batch[S.IMAGE])], dim=1).to(device)
+        with bundle.autocast(device):
+            loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights,
+                                             content_ids=content)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        state.step += 1
+        if logger and state.step % cfg.train.log_every == 0:
+            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
+        return terms
+
+    if state.step == 0 and loop.warmup_steps > 0:
+        # the re-match gate needs a model that has learnt something before it screens epoch 0: a few steps on the
+        # raw stream's first rows (counted in the schedule; these rows are seen again, screened, in epoch 0)
+        feature_model.train()
+        warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                                   batch_format="numpy")
+        for batch in warm:
+            train_step(batch, 0)
+            if state.step >= loop.warmup_steps:
+                break
 
     for epoch in range(state.epoch, cfg.train.epochs):
-        if rank == 0 and publish is not None:
-            publish(bare, epoch)
         feature_model.train()
         start, seen, sums, n_batches = time.perf_counter(), 0, {}, 0
         tally = RematchTally(poisoned)
-        for step_in_epoch, batch in enumerate(shard.iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                                 batch_format="numpy")):
+        if rank == 0 and publish is not None:
+            published = publish(bare, epoch, state.step)         # before the epoch's stream starts
+        for step_in_epoch, batch in enumerate(shard.iter_batches(**_batches(cfg, epoch, rank))):
             maybe_die(chaos, rank, epoch, step_in_epoch)
+            if rank == 0 and publish is not None and step_in_epoch > 0 and publish.due(step_in_epoch):
+                published = publish(bare, epoch, state.step)
             tally.add(batch)
-            pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
-            captions = batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION]
-            ids = bundle.tokenizer([str(c) for c in captions]).to(device)
-            weights = _pair_weights(batch, device)
-            with bundle.autocast(device):
-                loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            state.step += 1
-            seen += len(ids)
+            terms = train_step(batch, epoch)
+            seen += len(batch[S.KEY])
             n_batches += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if logger and state.step % cfg.train.log_every == 0:
-                logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
         metrics = {N.EPOCH: float(epoch), N.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
                    N.TRAIN_EPOCH_SECONDS: elapsed, N.TRAIN_BATCHES: float(n_batches)}
         metrics |= {N.train_epoch(k): v / max(n_batches, 1) for k, v in sums.items()}
-        metrics |= tally.metrics()              # this worker's share of the stream
+        metrics |= tally.metrics(published)     # this worker's share of the stream
         if rank == 0:
             if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
                 metrics |= N.prefixed(N.EVAL, evaluate(bundle, bare, device))

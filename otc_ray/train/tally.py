@@ -1,6 +1,8 @@
-"""Per-epoch statistics of the re-match stage as one worker saw them: shares flagged, re-captioned and dropped
-(loss weight 0), the mean loss weight; when the poison manifest is known, detection precision / recall; when
-class labels are known, the damage (clean pairs given a caption of another class). See otc_ray.evaluate.detection."""
+"""Per-epoch statistics of the re-match stage as one worker saw them: shares screened, flagged, re-captioned and
+dropped (loss weight 0), the mean loss weight; when the poison manifest is known, detection precision / recall of
+all flags (sticky ones included) and of the gate's own verdict this epoch (new flags: does the gate keep finding
+poison as training goes on?), backdoor and targeted apart; when class labels are known, the damage (clean pairs given
+a caption of another class). See otc_ray.evaluate.detection."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,41 +12,66 @@ import numpy as np
 from ..data import schema as S
 from ..evaluate.detection import damage_metrics, detection_metrics
 from ..track import metric_names as N
-from ..data.schema import FLAGGED, RECAPTIONED, SOURCE_LABEL, WEIGHT
 
 
 @dataclass
 class RematchTally:
-    poisoned_keys: frozenset[str] = field(default_factory=frozenset)
+    """poisoned: {poisoned key: attack ("backdoor" / "targeted")} from the manifest (empty = unknown)."""
+
+    poisoned: dict[str, str] = field(default_factory=dict)
     flags: list[np.ndarray] = field(default_factory=list)
-    truth: list[np.ndarray] = field(default_factory=list)
+    gate_flags: list[np.ndarray] = field(default_factory=list)
+    screened: list[np.ndarray] = field(default_factory=list)
+    attack: list[np.ndarray] = field(default_factory=list)
     recaptioned: int = 0
     weights: list[np.ndarray] = field(default_factory=list)
+    versions: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     source_labels: list[np.ndarray] = field(default_factory=list)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Count one training batch (a no-op when the batch did not pass through the re-match stage)."""
-        if FLAGGED not in batch:
+        if S.FLAGGED not in batch:
             return
-        self.flags.append(np.asarray(batch[FLAGGED], dtype=bool))
-        self.truth.append(np.fromiter((str(k) in self.poisoned_keys for k in batch[S.KEY]), dtype=bool,
-                                      count=len(batch[S.KEY])))
-        self.recaptioned += int(np.asarray(batch[RECAPTIONED], dtype=bool).sum())
-        self.weights.append(np.asarray(batch[WEIGHT], dtype=np.float32))
+        n = len(batch[S.KEY])
+        self.flags.append(np.asarray(batch[S.FLAGGED], dtype=bool))
+        self.gate_flags.append(np.asarray(batch.get(S.GATE_FLAGGED, batch[S.FLAGGED]), dtype=bool))
+        self.screened.append(np.asarray(batch.get(S.SCREENED, np.ones(n, bool)), dtype=bool))
+        self.attack.append(np.asarray([self.poisoned.get(str(k), "") for k in batch[S.KEY]], dtype=object))
+        self.recaptioned += int(np.asarray(batch[S.RECAPTIONED], dtype=bool).sum())
+        self.weights.append(np.asarray(batch[S.WEIGHT], dtype=np.float32))
+        self.versions.append(np.asarray(batch.get(S.WEIGHTS_VERSION, np.zeros(n)), dtype=np.int64))
         if S.LABEL in batch:
             self.labels.append(np.asarray(batch[S.LABEL], dtype=np.int64))
-            self.source_labels.append(np.asarray(batch[SOURCE_LABEL], dtype=np.int64))
+            self.source_labels.append(np.asarray(batch[S.SOURCE_LABEL], dtype=np.int64))
 
-    def metrics(self) -> dict[str, float]:
+    def newest_version(self) -> int:
+        return int(max((v.max() for v in self.versions if len(v)), default=0))
+
+    def metrics(self, published_version: int = 0) -> dict[str, float]:
+        """This worker's epoch; published_version: the newest version rank 0 published (0 = unknown)."""
         if not self.flags:
             return {}
-        flags, truth = np.concatenate(self.flags), np.concatenate(self.truth)
-        weights = np.concatenate(self.weights)
+        flags, gate, screened = map(np.concatenate, (self.flags, self.gate_flags, self.screened))
+        attack, weights = np.concatenate(self.attack), np.concatenate(self.weights)
+        truth = attack != ""
         out = {N.REMATCH_FLAG_RATE: float(flags.mean()), N.REMATCH_RECAPTIONED_RATE: self.recaptioned / len(flags),
-               N.REMATCH_DROPPED_RATE: float((weights == 0).mean()), N.REMATCH_MEAN_WEIGHT: float(weights.mean())}
-        if self.poisoned_keys:
+               N.REMATCH_DROPPED_RATE: float((weights == 0).mean()), N.REMATCH_MEAN_WEIGHT: float(weights.mean()),
+               N.REMATCH_SCREENED_RATE: float(screened.mean()), N.rematch_gate("flag_rate"): float(gate.mean())}
+        if published_version > 0:
+            versions = np.concatenate(self.versions)
+            out[N.REMATCH_STALENESS] = float(np.mean(published_version - versions[screened])) if screened.any() else \
+                float("nan")
+        if self.poisoned:
             out |= N.prefixed(N.REMATCH, detection_metrics(flags, truth))
+            new = detection_metrics(gate, truth)
+            out[N.rematch_gate("precision")] = new["detect_precision"]
+            out[N.rematch_gate("recall")] = new["detect_recall"]
+            for kind in ("backdoor", "targeted"):
+                rows = attack == kind
+                if rows.any():
+                    out[N.rematch_recall(kind)] = float(flags[rows].mean())
+                    out[N.rematch_gate(f"recall_{kind}")] = float(gate[rows].mean())
         if self.labels:
             labels, sources = np.concatenate(self.labels), np.concatenate(self.source_labels)
             known = (labels >= 0) & (sources >= 0)

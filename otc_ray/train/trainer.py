@@ -1,6 +1,6 @@
 """The TorchTrainer of a run: workers, resources, storage, checkpoints kept, failures tolerated.
 
-    trainer = build_trainer(train_ds, LoopConfig(cfg, run_id, uri, steps_per_epoch, ...))   # train_ds: the stream
+    trainer = build_trainer({"train": stream}, LoopConfig(cfg, run_id, uri, steps_per_epoch, ...))
     result = trainer.fit()
 
 The trainer trains: the shard sets, the re-match stream, the MLflow run and the final report are joined by the
@@ -19,9 +19,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .loop import LoopConfig, train_loop_per_worker
 
 
-def build_trainer(train_ds: ray.data.Dataset, loop: LoopConfig) -> TorchTrainer:
+def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> TorchTrainer:
     """TorchTrainer for `loop.config`: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated; every
-    worker runs `train_loop_per_worker(loop)` on its share of `train_ds`."""
+    worker runs `train_loop_per_worker(loop)` on its share of `datasets` ("train": the stream; "warmup": raw rows
+    for `loop.warmup_steps`, when there are any)."""
     cfg = loop.config
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -34,6 +35,6 @@ def build_trainer(train_ds: ray.data.Dataset, loop: LoopConfig) -> TorchTrainer:
             name=cfg.tracking.run_name or cfg.name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": train_ds},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )

@@ -1,0 +1,26 @@
+"""Every epoch trains on other batches, reproducibly: the worker's local shuffle is reseeded from
+(train.seed, epoch, rank) (`loop._batches`), on a real Ray Data stream."""
+from __future__ import annotations
+
+import dataclasses
+
+from otc_ray.config import Config, TrainConfig
+from otc_ray.train.loop import _batches
+
+
+def _epoch_batches(ds, cfg: Config, epoch: int, rank: int = 0) -> list[tuple[int, ...]]:
+    return [tuple(sorted(b["id"].tolist())) for b in ds.iterator().iter_batches(**_batches(cfg, epoch, rank))]
+
+
+def test_each_epoch_shuffles_differently_and_a_rerun_repeats_it(ray_local):
+    ds = ray_local.data.range(1024, override_num_blocks=8).map_batches(lambda b: b, batch_format="numpy")
+    cfg = Config(train=TrainConfig(batch_size=64, shuffle_buffer=512, seed=3))
+    first, second = _epoch_batches(ds, cfg, 0), _epoch_batches(ds, cfg, 1)
+    assert len(first) == len(second) == 1024 // 64
+    assert sorted(i for b in first for i in b) == list(range(1024))                 # every row once per epoch
+    assert set(first) != set(second), "two epochs must not train on the same batches"
+    assert _epoch_batches(ds, cfg, 0) == first, "the same seed and epoch repeat the same batches"
+    other_seed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=4))
+    assert _epoch_batches(ds, other_seed, 0) != first
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, shuffle_buffer=0))
+    assert _epoch_batches(ds, off, 0) == _epoch_batches(ds, off, 1), "shuffle_buffer 0: stream order"
