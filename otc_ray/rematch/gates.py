@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_MAD_TO_STD = 1.4826     # MAD of a normal distribution times this is its standard deviation
+MAD_TO_STD = 1.4826      # MAD of a normal distribution times this is its standard deviation
 
 
 def robust_z(x: Tensor) -> Tensor:
@@ -30,7 +30,7 @@ def robust_z(x: Tensor) -> Tensor:
         return z
     v = x[ok].float()
     med = v.median()
-    scale = _MAD_TO_STD * (v - med).abs().median()
+    scale = MAD_TO_STD * (v - med).abs().median()
     if not float(scale) > 0:
         scale = v.std()
     if not float(scale) > 0:

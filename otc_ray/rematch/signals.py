@@ -25,9 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gates import robust_z
+from .gates import MAD_TO_STD
 
-_MAD_TO_STD = 1.4826
 SIGNALS = ("cosine", "agreement", "concentration")
 
 
@@ -77,7 +76,7 @@ def caption_calibrated_z(values: Tensor, pool_values: Tensor, own_text: Tensor, 
     usable = (ok.sum(dim=1) >= 3) & torch.isfinite(resid)
     if int(usable.sum()) < 3:
         return zero
-    scale = _MAD_TO_STD * resid[usable].abs().median()
+    scale = MAD_TO_STD * resid[usable].abs().median()
     if not float(scale) > 0:
         return zero
     return torch.where(usable, resid / scale, zero)
@@ -95,7 +94,3 @@ def combine_z(z: dict[str, Tensor], how: str) -> Tensor:
         return stacked.mean(dim=0)
     raise ValueError(f"rematch.gate_combine must be min or mean, got {how!r}")
 
-
-def block_z(values: Tensor) -> Tensor:
-    """The uncalibrated alternative: robust z over the block (B,) -> (B,) (`gates.robust_z`)."""
-    return robust_z(values)
