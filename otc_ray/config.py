@@ -157,7 +157,7 @@ class RematchConfig:
     alpha: float = 0.5
     assign: Literal["argmax", "balanced"] = "argmax"
     gate: Literal["none", "margin", "zscore", "neighbour", "evidence"] = "evidence"
-    gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_sweep.md, validation seed)
+    gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_signals.md, validation seed)
     gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
     gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
     gate_reference: int = 64        # gate evidence: pool samples with the nearest captions that calibrate a signal
