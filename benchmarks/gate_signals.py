@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from otc_ray.config import load_config
-from otc_ray.data.decode import DecodeLimits, decode_image
-from otc_ray.data.tar_format import iter_tar_samples
+from otc_ray.data.decode import DecodeLimits, decode_caption, decode_image, decode_meta
+from otc_ray.data.shards import iter_rows, list_shards
+from otc_ray.poison.manifest import read_manifest
 from otc_ray.evaluate.detection import detection_auroc
 from otc_ray.rematch.signals import SIGNALS
 
@@ -51,25 +52,23 @@ class ShardRows:
 
 
 def read_rows(folder: str, data_cfg) -> ShardRows:
-    import pyarrow.parquet as pq
-
+    """The good samples of a poisoned shard set (tar or parquet, local or s3://), decoded by the project's own
+    reader and decoder (`shards.iter_rows`, `decode.*`), in this process; the bad ones are skipped, as training does."""
     keys, images, captions, labels = [], [], [], []
     limits = DecodeLimits.from_config(data_cfg)
-    for shard in sorted(Path(folder).glob("*.tar")):
-        with open(shard, "rb") as f:
-            for row in iter_tar_samples(f, str(shard)):
-                if row["error"] or not row["caption_raw"]:
-                    continue
-                image, err = decode_image(row["image_bytes"], limits)
-                if err:
-                    continue
-                meta = json.loads(row["meta"] or b"{}")
-                keys.append(row["key"])
-                images.append(image)
-                captions.append(row["caption_raw"].decode("utf-8"))
-                labels.append(int(meta.get("label", -1)))
-    manifest = pq.read_table(Path(folder) / "_poison_manifest.parquet",
-                             columns=["key", "attack", "target_label", "original_label"])
+    fs, paths, fmt = list_shards(folder, data_cfg.format, data_cfg.s3)
+    for path in paths:
+        for row in iter_rows(fs, path, fmt):
+            image, bad_image = decode_image(row["image_bytes"], limits)
+            caption, bad_caption = decode_caption(row["caption_raw"], limits)
+            meta, bad_meta = decode_meta(row["meta"])
+            if row["error"] or bad_image or bad_caption or bad_meta:
+                continue
+            keys.append(row["key"])
+            images.append(image)
+            captions.append(caption)
+            labels.append(int(meta.get("label", -1)))
+    manifest = read_manifest(folder, data_cfg.s3)
     attack = dict(zip(manifest.column("key").to_pylist(), manifest.column("attack").to_pylist()))
     caption_class = dict(zip(manifest.column("key").to_pylist(), manifest.column("target_label").to_pylist()))
     kind = np.asarray([attack.get(k, "") for k in keys])

@@ -236,9 +236,6 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     itself and bank copies of its key.
     """
     B, dev = images.image.shape[0], images.image.device
-    unknown = [s for s in cfg.gate_signals if s not in SIGNALS]
-    if unknown or not cfg.gate_signals:
-        raise ValueError(f"rematch.gate_signals must name some of {SIGNALS}, got {cfg.gate_signals!r}")
     own = torch.arange(B, device=dev)
     dup = duplicates(images, pool, not_pool, cfg.duplicate_similarity)
     values = torch.full((B, len(SIGNALS)), float("nan"), device=dev)

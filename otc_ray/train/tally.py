@@ -45,9 +45,6 @@ class RematchTally:
             self.labels.append(np.asarray(batch[S.LABEL], dtype=np.int64))
             self.source_labels.append(np.asarray(batch[S.SOURCE_LABEL], dtype=np.int64))
 
-    def newest_version(self) -> int:
-        return int(max((v.max() for v in self.versions if len(v)), default=0))
-
     def metrics(self, published_version: int = 0) -> dict[str, float]:
         """This worker's epoch; published_version: the newest version rank 0 published (0 = unknown)."""
         if not self.flags:
