@@ -174,6 +174,8 @@ class RematchConfig:
     block_size: int = 512
     start_epoch: int = 0            # first re-matched epoch (0: screened by a model warmed up for `warmup_steps`)
     warmup_steps: int = 10          # start_epoch 0: steps trained on the raw stream's first rows before epoch 0
+    witness: bool = True            # the warmed-up model only judges epoch 0 (no publication during it) and
+                                    # training restarts from the initial weights: no unscreened pair trains it
     publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
     every: int = 1
     sticky: bool = True

@@ -155,3 +155,26 @@ def test_the_cleaning_matcher_picks_by_fused_score_so_alpha_changes_the_captions
         picks[alpha] = out.caption_used
     changed = sum(a != b for a, b in zip(picks[1.0], picks[0.0]))
     assert changed > 0, "alpha must change which captions the cleaning job picks"
+
+
+def test_a_group_the_model_has_learnt_is_judged_by_its_neighbourhood_alone():
+    """K copies of a class-0 image whose false class-1 caption the model has already learnt (pair cosine as high as
+    a clean class-1 pair's): cosine says nothing, but the copies' non-duplicate image neighbours are class 0 and
+    disagree with the caption. The group is flagged by neighbour agreement alone, even with gate_combine mean."""
+    img, txt, label, dirs = _clusters(seed=2)
+    B0, K, d = len(label), 8, dirs.shape[1]
+    target = _unit(dirs[0] + 0.45 * dirs[1])                                             # learnt towards class 1
+    img = torch.cat([img, target.expand(K, -1)])
+    txt = torch.cat([txt, _unit(target + 0.02 * torch.randn(K, d, generator=torch.Generator().manual_seed(3)))])
+    ids = torch.arange(B0 + K, dtype=torch.int64)
+    ids[B0:] = 10_000
+    B = B0 + K
+    keys = torch.arange(B, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=ids)
+    cfg = _cfg(gate_signals=("cosine", "agreement"), gate_combine="mean", alpha=1.0, gate_threshold=-3.0)
+    res = match_block(ImageFeatures(img, None, ids), pool, keys, cfg, OT)
+    copies = torch.arange(B0, B)
+    cosine_z, agreement_z = res.signal_z[copies, 0], res.signal_z[copies, 1]
+    assert float(cosine_z.min()) > -1.5 and float(agreement_z.max()) < -3, (cosine_z, agreement_z)
+    assert float(((cosine_z + agreement_z) / 2).max()) > -3, "the mean of the two would let the group through"
+    assert bool(res.flagged[copies].all()) and not bool(res.flagged[:B0].any()), res.gate_z

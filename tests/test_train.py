@@ -79,6 +79,7 @@ def test_rematching_defense_streams_through_the_stage(ray_local, tmp_path, defen
     assert metrics["rematch/dropped_rate"] == 0.0
     if defense == "otcclip":
         assert "train/epoch_inter_loss" in metrics and "train/epoch_intra_loss" in metrics
+        assert metrics["rematch/weights_staleness"] == 0.0      # the witness alone judged epoch 0: one version
     else:
         # RoCLIP: no gate, every image takes its nearest caption (flagged = given another caption)
         assert metrics["rematch/flag_rate"] == pytest.approx(metrics["rematch/recaptioned_rate"])

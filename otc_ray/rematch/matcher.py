@@ -233,7 +233,8 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     """Signals, calibration and combination of the evidence gate (see the module docstring and `signals.py`).
 
     cos (B, N): global cosines of the block's images against the pool captions; not_pool (B, N) bool: the image
-    itself and bank copies of its key.
+    itself and bank copies of its key. A sample with copies in the pool is judged by neighbour agreement alone (when
+    it is a gate signal): K copies teach the model their own caption, so their cosine and plan say what they taught.
     """
     B, dev = images.image.shape[0], images.image.device
     own = torch.arange(B, device=dev)
@@ -261,6 +262,8 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
                                  pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
          for s in cfg.gate_signals}
     combined = combine_z(z, cfg.gate_combine)
+    if "agreement" in z:    # K copies teach the model their own caption (cosine, concentration): a group is judged
+        combined = torch.where(dup.any(dim=1), z["agreement"], combined)   # by its non-duplicate neighbourhood alone
     signal_z = torch.full_like(values, float("nan"))
     for name, zs in z.items():
         signal_z[:, SIGNALS.index(name)] = zs

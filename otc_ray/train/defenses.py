@@ -87,7 +87,7 @@ class RoCLIP(Defense):
     name = "roclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return replace(cfg, rematch__method="roclip", rematch__gate="none").rematch
+        return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False).rematch
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
         return _clip_only(feature_model(augment_images(pixels, gen), ids), weights, content_ids)

@@ -10,6 +10,7 @@ all ranks. The driver hands every worker one `LoopConfig`:
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -37,7 +38,7 @@ from .tally import RematchTally
 
 if TYPE_CHECKING:
     from .evaluation import EpochEvaluator
-    from .publish import EpochPublisher
+    from .publish import WeightPublisher
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
 
@@ -56,7 +57,9 @@ class LoopConfig:
     poison_keys: ObjectRef of {poisoned key: attack} from the poison manifest (detection metrics of the stage), or
     None (clean data);
     warmup_steps: steps trained on the "warmup" dataset (the raw stream's first rows) before epoch 0, so that the
-    re-match gate screens epoch 0 with a model that has learnt something (0 = none, no such dataset).
+    re-match gate screens epoch 0 with a model that has learnt something (0 = none, no such dataset); with
+    `rematch.witness` that model is a throw-away witness: it judges epoch 0, then training restarts from the
+    initial weights, so no unscreened pair shapes the model that is trained.
     """
 
     config: Config
@@ -64,7 +67,7 @@ class LoopConfig:
     tracking_uri: str
     steps_per_epoch: int
     evaluate: Optional["EpochEvaluator"] = None
-    publish: Optional["EpochPublisher"] = None
+    publish: Optional["WeightPublisher"] = None
     chaos: str = ""
     poison_keys: Optional[ray.ObjectRef] = None
     warmup_steps: int = 0
@@ -103,6 +106,18 @@ def _batches(cfg: Config, epoch: int, rank: int) -> dict:
     return args
 
 
+def _snapshot(model, optimizer, scheduler) -> dict:
+    """A deep copy of the trainable state (model, optimizer, LR schedule), to restart from after a witness."""
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict()})
+
+
+def _reset(snapshot: dict, model, optimizer, scheduler) -> None:
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scheduler.load_state_dict(snapshot["scheduler"])
+
+
 def _restore(model, optimizer, scheduler, rng) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -132,7 +147,10 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
                                                   parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = _optimizer(bare, cfg)
     steps_per_epoch = loop.steps_per_epoch
-    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs + loop.warmup_steps)
+    stage = defense.rematch(cfg)
+    witness = stage is not None and stage.witness and loop.warmup_steps > 0
+    scheduled = steps_per_epoch * cfg.train.epochs + (0 if witness else loop.warmup_steps)
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, scheduled)
     state = _restore(bare, optimizer, scheduler, rng)
 
     logger = RunLogger(loop.tracking_uri, loop.run_id) if rank == 0 else None
@@ -164,9 +182,11 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
             logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
         return terms
 
+    judged_by_witness = False
     if state.step == 0 and loop.warmup_steps > 0:
-        # the re-match gate needs a model that has learnt something before it screens epoch 0: a few steps on the
-        # raw stream's first rows (counted in the schedule; these rows are seen again, screened, in epoch 0)
+        # the re-match gate needs a model that has learnt something before it screens epoch 0: steps on the raw
+        # stream's first rows (these rows are seen again, screened, in epoch 0)
+        initial = _snapshot(bare, optimizer, scheduler) if witness else None
         feature_model.train()
         warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                    batch_format="numpy")
@@ -174,16 +194,22 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
             train_step(batch, 0)
             if state.step >= loop.warmup_steps:
                 break
+        if initial is not None:     # the warmed-up model is the witness: it judges epoch 0, then the model restarts
+            if rank == 0 and publish is not None:
+                published = publish(bare, 0, state.step)
+            _reset(initial, bare, optimizer, scheduler)
+            state.step, judged_by_witness = 0, True
 
     for epoch in range(state.epoch, cfg.train.epochs):
         feature_model.train()
         start, seen, sums, n_batches = time.perf_counter(), 0, {}, 0
         tally = RematchTally(poisoned)
-        if rank == 0 and publish is not None:
+        publishing = rank == 0 and publish is not None and not (judged_by_witness and epoch == 0)
+        if publishing:
             published = publish(bare, epoch, state.step)         # before the epoch's stream starts
         for step_in_epoch, batch in enumerate(shard.iter_batches(**_batches(cfg, epoch, rank))):
             maybe_die(chaos, rank, epoch, step_in_epoch)
-            if rank == 0 and publish is not None and step_in_epoch > 0 and publish.due(step_in_epoch):
+            if publishing and step_in_epoch > 0 and publish.due(step_in_epoch):
                 published = publish(bare, epoch, state.step)
             tally.add(batch)
             terms = train_step(batch, epoch)
