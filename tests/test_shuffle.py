@@ -14,7 +14,9 @@ def _epoch_batches(ds, cfg: Config, epoch: int, rank: int = 0) -> list[tuple[int
 
 
 def test_each_epoch_shuffles_differently_and_a_rerun_repeats_it(ray_local):
-    ds = ray_local.data.range(1024, override_num_blocks=8).map_batches(lambda b: b, batch_format="numpy")
+    # materialized: the blocks' order is fixed, so the test sees the shuffle alone (a live stream under load may
+    # deliver blocks in another order; that is the stream's nondeterminism, not the shuffle's)
+    ds = ray_local.data.range(1024, override_num_blocks=8).map_batches(lambda b: b, batch_format="numpy").materialize()
     cfg = Config(train=TrainConfig(batch_size=64, shuffle_buffer=512, seed=3))
     first, second = _epoch_batches(ds, cfg, 0), _epoch_batches(ds, cfg, 1)
     assert len(first) == len(second) == 1024 // 64
