@@ -6,8 +6,12 @@ the defense issue; writes benchmarks/results/defense.md.
         --attacks patch+targeted,blended                                           # what a 2-core session affords
 
 Every cell is one `otc-ray train` run (jobs/configs/defense-bench.yaml plus the cell's overrides) in the MLflow
-experiment `otc-ray-defense-bench` under --out-dir; a cell's run name carries the digest of its settings, so an
-interrupted benchmark resumes where it stopped and finished cells are reused. Attacks:
+experiment `otc-ray-defense-bench` under --out-dir. A finished cell is written to its own small file under --cells
+(benchmarks/results/cells/<data set>/<attack>-<defense>-s<seed>.json: the commit, the config digest, the final
+metrics and the per-epoch curves, `otc_ray.track.cells`); a rerun reuses every cell whose file has the current
+digest and trains the others, so the matrix can be completed over several sittings or on another machine (copy the
+files back), and the tables and plots are rebuilt from the files alone (`--report-only`). An interrupted run
+resumes from its last checkpoint (its run name carries the digest). Attacks:
 
     patch     backdoor, 4x4 noise patch, 1% of the pairs, captions of the target class
     blended   backdoor, full-image noise blended at alpha 0.2, same count
@@ -21,6 +25,7 @@ rank 0 saw its shard. Targets are checked on the means over seeds; a missed targ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -38,8 +43,10 @@ import numpy as np  # noqa: E402
 
 from otc_ray.config import Config, load_config, replace  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
+from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
 from otc_ray.track.compare import group_runs, render  # noqa: E402
-from otc_ray.track.mlflow_logger import search_runs, training_digest  # noqa: E402
+from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
+from otc_ray.track.plots import plot_compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "jobs" / "configs" / "defense-bench.yaml"
@@ -95,28 +102,60 @@ def cells(datasets, attacks, defenses, seeds) -> list[Cell]:
     return out
 
 
-def cell_config(base: Config, cell: Cell) -> Config:
+def cell_config(base: Config, cell: Cell) -> tuple[Config, str]:
+    """(the cell's config, its digest): base plus the cell's overrides, named after the cell and the digest."""
     cfg = replace(base, **{k.replace(".", "__"): v for k, v in cell.overrides().items()})
-    return replace(cfg, name=f"bench-{cell.dataset}-{cell.attack}-{cell.defense}-s{cell.seed}-{training_digest(cfg)}")
+    digest = training_digest(cfg)
+    return replace(cfg, name=f"bench-{cell.dataset}-{cell.attack}-{cell.defense}-s{cell.seed}-{digest}"), digest
 
 
-def run_cells(base: Config, todo: list[Cell]) -> dict[Cell, str]:
-    """Train every cell in turn (finished cells are reused by name); returns cell -> MLflow run id."""
+def cell_path(folder: Path, cell: Cell) -> Path:
+    return folder / cell.dataset / f"{cell.attack}-{cell.defense}-s{cell.seed}.json"
+
+
+def current_cell(folder: Path, base: Config, cell: Cell) -> CellResult | None:
+    """The cell's file when it holds a result of the current settings, else None."""
+    path = cell_path(folder, cell)
+    if not path.exists():
+        return None
+    done = read_cell(path)
+    return done if done.digest == cell_config(base, cell)[1] else None
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellResult]:
+    """Train every cell without a current file, in turn, writing each file as it lands; returns every cell's result."""
     from otc_ray.pipelines.train import run_training
+    from otc_ray.track.mlflow_logger import tracking_uri
 
-    ids, durations = {}, []
+    results, durations = {}, []
     for i, cell in enumerate(todo):
-        eta = f" ETA {np.mean(durations) * (len(todo) - i) / 60:.0f} min" if durations else ""
+        done = current_cell(folder, base, cell)
+        if done is not None:
+            results[cell] = done
+            print(f"[bench {i + 1}/{len(todo)}] {cell}: reused {cell_path(folder, cell)} ({done.commit})", flush=True)
+            continue
+        left = sum(current_cell(folder, base, c) is None for c in todo[i:])
+        eta = f" ETA {np.mean(durations) * left / 60:.0f} min" if durations else ""
         print(f"[bench {i + 1}/{len(todo)}] {cell}{eta}", flush=True)
         start = time.perf_counter()
-        result = run_training(cell_config(base, cell), progress=False)
+        cfg, digest = cell_config(base, cell)
+        result = run_training(cfg, progress=False)
         durations.append(time.perf_counter() - start)
-        ids[cell] = result.run_id
+        results[cell] = cell_from_run(tracking_uri(cfg), result.run_id, dataclasses.asdict(cell), digest,
+                                      git_commit(), EXPERIMENT)
+        write_cell(cell_path(folder, cell), results[cell])
         m = result.metrics
         print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
               f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
               f"  ({durations[-1] / 60:.1f} min)", flush=True)
-    return ids
+    return results
 
 
 # ----------------------------------------------------------------------------------------- targets
@@ -172,25 +211,53 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, no GPU, Python {platform.python_version()}"
 
 
-def report(uri: str, ids: dict[Cell, str], datasets, attacks, command: str, minutes: float) -> str:
-    runs = [r for r in search_runs(uri, EXPERIMENT) if r.run_id in set(ids.values())]
-    by_id = {r.run_id: r for r in runs}
+def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
+    """Per-epoch recall of the gate's new flags (backdoor, targeted) and their precision, mean over seeds, for each
+    (data set, attack) group of re-matching cells."""
+    keys = (("backdoor recall", N.rematch_gate("recall_backdoor")), ("targeted recall", N.rematch_gate("recall_targeted")),
+            ("precision", N.rematch_gate("precision")))
+    groups: dict[tuple[str, str, str], list[CellResult]] = {}
+    for cell, r in results.items():
+        if any(k in r.history for _, k in keys):
+            groups.setdefault((cell.dataset, cell.attack, cell.defense), []).append(r)
+    lines = ["| data | attack | defense | seeds | " + " | ".join(name + " by epoch" for name, _ in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
+    for (ds, attack, defense), members in sorted(groups.items()):
+        cols = []
+        for _, key in keys:
+            curves = [dict(r.history.get(key, [])) for r in members]
+            epochs = sorted(set().union(*curves))
+            cols.append(" ".join(f"{np.nanmean([c.get(e, math.nan) for c in curves]):.2f}" for e in epochs) or "-")
+        lines.append(f"| {ds} | {attack} | {defense} | {len(members)} | " + " | ".join(cols) + " |")
+    return lines if groups else []
+
+
+def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None) -> str:
     values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
-    for cell, run_id in ids.items():
+    for cell, r in results.items():
         slot = values.setdefault((cell.dataset, cell.attack, cell.defense), {})
-        for k, v in by_id[run_id].metrics.items():
+        for k, v in r.record.metrics.items():
             slot.setdefault(k, []).append(v)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commits = sorted({r.commit for r in results.values()})
     out = [f"# Defense benchmark\n",
            f"Command: `{command}`  ",
            f"Machine: {machine()}  ",
-           f"Date: {datetime.date.today()}, commit {commit or 'unknown'}, {len(ids)} runs, {minutes:.0f} min in all.\n",
+           f"Built {datetime.date.today()} from {len(results)} cell files (commits {', '.join(commits) or '-'}).\n",
            "Every row is one (data set, defense, attack, trigger, poison) group; `seeds` runs each, mean ± std.",
            "Zero-shot and linear probe on the clean test split; ASRs on triggered / target test images; detection and",
            "damage from the last epoch's re-matching (otcclip, roclip); samples/s of the training worker.\n"]
+    history = {r.record.run_id: r.history for r in results.values()}
     for ds in datasets:
-        rows = group_runs([by_id[i] for c, i in ids.items() if c.dataset == ds])
+        rows = group_runs([r.record for c, r in results.items() if c.dataset == ds])
+        if not rows:
+            continue
         out += [f"## {ds}\n", render(rows, "markdown"), ""]
+        if plots is not None:
+            paths = plot_compare(rows, lambda run, key: history[run.run_id].get(key, []), plots / ds)
+            out += [f"![{p.stem}]({os.path.relpath(p, plots.parent)})" for p in paths] + [""]
+    detection = detection_lines(results)
+    if detection:
+        out += ["## Detection per epoch (the gate's new flags)\n"] + detection + [""]
     out += ["## Targets\n"] + target_lines(values, datasets, attacks) + [""]
     return "\n".join(out)
 
@@ -203,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "defense.md"))
+    parser.add_argument("--cells", default=str(ROOT / "benchmarks" / "results" / "cells"),
+                        help="folder of the per-cell result files (read and written)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild the tables from the cell files that hold current settings")
     args, overrides = parser.parse_known_args(argv)
     datasets, attacks = args.datasets.split(","), args.attacks.split(",")
     for a in attacks:
@@ -210,12 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
     base = load_config(BASE, [f"output_dir={args.out_dir}", f"tracking.experiment={EXPERIMENT}", *overrides])
     todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")])
-    start = time.perf_counter()
-    ids = run_cells(base, todo)
-    from otc_ray.track.mlflow_logger import tracking_uri
-
+    folder = Path(args.cells)
+    if args.report_only:
+        results = {c: r for c in todo if (r := current_cell(folder, base, c)) is not None}
+        print(f"{len(results)} of {len(todo)} cells have a current result file", flush=True)
+    else:
+        results = run_cells(base, todo, folder)
     command = "python benchmarks/defense_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(tracking_uri(base), ids, datasets, attacks, command.strip(), (time.perf_counter() - start) / 60)
+    plots = Path(args.output).parent / (Path(args.output).stem + "-plots")
+    text = report(results, datasets, attacks, command.strip(), plots)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)

@@ -1,4 +1,5 @@
-"""The defense benchmark's matrix and target checks (the training itself is exercised by test_train.py)."""
+"""The defense benchmark's matrix, its per-cell result files and target checks (the training itself is exercised by
+test_train.py)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,12 +17,12 @@ def test_matrix_has_a_clean_reference_per_dataset_and_seed_and_valid_configs():
     todo = bench.cells(["fashion", "shapes"], ["patch", "blended+targeted"], ["none", "otcclip"], [0, 1])
     assert len(todo) == 2 * 2 * (1 + 2 * 2)
     base = bench.load_config(bench.BASE, [])
-    composed = bench.cell_config(base, bench.Cell("shapes", "blended+targeted", "otcclip", 1))
+    composed, digest = bench.cell_config(base, bench.Cell("shapes", "blended+targeted", "otcclip", 1))
     assert (composed.poison.attack, composed.poison.trigger, composed.poison.target) == (("backdoor", "targeted"),
                                                                                           "blended", "circle")
     assert composed.poison.attack_name == "backdoor+targeted"
-    assert composed.train.seed == composed.poison.seed == 1 and composed.name.startswith("bench-shapes-blended+targeted-otcclip-s1-")
-    clean = bench.cell_config(base, bench.Cell("fashion", "clean", "none", 0))
+    assert composed.train.seed == composed.poison.seed == 1 and composed.name == f"bench-shapes-blended+targeted-otcclip-s1-{digest}"
+    clean, _ = bench.cell_config(base, bench.Cell("fashion", "clean", "none", 0))
     assert clean.poison.attack == () and clean.poison.attack_name == "none" and clean.train.defense == "none"
     with pytest.raises(ValueError, match="one backdoor trigger"):
         bench.Cell("fashion", "patch+blended", "none", 0).overrides()
@@ -40,3 +41,56 @@ def test_targets_report_met_and_missed_with_their_figures():
     assert "zero-shot 0.690 vs clean 0.700 (within 0.02): met; vs RoCLIP 0.600 (>= +0.02): met" in lines
     assert "P 0.900 / R 0.970" in lines and "damage 0.0100 (target <= 0.02): met" in lines
     assert "targeted" not in lines
+
+
+def _logged_run(uri: str, name: str, params: dict, curves: dict) -> str:
+    """A real MLflow run with params and per-epoch metrics, as a training run leaves it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(bench.EXPERIMENT) or client.get_experiment(client.create_experiment(bench.EXPERIMENT))
+    run = client.create_run(exp.experiment_id, run_name=name)
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, v)
+    for key, values in curves.items():
+        for step, v in enumerate(values):
+            client.log_metric(run.info.run_id, key, v, step=step)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path):
+    """Each finished cell is one JSON file (commit, config digest, final metrics, per-epoch curves); a cell whose file
+    holds the current digest is reused, a changed setting makes it stale; the tables come from the files alone."""
+    from otc_ray.track.cells import cell_from_run, read_cell, read_cells, write_cell
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = bench.load_config(bench.BASE, [])
+    folder = tmp_path / "cells"
+    for defense, asr, recall in (("none", [0.3, 0.9], None), ("otcclip", [0.05, 0.02], [0.8, 0.9])):
+        cell = bench.Cell("fashion", "patch", defense, 0)
+        cfg, digest = bench.cell_config(base, cell)
+        curves = {"eval/backdoor_asr": asr, "final/backdoor_asr": [asr[-1]], "final/zeroshot_top1": [0.6]}
+        if recall:
+            curves |= {"rematch/gate_recall_backdoor": recall, "rematch/gate_precision": [0.5, 0.6]}
+        params = {"data.dataset": "fashion", "train.defense": defense, "poison.attack": "backdoor",
+                  "poison.trigger": "patch", "poison.count": "50", "train.seed": "0"}
+        run_id = _logged_run(uri, cfg.name, params, curves)
+        write_cell(bench.cell_path(folder, cell), cell_from_run(uri, run_id, {"defense": defense}, digest, "abc1234",
+                                                                 bench.EXPERIMENT))
+    assert len(read_cells(folder)) == 2 and not list(folder.rglob("*.tmp"))
+    none_cell = bench.Cell("fashion", "patch", "none", 0)
+    done = bench.current_cell(folder, base, none_cell)
+    assert done is not None and done.history["eval/backdoor_asr"] == [(0, 0.3), (1, 0.9)]
+    assert done.record.metrics["final/backdoor_asr"] == 0.9 and done.commit == "abc1234"
+    changed = bench.load_config(bench.BASE, ["train.epochs=7"])
+    assert bench.current_cell(folder, changed, none_cell) is None, "another setting: the file is stale"
+    results = {c: bench.current_cell(folder, base, c) for c in (none_cell, bench.Cell("fashion", "patch", "otcclip", 0))}
+    text = bench.report(results, ["fashion"], ["patch"], "cmd", tmp_path / "plots")
+    assert "| fashion | none | backdoor | patch | 50 | 1 |" in text and "0.900" in text
+    assert "| fashion | patch | otcclip | 1 | 0.80 0.90 |" in text                  # per-epoch new-flag recall
+    assert "OTCCLIP backdoor ASR 0.020 (target <= 0.05): met" in text
+    assert (tmp_path / "plots" / "fashion" / "asr_per_epoch.png").stat().st_size > 0
+    (folder / "fashion" / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: not a benchmark cell file"):
+        read_cell(folder / "fashion" / "bad.json")

@@ -34,8 +34,9 @@ def test_what_each_defense_rematches():
     assert get_defense("otcclip").rematch(cfg) == cfg.rematch                  # as configured
     assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.method=none"])) is None   # ablation
     roclip = get_defense("roclip").rematch(cfg)                                # the baseline by definition
-    assert (roclip.method, roclip.gate) == ("roclip", "none")
-    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate) == cfg.rematch
+    assert (roclip.method, roclip.gate, roclip.witness) == ("roclip", "none", False)   # no witness: its own model
+    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate,
+                               witness=cfg.rematch.witness) == cfg.rematch
 
 
 @pytest.mark.parametrize("defense, terms", [

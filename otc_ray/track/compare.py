@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import parse_attacks
 from . import metric_names as N
-from .mlflow_logger import RunRecord, search_runs
+from .mlflow_logger import RunRecord, metric_history, search_runs
 from .plots import plot_compare
 
 GROUP_PARAMS = (("data", "data.dataset"), ("defense", "train.defense"), ("attack", "poison.attack"),
@@ -98,4 +98,5 @@ def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}")
     rows = group_runs(runs)
-    return render(rows, fmt), (plot_compare(rows, uri, plots_dir) if plots_dir else [])
+    history = lambda run, key: metric_history(uri, run.run_id, key)  # noqa: E731
+    return render(rows, fmt), (plot_compare(rows, history, plots_dir) if plots_dir else [])

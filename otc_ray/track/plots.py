@@ -1,13 +1,14 @@
 """Plots of MLflow runs, as PNG files (matplotlib, headless): the one place that draws.
 
     plot_run(uri, run_id, folder)          one run: zero-shot accuracy and ASRs per epoch (the trainer's final report)
-    plot_compare(rows, uri, folder)        several runs: ASR per epoch by defense, zero-shot vs ASR (`otc-ray compare`)
+    plot_compare(rows, history, folder)    several runs: ASR per epoch by defense, zero-shot vs ASR (`otc-ray compare`,
+                                           benchmarks/defense_bench.py from its cell files)
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from . import metric_names as N
 from .mlflow_logger import metric_history
@@ -42,10 +43,11 @@ def plot_run(uri: str, run_id: str, folder: Path) -> list[Path]:
     return [path]
 
 
-def plot_compare(rows: Sequence, uri: str, folder: Path) -> list[Path]:
+def plot_compare(rows: Sequence, history: Callable[[Any, str], list[tuple[int, float]]], folder: Path) -> list[Path]:
     """asr_per_epoch.png (backdoor ASR by epoch, one line per run, coloured by defense) and
     zeroshot_vs_asr.png (final zero-shot against final backdoor ASR, one point per run). rows: compare.Row
-    groups (group = (data, defense, attack, ...), runs = their RunRecords)."""
+    groups (group = (data, defense, attack, ...), runs = their RunRecords); history(run, metric) -> [(epoch, value)]
+    (from MLflow, or from benchmark cell files)."""
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     defenses = sorted({r.group[1] for r in rows})
@@ -53,7 +55,7 @@ def plot_compare(rows: Sequence, uri: str, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         for run in row.runs:
-            points = sorted(metric_history(uri, run.run_id, N.EVAL_BACKDOOR_ASR))
+            points = sorted(history(run, N.EVAL_BACKDOOR_ASR))
             if points:
                 ax.plot([p[0] + 1 for p in points], [p[1] for p in points], color=colour[row.group[1]], alpha=0.8,
                         label=row.group[1])
