@@ -213,6 +213,8 @@ class TrainConfig:
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
     log_every: int = 20             # steps between per-step loss logs (rank 0)
     shuffle_buffer: int = 2048      # rows of each worker's local shuffle buffer, reseeded every epoch; 0 = off
+    preserve_order: bool = True     # Ray Data delivers the stream's blocks in order, so a seeded run repeats its
+                                    # batches (re-matching still depends on when weights are published)
     torch_threads: int = 0          # intra-op threads per worker; 0 = the node's cores / workers (Ray sets 1)
     seed: int = 0
 

@@ -36,6 +36,19 @@ def test_one_worker_logs_every_metric(ray_local, tmp_path):
     assert artifacts == ["plots/asr_accuracy_per_epoch.png"]
 
 
+def test_a_seeded_run_repeats(ray_local, tmp_path):
+    """Same config and seed, two runs: the same batches in the same order (ordered Ray Data stream, seeded
+    per-epoch shuffle, seeded init and augmentation), so every logged figure repeats exactly."""
+    keys = ("train/epoch_clip_loss", "eval/zeroshot_top1", "eval/backdoor_asr", "final/linear_probe_split_acc")
+    histories = []
+    for name in ("again-1", "again-2"):
+        result = run_training(_cfg(tmp_path, "train.defense=none", f"name={name}"), progress=False)
+        histories.append({k: [v for _, v in sorted(metric_history(result.tracking_uri, result.run_id, k))]
+                          for k in keys})
+    assert all(histories[0][k] for k in keys), histories[0]
+    assert histories[0] == histories[1]
+
+
 def test_two_workers_and_resume_after_a_killed_worker(ray_local, tmp_path, monkeypatch):
     """A worker dies mid-epoch 1 (FailureConfig max_failures=1): the run restarts from the epoch-0
     checkpoint, finishes, and logs into the same MLflow run."""

@@ -19,6 +19,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .loop import LoopConfig, train_loop_per_worker
 
 
+def ingest_options(preserve_order: bool):
+    """Ray Data options of the training streams: Train's defaults, blocks delivered in order when asked (a seeded
+    run then trains on the same batches in the same order; without it, block arrival under load decides)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = preserve_order
+    return options
+
+
 def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> TorchTrainer:
     """TorchTrainer for `loop.config`: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated; every
     worker runs `train_loop_per_worker(loop)` on its share of `datasets` ("train": the stream; "warmup": raw rows
@@ -36,5 +44,6 @@ def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> To
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(t.preserve_order)),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
