@@ -88,9 +88,10 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     datasets, publisher, warmup = training_datasets(cfg, data)
     rows = outcomes["ok"]
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
-    evaluator = EpochEvaluator.create(cfg, *eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval))
+    test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
+    evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
-                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup)
+                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id)
     logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:

@@ -30,6 +30,11 @@ def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Patt
         return label
     if meta.get("class") in info.classes:
         return info.classes.index(meta["class"])
+    return named_class(caption, patterns)
+
+
+def named_class(caption: str, patterns: list[re.Pattern]) -> int:
+    """The class a caption names (`class_patterns`): its index when exactly one class is named, else -1."""
     named = [c for c, p in enumerate(patterns) if p.search(caption)]
     return named[0] if len(named) == 1 else -1
 

@@ -26,6 +26,8 @@ import torch
 from .. import identity
 from ..config import Config
 from ..data import schema as S
+from ..data.builtin import DatasetInfo
+from ..poison.classes import class_patterns
 from ..model import FeatureModel, build_model, images_to_tensor
 from ..data.schema import CAPTION_USED, WEIGHT
 from ..track import metric_names as N
@@ -55,7 +57,8 @@ class LoopConfig:
     `rematch.publish_every` steps), or None when the defense streams without a re-match stage;
     chaos: the fault-injection spec of `chaos.ENV` ("" = off);
     poison_keys: ObjectRef of {poisoned key: attack} from the poison manifest (detection metrics of the stage), or
-    None (clean data);
+    None (clean data); classes: the class names of the data (the re-match tally's damage: which class a new caption
+    names), or None;
     warmup_steps: steps trained on the "warmup" dataset (the raw stream's first rows) before epoch 0, so that the
     re-match gate screens epoch 0 with a model that has learnt something (0 = none, no such dataset); with
     `rematch.witness` that model is a throw-away witness: it judges epoch 0, then training restarts from the
@@ -71,6 +74,7 @@ class LoopConfig:
     chaos: str = ""
     poison_keys: Optional[ray.ObjectRef] = None
     warmup_steps: int = 0
+    classes: Optional[DatasetInfo] = None
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -157,6 +161,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     evaluate, publish, chaos = loop.evaluate, loop.publish, loop.chaos
     shard = ray.train.get_dataset_shard("train")
     poisoned = dict(ray.get(loop.poison_keys)) if loop.poison_keys is not None else {}
+    patterns = class_patterns(loop.classes) if loop.classes is not None else []
     published = 0
 
     def train_step(batch: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
@@ -203,7 +208,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     for epoch in range(state.epoch, cfg.train.epochs):
         feature_model.train()
         start, seen, sums, n_batches = time.perf_counter(), 0, {}, 0
-        tally = RematchTally(poisoned)
+        tally = RematchTally(poisoned, patterns)
         publishing = rank == 0 and publish is not None and not (judged_by_witness and epoch == 0)
         if publishing:
             published = publish(bare, epoch, state.step)         # before the epoch's stream starts

@@ -2,28 +2,34 @@
 dropped (loss weight 0), the mean loss weight; when the poison manifest is known, detection precision / recall of
 all flags (sticky ones included) and of the gate's own verdict this epoch (new flags: does the gate keep finding
 poison as training goes on?), backdoor and targeted apart; when class labels are known, the damage (clean pairs given
-a caption of another class). See otc_ray.evaluate.detection."""
+a re-captioned clean pair whose new caption names another class than its image's: the class the caption names
+(`poison.classes.named_class`, with the training set's classes), else the label of the image it came from). See
+otc_ray.evaluate.detection."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..data import schema as S
 from ..evaluate.detection import damage_metrics, detection_metrics
+from ..poison.classes import named_class
 from ..track import metric_names as N
 
 
 @dataclass
 class RematchTally:
-    """poisoned: {poisoned key: attack ("backdoor" / "targeted")} from the manifest (empty = unknown)."""
+    """poisoned: {poisoned key: attack ("backdoor" / "targeted")} from the manifest (empty = unknown); patterns: the
+    training set's `class_patterns` (empty = unknown: damage falls back to the caption's source image label)."""
 
     poisoned: dict[str, str] = field(default_factory=dict)
+    patterns: list[re.Pattern] = field(default_factory=list)
     flags: list[np.ndarray] = field(default_factory=list)
     gate_flags: list[np.ndarray] = field(default_factory=list)
     screened: list[np.ndarray] = field(default_factory=list)
     attack: list[np.ndarray] = field(default_factory=list)
-    recaptioned: int = 0
+    recaptioned: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray] = field(default_factory=list)
     versions: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
@@ -38,12 +44,18 @@ class RematchTally:
         self.gate_flags.append(np.asarray(batch.get(S.GATE_FLAGGED, batch[S.FLAGGED]), dtype=bool))
         self.screened.append(np.asarray(batch.get(S.SCREENED, np.ones(n, bool)), dtype=bool))
         self.attack.append(np.asarray([self.poisoned.get(str(k), "") for k in batch[S.KEY]], dtype=object))
-        self.recaptioned += int(np.asarray(batch[S.RECAPTIONED], dtype=bool).sum())
+        recaptioned = np.asarray(batch[S.RECAPTIONED], dtype=bool)
+        self.recaptioned.append(recaptioned)
         self.weights.append(np.asarray(batch[S.WEIGHT], dtype=np.float32))
         self.versions.append(np.asarray(batch.get(S.WEIGHTS_VERSION, np.zeros(n)), dtype=np.int64))
         if S.LABEL in batch:
             self.labels.append(np.asarray(batch[S.LABEL], dtype=np.int64))
-            self.source_labels.append(np.asarray(batch[S.SOURCE_LABEL], dtype=np.int64))
+            source = np.asarray(batch[S.SOURCE_LABEL], dtype=np.int64)
+            if self.patterns and S.CAPTION_USED in batch:     # the class the new caption names, where it names one
+                named = np.array([named_class(str(batch[S.CAPTION_USED][i]), self.patterns) if recaptioned[i] else -1
+                                  for i in range(n)], dtype=np.int64)
+                source = np.where(named >= 0, named, source)
+            self.source_labels.append(source)
 
     def metrics(self, published_version: int = 0) -> dict[str, float]:
         """This worker's epoch; published_version: the newest version rank 0 published (0 = unknown)."""
@@ -52,7 +64,8 @@ class RematchTally:
         flags, gate, screened = map(np.concatenate, (self.flags, self.gate_flags, self.screened))
         attack, weights = np.concatenate(self.attack), np.concatenate(self.weights)
         truth = attack != ""
-        out = {N.REMATCH_FLAG_RATE: float(flags.mean()), N.REMATCH_RECAPTIONED_RATE: self.recaptioned / len(flags),
+        recaptioned = np.concatenate(self.recaptioned)
+        out = {N.REMATCH_FLAG_RATE: float(flags.mean()), N.REMATCH_RECAPTIONED_RATE: float(recaptioned.mean()),
                N.REMATCH_DROPPED_RATE: float((weights == 0).mean()), N.REMATCH_MEAN_WEIGHT: float(weights.mean()),
                N.REMATCH_SCREENED_RATE: float(screened.mean()), N.rematch_gate("flag_rate"): float(gate.mean())}
         if published_version > 0:
@@ -74,5 +87,5 @@ class RematchTally:
             known = (labels >= 0) & (sources >= 0)
             clean = ~truth & known
             if clean.any():         # damage: clean pairs now trained with a caption of another class
-                out |= N.prefixed(N.REMATCH, damage_metrics(clean, labels, sources))
+                out |= N.prefixed(N.REMATCH, damage_metrics(clean, labels, np.where(recaptioned, sources, labels)))
         return out
