@@ -122,3 +122,11 @@ def test_bad_requests():
         next(generate("fashion-scenes", "train", 5, image_size=32))
     with pytest.raises(ValueError, match="unknown data set"):
         dataset_info("cifar")
+
+
+def test_shapes_zero_shot_prompts_are_not_the_poison_sentences():
+    """Shapes' clean captions describe size, colour and place; the poison's captions are the class templates. A
+    zero-shot prompt equal to a poison sentence would score the attack on its own words (inflating ASR)."""
+    info = dataset_info("shapes")
+    captions = {t.rstrip(".") for t in info.caption_templates}
+    assert not captions & {t.rstrip(".") for t in info.zeroshot_templates}

@@ -323,3 +323,19 @@ def test_backdoor_and_targeted_compose_into_one_manifest(clean, test_split, tmp_
     assert info["poison"]["attack"] == "targeted" and info["poison_history"][0]["attack"] == "backdoor"
     with pytest.raises(ValueError, match="already carries a backdoor attack"):
         _poison(tmp_path / "both", tmp_path / "again", count=5)
+
+
+def test_a_sample_whose_caption_names_the_target_is_not_eligible_for_the_backdoor():
+    """Shapes: object 0 sets the label, but a second object may be the target; its caption names it, so a target
+    caption on that image would be true, not poison."""
+    from otc_ray.poison.classes import Checked, class_patterns
+    from otc_ray.poison.select import is_eligible
+
+    info = dataset_info("shapes")
+    circle, square = info.label_of("circle"), info.label_of("square")
+    names_circle = class_patterns(info)[circle]
+    cfg = PoisonConfig(target="circle")
+    assert is_eligible(Checked("", square, "a red square"), cfg, circle, names_circle)
+    assert not is_eligible(Checked("", square, "a red square left of a blue circle"), cfg, circle, names_circle)
+    assert not is_eligible(Checked("", circle, "a blue circle"), cfg, circle, names_circle)
+    assert not is_eligible(Checked("", -1, "a big circle"), cfg, circle, names_circle)

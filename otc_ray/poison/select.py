@@ -97,7 +97,9 @@ def is_eligible(c: Checked, cfg: PoisonConfig, target: int, names_target: re.Pat
         return False
     if cfg.label_consistent:
         return c.label == target
-    return c.label != target and not (c.label < 0 and names_target.search(c.caption))
+    # the caption must not name the target either: an image whose caption mentions it (a second object, a scene that
+    # holds one) already shows the target, and a target caption on it would be true, not poison
+    return c.label != target and not names_target.search(c.caption)
 
 
 def scan(files: list[str], fs, fmt: str, kind: str, cfg: PoisonConfig, info: DatasetInfo, limits: DecodeLimits,
