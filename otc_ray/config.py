@@ -211,6 +211,7 @@ class TrainConfig:
     max_failures: int = 1
     keep_checkpoints: int = 2
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
+    roclip_every: int = 2           # roclip: re-match every this many epochs (its break_epoch), from epoch every-1
     log_every: int = 20             # steps between per-step loss logs (rank 0)
     shuffle_buffer: int = 2048      # rows of each worker's local shuffle buffer, reseeded every epoch; 0 = off
     preserve_order: bool = True     # Ray Data delivers the stream's blocks in order, so a seeded run repeats its
@@ -363,6 +364,7 @@ _RANGES = {
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer"), ">= 0"),
+    "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight"), "[0, 1]"),

@@ -35,8 +35,11 @@ def test_what_each_defense_rematches():
     assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.method=none"])) is None   # ablation
     roclip = get_defense("roclip").rematch(cfg)                                # the baseline by definition
     assert (roclip.method, roclip.gate, roclip.witness) == ("roclip", "none", False)   # no witness: its own model
-    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate,
-                               witness=cfg.rematch.witness) == cfg.rematch
+    assert (roclip.start_epoch, roclip.every) == (1, 2)                        # its break_epoch 2: epochs 1, 3, ...
+    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate, witness=cfg.rematch.witness,
+                               start_epoch=cfg.rematch.start_epoch, every=cfg.rematch.every) == cfg.rematch
+    every_epoch = get_defense("roclip").rematch(load_config(TINY, ["train.roclip_every=1"]))
+    assert (every_epoch.start_epoch, every_epoch.every) == (0, 1)
 
 
 @pytest.mark.parametrize("defense, terms", [

@@ -77,7 +77,7 @@ def test_rematching_defense_streams_through_the_stage(ray_local, tmp_path, defen
     detection is scored against the poison manifest; with action=drop flagged pairs get loss weight 0 (2 workers)."""
     # drop on 2 workers: the weighted CLIP loss all-gathers the weights, so every rank must take the same path
     extra = ["rematch.action=drop", "rematch.gate_threshold=0", "train.num_workers=2"] if defense.endswith("drop") else \
-        ["rematch.gate_threshold=-1"]     # a tiny, briefly trained model: a loose gate so that something is flagged
+        ["rematch.gate_threshold=-1", "train.roclip_every=1"]   # a loose gate for a tiny model; roclip from epoch 0
     cfg = _cfg(tmp_path, f"train.defense={defense.split('-')[0]}", "train.epochs=1", "rematch.start_epoch=0",
                f"name={defense}", *extra)
     metrics = run_metrics(*_run(cfg))

@@ -7,7 +7,8 @@ one batch (`Defense.batch_loss`).
     loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
 
     none      L_clip
-    roclip    L_clip on the captions the re-match stage chose (global nearest caption), augmented images
+    roclip    L_clip on the captions the re-match stage chose (nearest pool caption to the image) every
+              `roclip_every` epochs, the crawled captions between; augmented images and captions
     otcclip   L_clip + lambda_inter L_inter + lambda_intra L_intra from the first step; OT re-matching upstream
     safeclip  unimodal warm-up (image-image, text-text) for `safeclip_warmup` epochs, then L_clip on the
               batch's most similar ("safe") pairs and the unimodal loss on the rest. The split is the
@@ -81,16 +82,22 @@ class NoDefense(Defense):
 
 
 class RoCLIP(Defense):
-    """RoCLIP: every image takes its globally nearest caption (the stage runs method roclip, gate none, whatever
-    `rematch` says: the baseline by definition); L_clip on those captions with augmented images."""
+    """RoCLIP (Yang et al., NeurIPS 2023) as its code runs it: on every `train.roclip_every`-th epoch (its
+    `break_epoch`, 2; 1-based epochs 2, 4, ..., so 0-based 1, 3, ...) every image takes the caption of the caption
+    pool (a FIFO bank) nearest to its image embedding (the stage runs method roclip, gate none, whatever `rematch`
+    says); the epochs between train on the crawled captions. L_clip with augmented images and captions (shift/flip
+    for its crop/flip/jitter, word dropout for its EDA)."""
 
     name = "roclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False).rematch
+        every = cfg.train.roclip_every
+        return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False,
+                       rematch__start_epoch=every - 1, rematch__every=every).rematch
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
-        return _clip_only(feature_model(augment_images(pixels, gen), ids), weights, content_ids)
+        f = feature_model(augment_images(pixels, gen), augment_token_ids(ids, cfg.ot.text_drop_prob, gen))
+        return _clip_only(f, weights, content_ids)
 
 
 class OTCCLIP(Defense):
