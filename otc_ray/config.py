@@ -156,7 +156,7 @@ class RematchConfig:
     k: int = 8
     alpha: float = 0.5
     assign: Literal["argmax", "balanced"] = "argmax"
-    gate: Literal["none", "margin", "zscore", "neighbour", "evidence"] = "evidence"
+    gate: Literal["none", "margin", "zscore", "neighbour", "evidence", "gmm"] = "evidence"
     gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_signals.md, validation seed)
     gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
     gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
@@ -187,6 +187,8 @@ class RematchConfig:
     assign_eps: float = 0.05        # assign balanced: entropic regularisation of the block-level assignment
     assign_iters: int = 200         # assign balanced: Sinkhorn iterations
     flagged_weight: float = 0.1     # action downweight: loss weight of a flagged sample
+    gmm_safe_probability: float = 0.9   # gate gmm (SafeCLIP): safe when the clean component's posterior is >= this
+    gmm_max_safe: float = 0.85      # gate gmm: at most this share of the pool is safe (the lowest similarities risky)
     seed: int = 0                   # random init of the actors' model when no weights are given (all alike)
 
 
@@ -212,6 +214,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
     roclip_every: int = 2           # roclip: re-match every this many epochs (its break_epoch), from epoch every-1
+    safeclip_lr_scale: float = 0.01 # safeclip: LR factor of its CLIP epoch on all data after the warm-up (5e-6 / 5e-4)
     log_every: int = 20             # steps between per-step loss logs (rank 0)
     shuffle_buffer: int = 2048      # rows of each worker's local shuffle buffer, reseeded every epoch; 0 = off
     preserve_order: bool = True     # Ray Data delivers the stream's blocks in order, so a seeded run repeats its
@@ -367,7 +370,8 @@ _RANGES = {
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),
-    **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight"), "[0, 1]"),
+    **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",
+                     "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
     "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps
 }
 _UNBOUNDED = frozenset({"gate_threshold"})       # a z-score threshold: any real number

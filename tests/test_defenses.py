@@ -30,7 +30,11 @@ def test_unknown_defense_is_a_clear_error():
 def test_what_each_defense_rematches():
     cfg = load_config(TINY, ["rematch.method=otcclip", "rematch.gate=neighbour", "rematch.k=5"])
     assert get_defense("none").rematch(cfg) is None
-    assert get_defense("safeclip").rematch(cfg) is None
+    safe = get_defense("safeclip").rematch(cfg)                                # its split, in the stage
+    assert (safe.gate, safe.action, safe.start_epoch, safe.sticky) == ("gmm", "drop", cfg.train.safeclip_warmup + 1,
+                                                                       False)
+    assert [get_defense("safeclip").lr_scale(cfg, e) for e in range(3)] == [1.0, cfg.train.safeclip_lr_scale, 1.0]
+    assert get_defense("otcclip").lr_scale(cfg, 1) == 1.0
     assert get_defense("otcclip").rematch(cfg) == cfg.rematch                  # as configured
     assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.method=none"])) is None   # ablation
     roclip = get_defense("roclip").rematch(cfg)                                # the baseline by definition
@@ -47,18 +51,22 @@ def test_what_each_defense_rematches():
     ("roclip", {"clip_loss"}),
     ("otcclip", {"clip_loss", "inter_loss", "intra_loss"}),
     ("safeclip", {"image_unimodal_loss", "text_unimodal_loss"}),                 # epoch 0 < safeclip_warmup
+    ("safeclip-1", {"clip_loss"}),                                               # its CLIP epoch on all pairs
+    ("safeclip-2", {"clip_loss", "image_unimodal_loss", "text_unimodal_loss"}),  # safe: CLIP, risky: unimodal
 ])
 def test_batch_loss_of_each_defense(defense, terms):
     from otc_ray.model import FeatureModel, build_model
 
-    cfg = load_config(TINY, [f"train.defense={defense}", "ot.intra_samples=2", "train.safeclip_warmup=1"])
+    name, epoch = (defense.split("-")[0], int(defense.split("-")[1])) if "-" in defense else (defense, 0)
+    cfg = load_config(TINY, [f"train.defense={name}", "ot.intra_samples=2", "train.safeclip_warmup=1"])
     torch.manual_seed(0)
     bundle = build_model(cfg.model)
     B, S = 4, bundle.image_size
     pixels = torch.randn(B, 3, S, S)
     ids = bundle.tokenizer(["a red shoe", "a blue bag", "a green shirt", "a black coat"])
-    loss, logged = get_defense(defense).batch_loss(FeatureModel(bundle.model), bundle.model, pixels, ids, cfg, 0,
-                                                   torch.Generator().manual_seed(0))
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])                               # the stage's split: 2 risky pairs
+    loss, logged = get_defense(name).batch_loss(FeatureModel(bundle.model), bundle.model, pixels, ids, cfg, epoch,
+                                                torch.Generator().manual_seed(0), weights)
     assert set(logged) == terms | {"total_loss"}
     total = float(loss.detach())
     assert loss.requires_grad and math.isfinite(total) and total == pytest.approx(logged["total_loss"])

@@ -178,3 +178,25 @@ def test_a_group_the_model_has_learnt_is_judged_by_its_neighbourhood_alone():
     assert float(cosine_z.min()) > -1.5 and float(agreement_z.max()) < -3, (cosine_z, agreement_z)
     assert float(((cosine_z + agreement_z) / 2).max()) > -3, "the mean of the two would let the group through"
     assert bool(res.flagged[copies].all()) and not bool(res.flagged[:B0].any()), res.gate_z
+
+
+def test_gmm_gate_splits_low_similarity_pairs_as_risky_and_caps_the_safe_share():
+    """SafeCLIP's split (gate gmm): pairs whose image and caption disagree (low similarity) are risky, keep their
+    caption and get weight 0 (action drop); even when every pair looks clean, at most 85% are safe."""
+    from otc_ray.rematch.gates import gmm_clean_probability
+
+    img, txt, label, dirs = _clusters(seed=4)
+    B = len(label)
+    bad = torch.arange(0, B, 12)                                                         # 8 mismatched pairs
+    txt = txt.clone()
+    txt[bad] = txt[(bad + 30) % B]
+    keys = torch.arange(B, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool))
+    cfg = _cfg(method="roclip", gate="gmm", action="drop")
+    res = match_block(ImageFeatures(img, None), pool, keys, cfg, OT)
+    assert bool(res.flagged[bad].all()) and res.weight[bad].eq(0).all()
+    assert not bool(res.recaptioned.any()) and 0.15 <= float(res.flagged.float().mean()) < 0.3
+    clean = match_block(ImageFeatures(img, None), Pool(CaptionFeatures(_clusters(seed=4)[1]), img, keys,
+                                                        torch.ones(B, dtype=torch.bool)), keys, cfg, OT)
+    assert float(clean.flagged.float().mean()) >= 0.15 - 1 / B                   # the 85% cap
+    torch.testing.assert_close(gmm_clean_probability(torch.full((5,), 0.3)), torch.ones(5))

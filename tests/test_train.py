@@ -64,11 +64,18 @@ def test_two_workers_and_resume_after_a_killed_worker(ray_local, tmp_path, monke
     assert again.run_id == result.run_id
 
 
-def test_safeclip_runs_one_epoch(ray_local, tmp_path):
-    cfg = _cfg(tmp_path, "train.defense=safeclip", "train.epochs=1", "train.safeclip_warmup=0", "name=safeclip",
-               "poison.attack=none")
-    metrics = run_metrics(*_run(cfg))
-    assert "train/epoch_clip_loss" in metrics and "train/epoch_image_unimodal_loss" in metrics
+def test_safeclip_low_lr_clip_epoch_then_the_gmm_split(ray_local, tmp_path):
+    """No unimodal warm-up (safeclip_warmup 0): epoch 0 trains L_clip on all pairs at a hundredth of the LR, unsplit;
+    epoch 1 the stage's Gaussian-mixture split flags pairs as risky (at least the 15% that the 85% cap on the safe
+    share leaves), trained unimodally."""
+    cfg = _cfg(tmp_path, "train.defense=safeclip", "train.safeclip_warmup=0", "name=safeclip")
+    uri, run_id = _run(cfg)
+    flag_rate = dict(metric_history(uri, run_id, "rematch/flag_rate"))
+    assert flag_rate[0] == 0.0 and flag_rate[1] >= 0.1, flag_rate
+    unimodal = dict(metric_history(uri, run_id, "train/epoch_image_unimodal_loss"))
+    assert 0 not in unimodal and math.isfinite(unimodal[1])
+    lr = sorted(metric_history(uri, run_id, "train/lr"))
+    assert lr[0][1] < 0.02 * cfg.train.lr, lr[:2]                              # the low-LR epoch
 
 
 @pytest.mark.parametrize("defense", ["otcclip", "roclip", "otcclip-drop"])

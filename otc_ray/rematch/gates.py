@@ -7,6 +7,7 @@ outliers, z < threshold (default -2), except `margin`, which is a plain rule on 
     flags = margin_flags(own_in_topk, own_score, best_score, margin)
     agree, nbrs = neighbour_agreement(img, pool_img, own_txt, pool_txt, n, exclude)
     vote = neighbour_vote(nbrs, trusted)                      # nearest trusted neighbour per image, -1 if none
+    p_clean = gmm_clean_probability(pair_similarities)        # SafeCLIP's split (gate gmm): no z-score
 """
 from __future__ import annotations
 
@@ -86,3 +87,27 @@ def neighbour_vote(nbrs: Tensor, trusted: Tensor) -> Tensor:
     first = ok.to(torch.int8).argmax(dim=1)                                              # first True, nearest first
     pick = nbrs.gather(1, first.unsqueeze(1)).squeeze(1)
     return torch.where(ok.any(dim=1), pick, torch.full_like(pick, -1))
+
+
+def gmm_clean_probability(values: Tensor, iters: int = 100) -> Tensor:
+    """SafeCLIP's split: a 2-component 1-D Gaussian mixture fitted by EM to values (N,) (pair similarities); returns
+    (N,) the posterior of the component with the higher mean (the "clean" one). Means start at the 25th and 75th
+    percentiles, variances at the overall variance and never below 1% of it (a component cannot collapse onto a
+    few points); constant values give 1 everywhere."""
+    x = values.double()
+    var0 = x.var(unbiased=False)
+    if x.numel() < 2 or not float(var0) > 0:
+        return torch.ones_like(values, dtype=torch.float32)
+    mean = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device))
+    var = var0.repeat(2)
+    share = torch.full((2,), 0.5, dtype=x.dtype, device=x.device)
+    floor = var0 * 0.01
+    for _ in range(iters):
+        log_p = torch.log(share) - 0.5 * torch.log(2 * torch.pi * var) - (x.unsqueeze(1) - mean) ** 2 / (2 * var)
+        resp = torch.softmax(log_p, dim=1)                                                   # (N, 2)
+        mass = resp.sum(0).clamp_min(1e-12)
+        share = mass / x.numel()
+        mean = (resp * x.unsqueeze(1)).sum(0) / mass
+        var = ((resp * (x.unsqueeze(1) - mean) ** 2).sum(0) / mass).clamp_min(floor)
+    log_p = torch.log(share) - 0.5 * torch.log(2 * torch.pi * var) - (x.unsqueeze(1) - mean) ** 2 / (2 * var)
+    return torch.softmax(log_p, dim=1)[:, int(mean.argmax())].float()

@@ -36,7 +36,7 @@ from otc_ray.config import OTConfig, RematchConfig, validate
 from otc_ray import identity
 from otc_ray.model import ClipBundle, encode_image, encode_text, features, images_to_tensor
 
-from .gates import margin_flags, neighbour_agreement, neighbour_vote, robust_z
+from .gates import gmm_clean_probability, margin_flags, neighbour_agreement, neighbour_vote, robust_z
 from .signals import SIGNALS, caption_calibrated_z, combine_z, plan_concentration
 
 
@@ -354,6 +354,35 @@ def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Ten
                        signal_z=ev.signal_z, group_size=ev.group_size, gate_flagged=gate_flagged)
 
 
+def _match_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, cfg: RematchConfig,
+               prior: Optional[Tensor]) -> MatchResult:
+    """Gate `gmm`, SafeCLIP's split on the pool: a 2-component Gaussian mixture on the similarities of the pool's own
+    pairs (block rows with the current weights, bank rows as banked); a block pair is safe when the clean component's
+    posterior is >= `gmm_safe_probability` and its similarity is not among the pool's lowest 1 - `gmm_max_safe`.
+    Risky pairs are flagged and keep their caption (the action decides their weight; SafeCLIP drops them from the
+    CLIP loss and trains them unimodally). gate_z carries the clean posterior."""
+    B, dev = images.image.shape[0], images.image.device
+    own = torch.arange(B, device=dev)
+    pair = (pool.image.to(dev) * pool.captions.text).sum(dim=1)                        # (N,) own-pair similarities
+    pair[:B] = cos[own, own]
+    p_clean = gmm_clean_probability(pair)
+    floor = torch.quantile(pair.double(), 1.0 - cfg.gmm_max_safe).float()
+    gate_flagged = (p_clean[:B] < cfg.gmm_safe_probability) | (pair[:B] < floor)
+    flagged = gate_flagged | prior.to(dev) if prior is not None and cfg.sticky else gate_flagged
+    weight = torch.ones(B, device=dev)
+    if cfg.action == "drop":
+        weight = weight.masked_fill(flagged, 0.0)
+    elif cfg.action == "downweight":
+        weight = weight.masked_fill(flagged, cfg.flagged_weight)
+    elif cfg.action != "recaption":
+        raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
+    c = cos[own, own]
+    return MatchResult(shortlist=own.unsqueeze(1), scores=c.unsqueeze(1), own_in_topk=torch.ones_like(flagged),
+                       assigned=own, own_score=c, best_score=c, suspicion=torch.zeros_like(c), gate_z=p_clean[:B],
+                       agreement=torch.full_like(c, float("nan")), flagged=flagged, source=own.clone(),
+                       recaptioned=torch.zeros_like(flagged), weight=weight, gate_flagged=gate_flagged)
+
+
 def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: RematchConfig,
                 ot_cfg: OTConfig, prior: Optional[Tensor] = None) -> MatchResult:
     """Re-match a block of B images against the pool (see `MatchResult` for every output).
@@ -374,6 +403,8 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
     cos = images.image @ pool.captions.text.T                                                    # (B, N)
     if cfg.gate == "evidence":
         return _match_evidence(images, pool, cos, exclude, cfg, ot_cfg, prior)
+    if cfg.gate == "gmm":
+        return _match_gmm(images, pool, cos, cfg, prior)
     index, valid, in_top = shortlist(cos, cfg.k, exclude)
     alpha = cfg.alpha if cfg.method == "otcclip" else 1.0
     scores = fused_scores(images, pool, index, cos, alpha, ot_cfg).masked_fill(~valid, float("-inf"))

@@ -10,10 +10,9 @@ one batch (`Defense.batch_loss`).
     roclip    L_clip on the captions the re-match stage chose (nearest pool caption to the image) every
               `roclip_every` epochs, the crawled captions between; augmented images and captions
     otcclip   L_clip + lambda_inter L_inter + lambda_intra L_intra from the first step; OT re-matching upstream
-    safeclip  unimodal warm-up (image-image, text-text) for `safeclip_warmup` epochs, then L_clip on the
-              batch's most similar ("safe") pairs and the unimodal loss on the rest. The split is the
-              batch-level form of SafeCLIP's per-epoch Gaussian mixture: the safe share grows from 0.5 by
-              0.1 per epoch up to 0.85.
+    safeclip  unimodal warm-up (image-image, text-text) for `safeclip_warmup` epochs, one epoch of L_clip on all
+              pairs at a low learning rate, then L_clip on the safe pairs and the unimodal loss on the risky ones;
+              the split is the stage's gate gmm (a Gaussian mixture on pair similarities, SafeCLIP's)
 """
 from __future__ import annotations
 
@@ -41,10 +40,6 @@ def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, gen: torch
                         augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen), cfg.ot.special_tokens)
 
 
-def safe_share(epoch: int, warmup: int) -> float:
-    return min(0.85, 0.5 + 0.1 * max(0, epoch - warmup))
-
-
 class Defense(ABC):
     """One defense: what its training stream re-matches (`rematch`) and what it trains (`batch_loss`)."""
 
@@ -53,6 +48,10 @@ class Defense(ABC):
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         """The settings of the re-match stage the training stream goes through; None: no re-match stage."""
         return None
+
+    def lr_scale(self, cfg: Config, epoch: int) -> float:
+        """Factor on the scheduled learning rate during `epoch` (1: the schedule as it is)."""
+        return 1.0
 
     @abstractmethod
     def batch_loss(self, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
@@ -121,27 +120,41 @@ class OTCCLIP(Defense):
 
 
 class SafeCLIP(Defense):
-    """SafeCLIP: unimodal warm-up, then L_clip on the batch's safe pairs and the unimodal loss on the rest
-    (module docstring). No re-match stage."""
+    """SafeCLIP (Yang et al., ICML 2024) as its paper and code describe it, on this trainer's stream:
+    epochs [0, w) (w = `train.safeclip_warmup`): unimodal contrastive loss only (image-image, text-text views);
+    epoch w: L_clip on every pair at `train.safeclip_lr_scale` times the learning rate (its filter_lr 5e-6 for 5e-4);
+    epochs > w: the stage's gate gmm splits each block (a Gaussian mixture on pair similarities: safe when the clean
+    posterior is >= 0.9, at most 85% safe) and flags the risky pairs with weight 0: L_clip on the safe pairs, the
+    unimodal loss on the risky ones. Deviations: the mixture is fitted per pool (block + bank) rather than once per
+    epoch on all data, the safe share does not grow by 0.01 per epoch (4 points over this schedule's epochs), risky
+    pairs stay in-batch negatives of the CLIP loss, and the unimodal loss is in-batch InfoNCE rather than NNCLR's
+    nearest-neighbour bank."""
 
     name = "safeclip"
+
+    def rematch(self, cfg: Config) -> Optional[RematchConfig]:
+        return replace(cfg, rematch__method="roclip", rematch__gate="gmm", rematch__action="drop",
+                       rematch__witness=False, rematch__sticky=False,
+                       rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every=1).rematch
+
+    def lr_scale(self, cfg: Config, epoch: int) -> float:
+        return cfg.train.safeclip_lr_scale if epoch == cfg.train.safeclip_warmup else 1.0
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
         tc = cfg.train
         f = feature_model(pixels, ids)
+        if epoch == tc.safeclip_warmup:
+            return _clip_only(f, weights, content_ids)
         all_rows = torch.arange(f.image.shape[0], device=pixels.device)
         view = _view(bare_model, pixels, ids, cfg, gen, all_rows)
         if epoch < tc.safeclip_warmup:
             return combine_losses({"image_unimodal_loss": unimodal_contrastive_loss(f.image, view.image, UNIMODAL_TEMPERATURE),
                                    "text_unimodal_loss": unimodal_contrastive_loss(f.text, view.text, UNIMODAL_TEMPERATURE)}, {})
-        with torch.no_grad():
-            similarity = (f.image * f.text).sum(-1)
-        n_safe = max(2, int(round(safe_share(epoch, tc.safeclip_warmup) * len(similarity))))
-        order = similarity.argsort(descending=True)
-        safe, risky = order[:n_safe], order[n_safe:]
-        terms = {"clip_loss": clip_loss(f.image[safe], f.text[safe], f.logit_scale,
-                                        content_ids=None if content_ids is None else content_ids[safe])}
-        if len(risky) > 1:
+        # L_clip weighted 0 on the risky pairs (the same path on every rank: the weighted loss is gathered), whose
+        # images and captions still serve as negatives; the unimodal loss on the risky pairs of this rank's batch
+        terms = {"clip_loss": clip_loss(f.image, f.text, f.logit_scale, weights=weights, content_ids=content_ids)}
+        risky = torch.zeros(f.image.shape[0], dtype=torch.bool, device=pixels.device) if weights is None else weights <= 0
+        if int(risky.sum()) > 1:
             terms["image_unimodal_loss"] = unimodal_contrastive_loss(f.image[risky], view.image[risky], UNIMODAL_TEMPERATURE)
             terms["text_unimodal_loss"] = unimodal_contrastive_loss(f.text[risky], view.text[risky], UNIMODAL_TEMPERATURE)
         return combine_losses(terms, {})

@@ -178,13 +178,16 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.train.grad_clip)
+        scale = defense.lr_scale(cfg, epoch)          # e.g. SafeCLIP's low-LR CLIP epoch
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
         optimizer.step()
-        scheduler.step()
+        scheduler.step()                               # sets the scheduled LR again
         with torch.no_grad():
             bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         state.step += 1
         if logger and state.step % cfg.train.log_every == 0:
-            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
+            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0] * scale}, step=state.step)
         return terms
 
     judged_by_witness = False
