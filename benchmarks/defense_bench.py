@@ -15,10 +15,15 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
 
     patch     backdoor, 4x4 noise patch, 1% of the pairs, captions of the target class
     blended   backdoor, full-image noise blended at alpha 0.2, same count
+    sig       backdoor, a sinusoidal signal over the whole image (SIG), same count
     targeted  T test images x K copies captioned with the adversarial class
     A+B       both attacks in one run on the same data (one training per defense instead of two)
 
-The clean reference trains `none` on the unpoisoned data of each data set and seed. Figures per cell are the
+`--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
+cosine-only caption choice, the neighbour vote, no L_inter / L_intra, one gate signal, drop, no witness, OT losses
+without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
+seed, for every defense asked for; each gets its own table. The clean reference trains `none` on the unpoisoned data
+of each data set and seed. Figures per cell are the
 final model's (zero-shot, linear probe, ASRs) and the last epoch's re-matching (detection P/R, damage) as
 rank 0 saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
 """
@@ -44,7 +49,7 @@ import numpy as np  # noqa: E402
 from otc_ray.config import Config, load_config, replace  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
-from otc_ray.track.compare import group_runs, render  # noqa: E402
+from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
 from otc_ray.track.plots import plot_compare  # noqa: E402
 
@@ -52,11 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "jobs" / "configs" / "defense-bench.yaml"
 EXPERIMENT = "otc-ray-defense-bench"
 DEFENSES = ("none", "roclip", "safeclip", "otcclip")
-ATTACKS = ("patch", "blended", "targeted")
+ATTACKS = ("patch", "blended", "sig", "targeted")
 DATASETS = ("fashion", "shapes")
 ATTACK_OVERRIDES = {
     "patch": {"poison.trigger": "patch"},
     "blended": {"poison.trigger": "blended"},
+    "sig": {"poison.trigger": "sig"},
     "targeted": {},
 }
 # the target class and adversarial class of each data set (class names of otc_ray/data/classes/*.json)
@@ -64,6 +70,30 @@ CLASS_OVERRIDES = {
     "fashion": {"poison.target": "sneaker", "poison.adversarial": "bag"},
     "shapes": {"poison.target": "circle", "poison.adversarial": "square"},
 }
+# what each part of OTCCLIP buys: otcclip cells on fashion patch+targeted, every seed, with one part changed
+ABLATIONS = {
+    "cosine-only": {"rematch.alpha": 1.0},                     # the new caption by global cosine, no OT
+    "vote": {"rematch.replace": "vote"},                       # the nearest trusted neighbour's caption
+    "no-inter": {"train.lambda_inter": 0.0},
+    "no-intra": {"train.lambda_intra": 0.0},
+    "gate-cosine": {"rematch.gate_signals": ("cosine",)},
+    "gate-agreement": {"rematch.gate_signals": ("agreement",)},
+    "gate-concentration": {"rematch.gate_signals": ("concentration",)},
+    "drop": {"rematch.action": "drop"},
+    "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
+    "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
+    "rematch-all": {"rematch.gate": "none"},                   # the abstract's literal form: every image re-matched
+}
+ABLATION_CELL = ("fashion", "patch+targeted")
+# harder attacks, one seed each, for every defense asked for: (attack label, overrides)
+STRESS = {
+    "random-patch": ("patch", {"poison.trigger_location": "random"}),
+    "label-consistent": ("patch", {"poison.label_consistent": True}),
+    "data-captions": ("targeted", {"poison.caption_source": "data"}),
+    "rate-0.1%": ("patch", {"poison.rate": 0.001}),
+    "rate-5%": ("patch", {"poison.rate": 0.05}),
+}
+VARIANTS = {**ABLATIONS, **{k: v for k, (_, v) in STRESS.items()}}
 TARGETS = {"no_defense_asr": 0.70, "otcclip_asr": 0.05, "zeroshot_gap": 0.02, "over_roclip": 0.02,
            "recall": 0.95, "precision": 0.80, "damage": 0.02}
 
@@ -74,6 +104,7 @@ class Cell:
     attack: str          # "clean", one of ATTACKS, or "a+b"
     defense: str
     seed: int
+    variant: str = ""    # a name of ABLATIONS or STRESS ("" = the configuration as it is)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -90,15 +121,28 @@ class Cell:
         out["poison.attack"] = (("backdoor",) if backdoors else ()) + (("targeted",) if "targeted" in parts else ())
         for p in backdoors:
             out |= ATTACK_OVERRIDES[p]
+        if self.variant:
+            out |= VARIANTS[self.variant]
         return out
 
+    @property
+    def label(self) -> str:
+        """The file and run name part: attack-defense[-variant]."""
+        return f"{self.attack}-{self.defense}" + (f"-{self.variant}" if self.variant else "")
 
-def cells(datasets, attacks, defenses, seeds) -> list[Cell]:
+
+def cells(datasets, attacks, defenses, seeds, ablations=(), stress=()) -> list[Cell]:
+    """The matrix (a clean reference per data set and seed, then attacks x defenses), the ablation cells (otcclip
+    on ABLATION_CELL, every seed) and the stress cells (every defense, the first seed)."""
     out = []
     for dataset in datasets:
         for seed in seeds:
             out.append(Cell(dataset, "clean", "none", seed))
             out += [Cell(dataset, attack, defense, seed) for attack in attacks for defense in defenses]
+    dataset, attack = ABLATION_CELL
+    out += [Cell(dataset, attack, "otcclip", seed, name) for name in ablations for seed in seeds]
+    out += [Cell(dataset, STRESS[name][0], defense, seeds[0], name) for name in stress for dataset in datasets
+            for defense in defenses]
     return out
 
 
@@ -106,11 +150,11 @@ def cell_config(base: Config, cell: Cell) -> tuple[Config, str]:
     """(the cell's config, its digest): base plus the cell's overrides, named after the cell and the digest."""
     cfg = replace(base, **{k.replace(".", "__"): v for k, v in cell.overrides().items()})
     digest = training_digest(cfg)
-    return replace(cfg, name=f"bench-{cell.dataset}-{cell.attack}-{cell.defense}-s{cell.seed}-{digest}"), digest
+    return replace(cfg, name=f"bench-{cell.dataset}-{cell.label}-s{cell.seed}-{digest}"), digest
 
 
 def cell_path(folder: Path, cell: Cell) -> Path:
-    return folder / cell.dataset / f"{cell.attack}-{cell.defense}-s{cell.seed}.json"
+    return folder / cell.dataset / f"{cell.label}-s{cell.seed}.json"
 
 
 def current_cell(folder: Path, base: Config, cell: Cell) -> CellResult | None:
@@ -232,7 +276,35 @@ def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
     return lines if groups else []
 
 
+VARIANT_METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("backdoor ASR", N.FINAL_BACKDOOR_ASR),
+                   ("targeted ASR", N.FINAL_TARGETED_ASR), ("det P", N.REMATCH_DETECT_PRECISION),
+                   ("det R", N.REMATCH_DETECT_RECALL), ("damage", N.REMATCH_DAMAGE))
+
+
+def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult]) -> list[str]:
+    """One row per (variant, data set, attack, defense), mean ± std over its seeds; the unchanged configuration's
+    cells of the same groups first (variant "-"), from `reference`."""
+    groups: dict[tuple[str, str, str, str], list[CellResult]] = {}
+    for cell, r in results.items():
+        if cell.variant in names:
+            groups.setdefault((cell.variant, cell.dataset, cell.attack, cell.defense), []).append(r)
+    for cell, r in reference.items():
+        if any(k[1:] == (cell.dataset, cell.attack, cell.defense) for k in groups):
+            groups.setdefault(("-", cell.dataset, cell.attack, cell.defense), []).append(r)
+    header = ["variant", "data", "attack", "defense", "seeds"] + [name for name, _ in VARIANT_METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = {"-": -1, **{n: i for i, n in enumerate(names)}}
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 99), k[1:])):
+        members = groups[key]
+        row = Row(key, len(members), [m.record for m in members],
+                  {m: [r.record.metrics[m] for r in members if m in r.record.metrics] for _, m in VARIANT_METRICS})
+        lines.append("| " + " | ".join([*key, str(len(members))] + [row.cell(m) for _, m in VARIANT_METRICS]) + " |")
+    return lines if len(groups) > 0 else []
+
+
 def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None) -> str:
+    variants = {c: r for c, r in results.items() if c.variant}
+    results = {c: r for c, r in results.items() if not c.variant}
     values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for cell, r in results.items():
         slot = values.setdefault((cell.dataset, cell.attack, cell.defense), {})
@@ -258,6 +330,12 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
     detection = detection_lines(results)
     if detection:
         out += ["## Detection per epoch (the gate's new flags)\n"] + detection + [""]
+    ablations = variant_table(variants, list(ABLATIONS), results)
+    if ablations:
+        out += [f"## Ablations (otcclip, {' / '.join(ABLATION_CELL)}): what each part buys\n"] + ablations + [""]
+    stress = variant_table(variants, list(STRESS), {})
+    if stress:
+        out += ["## Stress attacks (one seed each)\n"] + stress + [""]
     out += ["## Targets\n"] + target_lines(values, datasets, attacks) + [""]
     return "\n".join(out)
 
@@ -268,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|targeted|A+B")
     parser.add_argument("--defenses", default=",".join(DEFENSES))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all")
+    parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "defense.md"))
     parser.add_argument("--cells", default=str(ROOT / "benchmarks" / "results" / "cells"),
@@ -280,7 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if any(p not in ATTACKS for p in a.split("+")):
             parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
     base = load_config(BASE, [f"output_dir={args.out_dir}", f"tracking.experiment={EXPERIMENT}", *overrides])
-    todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")])
+    picked = {}
+    for flag, known in (("ablations", ABLATIONS), ("stress", STRESS)):
+        names = list(known) if getattr(args, flag) == "all" else [n for n in getattr(args, flag).split(",") if n]
+        if any(n not in known for n in names):
+            parser.error(f"--{flag}: unknown {[n for n in names if n not in known]}; known: {', '.join(known)}")
+        picked[flag] = names
+    todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")],
+                 picked["ablations"], picked["stress"])
     folder = Path(args.cells)
     if args.report_only:
         results = {c: r for c in todo if (r := current_cell(folder, base, c)) is not None}

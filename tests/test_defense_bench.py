@@ -67,8 +67,9 @@ def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = bench.load_config(bench.BASE, [])
     folder = tmp_path / "cells"
-    for defense, asr, recall in (("none", [0.3, 0.9], None), ("otcclip", [0.05, 0.02], [0.8, 0.9])):
-        cell = bench.Cell("fashion", "patch", defense, 0)
+    for defense, asr, recall, variant in (("none", [0.3, 0.9], None, ""), ("otcclip", [0.05, 0.02], [0.8, 0.9], ""),
+                                          ("otcclip", [0.1, 0.3], [0.5, 0.4], "cosine-only")):
+        cell = bench.Cell("fashion", "patch", defense, 0, variant)
         cfg, digest = bench.cell_config(base, cell)
         curves = {"eval/backdoor_asr": asr, "final/backdoor_asr": [asr[-1]], "final/zeroshot_top1": [0.6]}
         if recall:
@@ -78,15 +79,18 @@ def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path)
         run_id = _logged_run(uri, cfg.name, params, curves)
         write_cell(bench.cell_path(folder, cell), cell_from_run(uri, run_id, {"defense": defense}, digest, "abc1234",
                                                                  bench.EXPERIMENT))
-    assert len(read_cells(folder)) == 2 and not list(folder.rglob("*.tmp"))
+    assert len(read_cells(folder)) == 3 and not list(folder.rglob("*.tmp"))
     none_cell = bench.Cell("fashion", "patch", "none", 0)
     done = bench.current_cell(folder, base, none_cell)
     assert done is not None and done.history["eval/backdoor_asr"] == [(0, 0.3), (1, 0.9)]
     assert done.record.metrics["final/backdoor_asr"] == 0.9 and done.commit == "abc1234"
     changed = bench.load_config(bench.BASE, ["train.epochs=7"])
     assert bench.current_cell(folder, changed, none_cell) is None, "another setting: the file is stale"
-    results = {c: bench.current_cell(folder, base, c) for c in (none_cell, bench.Cell("fashion", "patch", "otcclip", 0))}
+    results = {c: bench.current_cell(folder, base, c) for c in (none_cell, bench.Cell("fashion", "patch", "otcclip", 0),
+                                                                 bench.Cell("fashion", "patch", "otcclip", 0, "cosine-only"))}
     text = bench.report(results, ["fashion"], ["patch"], "cmd", tmp_path / "plots")
+    assert "| - | fashion | patch | otcclip | 1 | 0.600 | 0.020 |" in text                 # the ablation table
+    assert "| cosine-only | fashion | patch | otcclip | 1 | 0.600 | 0.300 |" in text
     assert "| fashion | none | backdoor | patch | 50 | 1 |" in text and "0.900" in text
     assert "| fashion | patch | otcclip | 1 | 0.80 0.90 |" in text                  # per-epoch new-flag recall
     assert "OTCCLIP backdoor ASR 0.020 (target <= 0.05): met" in text
@@ -94,3 +98,23 @@ def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path)
     (folder / "fashion" / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not a benchmark cell file"):
         read_cell(folder / "fashion" / "bad.json")
+
+
+def test_ablation_and_stress_cells_are_valid_configs_with_their_own_files():
+    todo = bench.cells(["fashion"], ["patch"], ["none", "otcclip"], [0, 1], ablations=list(bench.ABLATIONS),
+                       stress=list(bench.STRESS))
+    ablations = [c for c in todo if c.variant in bench.ABLATIONS]
+    stress = [c for c in todo if c.variant in bench.STRESS]
+    assert len(ablations) == 2 * len(bench.ABLATIONS) and {c.defense for c in ablations} == {"otcclip"}
+    assert len(stress) == 2 * len(bench.STRESS) and {c.seed for c in stress} == {0}
+    base = bench.load_config(bench.BASE, [])
+    paths = set()
+    for cell in ablations + stress:
+        cfg, digest = bench.cell_config(base, cell)             # every override is a valid config
+        assert cell.variant in cfg.name and digest in cfg.name
+        paths.add(bench.cell_path(Path("cells"), cell))
+    assert len(paths) == len(ablations + stress), "every variant cell has its own file"
+    alpha1, _ = bench.cell_config(base, bench.Cell("fashion", "patch+targeted", "otcclip", 0, "cosine-only"))
+    assert alpha1.rematch.alpha == 1.0 and alpha1.poison.attack == ("backdoor", "targeted")
+    rate, _ = bench.cell_config(base, bench.Cell("fashion", "patch", "none", 0, "rate-5%"))
+    assert rate.poison.rate == 0.05
