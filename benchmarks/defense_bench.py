@@ -119,6 +119,8 @@ class Cell:
         if len(backdoors) > 1:
             raise ValueError(f"one backdoor trigger per run, got {self.attack!r}")
         out["poison.attack"] = (("backdoor",) if backdoors else ()) + (("targeted",) if "targeted" in parts else ())
+        if not parts:           # the clean reference scores the targets an attack would pick: the rate without poison
+            out["eval.targeted_base_rate"] = True
         for p in backdoors:
             out |= ATTACK_OVERRIDES[p]
         if self.variant:

@@ -232,6 +232,8 @@ class EvalConfig:
     linear_probe_train: int = 5000
     linear_probe_c: float = 1.0
     batch_size: int = 256
+    targeted_base_rate: bool = False   # no poison manifest: still score the targets `poison` would pick (the test
+                                       # images and adversarial class of a targeted attack): a clean model's rate
 
 
 @dataclass(frozen=True)

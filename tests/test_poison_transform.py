@@ -339,3 +339,19 @@ def test_a_sample_whose_caption_names_the_target_is_not_eligible_for_the_backdoo
     assert not is_eligible(Checked("", square, "a red square left of a blue circle"), cfg, circle, names_circle)
     assert not is_eligible(Checked("", circle, "a blue circle"), cfg, circle, names_circle)
     assert not is_eligible(Checked("", -1, "a big circle"), cfg, circle, names_circle)
+
+
+def test_a_clean_run_scores_the_targets_an_attack_would_pick(clean, test_split, tmp_path):
+    """eval.targeted_base_rate: without a manifest, the clean reference evaluates the very test images (and the
+    adversarial class) that the targeted attack of the same poison seed copies, so its rate is the attack's baseline."""
+    from otc_ray.pipelines.evaluate import base_rate_targets, resolve_attack
+
+    _poison(clean, tmp_path / "p", target_source=test_split, attack="targeted", targets=3, per_target=2,
+            adversarial="bag", seed=5)
+    attacked = resolve_attack(str(tmp_path / "p"), PoisonConfig(attack="targeted"), DATA)
+    images, adversarial = base_rate_targets(str(test_split), PoisonConfig(targets=3, adversarial="bag", seed=5),
+                                            DATA, INFO)
+    assert adversarial == ("bag",) * 3 == attacked.adversarial
+    assert sorted(i.tobytes() for i in images) == sorted(i.tobytes() for i in attacked.target_images)
+    other, _ = base_rate_targets(str(test_split), PoisonConfig(targets=3, adversarial="bag", seed=6), DATA, INFO)
+    assert sorted(i.tobytes() for i in other) != sorted(i.tobytes() for i in images)

@@ -58,8 +58,8 @@ class EvalSet:
 @dataclass(frozen=True)
 class AttackTruth:
     """What the ASRs are measured against. spec/target: the backdoor trigger and target class name;
-    source: "manifest" or "config"; target_images (T, S, S, 3) uint8 and adversarial class names (T,) of a
-    targeted manifest (None otherwise)."""
+    source: "manifest", "config" or "base rate"; target_images (T, S, S, 3) uint8 and adversarial class names (T,)
+    of a targeted manifest, or of the targets a clean run scores for `eval.targeted_base_rate` (None otherwise)."""
 
     spec: TriggerSpec
     target: str

@@ -11,6 +11,7 @@ trigger, target and target images the ASRs are measured against).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -63,6 +64,18 @@ def shard_set_classes(path: str, data_cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo.from_dict(info["dataset"])
 
 
+def base_rate_targets(test_path: str, poison_cfg: PoisonConfig, data_cfg: DataConfig,
+                      info: DatasetInfo) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The target images (T, S, S, 3) uint8 and adversarial classes (T,) that a targeted attack with `poison_cfg`
+    would take from the test shards (`poison.select.pick_targets`, the same keyed choice), for a clean run."""
+    from ..poison.select import pick_targets
+
+    limits = DecodeLimits.from_config(data_cfg)
+    chosen, _ = pick_targets(test_path, poison_cfg, data_cfg, info, limits)
+    images = [decode_image(c["image"], limits)[0] for c in chosen]
+    return np.stack(images), (poison_cfg.adversarial,) * len(images)
+
+
 def resolve_attack(manifest_path: str | None, poison_cfg: PoisonConfig, data_cfg: DataConfig) -> AttackTruth:
     """The backdoor trigger and target from the manifest's backdoor rows (else the config), and the targeted
     attack's target images (decoded from the manifest's `image_bytes`, one per source key)."""
@@ -99,6 +112,9 @@ def eval_inputs(test_path: str, manifest_path: str | None, data_cfg: DataConfig,
     reads first, so a shard set without classes or a bad manifest fails before the Ray Data pass)."""
     info = shard_set_classes(test_path, data_cfg)
     attack = resolve_attack(manifest_path, poison_cfg, data_cfg)
+    if attack.target_images is None and eval_cfg.targeted_base_rate and poison_cfg.targets > 0:
+        images, adversarial = base_rate_targets(test_path, poison_cfg, data_cfg, info)
+        attack = dataclasses.replace(attack, target_images=images, adversarial=adversarial, source="base rate")
     return load_eval_set(test_path, data_cfg, eval_cfg.num_eval), info, attack
 
 
