@@ -94,8 +94,9 @@ STRESS = {
     "rate-5%": ("patch", {"poison.rate": 0.05}),
 }
 VARIANTS = {**ABLATIONS, **{k: v for k, (_, v) in STRESS.items()}}
-TARGETS = {"no_defense_asr": 0.70, "otcclip_asr": 0.05, "zeroshot_gap": 0.02, "over_roclip": 0.02,
-           "recall": 0.95, "precision": 0.80, "damage": 0.02}
+TARGETS = {"no_defense_asr": 0.90, "otcclip_asr": 0.05, "targeted_asr": 1 / 16, "zeroshot_gap": 0.02,
+           "over_baselines": 0.02, "recall": 0.95, "precision": 0.80, "damage": 0.02}
+BASELINES = ("roclip", "safeclip")
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,19 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def significance(a: list[float], b: list[float]) -> str:
+    """The difference of means a - b and whether it exceeds two standard deviations (of the pooled seeds' spread;
+    with one seed per side there is no spread to compare against)."""
+    a, b = [v for v in a if not math.isnan(v)], [v for v in b if not math.isnan(v)]
+    if not a or not b:
+        return "no figures"
+    diff = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return f"difference {diff:+.3f}, one seed: no spread to judge it by"
+    spread = float(np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2))
+    return f"difference {diff:+.3f}" + (" > 2 std" if abs(diff) > 2 * spread else f", within 2 std ({2 * spread:.3f}): none")
+
+
 def target_lines(values: dict, datasets, attacks) -> list[str]:
     """One line per target and (data set, attack): the figure and met / missed."""
     t, lines = TARGETS, []
@@ -232,13 +246,21 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
                              f"{_verdict(None if math.isnan(asr) else asr <= t['otcclip_asr'])}")
             if "targeted" in parts:
                 tasr = m("otcclip", N.FINAL_TARGETED_ASR)
-                lines.append(f"- {ds} / {attack}: OTCCLIP targeted ASR {tasr:.3f} (target 0): "
-                             f"{_verdict(None if math.isnan(tasr) else tasr == 0.0)}")
-            zs, ro = m("otcclip", N.FINAL_ZEROSHOT_TOP1), m("roclip", N.FINAL_ZEROSHOT_TOP1)
+                lines.append(f"- {ds} / {attack}: OTCCLIP targeted ASR {tasr:.3f} (target <= {t['targeted_asr']:.4f}): "
+                             f"{_verdict(None if math.isnan(tasr) else tasr <= t['targeted_asr'] + 1e-9)}")
+            zs = m("otcclip", N.FINAL_ZEROSHOT_TOP1)
             lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs clean {clean:.3f} (within "
-                         f"{t['zeroshot_gap']}): {_verdict(None if math.isnan(zs + clean) else zs >= clean - t['zeroshot_gap'])}"
-                         f"; vs RoCLIP {ro:.3f} (>= +{t['over_roclip']}): "
-                         f"{_verdict(None if math.isnan(zs + ro) else zs >= ro + t['over_roclip'])}")
+                         f"{t['zeroshot_gap']}): {_verdict(None if math.isnan(zs + clean) else zs >= clean - t['zeroshot_gap'])}")
+            for baseline in BASELINES:
+                bz, basr = m(baseline, N.FINAL_ZEROSHOT_TOP1), m(baseline, N.FINAL_BACKDOOR_ASR)
+                if math.isnan(bz + zs):
+                    continue
+                stops = parts == ["targeted"] or basr <= t["otcclip_asr"]
+                diff = significance(values.get((ds, attack, "otcclip"), {}).get(N.FINAL_ZEROSHOT_TOP1, []),
+                                    values.get((ds, attack, baseline), {}).get(N.FINAL_ZEROSHOT_TOP1, []))
+                verdict = _verdict(zs >= bz + t["over_baselines"]) if stops else "n/a (it does not stop the attack)"
+                lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs {baseline} {bz:.3f} (>= "
+                             f"+{t['over_baselines']} where it stops the attack; {diff}): {verdict}")
             p, r = m("otcclip", N.REMATCH_DETECT_PRECISION), m("otcclip", N.REMATCH_DETECT_RECALL)
             lines.append(f"- {ds} / {attack}: OTCCLIP detection P {p:.3f} / R {r:.3f} (R >= {t['recall']} at "
                          f"P >= {t['precision']}): "

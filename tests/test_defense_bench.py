@@ -30,17 +30,23 @@ def test_matrix_has_a_clean_reference_per_dataset_and_seed_and_valid_configs():
 
 def test_targets_report_met_and_missed_with_their_figures():
     values = {("fashion", "clean", "none"): {"final/zeroshot_top1": [0.70]},
-              ("fashion", "patch", "none"): {"final/backdoor_asr": [0.95, 0.85]},
+              ("fashion", "patch", "none"): {"final/backdoor_asr": [0.95, 0.87]},
               ("fashion", "patch", "roclip"): {"final/zeroshot_top1": [0.60]},
               ("fashion", "patch", "otcclip"): {"final/backdoor_asr": [0.10], "final/zeroshot_top1": [0.69],
                                                 "rematch/detect_precision": [0.9], "rematch/detect_recall": [0.97],
                                                 "rematch/damage": [0.01]}}
+    values[("fashion", "patch", "safeclip")] = {"final/zeroshot_top1": [0.65, 0.66], "final/backdoor_asr": [0.0, 0.02]}
+    values[("fashion", "patch", "otcclip")]["final/zeroshot_top1"] = [0.68, 0.70]
     lines = "\n".join(bench.target_lines(values, ["fashion"], ["patch"]))
-    assert "no-defense backdoor ASR 0.900 (target >= 0.7): met" in lines
+    assert "no-defense backdoor ASR 0.910 (target >= 0.9): met" in lines
     assert "OTCCLIP backdoor ASR 0.100 (target <= 0.05): **missed**" in lines
-    assert "zero-shot 0.690 vs clean 0.700 (within 0.02): met; vs RoCLIP 0.600 (>= +0.02): met" in lines
+    assert "zero-shot 0.690 vs clean 0.700 (within 0.02): met" in lines
+    assert "vs roclip 0.600 (>= +0.02 where it stops the attack; difference +0.090, one seed: no spread to judge it " \
+           "by): n/a (it does not stop the attack)" in lines                      # roclip has no ASR figure: stops? no
+    assert "vs safeclip 0.655 (>= +0.02 where it stops the attack; difference +0.035 > 2 std): met" in lines
     assert "P 0.900 / R 0.970" in lines and "damage 0.0100 (target <= 0.02): met" in lines
     assert "targeted" not in lines
+    assert bench.significance([0.60, 0.70], [0.62, 0.64]).endswith("none")
 
 
 def _logged_run(uri: str, name: str, params: dict, curves: dict) -> str:
