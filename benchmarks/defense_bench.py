@@ -90,6 +90,7 @@ STRESS = {
     "random-patch": ("patch", {"poison.trigger_location": "random"}),
     "label-consistent": ("patch", {"poison.label_consistent": True}),
     "data-captions": ("targeted", {"poison.caption_source": "data"}),
+    "jittered-copies": ("targeted", {"poison.copy_jitter": 3}),
     "rate-0.1%": ("patch", {"poison.rate": 0.001}),
     "rate-5%": ("patch", {"poison.rate": 0.05}),
 }

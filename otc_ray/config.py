@@ -107,6 +107,8 @@ class PoisonConfig:
     per_target: int = 50            # targeted: copies of each target image
     adversarial: str = "bag"        # targeted: class whose captions the copies get
     caption_source: Literal["templates", "data"] = "templates"
+    copy_jitter: int = 0            # targeted: copies after the first shifted and noised by up to this many pixels /
+                                    # grey levels, so no two are near-duplicates (a stress test of duplicate groups)
     seed: int = 0
     out_format: Literal["same", "wds", "parquet"] = "same"   # poisoned shard format ("same" = the input's)
 
@@ -368,7 +370,8 @@ _RANGES = {
     **dict.fromkeys(("count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
-                     "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer"), ">= 0"),
+                     "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
+                     "copy_jitter"), ">= 0"),
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),

@@ -355,3 +355,27 @@ def test_a_clean_run_scores_the_targets_an_attack_would_pick(clean, test_split, 
     assert sorted(i.tobytes() for i in images) == sorted(i.tobytes() for i in attacked.target_images)
     other, _ = base_rate_targets(str(test_split), PoisonConfig(targets=3, adversarial="bag", seed=6), DATA, INFO)
     assert sorted(i.tobytes() for i in other) != sorted(i.tobytes() for i in images)
+
+
+def test_jittered_copies_are_no_near_duplicates_of_each_other(clean, test_split, tmp_path):
+    """poison.copy_jitter (a stress attack): every copy after the first is shifted and noised, so neither the pixel
+    hash nor the pixel signature (cosine >= rematch.duplicate_similarity) groups them; the manifest keeps the
+    target's own image for the ASR."""
+    import torch
+
+    from otc_ray.config import RematchConfig
+    from otc_ray.identity import image_ids, pixel_signatures
+
+    _poison(clean, tmp_path / "p", target_source=test_split, attack="targeted", targets=2, per_target=4,
+            adversarial="bag", seed=1, copy_jitter=3)
+    after, tests = _samples(tmp_path / "p"), _samples(test_split)
+    rows = {r["key"]: r for r in _manifest(tmp_path / "p")}
+    for t in range(2):
+        keys = [f"tgt{t:03d}-{k:04d}" for k in range(4)]
+        assert after[keys[0]]["image_bytes"] == tests[rows[keys[0]]["source_key"]]["image_bytes"]
+        images = np.stack([after[k]["image"] for k in keys])
+        assert len(set(image_ids(images).tolist())) == 4
+        sig = pixel_signatures(images)
+        cos = sig @ sig.T
+        assert float((cos - torch.eye(4) * 2).max()) < RematchConfig().duplicate_similarity, cos
+        assert all(rows[k]["image_bytes"] == tests[rows[k]["source_key"]]["image_bytes"] for k in keys)

@@ -28,10 +28,29 @@ from .select import TARGETED_KEY, is_eligible, keyed_hash
 from .triggers import TriggerSpec, apply_trigger
 
 
+def jittered_copy(image_bytes: bytes, jitter: int, h: int, limits: DecodeLimits) -> bytes:
+    """A copy of an image that is no near-duplicate of it: shifted by up to `jitter` pixels each way (edge padding)
+    with +-`jitter` grey-level noise per pixel, seeded by the hash `h`; PNG bytes."""
+    import numpy as np
+
+    image, err = decode_image(image_bytes, limits)
+    if err:
+        raise ValueError(f"poison.copy_jitter: a target image does not decode ({err})")
+    rng = np.random.default_rng(h)
+    dy, dx = rng.integers(-jitter, jitter + 1, size=2)
+    size = image.shape[0]
+    padded = np.pad(image, ((jitter, jitter), (jitter, jitter), (0, 0)), mode="edge")
+    shifted = padded[jitter + dy:jitter + dy + size, jitter + dx:jitter + dx + size]
+    noise = rng.integers(-jitter, jitter + 1, size=shifted.shape)
+    return encode_image(np.clip(shifted.astype(np.int64) + noise, 0, 255).astype(np.uint8), "png")
+
+
 def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], data_captions: list[str],
-                     num_shards: int) -> list[dict]:
-    """T x K new samples: key tgtTTT-KKKK, the target image's bytes, an adversarial-class caption, the
-    target's meta (true label) plus the attack fields; `shard` is the output shard index (by hash)."""
+                     num_shards: int, limits: DecodeLimits) -> list[dict]:
+    """T x K new samples: key tgtTTT-KKKK, the target image's bytes (every copy after the first jittered when
+    `poison.copy_jitter` > 0, a stress test of duplicate grouping), an adversarial-class caption, the target's meta
+    (true label) plus the attack fields; `shard` is the output shard index (by hash). The manifest keeps the
+    target's own bytes (what the ASR is measured on)."""
     adversarial = info.label_of(cfg.adversarial)
     if cfg.caption_source == "data" and not data_captions:
         raise ValueError(f"poison.caption_source=data but the training shards hold no good sample of "
@@ -45,8 +64,11 @@ def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], 
                        else template_caption(info, adversarial, h))
             meta = {**tgt["meta"], "poisoned": True, "attack": "targeted", "poison_class": cfg.adversarial,
                     "source_key": tgt["key"]}
-            ext = image_ext(tgt["ext"], tgt["image"])
-            out.append({"key": key, "image": tgt["image"], "ext": ext, "caption": caption, "meta": meta,
+            image, ext = tgt["image"], image_ext(tgt["ext"], tgt["image"])
+            if cfg.copy_jitter > 0 and k > 0:
+                image = jittered_copy(tgt["image"], cfg.copy_jitter, keyed_hash(key, cfg.seed, b"jitter"), limits)
+                ext = "png"
+            out.append({"key": key, "image": image, "ext": ext, "caption": caption, "meta": meta,
                         "shard": keyed_hash(key, cfg.seed, b"placement") % num_shards,
                         "manifest": {"key": key, "attack": "targeted", "trigger": "",
                                      "original_caption": tgt["caption"], "poisoned_caption": caption,

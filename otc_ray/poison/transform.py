@@ -150,7 +150,7 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
         selected, requested, eligible = select_backdoor(found, cfg)
     else:
         targets, eligible = pick_targets(target_source, cfg, data_cfg, info, limits)
-        inserts = targeted_inserts(cfg, info, targets, found.data_captions, len(files))
+        inserts = targeted_inserts(cfg, info, targets, found.data_captions, len(files), limits)
         clash = found.reserved & {i["key"] for i in inserts}
         if clash:
             raise ValueError(f"the input already holds keys of the form tgtTTT-KKKK ({sorted(clash)[:3]}); "
