@@ -67,7 +67,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = _config(args, **{"tracking.experiment": args.experiment})
     plots = None if args.no_plots else Path(args.plots or Path(cfg.output_dir) / "compare")
-    table, paths = compare(tracking_uri(cfg), cfg.tracking.experiment, args.format, plots)
+    names = set(args.runs.split(",")) if args.runs else None
+    table, paths = compare(tracking_uri(cfg), cfg.tracking.experiment, args.format, plots, run_names=names)
     print(table)
     for p in paths:
         print(f"plot: {p}")
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     cmp_.add_argument("--plots", help="folder for the PNG plots (default <output_dir>/compare)")
     cmp_.add_argument("--no-plots", action="store_true")
+    cmp_.add_argument("--runs", help="only these runs: comma-separated run names (e.g. the seeds of one setting)")
     _common(cmp_)
     cmp_.set_defaults(func=cmd_compare)
 

@@ -49,6 +49,8 @@ def test_compare_groups_seeds_with_mean_and_std_and_draws_both_plots(tmp_path):
     assert all(p.exists() and p.stat().st_size > 1000 for p in plots) and len(plots) == 2
     only, _ = compare(tracking_uri(cfg), "track-test", "csv", run_ids=ids[2:])
     assert len(only.strip().splitlines()) == 2 and "otcclip" in only and ",none," not in only
+    named, _ = compare(tracking_uri(cfg), "track-test", "markdown", run_names={"none-1"})
+    assert "0.600 |" in named and "±" not in named.splitlines()[2]                      # one seed: none-1 alone
     with pytest.raises(ValueError, match="no runs"):
         compare(tracking_uri(cfg), "absent", "text")
 

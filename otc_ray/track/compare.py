@@ -91,12 +91,13 @@ def render(rows: list[Row], fmt: str) -> str:
 
 
 def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None = None,
-            run_ids: Collection[str] | None = None) -> tuple[str, list[Path]]:
-    """(table text, plot paths) for every run of the experiment (only `run_ids` when given)."""
+            run_ids: Collection[str] | None = None, run_names: Collection[str] | None = None) -> tuple[str, list[Path]]:
+    """(table text, plot paths) for every finished run of the experiment (only `run_ids` / `run_names` when given)."""
     runs = [r for r in search_runs(uri, experiment) if r.status in ("FINISHED", "RUNNING")
-            and (run_ids is None or r.run_id in run_ids)]
+            and (run_ids is None or r.run_id in run_ids) and (run_names is None or r.name in run_names)]
     if not runs:
-        raise ValueError(f"no runs in experiment {experiment!r} at {uri}")
+        raise ValueError(f"no runs in experiment {experiment!r} at {uri}" + (f" named {sorted(run_names)}"
+                                                                          if run_names else ""))
     rows = group_runs(runs)
     history = lambda run, key: metric_history(uri, run.run_id, key)  # noqa: E731
     return render(rows, fmt), (plot_compare(rows, history, plots_dir) if plots_dir else [])
