@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+from .credentials import move_secrets_to_env, redact_uri
 from .data.builtin import BUILTIN_DATASETS, DatasetMissingError
 from .data.shards import ShardSetError
 from .track import metric_names as N
 
 
 def _config(args: argparse.Namespace, **flag_overrides) -> Config:
-    """Config file + flag shorthands + trailing overrides (the trailing ones win)."""
+    """Config file + flag shorthands + trailing overrides (the trailing ones win), its secrets moved to the
+    environment before anything starts Ray (`credentials.move_secrets_to_env`)."""
     flags = [f"{k}={v}" for k, v in flag_overrides.items() if v is not None]
-    return load_config(args.config, flags + list(args.overrides))
+    return move_secrets_to_env(load_config(args.config, flags + list(args.overrides)))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -55,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg, progress=not args.quiet)
     for key in sorted(k for k in result.metrics if k.startswith((N.FINAL, N.EVAL))):
         print(f"{key:<36} {result.metrics[key]:.4f}")
-    print(f"mlflow run {result.run_id} at {result.tracking_uri}; checkpoint {result.checkpoint}; "
+    print(f"mlflow run {result.run_id} at {redact_uri(result.tracking_uri)}; checkpoint {result.checkpoint}; "
           f"{result.seconds:.0f} s")
     return 0
 
@@ -79,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines.demo import DEMO_CONFIG, DEFENSES, run_demo
     from .pipelines.runtime import init_ray
 
-    cfg = load_config(args.config or DEMO_CONFIG, list(args.overrides))
+    cfg = move_secrets_to_env(load_config(args.config or DEMO_CONFIG, list(args.overrides)))
     init_ray(cfg.ray)
     run_demo(cfg, tuple(args.defenses.split(",")) if args.defenses else DEFENSES)
     return 0

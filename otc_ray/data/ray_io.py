@@ -21,6 +21,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data.datasource import FileBasedDatasource
 
 from ..config import DataConfig
+from ..credentials import without_keys
 from . import schema as S
 from .decode import DecodeLimits, decode_batch
 from .parquet_format import iter_parquet_samples
@@ -66,8 +67,10 @@ class ShardDatasource(FileBasedDatasource):
 
 
 def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data.Dataset:
-    """Reader rows of every shard under `path` (local or s3://); one read task per shard file."""
-    fs, files, fmt = list_shards(path, cfg.format, cfg.s3)
+    """Reader rows of every shard under `path` (local or s3://); one read task per shard file. The read tasks get
+    an S3 filesystem without access keys (`credentials.without_keys`): they, and the driver's listing, take them
+    from the environment (`credentials.move_secrets_to_env`) or the node's credential chain."""
+    fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
     prefix = "s3://" if path.startswith("s3://") else ""
     source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs)
     return ray.data.read_datasource(source, override_num_blocks=len(files), num_cpus=cfg.read_num_cpus)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import ray
 
 from otc_ray.config import Config, S3Config, validate
+from otc_ray.credentials import move_secrets_to_env
 from otc_ray.data import schema as S
 from otc_ray.data.ray_io import load_samples
 from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info, write_shard
@@ -247,6 +248,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     `summary.metrics()`. ray_remote_args go to the re-matching actors. Ray must be initialised.
     """
     start = time.perf_counter()
+    cfg = move_secrets_to_env(cfg)          # the write tasks get no keys (credentials.py)
     validate(cfg.rematch)
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
