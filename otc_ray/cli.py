@@ -265,5 +265,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The console script, `python -m otc_ray` and the `jobs/` entry points: `main(argv)`, then an ordered shutdown
+    and exit with its status (`otc_ray.process_exit`: a command that succeeded exits 0, not 134 from a native
+    pool's teardown)."""
+    from .process_exit import exit_process
+
+    status = 1
+    try:
+        status = main(argv)
+    except SystemExit as e:                         # argparse's usage errors (2) and --help (0)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:                           # noqa: BLE001 - shown, then the same ordered exit
+        import traceback
+
+        traceback.print_exc()
+    exit_process(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
