@@ -138,14 +138,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- clean
 def cmd_clean(args: argparse.Namespace) -> int:
     """Re-match every caption of a shard set with a checkpoint; cleaned shards + report + summary."""
-    from .pipelines.clean import clean_shards
+    from .pipelines.clean import run_clean_job
     from .pipelines.runtime import init_ray
+    from .track.mlflow_logger import tracking_uri
 
     cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
                            "rematch.action": args.action})
     init_ray(cfg.ray)
-    summary = clean_shards(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
+    summary, run_id = run_clean_job(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
     print("\n".join(summary.lines()))
+    print(f"mlflow run {run_id} at {redact_uri(tracking_uri(cfg))}")
     return 0
 
 
