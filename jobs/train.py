@@ -2,10 +2,12 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/train.py --config jobs/configs/tiny.yaml train.epochs=1
+
+Takes every flag and override of `otc-ray train`; exits like it (0 on success, 2 for a bad request, 1 on a failure).
 """
 import sys
 
-from otc_ray.cli import main
+from otc_ray.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    entry(["train", *sys.argv[1:]])

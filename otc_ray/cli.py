@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+from .credentials import move_secrets_to_env, redact_uri
 from .data.builtin import BUILTIN_DATASETS, DatasetMissingError
 from .data.shards import ShardSetError
 from .track import metric_names as N
 
 
 def _config(args: argparse.Namespace, **flag_overrides) -> Config:
-    """Config file + flag shorthands + trailing overrides (the trailing ones win)."""
+    """Config file + flag shorthands + trailing overrides (the trailing ones win), its secrets moved to the
+    environment before anything starts Ray (`credentials.move_secrets_to_env`)."""
     flags = [f"{k}={v}" for k, v in flag_overrides.items() if v is not None]
-    return load_config(args.config, flags + list(args.overrides))
+    return move_secrets_to_env(load_config(args.config, flags + list(args.overrides)))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -55,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg, progress=not args.quiet)
     for key in sorted(k for k in result.metrics if k.startswith((N.FINAL, N.EVAL))):
         print(f"{key:<36} {result.metrics[key]:.4f}")
-    print(f"mlflow run {result.run_id} at {result.tracking_uri}; checkpoint {result.checkpoint}; "
+    print(f"mlflow run {result.run_id} at {redact_uri(result.tracking_uri)}; checkpoint {result.checkpoint}; "
           f"{result.seconds:.0f} s")
     return 0
 
@@ -80,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines.demo import DEMO_CONFIG, DEFENSES, run_demo
     from .pipelines.runtime import init_ray
 
-    cfg = load_config(args.config or DEMO_CONFIG, list(args.overrides))
+    cfg = move_secrets_to_env(load_config(args.config or DEMO_CONFIG, list(args.overrides)))
     init_ray(cfg.ray)
     run_demo(cfg, tuple(args.defenses.split(",")) if args.defenses else DEFENSES)
     return 0
@@ -137,14 +139,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- clean
 def cmd_clean(args: argparse.Namespace) -> int:
     """Re-match every caption of a shard set with a checkpoint; cleaned shards + report + summary."""
-    from .pipelines.clean import clean_shards
+    from .pipelines.clean import run_clean_job
     from .pipelines.runtime import init_ray
+    from .track.mlflow_logger import tracking_uri
 
     cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
                            "rematch.action": args.action})
     init_ray(cfg.ray)
-    summary = clean_shards(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
+    summary, run_id = run_clean_job(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
     print("\n".join(summary.lines()))
+    print(f"mlflow run {run_id} at {redact_uri(tracking_uri(cfg))}")
     return 0
 
 
@@ -265,5 +269,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The console script, `python -m otc_ray` and the `jobs/` entry points: `main(argv)`, then an ordered shutdown
+    and exit with its status (`otc_ray.process_exit`: a command that succeeded exits 0, not 134 from a native
+    pool's teardown)."""
+    from .process_exit import exit_process
+
+    status = 1
+    try:
+        status = main(argv)
+    except SystemExit as e:                         # argparse's usage errors (2) and --help (0)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:                           # noqa: BLE001 - shown, then the same ordered exit
+        import traceback
+
+        traceback.print_exc()
+    exit_process(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -276,6 +276,7 @@ class Config:
 
 
 SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
+URI_FIELDS = frozenset({"uri"})                 # may carry user:password@ (shown redacted: credentials.redact_uri)
 REDACTED = "***"
 
 
@@ -505,7 +506,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
-    """{'section.key': value} for MLflow params; secrets replaced by '***' unless redact=False; a field with a
+    """{'section.key': value} for MLflow params; secrets (and a URI's password) replaced by '***' unless
+    redact=False; a field with a
     written form shows in it (poison.attack: "backdoor+targeted")."""
     out: dict[str, Any] = {}
 
@@ -516,6 +518,10 @@ def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
                 walk(v, key + ".")
             elif redact and f.name in SECRET_FIELDS and v:
                 out[key] = REDACTED
+            elif redact and f.name in URI_FIELDS and v:
+                from .credentials import redact_uri
+
+                out[key] = redact_uri(v)
             else:
                 out[key] = f.metadata["show"](v) if "show" in f.metadata else _deep_copy(v)
 

@@ -56,3 +56,64 @@ def s3_bucket(s3_endpoint):
     bucket = f"otc-{uuid.uuid4().hex[:12]}"
     s3_filesystem(cfg).mkdir(bucket)
     return cfg, bucket
+
+
+class MlflowServer:
+    """A real `mlflow server` process on loopback (sqlite store, served artifacts) that a test can stop and start
+    again on the same port."""
+
+    def __init__(self, folder, port: int):
+        self.folder, self.port = folder, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = None
+
+    def start(self, timeout_s: float = 240) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+               "--artifacts-destination", str(self.folder / "artifacts")]
+        log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited {self.process.returncode}: see {self.folder / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server not up within {timeout_s} s")
+
+    def stop(self) -> None:
+        """Stop the server and the uvicorn workers it started (its own process group only)."""
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except Exception:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port for the module's tests (`MlflowServer`: stop / start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), port)
+    server.start()
+    yield server
+    server.stop()

@@ -134,7 +134,8 @@ def test_caption_truncation_mode():
 
 
 @pytest.mark.parametrize("name, unsafe", [("../x.png", True), ("/etc/x.png", True), ("a/../../x", True),
-                                          ("a\\..\\x", True), ("dir/000.png", False), ("000.png", False)])
+                                          ("a\\..\\x", True), ("a\nb.png", True), ("a\x1b[2J.png", True),
+                                          ("dir/000.png", False), ("000.png", False)])
 def test_unsafe_names(name, unsafe):
     assert is_unsafe_name(name) is unsafe
 

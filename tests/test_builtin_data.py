@@ -70,8 +70,11 @@ def test_shapes_captions_name_object_zero_and_test_has_one_object():
         assert f"{first['size']} {first['colour']} {first['shape']}" in caption
         mentioned = [s for s in info.classes if s in caption.split()]
         assert len(mentioned) >= 1 and caption.index(first["shape"]) == min(caption.index(s) for s in mentioned)
-        if meta["negative"]:
-            assert meta["negative"] != caption and sorted(meta["negative"].split()) != sorted(caption.split()) or True
+        if meta["negative"]:                    # objects 0 and 1 with their colours swapped (a binding negative)
+            a, b = meta["objects"][0], meta["objects"][1]
+            assert a["colour"] != b["colour"] and meta["negative"] != caption
+            assert meta["negative"].startswith(f"a {a['size']} {b['colour']} {a['shape']} ")
+            assert meta["negative"].endswith(f" a {b['size']} {a['colour']} {b['shape']}")
             assert set(meta["negative"].split()) <= set(caption.split()) | set(COLOUR_NAMES) | {"a"}
     test = next(generate("shapes", "test", 100, seed=0, image_size=32))
     assert all(len(m["objects"]) == 1 for m in test["metas"])

@@ -1,10 +1,14 @@
 """The cleaning job: round trips on local disk (CLI, tar, with a poison manifest) and loopback S3 (parquet, action
 drop), exact key accounting (input keys = output keys + dropped keys, no duplicates), also when a re-matching actor
-dies mid-run, and a clear refusal of a finished output."""
+dies mid-run, and a clear refusal of a finished output; two jobs racing on one output (one wins the lock, local and
+S3), an interrupted job that resumes from its committed shards, the job's own MLflow run, jobs/clean.py = the CLI."""
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,8 @@ from otc_ray.data.storage import s3_filesystem
 from otc_ray.data.tar_format import write_tar_shard
 from otc_ray.pipelines.clean import REPORT_FILE, SUMMARY_FILE, clean_shards
 from otc_ray.rematch.stage import FAULT_BATCH_ENV, FAULT_MARKER_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
 
 N = 160
 # an untrained checkpoint: a loose gate threshold so that the round trip has re-captioned samples to account for
@@ -81,7 +87,7 @@ def test_cli_clean_local_round_trip_with_checkpoint_and_manifest(ray_local, pois
     torch.save(build_model(ModelConfig()).model.state_dict(), ckpt)
     in_path, out_path = str(poisoned / "train"), str(poisoned / "out")
     overrides = [f"data.{k}={v}" for k, v in _cfg().data.__dict__.items() if k in ("dataset", "samples_per_shard")]
-    overrides += [f"rematch.{k}={v}" for k, v in REMATCH.items()] + ["ot.iters=30"]
+    overrides += [f"rematch.{k}={v}" for k, v in REMATCH.items()] + ["ot.iters=30", f"output_dir={poisoned / 'runs'}"]
     rc = main(["clean", "--in", in_path, "--out", out_path, "--checkpoint", str(ckpt), "--manifest", in_path,
                *overrides])
     printed = capsys.readouterr().out
@@ -103,6 +109,15 @@ def test_cli_clean_local_round_trip_with_checkpoint_and_manifest(ray_local, pois
         outcome, used, original = by_key[key]
         assert raw.decode() == used
         assert (json.loads(meta).get("clean", {}).get("original_caption") == original) == (outcome == "recaptioned")
+    # the job is an MLflow run of its own: counts and detection as metrics, the report as an artifact
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{poisoned / 'runs' / 'mlflow.db'}"
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("otc-ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["job"] == "clean" and run.info.run_id in printed
+    assert run.data.metrics["clean_total"] == N + 2 and run.data.metrics["clean_detect_tp"] == det["detect_tp"]
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "clean")} == {
+        f"clean/{REPORT_FILE}", f"clean/{SUMMARY_FILE}"}
     # a second run into the finished folder is refused with one line, before any work
     assert main(["clean", "--in", in_path, "--out", out_path, *overrides]) == 2
     assert "already holds a finished cleaning" in capsys.readouterr().err
@@ -152,7 +167,9 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
     first = write_batch(batch, str(tmp_path), "wds", S3Config())
     batch[S.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
     second = write_batch(batch, str(tmp_path), "wds", S3Config())
-    shards = sorted(p.name for p in tmp_path.iterdir())
+    shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_part-"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("_part-")) == [
+        "_part-" + shards[0].replace(".tar", ".parquet")]                  # its report rows, committed after it
     assert len(shards) == 1 and set(first["shard"]) == {shards[0]}
     assert second["outcome"].tolist() == ["kept", "dropped", "kept", "dropped"]
     from otc_ray.data.tar_format import iter_tar_samples
@@ -161,11 +178,132 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
         assert [row[S.KEY] for row in iter_tar_samples(f, shards[0])] == ["k0", "k2"]
 
 
-def test_job_entry_point_refuses_bad_requests_with_exit_code_2(tmp_path, capsys):
-    import importlib.util
+def test_job_entry_point_is_otc_ray_clean(tmp_path):
+    """jobs/clean.py has no parser of its own: its help is `otc-ray clean`'s, and a bad request exits 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = [sys.executable, str(ROOT / "jobs" / "clean.py")]
+    helps = [subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env, timeout=120)
+             for cmd in (job, [sys.executable, "-m", "otc_ray", "clean"])]
+    assert helps[0].returncode == helps[1].returncode == 0 and helps[0].stdout == helps[1].stdout
+    assert "--manifest" in helps[0].stdout and "--action" in helps[0].stdout
+    bad = subprocess.run(job + ["--in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "rematch.k=0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "rematch.k" in bad.stderr
 
-    spec = importlib.util.spec_from_file_location("clean_job", Path(__file__).parent.parent / "jobs" / "clean.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    assert job.main(["--in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "rematch.k=0"]) == 2
-    assert "rematch.k" in capsys.readouterr().err
+
+# ----------------------------------------------------------------------------------------- concurrent / resumed jobs
+def _fresh_copy(src: Path, dst: Path) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_two_clean_jobs_racing_on_one_out_cannot_both_write(ray_local, poisoned, tmp_path):
+    """Two jobs start together on one --out: exactly one takes the output's lock and finishes with exact
+    accounting; the other is refused before it reads or deletes anything, naming the job that holds the folder."""
+    import threading
+
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLocked
+
+    in_path, out_path = _fresh_copy(poisoned / "train", tmp_path / "in"), str(tmp_path / "out")
+    outcomes: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def job(name: str, cfg) -> None:
+        barrier.wait()
+        try:
+            outcomes[name] = clean_shards(in_path, out_path, cfg)
+        except Exception as e:                               # noqa: BLE001 - the loser's error is the result
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=job, args=("a", _cfg())),
+               threading.Thread(target=job, args=("b", _cfg(rematch={"action": "drop"})))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    errors = [v for v in outcomes.values() if isinstance(v, Exception)]
+    done = [v for v in outcomes.values() if not isinstance(v, Exception)]
+    assert len(errors) == 1 and len(done) == 1, outcomes
+    assert isinstance(errors[0], OutputLocked) and "is being written by job" in str(errors[0])
+    report = pq.read_table(Path(out_path) / REPORT_FILE).to_pydict()
+    _check_accounting(in_path, out_path, _cfg(), report)
+    assert done[0].total == N + 2 and not (Path(out_path) / LOCK_FILE).exists()
+
+
+def test_a_live_job_s_lock_refuses_a_second_job_on_s3(s3_bucket):
+    """On S3 the lock is a conditional PUT: of eight racing acquirers exactly one wins; the rest name it."""
+    import threading
+
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock, OutputLocked
+
+    s3, bucket = s3_bucket
+    fs = s3_filesystem(s3)
+    locks = [OutputLock(s3_filesystem(s3), f"{bucket}/out", "clean") for _ in range(8)]
+    results: list[object] = [None] * len(locks)
+    barrier = threading.Barrier(len(locks))
+
+    def take(i: int) -> None:
+        barrier.wait()
+        try:
+            locks[i].acquire(f"s3://{bucket}/out")
+            results[i] = "held"
+        except OutputLocked as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(locks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    winner = results.index("held")
+    assert results.count("held") == 1, results
+    assert all(locks[winner].job_id in str(r) for r in results if r != "held")
+    locks[winner].release()
+    assert not fs.exists(f"{bucket}/out/{LOCK_FILE}")
+
+
+def test_interrupted_clean_resumes_from_its_committed_shards(ray_local, poisoned, tmp_path):
+    """A job killed after committing some shards and their report parts (its lock left behind by a dead process of
+    this host): readers refuse the folder; a rerun with other settings is refused; a rerun with the same settings
+    takes over the lock, keeps the committed shards untouched, cleans only the rest, and accounts for every row."""
+    import socket
+
+    import pyarrow.compute as pc
+    from fsspec.implementations.local import LocalFileSystem
+
+    from otc_ray.data.shards import ShardSetError, list_shards
+    from otc_ray.pipelines.clean import PART_PREFIX, _commit_part
+    from otc_ray.pipelines.output_lock import LOCK_FILE
+
+    in_path, out_path = _fresh_copy(poisoned / "train", tmp_path / "in"), str(tmp_path / "out")
+    first = clean_shards(in_path, out_path, _cfg())
+    out = Path(out_path)
+    report = pq.read_table(out / REPORT_FILE)
+    # the state a kill leaves: marker, report and info not yet written; parts for the first two shards only
+    for name in (SUMMARY_FILE, REPORT_FILE, "_info.json"):
+        (out / name).unlink()
+    shards = sorted({s for s in report.column("shard").to_pylist() if s})
+    kept = shards[:2]
+    for shard in kept:                                      # what write_batch committed after each shard
+        part = report.filter(pc.equal(report.column("shard"), shard))
+        _commit_part(LocalFileSystem(), out_path, shard,
+                     {name: np.asarray(part.column(name).to_pylist()) for name in part.column_names})
+    resumed_rows = sum(s in kept for s in report.column("shard").to_pylist())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_FILE).write_text(json.dumps({"job": "clean", "job_id": "deadbeef0000", "pid": int(dead.stdout),
+                                             "host": socket.gethostname(), "started": "earlier"}))
+    stamps = {s: (out / s).stat().st_mtime_ns for s in kept}
+
+    with pytest.raises(ShardSetError, match="unfinished cleaning output"):
+        list_shards(out_path, "auto", _cfg().data.s3)
+    with pytest.raises(ValueError, match="interrupted cleaning with other settings.*rematch"):
+        clean_shards(in_path, out_path, _cfg(rematch={"k": 3}))
+
+    second = clean_shards(in_path, out_path, _cfg())
+    assert second.resumed == resumed_rows > 0 and second.total == first.total == N + 2
+    assert {s: (out / s).stat().st_mtime_ns for s in kept} == stamps, "a committed shard was written again"
+    final = pq.read_table(out / REPORT_FILE).to_pydict()
+    _check_accounting(in_path, out_path, _cfg(), final)
+    assert not list(out.glob(f"{PART_PREFIX}*")) and not (out / LOCK_FILE).exists()

@@ -162,25 +162,97 @@ def _samples(n: int, start: int = 0):
     return [(f"{i:09d}", image, "png", f"a grey square {i}", {"label": 0}) for i in range(start, start + n)]
 
 
+class Unavailable(threading.Thread):
+    """While the moto server is down, its port answers every request with 503 Service Unavailable (a load
+    balancer with no healthy backend) and counts them. `hold_s` seconds after the first request (None: until
+    `end()`), it closes and moto starts again on the port: the outage covers the first attempts of whatever
+    reads, however late it starts."""
+
+    def __init__(self, own_s3, hold_s: float | None):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        super().__init__(daemon=True)
+        self.own_s3, self.hold_s, self.requests, self.first = own_s3, hold_s, 0, threading.Event()
+        outage = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _unavailable(self):
+                outage.requests += 1
+                outage.first.set()
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>no healthy backend</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _unavailable
+
+            def log_message(self, *args):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        own_s3.stop()
+        port = int(own_s3.url.rsplit(":", 1)[1])
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.start()
+
+    def run(self) -> None:
+        self.server.serve_forever(poll_interval=0.05)
+
+    def end(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+            self.own_s3.start()
+
+    def after_first_request(self) -> None:
+        """Wait for the first request, then `hold_s`, then end the outage (the test's timer thread)."""
+        if self.first.wait(timeout=300) and self.hold_s is not None:
+            time.sleep(self.hold_s)
+            self.end()
+
+
+def _read_through_outage(own_s3, path: str, cfg, hold_s: float | None):
+    """Count the shard set at `path` through an outage (`Unavailable`) of the endpoint. The dataset (listing and file
+    sizes, on the driver) is built before the outage, so only the Ray read tasks meet it.
+    Returns (counts, or the exception raised, and the outage's request count)."""
+    ds = load_samples(path, cfg)
+    outage = Unavailable(own_s3, hold_s)
+    ender = threading.Thread(target=outage.after_first_request, daemon=True)
+    ender.start()
+    try:
+        return count_outcomes(ds), outage.requests
+    except Exception as e:                                   # noqa: BLE001 - the control expects the read to fail
+        return e, outage.requests
+    finally:
+        outage.first.set()
+        ender.join(timeout=60)
+        outage.end()
+
+
 def test_s3_outage_for_a_while_is_retried(ray_local, own_s3):
-    """The endpoint refuses connections for 2 s while a Ray Data read of the shard set starts: botocore's retries
-    (S3Config.retries, standard mode, exponential backoff) carry it over and every sample is read."""
+    """The endpoint answers 503 to the Ray read tasks for 1.5 s after their first request: with
+    `data.s3.retries=8` botocore's retries (standard mode, exponential backoff) inside the read tasks carry it over
+    and every sample is read; with `data.s3.retries=1` (no retry) the same read fails. So the setting reaches the
+    read tasks, and it is what saves the read."""
     cfg = dataclasses.replace(load_config(TINY, ["data.samples_per_shard=32"]).data, s3=_s3(own_s3.url, retries=8))
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     s3_filesystem(cfg.s3).mkdir(bucket)
     path = f"s3://{bucket}/shapes"
     make_shards(cfg, "train", 96, path, "wds", progress=False)
 
-    own_s3.stop()
-    restart = threading.Timer(2.0, own_s3.start)
-    restart.start()
-    try:
-        start = time.monotonic()
-        counts = count_outcomes(load_samples(path, cfg))
-    finally:
-        restart.join()
-    assert counts == {"ok": 96}
-    assert time.monotonic() - start >= 2.0                    # it really waited for the endpoint
+    no_retry = dataclasses.replace(cfg, s3=_s3(own_s3.url, retries=1))
+    failed, requests = _read_through_outage(own_s3, path, no_retry, hold_s=None)
+    assert isinstance(failed, Exception), f"the read survived the outage without retries: {failed}"
+    assert "503" in str(failed) or "ServiceUnavailable" in str(failed) or "Service Unavailable" in str(failed), \
+        str(failed)[-2000:]
+    assert requests >= 1
+
+    counts, requests = _read_through_outage(own_s3, path, cfg, hold_s=1.5)
+    assert counts == {"ok": 96}, counts
+    assert requests >= 2, f"the read tasks did not retry ({requests} requests met the outage)"
 
 
 @pytest.mark.slow

@@ -125,7 +125,8 @@ def test_pax_path_record_overrides_a_safe_looking_header_name():
 
 def test_non_utf8_member_name_is_a_counted_row_not_a_crash():
     """A latin-1 (or corrupted) member name must not break the Arrow block of a Ray read task: the key keeps its
-    undecodable bytes as \\xNN escapes (found by the fuzz test below: a read task raised UnicodeEncodeError)."""
+    undecodable bytes as \\xNN escapes (found by the fuzz test below: a read task raised UnicodeEncodeError), and
+    the sample is an `unsafe_path` skip (no writer could write that key back: otc_ray.data.keys)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
         for name, payload in (("caf\xe9.png", _png()), ("caf\xe9.txt", b"a caption"), ("caf\xe9.json", b"{}")):
@@ -133,8 +134,8 @@ def test_non_utf8_member_name_is_a_counted_row_not_a_crash():
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     rows = list(iter_tar_samples(io.BytesIO(buf.getvalue()), "latin1.tar"))
-    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("caf\\xe9", "")]
-    assert _check_counted(rows, LIMITS) == Counter({"ok": 1})
+    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("caf\\xe9", S.UNSAFE_PATH)]
+    assert _check_counted(rows, LIMITS) == Counter({S.UNSAFE_PATH: 1})
 
 
 # ----------------------------------------------------------------------------------------- decompression bombs
@@ -147,13 +148,20 @@ def _png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-def test_png_header_claiming_50000x50000_is_refused_before_decoding():
+def test_png_header_claiming_50000x50000_is_refused_before_decoding(monkeypatch):
+    """Our pixel limit alone refuses the bomb: Pillow's own guard is switched off here (MAX_IMAGE_PIXELS None), so
+    this fails if `data.max_pixels` is not checked before decoding."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     bomb = _png_claiming(50_000, 50_000)
     assert len(bomb) < 100
+    assert Image.open(io.BytesIO(bomb)).size == (50_000, 50_000)      # Pillow opens it without complaint now
     start = time.monotonic()
-    assert decode_image(bomb, LIMITS) == (None, S.IMAGE_TOO_LARGE)                   # our pixel limit
-    lax = DecodeLimits(16, max_pixels=10**10, max_caption_chars=200, truncate_captions=False)
-    assert decode_image(bomb, lax) == (None, S.IMAGE_TOO_LARGE)                      # PIL's bomb guard behind it
+    assert decode_image(bomb, LIMITS) == (None, S.IMAGE_TOO_LARGE)
+    small = DecodeLimits(16, max_pixels=64 * 64 - 1, max_caption_chars=200, truncate_captions=False)
+    assert decode_image(_png(64), small) == (None, S.IMAGE_TOO_LARGE)                 # the limit is the config's
+    assert decode_image(_png(64), LIMITS)[1] == ""
     assert time.monotonic() - start < 2.0, "the image was decoded (7.5 GB of pixels)"
     rows = list(iter_tar_samples(io.BytesIO(_tar(_sample("000000001", bomb) + _sample("000000002"))), "b.tar"))
     assert _check_counted(rows, LIMITS) == Counter({"ok": 1, S.IMAGE_TOO_LARGE: 1})
@@ -184,7 +192,10 @@ class _Payload:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
-def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    """torch's default (weights_only=True since 2.6) is not the protection: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns
+    the default off, so only an explicit `weights_only=True` at our call sites keeps the payload from running."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     from otc_ray.model_checkpoint import load_checkpoint_model
     from otc_ray.train.checkpoint import MODEL_FILE, STATE_FILE, load_checkpoint
 

@@ -19,6 +19,9 @@ def test_resume_by_name_refuses_other_training_settings(tmp_path):
     cfg = _cfg(tmp_path, "name=same")
     run_id = start_or_resume_run(cfg)
     assert start_or_resume_run(replace(cfg, train__max_failures=3, ray__num_cpus=8)) == run_id   # where, not what
+    moved = replace(cfg, data__s3__endpoint_url="http://127.0.0.1:9", data__s3__retries=9, data__s3__read_timeout=5.0)
+    assert start_or_resume_run(moved) == run_id                           # another endpoint / retry budget: where
+    assert training_digest(moved) == training_digest(cfg)
     with pytest.raises(ConfigError, match=r"train.epochs: 2 -> 7"):
         start_or_resume_run(replace(cfg, train__epochs=7))
     assert training_digest(cfg) == training_digest(replace(cfg, ray__num_cpus=8))

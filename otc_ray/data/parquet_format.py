@@ -3,12 +3,15 @@
 Written as `key`, `png`|`jpg`|`webp` (binary), `caption`, `json` (string). Read leniently, as img2dataset's
 parquet output is laid out: the image is the first of the `jpg`/`png`/`webp`/`image` binary columns,
 the caption is `caption` or `txt`, metadata is `json` or else every other scalar column (url, status,
-width, ...). A row whose image is null (img2dataset's failed downloads) is `missing_image`; a file
-that pyarrow cannot open is one `corrupt_shard` marker row `{shard}#corrupt`.
+width, ...). A row whose image is null (img2dataset's failed downloads) is `missing_image`; a row whose key is
+not a safe key (`otc_ray.data.keys`: `..`, a leading `/`, a dot, a control character) is `unsafe_path`; a file
+that pyarrow cannot open is one `corrupt_shard` marker row `{shard}#corrupt`. A file without a `key` column
+gets keys `<shard stem>-<row index>`. The writer refuses an unsafe key (`ValueError`).
 """
 from __future__ import annotations
 
 import json
+import posixpath
 from collections import Counter
 from typing import BinaryIO, Iterable, Iterator
 
@@ -16,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .keys import check_key, is_safe_key
 from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
@@ -36,16 +40,17 @@ def iter_parquet_samples(stream: BinaryIO, source: str, batch_rows: int = 1024) 
         image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
         caption_col = next((c for c in CAPTION_COLUMNS if c in names), None)
         used = {image_col, caption_col, "key", "json"}
+        stem = posixpath.basename(source).partition(".")[0]
         index = 0
         for batch in pf.iter_batches(batch_size=batch_rows):
             for row in batch.to_pylist():
-                key = row.get("key") or f"{source}#{index}"
-                key = str(key)
+                key = str(row.get("key") or f"{stem}-{index:09d}")
                 index += 1
                 image = row.get(image_col) if image_col else None
                 caption = row.get(caption_col) if caption_col else None
                 meta = row.get("json") if "json" in names else _scalar_meta(row, used)
-                error = S.DUPLICATE_KEY if key in seen else ("" if image else S.MISSING_IMAGE)
+                error = (S.UNSAFE_PATH if not is_safe_key(key) else S.DUPLICATE_KEY if key in seen
+                         else "" if image else S.MISSING_IMAGE)
                 seen.add(key)
                 yield {S.KEY: key, S.IMAGE_BYTES: image or b"", S.IMAGE_EXT: image_col if image else "",
                        S.CAPTION_RAW: caption.encode("utf-8", "surrogatepass") if isinstance(caption, str) else caption,
@@ -61,11 +66,12 @@ def write_parquet_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:
     json; returns the count. Image bytes are stored as they are, under a column named after the most common
     image format of the shard (decoders detect each image's format from its bytes, so one shard may mix them);
     an empty image is null (read back as missing_image), a None caption null. A caption or metadata that is not
-    UTF-8 raises UnicodeDecodeError (parquet string columns cannot hold it)."""
+    UTF-8 raises UnicodeDecodeError (parquet string columns cannot hold it); an unsafe key (`otc_ray.data.keys`)
+    raises ValueError naming it."""
     keys, images, captions, metas, exts = [], [], [], [], Counter()
     for key, image, ext, caption, meta in samples:
         text = caption_bytes(caption)
-        keys.append(key)
+        keys.append(check_key(key))
         images.append(bytes(image) or None)
         captions.append(None if text is None else text.decode("utf-8"))
         metas.append(meta_bytes(meta).decode("utf-8"))

@@ -21,6 +21,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data.datasource import FileBasedDatasource
 
 from ..config import DataConfig
+from ..credentials import without_keys
 from . import schema as S
 from .decode import DecodeLimits, decode_batch
 from .parquet_format import iter_parquet_samples
@@ -38,11 +39,18 @@ def _to_block(rows: list[dict]) -> pa.Table:
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Reads webdataset tar or parquet shards into reader rows (see otc_ray.data.schema)."""
+    """Reads webdataset tar or parquet shards into reader rows (see otc_ray.data.schema).
 
-    def __init__(self, paths: list[str], fmt: str, max_member_bytes: int, display_prefix: str, **kwargs):
-        super().__init__(paths, **kwargs)
-        self.fmt, self.max_member_bytes, self.display_prefix = fmt, max_member_bytes, display_prefix
+    Files are opened with the fsspec filesystem itself (its retry settings, `data.s3.retries`, apply in the read
+    task), not through pyarrow's wrapper, which checks `isfile` first and turns any error of that check (an
+    unreachable endpoint, a 503) into a misleading FileNotFoundError."""
+
+    def __init__(self, paths: list[str], fmt: str, max_member_bytes: int, display_prefix: str, fs, **kwargs):
+        super().__init__(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), **kwargs)
+        self.fmt, self.max_member_bytes, self.display_prefix, self.fs = fmt, max_member_bytes, display_prefix, fs
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return self.fs.open(path, "rb")
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
         source = self.display_prefix + path
@@ -59,10 +67,12 @@ class ShardDatasource(FileBasedDatasource):
 
 
 def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data.Dataset:
-    """Reader rows of every shard under `path` (local or s3://); one read task per shard file."""
-    fs, files, fmt = list_shards(path, cfg.format, cfg.s3)
+    """Reader rows of every shard under `path` (local or s3://); one read task per shard file. The read tasks get
+    an S3 filesystem without access keys (`credentials.without_keys`): they, and the driver's listing, take them
+    from the environment (`credentials.move_secrets_to_env`) or the node's credential chain."""
+    fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
     prefix = "s3://" if path.startswith("s3://") else ""
-    source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs)
     return ray.data.read_datasource(source, override_num_blocks=len(files), num_cpus=cfg.read_num_cpus)
 
 

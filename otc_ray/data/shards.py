@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import uuid
 from typing import Iterable, Iterator, Literal
 
@@ -25,13 +26,15 @@ from .storage import display, resolve
 from .tar_format import iter_tar_samples, write_tar_shard
 
 SUFFIX = {"wds": ".tar", "parquet": ".parquet"}
+CLEAN_MARKER = "_clean_summary.json"        # written last by the cleaning job (otc_ray.pipelines.clean)
+CLEAN_SHARD_RE = re.compile(r"^clean-[0-9a-f]{16}\.(tar|parquet)$")
 _WRITERS = {"wds": write_tar_shard, "parquet": write_parquet_shard}
 INFO_FILE = "_info.json"
 Format = Literal["wds", "parquet"]
 
 
 class ShardSetError(FileNotFoundError):
-    """No shards where a shard set was expected (message names the path)."""
+    """No shards where a shard set was expected, or an unfinished one (message names the path)."""
 
 
 def _is_side_file(path: str) -> bool:
@@ -50,12 +53,23 @@ def list_shards(path: str, fmt: str, s3: S3Config):
     else:
         raise ShardSetError(f"no shard set at {path}")
     files = sorted(f for f in files if not _is_side_file(f))
+    _refuse_unfinished_clean(fs, files, path)
     by_format = {f: [p for p in files if p.endswith(s)] for f, s in SUFFIX.items()}
     if fmt == "auto":
         fmt = "wds" if by_format["wds"] else "parquet"
     if not by_format[fmt]:
         raise ShardSetError(f"no {SUFFIX[fmt]} shards at {path}")
     return fs, by_format[fmt], fmt
+
+
+def _refuse_unfinished_clean(fs, files: list[str], path: str) -> None:
+    """ShardSetError for a cleaning job's output without its completion marker (running, or interrupted: its
+    shards are not all there, and some may be swept)."""
+    cleaned = {posixpath.dirname(f) for f in files if CLEAN_SHARD_RE.match(posixpath.basename(f))}
+    for folder in sorted(cleaned):
+        if not fs.exists(posixpath.join(folder, CLEAN_MARKER)):
+            raise ShardSetError(f"{path} is an unfinished cleaning output (no {CLEAN_MARKER} in "
+                                f"{display(fs, folder)}): wait for the job, or rerun it to resume")
 
 
 def encode_image(image: np.ndarray, image_format: str) -> bytes:

@@ -2,12 +2,15 @@
 
 The reader parses tar headers itself (512-byte blocks, ustar + pax/GNU long names) so that every defect
 is seen and counted, never silently ending a shard as `tarfile`'s stream mode does:
-  - member with an absolute path, a `..` part, or a link/device type  -> the sample is `unsafe_path`;
+  - member with an absolute path, a `..` part, or a link/device type, or whose key is not a safe key
+    (`otc_ray.data.keys`: a dot-prefixed part, a control character, not UTF-8)  -> the sample is `unsafe_path`;
   - member larger than the limit                                       -> `image_too_large` (bytes skipped);
   - key seen before in the shard (not consecutive)                     -> `duplicate_key`;
   - stream ends inside a member or without the end-of-archive blocks   -> the sample in progress and a
     marker row `{shard}#truncated` are `truncated_shard`;
-  - a header that fails its checksum                                   -> marker `{shard}#corrupt`.
+  - a header that fails its checksum, or a GNU long-name / pax header over its size cap (MAX_LONG_NAME_BYTES,
+    MAX_PAX_BYTES: read into memory, so a hostile size would exhaust it)  -> marker `{shard}#corrupt`.
+The writer refuses an unsafe key (`ValueError`), so everything it writes reads back as written.
 Rows are dicts with the reader columns of `otc_ray.data.schema`.
 """
 from __future__ import annotations
@@ -18,11 +21,14 @@ import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
 from . import schema as S
+from .keys import check_key, is_safe_key
 from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
 BLOCK = 512
 _ZERO = b"\0" * BLOCK
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
+MAX_LONG_NAME_BYTES = 4096          # a GNU long name: PATH_MAX
+MAX_PAX_BYTES = 64 << 10            # a pax extended header (path plus a few attribute records)
 
 
 class _Corrupt(Exception):
@@ -74,8 +80,8 @@ def _pax_path(data: bytes) -> str | None:
 
 
 def is_unsafe_name(name: str) -> bool:
-    """True for absolute paths, any '..' part, backslashes or NUL bytes (path traversal on extraction)."""
-    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+    """True for absolute paths, any '..' part, backslashes or control characters (path traversal on extraction)."""
+    if not name or name.startswith("/") or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         return True
     return ".." in name.split("/")
 
@@ -98,6 +104,9 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
             raise _Corrupt(S.CORRUPT_SHARD, f"bad tar header: {e}")
         size, padded = info.size, -(-info.size // BLOCK) * BLOCK
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
+            cap = MAX_LONG_NAME_BYTES if info.type == tarfile.GNUTYPE_LONGNAME else MAX_PAX_BYTES
+            if size > cap:
+                raise _Corrupt(S.CORRUPT_SHARD, f"extended header of {size} bytes (cap {cap})")
             data = _read_exact(stream, padded)
             if len(data) < padded:
                 raise _Corrupt(S.TRUNCATED_SHARD, "stream ended inside an extended header")
@@ -159,7 +168,7 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
                 if row is not None:
                     yield row
                 key, parts, error = member_key, {}, ""
-            if is_unsafe_name(name) or kind not in _REGULAR:
+            if is_unsafe_name(name) or not is_safe_key(member_key) or kind not in _REGULAR:
                 error = error or S.UNSAFE_PATH
             elif data is None:
                 error = error or S.IMAGE_TOO_LARGE
@@ -180,10 +189,12 @@ def write_tar_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:
     """Write samples (see otc_ray.data.sample: raw bytes or str / dict) as `{key}.{ext}`, `{key}.txt`,
     `{key}.json` members; returns the count. Deterministic bytes (mtime 0, mode 644, no owner); pax headers only
     for names ustar cannot hold (over 100 characters, non-ASCII). An empty image or a None caption writes no
-    member for it, so a copied defective sample stays as it was."""
+    member for it, so a copied defective sample stays as it was. An unsafe key (`otc_ray.data.keys`) raises
+    ValueError naming it."""
     n = 0
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for key, image, ext, caption, meta in samples:
+            check_key(key)
             text = caption_bytes(caption)
             members = ([(image_ext(ext, image), image)] if image else []) \
                 + ([("txt", text)] if text is not None else []) + [("json", meta_bytes(meta))]

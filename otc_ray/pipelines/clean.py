@@ -7,14 +7,20 @@
 Pipeline (Ray Data, streaming): read + decode -> re-matching actor pool (otc_ray/rematch/stage.py) -> a write
 task per batch of `data.samples_per_shard` rows, which commits one shard of the kept and re-captioned samples
 (the input's format, original image bytes, the caption used; metadata gains a `clean` entry when something
-changed) and returns the batch's report rows (no images). The driver gathers the report, then commits in this order:
+changed), then the batch's report rows as its commit record, and returns those rows (no images). The files:
+    _lock.json                  held while the job runs: one job per --out, local or S3 (`output_lock`)
+    _clean_job.json             the job's settings (input, checkpoint, re-match config), written first
     clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
+    _part-clean-<hash>.parquet  the report rows of that batch, committed after its shard: the shard is accounted for
     _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
     _info.json                  the input's, plus a `clean` section
     _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
 Nothing is lost: every input row is in the report exactly once, and input keys = output keys + dropped keys.
-Before the marker, shards of this naming that the report does not reference (left by a failed attempt or an
-earlier crashed run) are deleted. A folder that already holds the marker, or foreign shards, is refused.
+An interrupted job, rerun with the same settings, resumes: rows whose batch has a committed part are not cleaned
+again (their shards are kept); a rerun with other settings is refused. Before the marker, shards of this naming that
+no part references (a write cut between shard and part) are deleted, by the lock holder only. A folder that already
+holds the marker, or foreign shards, is refused; readers refuse a folder with clean shards and no marker
+(`data.shards.list_shards`).
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import hashlib
 import io
 import json
 import posixpath
-import re
+import tempfile
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -34,17 +41,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from otc_ray.config import Config, S3Config, validate
+from otc_ray.config import Config, S3Config, content_digest, replace, validate
+from otc_ray.credentials import move_secrets_to_env
 from otc_ray.data import schema as S
-from otc_ray.data.ray_io import load_samples
-from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info, write_shard
+from otc_ray.data.ray_io import decode, read_shards
+from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
+                                 write_shard)
 from otc_ray.data.storage import display, resolve
+from otc_ray.pipelines.output_lock import OutputLock
 from otc_ray.rematch.stage import add_rematch_stage
 from otc_ray.rematch.weights import publish, weight_store
+from otc_ray.track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
 
 REPORT_FILE = "_clean_report.parquet"
-SUMMARY_FILE = "_clean_summary.json"
-SHARD_RE = re.compile(r"^clean-[0-9a-f]{16}\.(tar|parquet)$")
+SUMMARY_FILE = CLEAN_MARKER
+JOB_FILE = "_clean_job.json"
+PART_PREFIX = "_part-"
+SHARD_RE = CLEAN_SHARD_RE
 KEPT, RECAPTIONED, DROPPED = "kept", "recaptioned", "dropped"
 FLAGGED_REASON = "flagged"
 
@@ -75,6 +88,7 @@ class CleanSummary:
     downweighted: int = 0
     shards: int = 0
     orphans_removed: int = 0
+    resumed: int = 0                # rows accounted for by an interrupted run of this job, not cleaned again
     seconds: float = 0.0
     detection: Optional[dict[str, float]] = None
 
@@ -84,7 +98,8 @@ class CleanSummary:
     def metrics(self) -> dict[str, float]:
         """Flat numeric view for experiment tracking (`log_fn`)."""
         out = {f"clean_{k}": float(getattr(self, k)) for k in
-               ("total", "kept", "recaptioned", "dropped", "flagged", "downweighted", "shards", "seconds")}
+               ("total", "kept", "recaptioned", "dropped", "flagged", "downweighted", "shards", "resumed",
+                "seconds")}
         out.update({f"clean_dropped_{r}": float(n) for r, n in self.dropped_by_reason.items()})
         out.update({f"clean_{k}": float(v) for k, v in (self.detection or {}).items()})
         return out
@@ -98,7 +113,8 @@ class CleanSummary:
                f"recaptioned  {self.recaptioned}",
                f"dropped      {self.dropped}"]
         out += [f"  {reason:<20} {n}" for reason, n in sorted(self.dropped_by_reason.items())]
-        out.append(f"flagged      {self.flagged}   shards written {self.shards}")
+        out.append(f"flagged      {self.flagged}   shards written {self.shards}"
+                   + (f"   resumed: {self.resumed} rows from an interrupted run" if self.resumed else ""))
         if self.detection:
             d = self.detection
             out.append(f"detection    precision {d['detect_precision']:.3f}  recall {d['detect_recall']:.3f}  "
@@ -153,10 +169,24 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
         samples.append((keys[i], bytes(batch[S.IMAGE_BYTES][i]), str(batch[S.IMAGE_EXT][i]),
                         str(batch[S.CAPTION_USED][i]), meta))
     name = shard_name(keys, fmt)
+    fs, root = resolve(out, s3)
     if samples:
-        fs, root = resolve(out, s3)
         write_shard(fs, posixpath.join(root, name), fmt, samples)
     shard_of = {sample[0]: name for sample in samples}
+    rows = _report_rows(batch, keys, outcomes, reasons, shard_of)
+    _commit_part(fs, root, name, rows)
+    return rows
+
+
+def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None:
+    """The batch's report rows as `_part-<shard stem>.parquet`: the record that its shard is committed."""
+    table = pa.table({f.name: pa.array(rows[f.name].tolist(), type=f.type) for f in REPORT_SCHEMA}, schema=REPORT_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    commit_file(fs, posixpath.join(root, f"{PART_PREFIX}{shard.rsplit('.', 1)[0]}.parquet"), buf.getvalue())
+
+
+def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarray]:
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
             "caption_used": np.asarray([str(c) for c in batch[S.CAPTION_USED]], dtype=object),
@@ -185,13 +215,18 @@ def _check_output(in_path: str, out_path: str, s3: S3Config):
 
 
 def _collect(ds: "ray.data.Dataset") -> pa.Table:
-    """All report rows, sorted by key; raises when a key occurs twice (an accounting failure)."""
+    """All report rows the dataset's write tasks return (unsorted)."""
     parts: dict[str, list] = {name: [] for name in REPORT_SCHEMA.names}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for name in parts:
             parts[name].append(batch[name])
     cols = {name: (np.concatenate(v) if v else np.zeros(0)) for name, v in parts.items()}
-    table = pa.table({f.name: pa.array(cols[f.name].tolist(), type=f.type) for f in REPORT_SCHEMA}, schema=REPORT_SCHEMA)
+    return pa.table({f.name: pa.array(cols[f.name].tolist(), type=f.type) for f in REPORT_SCHEMA}, schema=REPORT_SCHEMA)
+
+
+def _checked_report(tables: list[pa.Table]) -> pa.Table:
+    """The report rows sorted by key; raises when a key occurs twice (an accounting failure)."""
+    table = pa.concat_tables(tables) if tables else REPORT_SCHEMA.empty_table()
     keys = table.column("key").to_pylist()
     if len(set(keys)) != len(keys):
         dup = [k for k, n in Counter(keys).items() if n > 1]
@@ -199,12 +234,52 @@ def _collect(ds: "ray.data.Dataset") -> pa.Table:
     return table.sort_by("key")
 
 
+def _committed_parts(fs, root: str) -> list[pa.Table]:
+    """The report parts an interrupted run of this job committed (each: a shard and its rows), or []."""
+    if not fs.isdir(root):
+        return []
+    tables = []
+    for path in sorted(p for p in fs.find(root) if posixpath.basename(p).startswith(PART_PREFIX)
+                       and p.endswith(".parquet")):
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(io.BytesIO(f.read())).cast(REPORT_SCHEMA))
+    return tables
+
+
+def _job_settings(in_path: str, checkpoint: Optional[str], cfg: Config, fmt: str) -> dict:
+    return {"input": in_path, "checkpoint": checkpoint or "", "format": fmt, "rematch": asdict(cfg.rematch),
+            "model": asdict(cfg.model), "ot": asdict(cfg.ot), "samples_per_shard": cfg.data.samples_per_shard}
+
+
+def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Table]:
+    """Record the job's settings in a new folder, or check them against an interrupted run's; returns that run's
+    committed report parts ([] for a new job). ValueError when the interrupted run had other settings."""
+    path = posixpath.join(root, JOB_FILE)
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            before = json.loads(f.read())
+        if json.loads(json.dumps(settings, default=str)) != before:
+            changed = sorted(k for k in settings if json.loads(json.dumps(settings[k], default=str)) != before.get(k))
+            raise ValueError(f"{out_path} holds an interrupted cleaning with other settings ({', '.join(changed)}); "
+                             "rerun it with the same settings to resume, or choose another --out")
+        return _committed_parts(fs, root)
+    commit_file(fs, path, json.dumps(settings, indent=2, sort_keys=True, default=str).encode())
+    return []
+
+
+def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
+    """The reader rows whose key no committed part accounts for."""
+    keep = np.asarray([str(k) not in done for k in batch[S.KEY]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
-    """Delete this job's shard files (and temp files) in `root` that the report does not reference."""
+    """Delete this job's shard files (and temp files) in `root` that the report does not reference (a write cut
+    between its shard and its part, or a retried batch's first attempt). Only the lock holder calls this."""
     removed = 0
     for path in fs.find(root) if fs.isdir(root) else []:
         base = posixpath.basename(path)
-        stray_tmp = base.startswith("clean-") and ".tmp-" in base
+        stray_tmp = (base.startswith("clean-") or base.startswith(PART_PREFIX)) and ".tmp-" in base
         if stray_tmp or (SHARD_RE.match(base) and base not in referenced):
             fs.rm(path)
             removed += 1
@@ -239,18 +314,43 @@ def _load_weights(checkpoint: Optional[str], cfg: Config) -> Optional[dict]:
 
 def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[str] = None,
                  manifest: Optional[str] = None, log_fn: Optional[Callable[[dict[str, float]], None]] = None,
-                 ray_remote_args: Optional[dict[str, Any]] = None) -> CleanSummary:
+                 ray_remote_args: Optional[dict[str, Any]] = None,
+                 on_start: Optional[Callable[[], None]] = None) -> CleanSummary:
     """Clean the shard set at `in_path` into `out_path` (local or s3://) with `cfg.rematch` (see module docstring).
 
     checkpoint: an open_clip state dict (torch.save(model.state_dict())); None = the seeded random init.
     manifest: a poison manifest (folder or file) for detection precision / recall. log_fn receives
-    `summary.metrics()`. ray_remote_args go to the re-matching actors. Ray must be initialised.
+    `summary.metrics()`. ray_remote_args go to the re-matching actors. on_start is called once the job holds the
+    output (e.g. to open its MLflow run). Ray must be initialised. Raises `output_lock.OutputLocked` (a ValueError) when another job is writing `out_path`.
     """
     start = time.perf_counter()
+    cfg = move_secrets_to_env(cfg)          # the write tasks get no keys (credentials.py)
     validate(cfg.rematch)
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
     fs, root = _check_output(in_path, out_path, s3)
+    lock = OutputLock(fs, root, "clean")
+    lock.acquire(out_path)
+    try:
+        committed = _start_or_resume(fs, root, out_path, _job_settings(in_path, checkpoint, cfg, fmt))
+        if on_start is not None:
+            on_start()
+        summary = _clean_locked(in_path, out_path, cfg, fmt, fs, root, committed, checkpoint, manifest,
+                                ray_remote_args, start)
+    finally:
+        lock.release()
+    if log_fn is not None:
+        log_fn(summary.metrics())
+    return summary
+
+
+def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: str, committed: list[pa.Table],
+                  checkpoint: Optional[str], manifest: Optional[str],
+                  ray_remote_args: Optional[dict[str, Any]], start: float) -> CleanSummary:
+    """The job itself, under the output's lock: clean the rows no committed part accounts for, then sweep, report,
+    and commit the marker."""
+    s3 = cfg.data.s3
+    done = frozenset(k for t in committed for k in t.column("key").to_pylist())
     state = _load_weights(checkpoint, cfg)
     store = None
     if state is not None:
@@ -258,12 +358,16 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
         publish(store, state)
         del state
     try:
-        ds = add_rematch_stage(load_samples(in_path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
-                                 ray_remote_args=ray_remote_args)
+        rows = read_shards(in_path, cfg.data)
+        if done:
+            rows = rows.map_batches(_not_done, fn_kwargs={"done": done}, batch_format="numpy",
+                                    num_cpus=cfg.data.read_num_cpus)
+        ds = add_rematch_stage(decode(rows, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
+                               ray_remote_args=ray_remote_args)
         ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3},
                             batch_size=cfg.data.samples_per_shard, batch_format="numpy",
                             num_cpus=cfg.data.read_num_cpus)
-        report = _collect(ds)
+        report = _checked_report(committed + [_collect(ds)])
     finally:
         if store is not None:
             ray.kill(store)
@@ -283,7 +387,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
         dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
         flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
         downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),
-        shards=len(shards), orphans_removed=orphans,
+        shards=len(shards), orphans_removed=orphans, resumed=len(done),
         detection=_detection(report, manifest, s3) if manifest else None)
     info = read_info(in_path, s3) or {}
     info["clean"] = {"from": in_path, "checkpoint": checkpoint or "", "rematch": asdict(cfg.rematch),
@@ -292,6 +396,47 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     commit_file(fs, posixpath.join(root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True, default=str).encode())
     summary.seconds = time.perf_counter() - start
     commit_file(fs, posixpath.join(root, SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2, sort_keys=True).encode())
-    if log_fn is not None:
-        log_fn(summary.metrics())
+    for path in fs.find(root):                          # the parts are in the report now
+        if posixpath.basename(path).startswith(PART_PREFIX):
+            fs.rm(path)
     return summary
+
+
+def run_clean_job(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[str] = None,
+                  manifest: Optional[str] = None) -> tuple[CleanSummary, str]:
+    """`clean_shards` as an MLflow run of its own (the `otc-ray clean` command): params, the summary's counts and
+    detection as metrics, the report as an artifact; FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM. The run is
+    named after the job's settings and output, so a resumed job continues its run. Returns (summary, run id)."""
+    cfg = move_secrets_to_env(cfg)
+    fmt = list_shards(in_path, cfg.data.format, cfg.data.s3)[2]
+    name = f"clean-{content_digest({**_job_settings(in_path, checkpoint, cfg, fmt), 'output': out_path})}"
+    run_cfg = replace(cfg, tracking__run_name=name)
+    uri = tracking_uri(run_cfg)
+    opened: list[RunLogger] = []
+
+    def open_run() -> None:
+        tags = {"job": "clean", "input": in_path, "output": out_path, "checkpoint": checkpoint or "",
+                "manifest": manifest or ""}
+        opened.append(RunLogger(uri, start_or_resume_run(run_cfg, tags=tags)))
+
+    try:
+        summary = clean_shards(in_path, out_path, cfg, checkpoint, manifest, on_start=open_run)
+    except (KeyboardInterrupt, SystemExit):
+        if opened:
+            opened[0].finish("KILLED")
+        raise
+    except BaseException:
+        if opened:
+            opened[0].finish("FAILED")
+        raise
+    logger = opened[0]
+    logger.metrics(summary.metrics(), step=0)
+    fs, root = resolve(out_path, cfg.data.s3)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / REPORT_FILE
+        local.write_bytes(fs.cat_file(posixpath.join(root, REPORT_FILE)))
+        (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+        logger.artifact(str(local), "clean")
+        logger.artifact(str(Path(tmp) / SUMMARY_FILE), "clean")
+    logger.finish()
+    return summary, logger.run_id

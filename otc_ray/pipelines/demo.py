@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import Config, replace
+from ..credentials import redact_uri
 from ..track import metric_names as N
 from ..track.compare import compare
 from ..track.mlflow_logger import tracking_uri, training_digest
@@ -43,5 +44,5 @@ def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
     for p in plots:
         print(f"plot: {p}")
     print(f"total {(time.perf_counter() - start) / 60:.1f} min. Open the results in MLflow:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then http://127.0.0.1:5000")
+          f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(uri)} --port 5000   # then http://127.0.0.1:5000")
     return table

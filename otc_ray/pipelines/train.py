@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import ray
 
 from ..config import Config
+from ..credentials import move_secrets_to_env
 from ..data.decode import good_rows
 from ..data.ray_io import load_samples
 from ..track import metric_names as N
@@ -77,8 +78,11 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
 
 
 def run_training(cfg: Config, progress: bool = True) -> TrainResult:
-    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result."""
+    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result.
+    The config's secrets move to this process's environment first (`credentials.move_secrets_to_env`): what the
+    workers, the MLflow params and `TrainResult.tracking_uri` get carries none."""
     start = time.perf_counter()
+    cfg = move_secrets_to_env(cfg)
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress)
     outcomes = count_usable(data.train, cfg)

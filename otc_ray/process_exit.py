@@ -1,0 +1,80 @@
+"""The end of a command-line process: stop, in order, what a command started, then exit with its status.
+
+A command that has done its work can still abort at interpreter teardown (`terminate called without an active
+exception`, status 134): native thread pools (Arrow's CPU and I/O pools, the AWS SDK inside pyarrow, jemalloc's
+background thread) are destroyed by C++ static destructors while their threads may still be joinable, and Python
+threads (tqdm's monitor, fsspec's event loop, Ray's driver threads) may still run when that happens. A pipeline
+reads such an exit as a failed step. So `exit_process` ends the process in this order:
+
+  1. tqdm's monitor thread (progress bars) is stopped and joined;
+  2. Ray: `ray.shutdown()` (a local instance's raylet, GCS and workers stop; a cluster is only disconnected);
+  3. fsspec's I/O event loop (s3fs) is stopped and its thread joined;
+  4. pyarrow's S3 subsystem is finalised (its own atexit hook, called while the pools are still whole);
+  5. every Python atexit hook and finaliser runs (temporary folders, logging), and stdout / stderr are flushed;
+  6. `os._exit(status)`: the C++ teardown of the native pools, the step that aborts, is skipped.
+
+Used by the console entry point (`otc_ray.cli.entry`, `python -m otc_ray`) and the `ray job submit` entry points;
+never by library code or in-process tests (it ends the process).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from typing import NoReturn
+
+
+def _stop_tqdm_monitor() -> None:
+    tqdm_module = sys.modules.get("tqdm")
+    monitor = getattr(getattr(tqdm_module, "tqdm", None), "monitor", None)
+    if monitor is not None:
+        monitor.exit()
+        if monitor.is_alive():
+            monitor.join(timeout=5)
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _stop_fsspec_loop() -> None:
+    asyn = sys.modules.get("fsspec.asyn")
+    if asyn is None or asyn.loop[0] is None:
+        return
+    loop, thread = asyn.loop[0], asyn.iothread[0]
+    if loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
+    if thread is not None and thread.is_alive():
+        thread.join(timeout=5)
+
+
+def _finalize_arrow_s3() -> None:
+    fs = sys.modules.get("pyarrow.fs")
+    finalize = getattr(fs, "ensure_s3_finalized", None) if fs is not None else None
+    if finalize is not None:
+        finalize()
+
+
+def shutdown_runtime() -> None:
+    """Steps 1-4 of the module docstring; each step that fails is reported on stderr and the next still runs."""
+    for step in (_stop_tqdm_monitor, _stop_ray, _stop_fsspec_loop, _finalize_arrow_s3):
+        try:
+            step()
+        except Exception as e:                      # noqa: BLE001 - the exit goes on; the failure is shown
+            print(f"otc-ray: warning: at exit, {step.__name__[1:]} failed: {e}", file=sys.stderr)
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with `status` after `shutdown_runtime`, the atexit hooks and a flush (steps 1-6)."""
+    shutdown_runtime()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):               # a closed pipe: nothing more can be said
+            pass
+    os._exit(status)
