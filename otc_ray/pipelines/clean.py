@@ -39,6 +39,7 @@ from otc_ray.data import schema as S
 from otc_ray.data.ray_io import load_samples
 from otc_ray.data.shards import INFO_FILE, SUFFIX, commit_file, list_shards, read_info, write_shard
 from otc_ray.data.storage import display, resolve
+from otc_ray.model import check_image_size
 from otc_ray.rematch.stage import add_rematch_stage
 from otc_ray.rematch.weights import publish, weight_store
 
@@ -242,12 +243,15 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
                  ray_remote_args: Optional[dict[str, Any]] = None) -> CleanSummary:
     """Clean the shard set at `in_path` into `out_path` (local or s3://) with `cfg.rematch` (see module docstring).
 
-    checkpoint: an open_clip state dict (torch.save(model.state_dict())); None = the seeded random init.
+    checkpoint: an open_clip state dict (torch.save(model.state_dict())) or .safetensors, local or s3://; None =
+    `model.pretrained`, or when that is "" the seeded random init.
     manifest: a poison manifest (folder or file) for detection precision / recall. log_fn receives
     `summary.metrics()`. ray_remote_args go to the re-matching actors. Ray must be initialised.
     """
     start = time.perf_counter()
     validate(cfg.rematch)
+    check_image_size(cfg.model.arch, cfg.data.image_size)
+    checkpoint = checkpoint or cfg.model.pretrained or None
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
     fs, root = _check_output(in_path, out_path, s3)

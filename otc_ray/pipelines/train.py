@@ -19,6 +19,7 @@ import ray
 from ..config import Config
 from ..data.decode import good_rows
 from ..data.ray_io import load_samples
+from ..model import check_image_size
 from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
 from ..train.chaos import chaos_spec
@@ -28,7 +29,7 @@ from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
 from ..train.trainer import build_trainer
 from .evaluate import eval_inputs
-from .prepare import TrainData, count_usable, prepare_data
+from .prepare import TrainData, count_usable, data_name, prepare_data
 from .runtime import init_ray
 
 
@@ -79,16 +80,19 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
 def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result."""
     start = time.perf_counter()
+    check_image_size(cfg.model.arch, cfg.data.image_size)
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress)
     outcomes = count_usable(data.train, cfg)
     uri = tracking_uri(cfg)
+    test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
     run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
-                                            "dataset": cfg.data.dataset, "train_data": data.train})
+                                            "dataset": data_name(cfg, classes.name), "train_data": data.train,
+                                            "test_data": data.test})
     datasets, publisher, warmup = training_datasets(cfg, data)
     rows = outcomes["ok"]
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
-    evaluator = EpochEvaluator.create(cfg, *eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval))
+    evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
                       poison_keys=_poison_keys(cfg, data), warmup_steps=warmup)
     logger = RunLogger(uri, run_id)

@@ -62,10 +62,16 @@ def effective_poison(run: RunRecord) -> str:
     return "+".join(parts)
 
 
+def run_data(run: RunRecord) -> str:
+    """The run's data as its `dataset` tag names it (a user's classes file's name; data.dataset for built-in data),
+    else its data.dataset param (runs logged before the tag said so)."""
+    return run.tags.get("dataset") or run.params.get("data.dataset", "?")
+
+
 def group_runs(runs: list[RunRecord]) -> list[Row]:
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in runs:
-        key = tuple(effective_poison(run) if name == "poison" else
+        key = tuple(effective_poison(run) if name == "poison" else run_data(run) if name == "data" else
                     ("-" if name == "trigger" and "backdoor" not in run_attacks(run) else run.params.get(p, "?"))
                     for name, p in GROUP_PARAMS)
         groups.setdefault(key, []).append(run)

@@ -25,7 +25,8 @@ import torch
 from .. import identity
 from ..config import Config
 from ..data import schema as S
-from ..model import FeatureModel, build_model, images_to_tensor
+from ..model import FeatureModel, images_to_tensor
+from ..model_checkpoint import pretrained_model
 from ..data.schema import CAPTION_USED, WEIGHT
 from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger
@@ -125,7 +126,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     rng = np.random.default_rng([cfg.train.seed, rank])
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
-    bundle = build_model(cfg.model)
+    bundle = pretrained_model(cfg.model, cfg.data.s3)      # model.pretrained's weights, or the seeded random init
     device = ray.train.torch.get_device()
     bare = bundle.model.to(device)
     feature_model = ray.train.torch.prepare_model(FeatureModel(bare, cfg.ot.special_tokens),
