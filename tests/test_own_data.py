@@ -196,6 +196,8 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
     m = result.metrics
     assert m["final/eval_count"] == 96 and m["final/eval_labeled_count"] == 96      # every test row labelled
     assert 0.0 <= m["final/zeroshot_top1"] <= 1.0 and "final/backdoor_asr" not in m  # target no class
+    logged = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    assert logged["progress/epoch"] == 0 and logged["progress/step_in_epoch"] == 4 and logged["progress/samples_per_s"] > 0
     trained = torch.load(Path(result.checkpoint) / "model.pt", weights_only=True)
     for k, v in state.items():
         torch.testing.assert_close(trained[k], v, msg=k)

@@ -98,7 +98,7 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     logger = RunLogger(uri, run_id)
     logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
-        with EpochProgress(cfg, uri, run_id) if progress else nullcontext():
+        with EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
     except Exception:
         logger.finish("FAILED")

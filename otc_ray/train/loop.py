@@ -119,7 +119,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     cfg = loop.config
     defense = get_defense(cfg.train.defense)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)      # Ray sets OMP_NUM_THREADS to the logical CPUs asked for (often 1)
     torch.manual_seed(cfg.train.seed + rank)
@@ -161,9 +161,13 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         with torch.no_grad():
             bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         state.step += 1
-        if logger and state.step % cfg.train.log_every == 0:
-            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]}, step=state.step)
         return terms
+
+    def log_step(terms: dict[str, float], progress: dict[str, float] | None = None) -> None:
+        """Rank 0, every `train.log_every` steps: the loss terms, the LR and (inside an epoch) its progress."""
+        if logger and state.step % cfg.train.log_every == 0:
+            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0]} | (progress or {}),
+                           step=state.step)
 
     if state.step == 0 and loop.warmup_steps > 0:
         # the re-match gate needs a model that has learnt something before it screens epoch 0: a few steps on the
@@ -172,7 +176,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                    batch_format="numpy")
         for batch in warm:
-            train_step(batch, 0)
+            log_step(train_step(batch, 0))
             if state.step >= loop.warmup_steps:
                 break
 
@@ -190,6 +194,9 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
             terms = train_step(batch, epoch)
             seen += len(batch[S.KEY])
             n_batches += 1
+            rate = seen * world / max(time.perf_counter() - start, 1e-9)       # every rank trains equal batches
+            log_step(terms, {N.PROGRESS_EPOCH: float(epoch), N.PROGRESS_STEP: float(n_batches),
+                             N.PROGRESS_SAMPLES_PER_S: rate})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
         elapsed = time.perf_counter() - start
