@@ -36,7 +36,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
 
-from otc_ray.config import Config, load_config, replace  # noqa: E402
+from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.compare import group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import search_runs, training_digest  # noqa: E402
@@ -103,20 +103,32 @@ def cell_config(base: Config, cell: Cell) -> Config:
 def run_cells(base: Config, todo: list[Cell]) -> dict[Cell, str]:
     """Train every cell in turn (finished cells are reused by name); returns cell -> MLflow run id."""
     from otc_ray.pipelines.train import run_training
+    from otc_ray.track.run_context import finish_parent_run, start_parent_run
 
     ids, durations = {}, []
+    parent = start_parent_run(base, f"bench-{content_digest(sorted(map(str, todo)))}", "benchmark")
+    try:
+        _train_cells(base, todo, parent, ids, durations, run_training)
+    except BaseException:
+        finish_parent_run(base, parent, "FAILED")
+        raise
+    finish_parent_run(base, parent)
+    return ids
+
+
+def _train_cells(base: Config, todo: list[Cell], parent: str, ids: dict, durations: list, run_training) -> None:
+    """Train the cells in turn as children of the benchmark's parent run, filling ids and durations."""
     for i, cell in enumerate(todo):
         eta = f" ETA {np.mean(durations) * (len(todo) - i) / 60:.0f} min" if durations else ""
         print(f"[bench {i + 1}/{len(todo)}] {cell}{eta}", flush=True)
         start = time.perf_counter()
-        result = run_training(cell_config(base, cell), progress=False)
+        result = run_training(cell_config(base, cell), progress=False, parent_run_id=parent)
         durations.append(time.perf_counter() - start)
         ids[cell] = result.run_id
         m = result.metrics
         print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
               f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
               f"  ({durations[-1] / 60:.1f} min)", flush=True)
-    return ids
 
 
 # ----------------------------------------------------------------------------------------- targets

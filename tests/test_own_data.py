@@ -21,6 +21,8 @@ from otc_ray.model import build_model, check_image_size
 from otc_ray.model_checkpoint import load_checkpoint_model, pretrained_model, read_state_dict
 from otc_ray.poison.manifest import read_manifest
 from otc_ray.poison.transform import poison_shards
+from otc_ray.track.compare import compare
+from otc_ray.track.run_context import start_parent_run
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 CLASSES = {"name": "my-drawings", "classes": ["circle", "square", "triangle", "cross", "ring"],
@@ -187,12 +189,14 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
 
     state = _saved_model(9)
     torch.save(state, tmp_path / "start.pt")
+    base = load_config(TINY, [f"output_dir={tmp_path}", "name=group"])
+    parent = start_parent_run(base, "own-group", "demo")
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "name=own", "train.defense=none", "train.epochs=1",
                              "poison.attack=none", "poison.target=sneaker", f"data.train={own / 'train'}", f"data.test={own / 'test'}",
                              f"eval.classes={own / 'classes.json'}", f"model.pretrained={tmp_path / 'start.pt'}",
                              "train.lr=0", "train.weight_decay=0", "data.samples_per_shard=64", "eval.num_eval=96",
                              "eval.linear_probe_train=64"])
-    result = run_training(cfg, progress=False)
+    result = run_training(cfg, progress=False, parent_run_id=parent)
     m = result.metrics
     assert m["final/eval_count"] == 96 and m["final/eval_labeled_count"] == 96      # every test row labelled
     assert 0.0 <= m["final/zeroshot_top1"] <= 1.0 and "final/backdoor_asr" not in m  # target no class
@@ -201,8 +205,19 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
     trained = torch.load(Path(result.checkpoint) / "model.pt", weights_only=True)
     for k, v in state.items():
         torch.testing.assert_close(trained[k], v, msg=k)
-    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
     assert run.data.tags["dataset"] == "my-drawings" and run.data.params["model.pretrained"].endswith("start.pt")
+    # what a person sees in MLflow: a model-development experiment, the shard sets, the config, the group
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {(d.dataset.name, d.tags[0].value, json.loads(d.dataset.profile)["num_rows"])
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {(f"{own.name}/train", "training", 256), (f"{own.name}/test", "evaluation", 96)}
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    local = client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))
+    assert load_config(local) == cfg                                             # the file trains the run again
+    table, _ = compare(result.tracking_uri, cfg.tracking.experiment, "csv")
+    assert "my-drawings" in table and len(table.strip().splitlines()) == 2      # the parent is no row of its own
 
     assert main(["eval", "--data", str(own / "test"), "--classes", str(own / "classes.json"), "--num-eval", "96",
                  f"model.pretrained={tmp_path / 'start.pt'}"]) == 0

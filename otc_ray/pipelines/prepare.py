@@ -62,6 +62,12 @@ def data_name(cfg: Config, classes_name: str) -> str:
     return cfg.data.dataset if not (cfg.data.train and cfg.data.test) else classes_name
 
 
+def shard_set_name(path: str) -> str:
+    """A shard set's short name, its last two path parts: "s3://bkt/cc3m/train" -> "cc3m/train",
+    "runs/data/fashion-test-1000-1a2b3c4d5e" -> "data/fashion-test-1000-1a2b3c4d5e"."""
+    return "/".join(path.rstrip("/").split("/")[-2:]) or path
+
+
 def count_usable(path: str, cfg: Config) -> dict[str, int]:
     """{"ok": good samples, reason: samples skipped for it} of a shard set: one read-and-decode pass, so a
     corrupt or truncated shard shows up in the run's data/* metrics instead of vanishing silently."""

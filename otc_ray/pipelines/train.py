@@ -22,6 +22,7 @@ from ..data.ray_io import load_samples
 from ..model import check_image_size
 from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
+from ..track.run_context import PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development
 from ..train.chaos import chaos_spec
 from ..train.defenses import get_defense
 from ..train.evaluation import EpochEvaluator, final_report
@@ -29,7 +30,7 @@ from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
 from ..train.trainer import build_trainer
 from .evaluate import eval_inputs
-from .prepare import TrainData, count_usable, data_name, prepare_data
+from .prepare import TrainData, count_usable, data_name, prepare_data, shard_set_name
 from .runtime import init_ray
 
 
@@ -77,8 +78,21 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
     return datasets, WeightPublisher(store_name, rematch), warmup
 
 
-def run_training(cfg: Config, progress: bool = True) -> TrainResult:
-    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result."""
+def _describe_run(cfg: Config, uri: str, run_id: str, data: TrainData, rows: int, test_rows: int,
+                  parent_run_id: str | None) -> None:
+    """What a person sees in MLflow beside the metrics: the experiment's kind (model development), the training and
+    test shard sets as dataset inputs, the config as `config.yaml`, and the parent run (a demo's, a benchmark's)."""
+    mark_model_development(uri, cfg.tracking.experiment)
+    log_shard_sets(uri, run_id, [ShardSet(shard_set_name(data.train), data.train, "training", rows),
+                                 ShardSet(shard_set_name(data.test), data.test, "evaluation", test_rows)])
+    log_config(uri, run_id, cfg)
+    if parent_run_id:
+        RunLogger(uri, run_id).tags({PARENT_RUN_TAG: parent_run_id})
+
+
+def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None = None) -> TrainResult:
+    """Prepare data, open the MLflow run (a child of `parent_run_id` when given), fit, evaluate the final model,
+    log artifacts; returns the result."""
     start = time.perf_counter()
     check_image_size(cfg.model.arch, cfg.data.image_size)
     init_ray(cfg.ray)
@@ -89,8 +103,9 @@ def run_training(cfg: Config, progress: bool = True) -> TrainResult:
     run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
                                             "dataset": data_name(cfg, classes.name), "train_data": data.train,
                                             "test_data": data.test})
-    datasets, publisher, warmup = training_datasets(cfg, data)
     rows = outcomes["ok"]
+    _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
+    datasets, publisher, warmup = training_datasets(cfg, data)
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),

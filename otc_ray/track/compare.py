@@ -18,6 +18,7 @@ from ..config import parse_attacks
 from . import metric_names as N
 from .mlflow_logger import RunRecord, search_runs
 from .plots import plot_compare
+from .run_context import GROUP_TAG
 
 GROUP_PARAMS = (("data", "data.dataset"), ("defense", "train.defense"), ("attack", "poison.attack"),
                 ("trigger", "poison.trigger"), ("poison", "poison.count"))
@@ -100,7 +101,7 @@ def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None
             run_ids: Collection[str] | None = None) -> tuple[str, list[Path]]:
     """(table text, plot paths) for every run of the experiment (only `run_ids` when given)."""
     runs = [r for r in search_runs(uri, experiment) if r.status in ("FINISHED", "RUNNING")
-            and (run_ids is None or r.run_id in run_ids)]
+            and (run_ids is None or r.run_id in run_ids) and GROUP_TAG not in r.tags]     # parents train nothing
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}")
     rows = group_runs(runs)
