@@ -46,7 +46,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
 
-from otc_ray.config import Config, load_config, replace  # noqa: E402
+from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
 from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
@@ -178,11 +178,29 @@ def git_commit() -> str:
 
 
 def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellResult]:
-    """Train every cell without a current file, in turn, writing each file as it lands; returns every cell's result."""
+    """Train every cell without a current file, in turn, as children of the benchmark's parent MLflow run, writing
+    each cell file as it lands; returns every cell's result."""
+    from otc_ray.track.run_context import finish_parent_run, start_parent_run
+
+    results: dict[Cell, CellResult] = {}
+    if all(current_cell(folder, base, c) is not None for c in todo):
+        return {c: current_cell(folder, base, c) for c in todo}
+    parent = start_parent_run(base, f"bench-{content_digest(sorted(map(str, todo)))}", "benchmark")
+    try:
+        _train_cells(base, todo, folder, parent, results)
+    except BaseException:
+        finish_parent_run(base, parent, "FAILED")
+        raise
+    finish_parent_run(base, parent)
+    return results
+
+
+def _train_cells(base: Config, todo: list[Cell], folder: Path, parent: str, results: dict) -> None:
+    """Train the cells without a current file in turn (children of `parent`), filling results."""
     from otc_ray.pipelines.train import run_training
     from otc_ray.track.mlflow_logger import tracking_uri
 
-    results, durations = {}, []
+    durations: list[float] = []
     for i, cell in enumerate(todo):
         done = current_cell(folder, base, cell)
         if done is not None:
@@ -194,7 +212,7 @@ def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellRe
         print(f"[bench {i + 1}/{len(todo)}] {cell}{eta}", flush=True)
         start = time.perf_counter()
         cfg, digest = cell_config(base, cell)
-        result = run_training(cfg, progress=False)
+        result = run_training(cfg, progress=False, parent_run_id=parent)
         durations.append(time.perf_counter() - start)
         results[cell] = cell_from_run(tracking_uri(cfg), result.run_id, dataclasses.asdict(cell), digest,
                                       git_commit(), EXPERIMENT)
@@ -203,7 +221,6 @@ def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellRe
         print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
               f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
               f"  ({durations[-1] / 60:.1f} min)", flush=True)
-    return results
 
 
 # ----------------------------------------------------------------------------------------- targets

@@ -33,6 +33,7 @@ GRID = {"gate_threshold": (-2.0, -2.5, -3.0, -4.0), "duplicate_similarity": (0.9
 
 def validation_split(out_dir: str, overrides: list[str]):
     """(rows sorted by key, poisoned-key -> attack) of the validation split, generated once under out_dir."""
+    from otc_ray.data.class_file import shard_set_classes
     from otc_ray.pipelines.evaluate import load_eval_set
     from otc_ray.pipelines.prepare import prepare_data
     from otc_ray.pipelines.runtime import init_ray
@@ -42,7 +43,8 @@ def validation_split(out_dir: str, overrides: list[str]):
                       [f"output_dir={out_dir}", "data.seed=1", "poison.seed=1", *overrides])
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress=False)
-    rows = load_eval_set(data.train, cfg.data, limit=10 ** 9)
+    classes = shard_set_classes(data.train, cfg.eval.classes, cfg.data.s3).classes
+    rows = load_eval_set(data.train, cfg.data, 10 ** 9, classes)
     manifest = read_manifest(data.manifest, cfg.data.s3).select(["key", "attack"]).to_pydict()
     return cfg, rows, dict(zip(manifest["key"], manifest["attack"]))
 

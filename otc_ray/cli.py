@@ -100,9 +100,9 @@ def cmd_poison(args: argparse.Namespace) -> int:
                            "poison.label_consistent": True if args.label_consistent else None,
                            "poison.targets": args.targets, "poison.per_target": args.per_target,
                            "poison.adversarial": args.adversarial, "poison.caption_source": args.caption_source,
-                           "poison.out_format": args.format})
+                           "poison.out_format": args.format, "eval.classes": args.classes})
     report = poison_shards(args.in_path, args.out, cfg.poison, cfg.data, target_source=args.target_source,
-                           progress=not args.quiet)
+                           progress=not args.quiet, classes=cfg.eval.classes)
     print("\n".join(report.lines()))
     summary = manifest_summary(read_manifest(args.out, cfg.data.s3))
     print(f"manifest rows  {summary['rows']} ({summary['distinct_sources']} distinct source images, "
@@ -116,22 +116,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate.model_encoder import ModelEncoder
+    from .model import check_image_size
     from .model_checkpoint import load_checkpoint_model
     from .evaluate.report import format_metrics
     from .pipelines.evaluate import evaluate_model, resolve_attack
     from .pipelines.runtime import init_ray
 
     cfg = _config(args, **{"model.arch": args.arch, "eval.num_eval": args.num_eval,
-                           "data.image_size": args.image_size})
-    bundle = load_checkpoint_model(args.checkpoint, cfg.model, cfg.data.s3)
+                           "data.image_size": args.image_size, "eval.classes": args.classes})
+    check_image_size(cfg.model.arch, cfg.data.image_size)
+    checkpoint = args.checkpoint or cfg.model.pretrained
+    if not checkpoint:
+        raise ValueError("eval needs --checkpoint (or model.pretrained=PATH): the weights to evaluate")
+    bundle = load_checkpoint_model(checkpoint, cfg.model, cfg.data.s3)
     attack = resolve_attack(args.attack_manifest, cfg.poison, cfg.data)
     init_ray(cfg.ray)
     encoder = ModelEncoder(bundle, device=args.device, batch_size=cfg.eval.batch_size)
     metrics = evaluate_model(encoder, args.data, cfg.data, cfg.poison, cfg.eval, manifest_path=args.attack_manifest,
                              train_path=args.train)
-    print(f"checkpoint  {args.checkpoint} ({cfg.model.arch}) on {args.data}")
-    print(f"backdoor    target {attack.target!r}, trigger {json.dumps(attack.spec.to_dict(), sort_keys=True)} "
-          f"(from the {attack.source})")
+    print(f"checkpoint  {checkpoint} ({cfg.model.arch}) on {args.data}")
+    if "backdoor_asr" in metrics:
+        print(f"backdoor    target {attack.target!r}, trigger {json.dumps(attack.spec.to_dict(), sort_keys=True)} "
+              f"(from the {attack.source})")
     print(format_metrics(metrics))
     return 0
 
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--adversarial", help="targeted: class whose captions the copies get")
     poison.add_argument("--caption-source", choices=("templates", "data"))
     poison.add_argument("--target-source", help="targeted: test shards to take the target images from")
+    poison.add_argument("--classes", help="classes file (JSON: classes, synonyms, templates) of a set without "
+                        "_info.json (eval.classes)")
     poison.add_argument("--seed", type=int)
     poison.add_argument("--format", choices=("same", "wds", "parquet"), help="output shard format")
     poison.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -211,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     poison.set_defaults(func=cmd_poison)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint: zero-shot, linear probe, ASR, retrieval")
-    ev.add_argument("--checkpoint", required=True, help="state dict saved with torch.save(model.state_dict())")
-    ev.add_argument("--data", required=True, help="held-out test shards")
+    ev.add_argument("--checkpoint", help="state dict (torch.save(model.state_dict())) or .safetensors, local or "
+                    "s3:// (default: model.pretrained)")
+    ev.add_argument("--data", required=True, help="held-out test shards (labels in their metadata)")
+    ev.add_argument("--classes", help="classes file (JSON: classes, synonyms, zero-shot templates; eval.classes)")
     ev.add_argument("--attack-manifest", help="poisoned set folder or its _poison_manifest.parquet")
     ev.add_argument("--train", help="shards for the linear probe (default: half of the test set)")
     ev.add_argument("--arch", help="model.arch of the checkpoint")
@@ -230,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     clean = sub.add_parser("clean", help="re-match captions with a checkpoint: cleaned shards, report, summary")
     clean.add_argument("--in", dest="in_path", required=True, help="shard set to clean (folder or s3:// prefix)")
     clean.add_argument("--out", required=True, help="folder or s3:// prefix for the cleaned shards")
-    clean.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict()) (default: random init)")
+    clean.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict()) or .safetensors "
+                       "(default: model.pretrained, else random init)")
     clean.add_argument("--manifest", help="poison manifest (folder or file): report detection precision / recall")
     clean.add_argument("--arch", help="model.arch of the checkpoint")
     clean.add_argument("--method", choices=("otcclip", "roclip", "none"))

@@ -44,11 +44,14 @@ class S3Config:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Shards to read (or a built-in data set to generate) and the limits of sample validation."""
+    """Shards to read (or a built-in data set to generate) and the limits of sample validation.
+
+    `dataset` names the built-in data set generated for an empty `train` / `test`; a user's own shard sets need
+    none (their classes come from `eval.classes`), and a run on them is named after its classes file."""
 
     dataset: Literal["fashion", "fashion-scenes", "shapes"] = "fashion"
     train: str = ""                 # shard folder/glob, local or s3://; "" = generate `dataset`
-    test: str = ""                  # held-out shards for evaluation; "" = generate `dataset`
+    test: str = ""                  # held-out shards for evaluation (labels in the metadata); "" = generate `dataset`
     format: Literal["auto", "wds", "parquet"] = "auto"
     num_train: int = 20000
     num_test: int = 2000
@@ -126,10 +129,12 @@ class PoisonConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The open_clip architecture (a registered name or one of the package's tiny configs)."""
+    """The open_clip architecture (a registered name or one of the package's tiny configs) and its start."""
 
     arch: str = "otc-tiny-vit-32"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    pretrained: str = ""            # open_clip checkpoint of `arch` to start from (local or s3://; .pt/.pth/.bin state
+                                    # dict or {"state_dict": ...}, or .safetensors), loaded weights-only; "" = random
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,8 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation: zero-shot, linear probe, ASR, retrieval."""
 
+    classes: str = ""               # JSON of class names, synonyms, zero-shot templates (local or s3://; the format
+                                    # of otc_ray/data/classes/*.json) for the test and poisoned sets; "" = _info.json's
     every_epoch: bool = True
     num_eval: int = 2000
     linear_probe_train: int = 5000

@@ -5,8 +5,8 @@
     ids = bundle.tokenizer(["a photo of a shoe", ...])                       # (B, L) int64, 0 = padding
     f = features(bundle.model, pixels, ids)                                  # ClipFeatures
 
-Any registered open_clip architecture works by name, always randomly initialised (`pretrained=None`, nothing is
-downloaded). The tiny CPU architectures ship as JSON in `otc_ray/model_configs/` and are added to open_clip's
+Any registered open_clip architecture works by name, randomly initialised (`pretrained=None`, nothing is
+downloaded; `model_checkpoint` loads a local or s3:// checkpoint into it). The tiny CPU architectures ship as JSON in `otc_ray/model_configs/` and are added to open_clip's
 registry when this module is imported (idempotent). Tokens come from `forward_intermediates` (last block,
 final norm applied), so they work for `CLIP` and `CustomTextCLIP` alike and leave `model(image, text)` and
 `model.encode_*` untouched; the towers must be open_clip's own ViT and text transformer.
@@ -110,6 +110,25 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
         embed_dim=int(arch_cfg["embed_dim"]),
         autocast_dtype=_AUTOCAST[cfg.precision],
     )
+
+
+def model_input_size(arch: str) -> int:
+    """The side S of the (S, S) images the registered architecture `arch` takes (its vision config's image_size)."""
+    register_model_configs()
+    arch_cfg = open_clip.get_model_config(arch)
+    if arch_cfg is None:
+        raise ValueError(f"unknown model arch {arch!r}: use a registered open_clip architecture")
+    size = arch_cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """ValueError when shards decoded at `image_size` (data.image_size) would not be the model's input size (a
+    silent resize in the model would train and score on images that are not what the data holds)."""
+    want = model_input_size(arch)
+    if image_size != want:
+        raise ValueError(f"data.image_size={image_size} but model arch {arch!r} takes {want}x{want} images: set "
+                         f"data.image_size={want} (shards are resized to it when read)")
 
 
 # ----------------------------------------------------------------------------------------- inputs

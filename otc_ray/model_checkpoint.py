@@ -1,45 +1,75 @@
-"""Loading a saved open_clip state dict (`model.pt`, local or s3://) into a `ClipBundle` (otc_ray.model).
+"""Loading open_clip weights (local or s3://) into a model: the trainer's `model.pt`, or a pretrained start.
 
     bundle = load_checkpoint_model("runs/x/model.pt", cfg.model)       # torch.save(model.state_dict())
+    bundle = pretrained_model(cfg.model, cfg.data.s3)                  # model.pretrained, or random when ""
+    load_weights(bundle.model, "s3://bkt/ViT-B-32.safetensors", s3)     # in place
 
-Used by evaluation (`otc-ray eval`, the trainer's final report), the cleaning job and the benchmarks.
-Loaded with `weights_only=True`: tensors and plain containers only, never pickled code.
+Used by training (`model.pretrained`: fine-tuning), evaluation (`otc-ray eval`, the trainer's final report), the
+cleaning job and the benchmarks. A file is a state dict (`.pt` / `.pth` / `.bin`, optionally inside
+`{"state_dict": ...}` as open_clip's trainer saves it, a DDP `module.` prefix stripped) or `.safetensors`, read
+with `torch.load(..., weights_only=True)` / safetensors: tensors and plain containers only, never pickled code.
+Nothing is downloaded from a model hub.
 """
 from __future__ import annotations
 
 import io
 
 import torch
+from torch import nn
 
 from .config import ModelConfig, S3Config
 from .data.storage import resolve
 from .model import ClipBundle, build_model
 
 
-def load_checkpoint_model(path: str, model_cfg: ModelConfig, s3: S3Config | None = None) -> ClipBundle:
-    """A `build_model(model_cfg)` bundle with the weights of `path` (local or s3://), a state dict saved by
-    `torch.save(model.state_dict())` (a DDP `module.` prefix is stripped). Loaded with `weights_only=True`.
-
-    Raises ValueError when the file is missing or is not a state dict of this architecture.
-    """
+def read_state_dict(path: str, s3: S3Config | None = None) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} of the checkpoint file at `path`; ValueError when missing or not weights."""
     fs, file = resolve(path, s3 or S3Config())
     if not fs.isfile(file):
         raise ValueError(f"no checkpoint file at {path}")
     with fs.open(file, "rb") as f:
         data = f.read()
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:   # pickle.UnpicklingError for anything but tensors and plain containers
         raise ValueError(f"{path} is not a weights-only torch state dict ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]              # open_clip's training checkpoint: epoch, name, state_dict, optimizer
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    bundle = build_model(model_cfg)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: str, arch: str, s3: S3Config | None = None) -> None:
+    """Load the checkpoint at `path` into `model` (strict); ValueError naming `arch` when it does not fit."""
+    state = read_state_dict(path, s3)
     try:
-        bundle.model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
-        raise ValueError(f"{path} does not fit model arch {model_cfg.arch!r}: "
+        raise ValueError(f"{path} does not fit model arch {arch!r}: "
                          f"{detail[:200]}{'...' if len(detail) > 200 else ''}") from None
+
+
+def load_checkpoint_model(path: str, model_cfg: ModelConfig, s3: S3Config | None = None) -> ClipBundle:
+    """A `build_model(model_cfg)` bundle with the weights of `path` (local or s3://), in eval mode.
+
+    Raises ValueError when the file is missing or is not a state dict of this architecture.
+    """
+    bundle = build_model(model_cfg)
+    load_weights(bundle.model, path, model_cfg.arch, s3)
     bundle.model.eval()
+    return bundle
+
+
+def pretrained_model(model_cfg: ModelConfig, s3: S3Config | None = None) -> ClipBundle:
+    """The model a run starts from: `model.pretrained`'s weights, or the random init when it is "" (train mode)."""
+    bundle = build_model(model_cfg)
+    if model_cfg.pretrained:
+        load_weights(bundle.model, model_cfg.pretrained, model_cfg.arch, s3)
     return bundle

@@ -9,6 +9,7 @@ import torch
 
 from otc_ray.cli import main
 from otc_ray.config import DataConfig, EvalConfig, ModelConfig, PoisonConfig
+from otc_ray.data.builtin import dataset_info
 from otc_ray.data.make import make_shards
 from otc_ray.evaluate.encoder import Encoder
 from otc_ray.evaluate.model_encoder import ModelEncoder
@@ -73,7 +74,7 @@ def test_evaluate_model_split_probe_and_counts(ray_local, sets, checkpoint):
                              manifest_path=str(sets / "poisoned"))
     assert "linear_probe_acc" not in metrics and 0 < metrics["linear_probe_split_train_count"] < 50
     _check_rates(metrics, (*RATES, "linear_probe_split_acc"))
-    test = load_eval_set(str(sets / "test"), DATA, 50)
+    test = load_eval_set(str(sets / "test"), DATA, 50, dataset_info("fashion").classes)
     assert list(test.keys) == sorted(test.keys) and test.keys[0] == "000000000"      # the 50 smallest keys
     assert metrics["eval_count"] == 50 and metrics["backdoor_asr_count"] == int((test.labels != 7).sum())
     assert metrics["targeted_asr_count"] == 2

@@ -1,6 +1,7 @@
 """infra/: the cluster launcher YAML passes Ray's own validation; the runtime env uploads the code and nothing
 else; the KubeRay RayJob is structurally sound and its entrypoint config loads; the Dockerfile and README agree."""
 import copy
+import json
 import re
 import shlex
 import tomllib
@@ -122,14 +123,35 @@ def test_cluster_node_types_fit_the_gpu_config():
 
 
 # ----------------------------------------------------------------------------------------- KubeRay RayJob
-RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-               "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
-               "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-               "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
-CLUSTER_SPEC = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-                "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions", "managedBy", "authOptions"}
-WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
-                "scaleStrategy", "suspend", "idleTimeoutSeconds"}
+KUBERAY_SCHEMAS = Path(__file__).resolve().parent / "data" / "kuberay"    # RayJob CRDs (extract_schema.py)
+
+
+def _crd_schema(version: str) -> dict:
+    return json.loads((KUBERAY_SCHEMAS / f"rayjob-{version}.schema.json").read_text())["schema"]
+
+
+def unknown_fields(value, schema: dict, at: str = "") -> list[str]:
+    """Paths of `value`'s mapping keys that the CRD schema does not define (what `kubectl apply --validate=strict`
+    rejects and a lax apply silently prunes); open objects (additionalProperties, preserve-unknown-fields) pass."""
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in unknown_fields(v, schema.get("items", {}), f"{at}[{i}]")]
+    if not isinstance(value, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+    out = []
+    for key, v in value.items():
+        if key in props:
+            out += unknown_fields(v, props[key], f"{at}.{key}")
+        elif isinstance(extra, dict):
+            out += unknown_fields(v, extra, f"{at}.{key}")
+        elif not extra:
+            out.append(f"{at}.{key}")
+    return out
+
+
+def _header_min_kuberay() -> str:
+    text = (INFRA / "k8s" / "rayjob.yaml").read_text()
+    return re.search(r"KubeRay operator (v\d+\.\d+\.\d+)\+", text).group(1)
 
 
 def _containers(group: dict) -> list[dict]:
@@ -144,7 +166,6 @@ def test_rayjob_manifest_structure():
     job = _yaml(INFRA / "k8s" / "rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
     spec = job["spec"]
-    assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
     assert spec["entrypoint"] == "python -m otc_ray train --config jobs/configs/gpu-cluster.yaml"
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
@@ -157,7 +178,6 @@ def test_rayjob_manifest_structure():
     assert not [k for k in runtime_env["env_vars"] if SECRET_NAME.search(k)]
 
     cluster = spec["rayClusterSpec"]
-    assert set(cluster) <= CLUSTER_SPEC, set(cluster) - CLUSTER_SPEC
     assert cluster["rayVersion"] == ray.__version__
     head = cluster["headGroupSpec"]
     assert {"rayStartParams", "template"} <= set(head)
@@ -166,7 +186,6 @@ def test_rayjob_manifest_structure():
 
     groups = cluster["workerGroupSpecs"]
     for group in groups:
-        assert set(group) <= WORKER_GROUP, set(group) - WORKER_GROUP
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     gpu_groups = [g for g in groups if any(_gpus(c, "limits") for c in _containers(g))]
     assert gpu_groups, "needs a GPU worker group"
@@ -180,6 +199,41 @@ def test_rayjob_manifest_structure():
     assert cfg.train.use_gpu
     gpus = sum(g["maxReplicas"] * max(_gpus(c, "limits") for c in _containers(g)) for g in gpu_groups)
     assert gpus >= cfg.train.num_workers + cfg.rematch.max_actors * cfg.rematch.actor_num_gpus
+
+
+def test_rayjob_fields_exist_in_the_crd_of_its_minimum_kuberay():
+    """Every field of the RayJob is in the RayJob CRD of the KubeRay version the header names as the minimum, and
+    some field is not in the release before it (the header's minimum is the real one, not a guess)."""
+    job = _yaml(INFRA / "k8s" / "rayjob.yaml")
+    job.pop("metadata")                 # ObjectMeta: core Kubernetes, a bare object in every CRD
+    minimum = _header_min_kuberay()
+    assert minimum == "v1.6.0"
+    assert unknown_fields(job, _crd_schema(minimum)) == []
+    assert unknown_fields(job, _crd_schema("v1.5.1")) == [".spec.rayClusterSpec.authOptions.secretName"]
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3          # a typo the check catches
+    assert unknown_fields(broken, _crd_schema(minimum)) == [".spec.rayClusterSpec.workerGroupSpecs[0].maxReplica"]
+
+
+def test_rayjob_token_auth_and_autoscaling_are_kuberays():
+    """Token auth through authOptions (the operator injects the token into Ray pods, the submitter and its own
+    dashboard client), not hand-set env vars that the operator does not know about; autoscaling is on where a
+    group's replicas may range."""
+    spec = _yaml(INFRA / "k8s" / "rayjob.yaml")["spec"]
+    cluster = spec["rayClusterSpec"]
+    auth = cluster["authOptions"]
+    mode_enum = _crd_schema(_header_min_kuberay())["properties"]["spec"]["properties"]["rayClusterSpec"][
+        "properties"]["authOptions"]["properties"]["mode"]["enum"]
+    assert auth["mode"] == "token" and auth["mode"] in mode_enum and auth["secretName"]
+    assert re.search(rf"create secret generic {auth['secretName']} --from-literal=auth_token=",
+                     (INFRA / "k8s" / "rayjob.yaml").read_text())                  # the key KubeRay reads
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    containers = [c for g in groups for c in _containers(g)] + spec["submitterPodTemplate"]["spec"]["containers"]
+    hand_set = [(c["name"], e["name"]) for c in containers for e in c.get("env", [])
+                if e["name"] in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")]
+    assert hand_set == [], "KubeRay sets RAY_AUTH_* from authOptions; a hand-set value would shadow it"
+    ranging = [g["groupName"] for g in cluster["workerGroupSpecs"] if g["minReplicas"] < g["maxReplicas"]]
+    assert ranging and cluster["enableInTreeAutoscaling"] is True, ranging
 
 
 def test_rayjob_takes_credentials_from_a_secret_only():

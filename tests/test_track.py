@@ -1,4 +1,5 @@
 """MLflow side without training: resume by name refuses other settings; `compare` groups seeds and plots."""
+import io
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,48 @@ def test_epoch_progress_prints_each_finished_epoch_once(tmp_path, capsys):
     assert "epoch 2/3" in capsys.readouterr().out
     two = EpochProgress(replace(cfg, train__num_workers=2), uri, run_id)
     assert two.poll()[0].startswith("[progress] epoch 1/3 12 s 160 samples/s (2 workers) loss 3.21")
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal (what a person's console is)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_step_line_has_bar_rate_and_etas():
+    from otc_ray.train.progress import step_line
+
+    # 64 samples/s at 32 samples a step = 2 steps/s: 30 steps left in this epoch (15 s), 2 more epochs of 40 (40 s)
+    assert step_line("r", 0, 3, 10, 40, 64.0, 32) == \
+        "[r] epoch 1/3 [#####---------------] 10/40 steps 64 samples/s ETA epoch 0:15, run 0:55"
+    assert step_line("r", 2, 3, 40, 40, 10.0, 32).endswith("ETA epoch 0:00, run 0:00")
+    assert "ETA epoch ?, run ?" in step_line("r", 0, 1, 0, 40, 0.0, 32)
+
+
+def test_live_line_refreshes_in_place_on_a_terminal_only(tmp_path, monkeypatch):
+    from otc_ray.train.progress import CLEAR_LINE, EpochProgress
+
+    monkeypatch.delenv("CI", raising=False)
+    cfg = _cfg(tmp_path, "name=live", "train.epochs=2", "train.batch_size=32")
+    uri, run_id = tracking_uri(cfg), start_or_resume_run(cfg)
+    log = RunLogger(uri, run_id)
+    screen = _Terminal()
+    progress = EpochProgress(cfg, uri, run_id, steps_per_epoch=40, stream=screen)
+    assert progress.live and progress.poll() == [] and screen.getvalue() == ""        # nothing logged yet
+    log.metrics({"progress/epoch": 0, "progress/step_in_epoch": 10, "progress/samples_per_s": 64.0}, step=10)
+    progress.poll()
+    assert screen.getvalue() == CLEAR_LINE + "[live] epoch 1/2 [#####---------------] 10/40 steps 64 samples/s " \
+                                             "ETA epoch 0:15, run 0:35"
+    log.metrics({"progress/epoch": 0, "progress/step_in_epoch": 40, "progress/samples_per_s": 64.0}, step=40)
+    log.metrics({"train/epoch_seconds": 20.0, "train/samples_per_s_worker": 64.0}, step=0)
+    progress.poll()                     # the epoch's line replaces the live one and ends it; no live line for a done epoch
+    assert screen.getvalue().endswith(CLEAR_LINE + "[live] epoch 1/2 20 s 64 samples/s\n")
+    assert "\n" not in screen.getvalue().split(CLEAR_LINE)[1]                   # live lines never scroll
+
+    piped = io.StringIO()               # a pipe / CI log: epoch lines only
+    quiet = EpochProgress(cfg, uri, run_id, steps_per_epoch=40, stream=piped)
+    assert not quiet.live and quiet.poll() == ["[live] epoch 1/2 20 s 64 samples/s"]
+    assert piped.getvalue() == "[live] epoch 1/2 20 s 64 samples/s\n"
+    monkeypatch.setenv("CI", "true")
+    assert not EpochProgress(cfg, uri, run_id, steps_per_epoch=40, stream=_Terminal()).live

@@ -4,7 +4,7 @@
     print(format_metrics(metrics))
 
 Reading the sets from shards and the attack from a poison manifest is the driver's job
-(`otc_ray.pipelines.evaluate`: load_eval_set, shard_set_classes, resolve_attack, evaluate_model); nothing here
+(`otc_ray.pipelines.evaluate`: load_eval_set, resolve_attack, evaluate_model); nothing here
 reads files or uses Ray.
 
 Keys (rates in [0, 1], NaN when undefined; `*_count` are sample counts):
@@ -14,7 +14,8 @@ Keys (rates in [0, 1], NaN when undefined; `*_count` are sample counts):
     linear_probe_split_acc, linear_probe_split_train_acc, linear_probe_split_train_count
                                             no `train`: fitted on half of the test rows (by key hash),
                                             scored on the other half
-    backdoor_asr, backdoor_asr_count        the trigger of the manifest (else of the config) on non-target rows
+    backdoor_asr, backdoor_asr_count        the trigger of the manifest (else of the config) on non-target rows;
+                                            absent when the config's target is none of the classes (clean runs)
     targeted_asr, targeted_asr_count        the manifest's target images (targeted attacks only)
     retrieval_{i2t,t2i}_r{1,5}              image <-> caption on all good test rows (identical captions grouped)
     eval_count, eval_labeled_count          good test rows used (up to eval.num_eval), with a known class
@@ -113,9 +114,12 @@ def evaluate_arrays(encoder: Encoder, test: EvalSet, info: DatasetInfo, attack: 
     metrics.update(zeroshot_metrics(lab_emb, lab.labels, weights))
     if linear_probe:
         metrics.update(_linear_probe(encoder, lab_emb, lab, num_classes, eval_cfg, train))
-    seeds = np.array([keyed_hash(str(k), 0, b"eval-trigger") >> 1 for k in lab.keys], dtype=np.int64)
-    metrics.update(evaluate_backdoor(encoder, lab.images, lab.labels, weights, info.label_of(attack.target),
-                                     attack.spec, rng_seed=seeds, batch_size=bs))
+    if attack.source == "manifest" or attack.target in info.classes:
+        # a manifest's target must be a class (label_of says which is missing); the config's default target of a
+        # clean run on a user's classes may name none, and then there is no backdoor to measure
+        seeds = np.array([keyed_hash(str(k), 0, b"eval-trigger") >> 1 for k in lab.keys], dtype=np.int64)
+        metrics.update(evaluate_backdoor(encoder, lab.images, lab.labels, weights, info.label_of(attack.target),
+                                         attack.spec, rng_seed=seeds, batch_size=bs))
     if attack.target_images is not None:
         adversarial = np.array([info.label_of(a) for a in attack.adversarial], dtype=np.int64)
         metrics.update(evaluate_targeted(encoder, attack.target_images, adversarial, weights, bs))

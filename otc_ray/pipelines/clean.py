@@ -48,6 +48,7 @@ from otc_ray.data.ray_io import decode, read_shards
 from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
                                  write_shard)
 from otc_ray.data.storage import display, resolve
+from otc_ray.model import check_image_size
 from otc_ray.pipelines.output_lock import OutputLock
 from otc_ray.rematch.stage import add_rematch_stage
 from otc_ray.rematch.weights import publish, weight_store
@@ -318,7 +319,8 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
                  on_start: Optional[Callable[[], None]] = None) -> CleanSummary:
     """Clean the shard set at `in_path` into `out_path` (local or s3://) with `cfg.rematch` (see module docstring).
 
-    checkpoint: an open_clip state dict (torch.save(model.state_dict())); None = the seeded random init.
+    checkpoint: an open_clip state dict (torch.save(model.state_dict())) or .safetensors, local or s3://; None =
+    `model.pretrained`, or when that is "" the seeded random init.
     manifest: a poison manifest (folder or file) for detection precision / recall. log_fn receives
     `summary.metrics()`. ray_remote_args go to the re-matching actors. on_start is called once the job holds the
     output (e.g. to open its MLflow run). Ray must be initialised. Raises `output_lock.OutputLocked` (a ValueError) when another job is writing `out_path`.
@@ -326,6 +328,8 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     start = time.perf_counter()
     cfg = move_secrets_to_env(cfg)          # the write tasks get no keys (credentials.py)
     validate(cfg.rematch)
+    check_image_size(cfg.model.arch, cfg.data.image_size)
+    checkpoint = checkpoint or cfg.model.pretrained or None
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
     fs, root = _check_output(in_path, out_path, s3)

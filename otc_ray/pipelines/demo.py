@@ -2,47 +2,63 @@
 
 Trains each defense of `DEFENSES` on the same poisoned built-in data (otc_ray/configs/demo.yaml, package data
 that a plain `pip install .` installs beside the code), one MLflow run each in the experiment
-`tracking.experiment`, then prints the comparison table of these runs and how to open the MLflow UI on the
-results. Runs are named `<name>-<defense>-<digest of the settings>`: a rerun
-with the same settings reuses (or resumes) the finished runs, other overrides train new ones.
+`tracking.experiment`, grouped under one parent run `<name>-<digest>`, then prints the comparison table of these
+runs and how to open the MLflow UI on the results. Runs are named `<name>-<defense>-<digest of the settings>`: a
+rerun with the same settings reuses (or resumes) the finished runs, other overrides train new ones.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from ..config import Config, replace
+from ..config import Config, content_digest, replace
 from ..credentials import redact_uri
 from ..track import metric_names as N
 from ..track.compare import compare
 from ..track.mlflow_logger import tracking_uri, training_digest
+from ..track.run_context import finish_parent_run, mark_model_development, start_parent_run, ui_link
 
 DEFENSES = ("none", "roclip", "otcclip")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"      # otc_ray/configs/ (package data)
 
 
 def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
-    """Train every defense in turn (progress and ETA on stdout); returns the comparison table."""
-    from .train import run_training
-
+    """Train every defense in turn, grouped under one parent run (progress and ETA on stdout); returns the
+    comparison table."""
     start, times, run_ids = time.perf_counter(), [], []
-    for i, defense in enumerate(defenses):
-        eta = f", ETA {sum(times) / len(times) * (len(defenses) - i) / 60:.1f} min" if times else ""
-        print(f"[demo {i + 1}/{len(defenses)}] training defense={defense}{eta}", flush=True)
-        run_cfg = replace(cfg, train__defense=defense)
-        run_cfg = replace(run_cfg, name=f"{cfg.name}-{defense}-{training_digest(run_cfg)}")
-        result = run_training(run_cfg, progress=True)
-        times.append(result.seconds)
-        run_ids.append(result.run_id)
-        m = result.metrics
-        print(f"[demo {i + 1}/{len(defenses)}] {defense}: zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, float('nan')):.3f}, "
-              f"backdoor ASR {m.get(N.FINAL_BACKDOOR_ASR, float('nan')):.3f}, "
-              f"targeted ASR {m.get(N.FINAL_TARGETED_ASR, float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
+    parent_name = f"{cfg.name}-{content_digest([training_digest(cfg), defenses])}"
+    parent = start_parent_run(cfg, parent_name, "demo")
+    try:
+        for i, defense in enumerate(defenses):
+            run_ids.append(_train_one(cfg, defense, i, len(defenses), times, parent))
+    except BaseException:
+        finish_parent_run(cfg, parent, "FAILED")
+        raise
+    finish_parent_run(cfg, parent)
     uri = tracking_uri(cfg)
     table, plots = compare(uri, cfg.tracking.experiment, "text", Path(cfg.output_dir) / "compare", run_ids=run_ids)
     print(f"\n{table}\n")
     for p in plots:
         print(f"plot: {p}")
+    exp_id = mark_model_development(uri, cfg.tracking.experiment)
     print(f"total {(time.perf_counter() - start) / 60:.1f} min. Open the results in MLflow:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(uri)} --port 5000   # then http://127.0.0.1:5000")
+          f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(uri)} --port 5000\n"
+          f"  then {ui_link('http://127.0.0.1:5000', exp_id)}   (the runs grouped under {parent_name})")
     return table
+
+
+def _train_one(cfg: Config, defense: str, i: int, n: int, times: list[float], parent: str) -> str:
+    """Train the demo's `i`-th defense as a child of the demo's parent run; returns its run id."""
+    from .train import run_training
+
+    eta = f", ETA {sum(times) / len(times) * (n - i) / 60:.1f} min" if times else ""
+    print(f"[demo {i + 1}/{n}] training defense={defense}{eta}", flush=True)
+    run_cfg = replace(cfg, train__defense=defense)
+    run_cfg = replace(run_cfg, name=f"{cfg.name}-{defense}-{training_digest(run_cfg)}")
+    result = run_training(run_cfg, progress=True, parent_run_id=parent)
+    times.append(result.seconds)
+    m = result.metrics
+    print(f"[demo {i + 1}/{n}] {defense}: zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, float('nan')):.3f}, "
+          f"backdoor ASR {m.get(N.FINAL_BACKDOOR_ASR, float('nan')):.3f}, "
+          f"targeted ASR {m.get(N.FINAL_TARGETED_ASR, float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
+    return result.run_id

@@ -6,8 +6,9 @@
 
 The metrics (`otc_ray.evaluate`) take arrays; this module reads the shards and the poison manifest into them:
 `load_eval_set` (good rows through Ray Data, the `limit` smallest keys, so the evaluated subset does not depend
-on read order), `shard_set_classes` (class names and templates from `_info.json`) and `resolve_attack` (the
-trigger, target and target images the ASRs are measured against).
+on read order, labelled from each row's metadata against the classes), `shard_set_classes` (class names and
+templates from `eval.classes` or `_info.json`) and `resolve_attack` (the trigger, target and target images the ASRs
+are measured against).
 """
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ import numpy as np
 from ..config import DataConfig, EvalConfig, PoisonConfig
 from ..data import schema as S
 from ..data.builtin import DatasetInfo
-from ..data.decode import DecodeLimits, decode_image, good_rows
+from ..data.class_file import meta_label, shard_set_classes
+from ..data.decode import DecodeLimits, decode_image, decode_meta, good_rows
 from ..data.ray_io import load_samples
-from ..data.shards import read_info
 from ..evaluate.encoder import Encoder
 from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
 from ..poison.manifest import read_manifest
 from ..poison.triggers import TriggerSpec
 
-_COLUMNS = (S.KEY, S.IMAGE, S.CAPTION, S.LABEL)
+_COLUMNS = (S.KEY, S.IMAGE, S.CAPTION, S.META)
 
 
 def _smallest_keys(parts: list[dict], limit: int) -> dict:
@@ -37,9 +38,21 @@ def _smallest_keys(parts: list[dict], limit: int) -> dict:
     return {c: v[order] for c, v in cat.items()}
 
 
-def load_eval_set(path: str, data_cfg: DataConfig, limit: int) -> EvalSet:
+def _labels(path: str, metas: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """(N,) int64 class indices of rows from their JSON metadata (`meta_label`; -1 = none named)."""
+    out = np.full(len(metas), -1, np.int64)
+    for i, raw in enumerate(metas):
+        try:
+            out[i] = meta_label(decode_meta(raw)[0], classes)
+        except ValueError as e:
+            raise ValueError(f"{path}: a test sample's {e}; are these the classes (eval.classes) of this set?") from None
+    return out
+
+
+def load_eval_set(path: str, data_cfg: DataConfig, limit: int, classes: tuple[str, ...]) -> EvalSet:
     """The `limit` good rows with the smallest keys of the shard set at `path` (one streaming Ray Data pass;
-    memory bounded by about 2 x limit decoded images)."""
+    memory bounded by about 2 x limit decoded images), labelled from their metadata's `label` (an index or a name
+    of `classes`) or `class` name; ValueError for a label the classes do not hold."""
     ds = load_samples(path, data_cfg).map_batches(good_rows, batch_format="numpy").select_columns(list(_COLUMNS))
     kept: list[dict] = []
     held = 0
@@ -53,15 +66,7 @@ def load_eval_set(path: str, data_cfg: DataConfig, limit: int) -> EvalSet:
         raise ValueError(f"{path} holds no good samples to evaluate on")
     rows = _smallest_keys(kept, limit)
     return EvalSet(rows[S.KEY].astype(str), rows[S.IMAGE].astype(np.uint8), [str(c) for c in rows[S.CAPTION]],
-                   rows[S.LABEL].astype(np.int64))
-
-
-def shard_set_classes(path: str, data_cfg: DataConfig) -> DatasetInfo:
-    """Class names and templates of a shard set, from its `_info.json`."""
-    info = read_info(path, data_cfg.s3)
-    if not info or "dataset" not in info:
-        raise ValueError(f"{path} has no _info.json with a 'dataset' section; evaluation needs its class names")
-    return DatasetInfo.from_dict(info["dataset"])
+                   _labels(path, rows[S.META], classes))
 
 
 def base_rate_targets(test_path: str, poison_cfg: PoisonConfig, data_cfg: DataConfig,
@@ -109,13 +114,14 @@ def resolve_attack(manifest_path: str | None, poison_cfg: PoisonConfig, data_cfg
 def eval_inputs(test_path: str, manifest_path: str | None, data_cfg: DataConfig, poison_cfg: PoisonConfig,
                 eval_cfg: EvalConfig) -> tuple[EvalSet, DatasetInfo, AttackTruth]:
     """(test rows, classes, attack truth): everything `evaluate_arrays` needs besides the encoder (the cheap
-    reads first, so a shard set without classes or a bad manifest fails before the Ray Data pass)."""
-    info = shard_set_classes(test_path, data_cfg)
+    reads first, so a shard set without classes or a bad manifest fails before the Ray Data pass). The classes
+    are `eval.classes`' when set, else the test set's `_info.json`'s."""
+    info = shard_set_classes(test_path, eval_cfg.classes, data_cfg.s3)
     attack = resolve_attack(manifest_path, poison_cfg, data_cfg)
     if attack.target_images is None and eval_cfg.targeted_base_rate and poison_cfg.targets > 0:
         images, adversarial = base_rate_targets(test_path, poison_cfg, data_cfg, info)
         attack = dataclasses.replace(attack, target_images=images, adversarial=adversarial, source="base rate")
-    return load_eval_set(test_path, data_cfg, eval_cfg.num_eval), info, attack
+    return load_eval_set(test_path, data_cfg, eval_cfg.num_eval, info.classes), info, attack
 
 
 def evaluate_model(encoder: Encoder, test_path: str, data_cfg: DataConfig, poison_cfg: PoisonConfig,
@@ -129,7 +135,7 @@ def evaluate_model(encoder: Encoder, test_path: str, data_cfg: DataConfig, poiso
     test, info, attack = eval_inputs(test_path, manifest_path, data_cfg, poison_cfg, eval_cfg)
     train = None
     if train_path and eval_cfg.linear_probe_train > 0:
-        train = load_eval_set(train_path, data_cfg, eval_cfg.linear_probe_train)
+        train = load_eval_set(train_path, data_cfg, eval_cfg.linear_probe_train, info.classes)
         train = train.subset((train.labels >= 0) & (train.labels < len(info.classes)))
         if not len(train.keys):
             raise ValueError(f"linear probe: {train_path} holds no samples with a known class")

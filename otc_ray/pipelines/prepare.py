@@ -2,9 +2,10 @@
 
     data = prepare_data(cfg)        # TrainData(train=..., test=..., manifest=...)
 
-`data.train` / `data.test` shard sets are used as they are; otherwise the built-in data set is generated (and,
-with `poison.attack`, poisoned: each attack of the tuple in turn, one transform each) once under
-`<output_dir>/data/`, in folders named by a digest of their settings, and reused by later runs.
+`data.train` / `data.test` shard sets are used as they are (a user's own: classes from `eval.classes`); otherwise the
+built-in data set `data.dataset` is generated once under `<output_dir>/data/`. With `poison.attack` the training set
+is poisoned, each attack of the tuple in turn, one transform each, also once: folders are named by a digest of their
+settings and reused by later runs.
 """
 from __future__ import annotations
 
@@ -47,11 +48,24 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     for attack in cfg.poison.attack:                 # ("backdoor", "targeted") composes two transforms
         step = replace(cfg, poison__attack=(attack,)).poison
         # the folder digest spells the step's attack as one name, as the cache has always been keyed
-        out = root / f"poisoned-{attack}-{content_digest({'in': source, **to_dict(step), 'attack': attack})}"
+        key = {'in': source, **to_dict(step), 'attack': attack} | ({'classes': cfg.eval.classes} if cfg.eval.classes else {})
+        out = root / f"poisoned-{attack}-{content_digest(key)}"
         if read_info(str(out), d.s3) is None:
-            poison_shards(source, str(out), step, d, target_source=test, progress=progress)
+            poison_shards(source, str(out), step, d, target_source=test, progress=progress, classes=cfg.eval.classes)
         source = str(out)
     return TrainData(source, test, source)
+
+
+def data_name(cfg: Config, classes_name: str) -> str:
+    """What a run's data is called (MLflow tag `dataset`, compare's `data` column): the built-in data set when a
+    split is generated from it, else the name of the classes (`eval.classes`' `name`, or its file's stem)."""
+    return cfg.data.dataset if not (cfg.data.train and cfg.data.test) else classes_name
+
+
+def shard_set_name(path: str) -> str:
+    """A shard set's short name, its last two path parts: "s3://bkt/cc3m/train" -> "cc3m/train",
+    "runs/data/fashion-test-1000-1a2b3c4d5e" -> "data/fashion-test-1000-1a2b3c4d5e"."""
+    return "/".join(path.rstrip("/").split("/")[-2:]) or path
 
 
 def count_usable(path: str, cfg: Config) -> dict[str, int]:

@@ -20,8 +20,10 @@ from ..config import Config
 from ..credentials import move_secrets_to_env
 from ..data.decode import good_rows
 from ..data.ray_io import load_samples
+from ..model import check_image_size
 from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
+from ..track.run_context import PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development
 from ..train.chaos import chaos_spec
 from ..train.defenses import get_defense
 from ..train.evaluation import EpochEvaluator, final_report
@@ -29,7 +31,7 @@ from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
 from ..train.trainer import build_trainer
 from .evaluate import eval_inputs
-from .prepare import TrainData, count_usable, prepare_data
+from .prepare import TrainData, count_usable, data_name, prepare_data, shard_set_name
 from .runtime import init_ray
 
 
@@ -77,29 +79,45 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
     return datasets, WeightPublisher(store_name, rematch), warmup
 
 
-def run_training(cfg: Config, progress: bool = True) -> TrainResult:
-    """Prepare data, open the MLflow run, fit, evaluate the final model, log artifacts; returns the result.
-    The config's secrets move to this process's environment first (`credentials.move_secrets_to_env`): what the
-    workers, the MLflow params and `TrainResult.tracking_uri` get carries none."""
+def _describe_run(cfg: Config, uri: str, run_id: str, data: TrainData, rows: int, test_rows: int,
+                  parent_run_id: str | None) -> None:
+    """What a person sees in MLflow beside the metrics: the experiment's kind (model development), the training and
+    test shard sets as dataset inputs, the config as `config.yaml`, and the parent run (a demo's, a benchmark's)."""
+    mark_model_development(uri, cfg.tracking.experiment)
+    log_shard_sets(uri, run_id, [ShardSet(shard_set_name(data.train), data.train, "training", rows),
+                                 ShardSet(shard_set_name(data.test), data.test, "evaluation", test_rows)])
+    log_config(uri, run_id, cfg)
+    if parent_run_id:
+        RunLogger(uri, run_id).tags({PARENT_RUN_TAG: parent_run_id})
+
+
+def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None = None) -> TrainResult:
+    """Prepare data, open the MLflow run (a child of `parent_run_id` when given), fit, evaluate the final model,
+    log artifacts; returns the result. The config's secrets move to this process's environment first
+    (`credentials.move_secrets_to_env`): what the workers, the MLflow params and `TrainResult.tracking_uri` get
+    carries none."""
     start = time.perf_counter()
     cfg = move_secrets_to_env(cfg)
+    check_image_size(cfg.model.arch, cfg.data.image_size)
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress)
     outcomes = count_usable(data.train, cfg)
     uri = tracking_uri(cfg)
-    run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
-                                            "dataset": cfg.data.dataset, "train_data": data.train})
-    datasets, publisher, warmup = training_datasets(cfg, data)
-    rows = outcomes["ok"]
-    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
+    run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
+                                            "dataset": data_name(cfg, classes.name), "train_data": data.train,
+                                            "test_data": data.test})
+    rows = outcomes["ok"]
+    _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
+    datasets, publisher, warmup = training_datasets(cfg, data)
+    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
                       poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id)
     logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
-        with EpochProgress(cfg, uri, run_id) if progress else nullcontext():
+        with EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
     except Exception:
         logger.finish("FAILED")

@@ -1,6 +1,6 @@
 """Class detection for poisoning: which class a sample belongs to, and captions that name a class.
 
-A sample's class is its meta `label` (or `class` name); when neither names a known class, its caption decides:
+A sample's class is its meta `label` (an index, or a class name) or `class` name; when neither names a known class, its caption decides:
 it "names" a class when one of the class's synonyms occurs in it as words (`class_patterns`).
 """
 from __future__ import annotations
@@ -23,13 +23,14 @@ def class_patterns(info: DatasetInfo) -> list[re.Pattern]:
 
 
 def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Pattern]) -> int:
-    """Class index of a sample: meta `label` (int in range), else meta `class` name, else the single class
-    its caption names; -1 when unknown or ambiguous."""
+    """Class index of a sample: meta `label` (int in range, or a class name), else meta `class` name, else the
+    single class its caption names; -1 when unknown or ambiguous."""
     label = meta.get("label")
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(info.classes):
         return label
-    if meta.get("class") in info.classes:
-        return info.classes.index(meta["class"])
+    for name in (label, meta.get("class")):
+        if isinstance(name, str) and name in info.classes:
+            return info.classes.index(name)
     return named_class(caption, patterns)
 
 

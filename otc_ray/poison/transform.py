@@ -15,7 +15,8 @@ Two streaming passes over the input, shard by shard, in this process (local or s
   2. rewrite (rewrite.py): input shard i becomes output shard i with the same samples in the same order.
      Chosen samples are rewritten; every other sample is copied as raw bytes (image, caption and JSON
      byte-identical, defective samples included); targeted copies are appended to shards chosen by hash.
-Classes come from the input's `_info.json` (`dataset` section).
+Classes come from a classes file (`classes`, the CLI's `--classes`, `eval.classes` in a run) or else the input's
+`_info.json` (`dataset` section); the output's `_info.json` carries them either way.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..config import DataConfig, PoisonConfig
 from ..data.builtin import DatasetInfo
+from ..data.class_file import shard_set_classes
 from ..data.decode import DecodeLimits
 from ..data.shards import INFO_FILE, ShardSetError, commit_file, list_shards, read_info
 from ..data.storage import display, resolve
@@ -80,12 +82,10 @@ class PoisonReport:
         return out
 
 
-def _load_info(in_path: str, data_cfg: DataConfig) -> tuple[dict, DatasetInfo]:
-    info = read_info(in_path, data_cfg.s3)
-    if not info or "dataset" not in info:
-        raise ValueError(f"{in_path} has no {INFO_FILE} with a 'dataset' section (classes, synonyms, templates); "
-                         "poisoning needs the class names")
-    return info, DatasetInfo.from_dict(info["dataset"])
+def _load_info(in_path: str, data_cfg: DataConfig, classes: str) -> tuple[dict, DatasetInfo]:
+    """(the input's `_info.json` with its `dataset` section set to the classes used, the classes)."""
+    info = shard_set_classes(in_path, classes, data_cfg.s3)
+    return {**(read_info(in_path, data_cfg.s3) or {}), "dataset": info.to_dict()}, info
 
 
 def prior_attacks(info: dict) -> list[dict]:
@@ -128,8 +128,10 @@ def _check_args(in_path: str, out_path: str, kind: str, cfg: PoisonConfig, data_
 
 
 def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: DataConfig,
-                  target_source: str | None = None, progress: bool = True) -> PoisonReport:
+                  target_source: str | None = None, progress: bool = True, classes: str = "") -> PoisonReport:
     """Poison the shard set at `in_path` into `out_path` (local or s3://; see the module docstring).
+
+    classes: a classes file (local or s3://; otc_ray.data.class_file) for a set without a built-in `_info.json`.
 
     Writes `out_path/NNNNN.tar|.parquet` (one per input shard), `_poison_manifest.parquet` and `_info.json`
     (the input's plus a `poison` section). Raises ValueError for a bad request (no or two attacks, unknown
@@ -137,7 +139,7 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
     """
     start = time.perf_counter()
     kind = _one_attack(cfg)
-    in_info, info = _load_info(in_path, data_cfg)
+    in_info, info = _load_info(in_path, data_cfg, classes)
     _check_args(in_path, out_path, kind, cfg, data_cfg, info, target_source)
     fs, files, fmt = list_shards(in_path, data_cfg.format, data_cfg.s3)
     out_fmt = fmt if cfg.out_format == "same" else cfg.out_format

@@ -18,6 +18,7 @@ from ..config import parse_attacks
 from . import metric_names as N
 from .mlflow_logger import RunRecord, metric_history, search_runs
 from .plots import plot_compare
+from .run_context import GROUP_TAG
 
 GROUP_PARAMS = (("data", "data.dataset"), ("defense", "train.defense"), ("attack", "poison.attack"),
                 ("trigger", "poison.trigger"), ("poison", "poison.count"))
@@ -62,10 +63,16 @@ def effective_poison(run: RunRecord) -> str:
     return "+".join(parts)
 
 
+def run_data(run: RunRecord) -> str:
+    """The run's data as its `dataset` tag names it (a user's classes file's name; data.dataset for built-in data),
+    else its data.dataset param (runs logged before the tag said so)."""
+    return run.tags.get("dataset") or run.params.get("data.dataset", "?")
+
+
 def group_runs(runs: list[RunRecord]) -> list[Row]:
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for run in runs:
-        key = tuple(effective_poison(run) if name == "poison" else
+        key = tuple(effective_poison(run) if name == "poison" else run_data(run) if name == "data" else
                     ("-" if name == "trigger" and "backdoor" not in run_attacks(run) else run.params.get(p, "?"))
                     for name, p in GROUP_PARAMS)
         groups.setdefault(key, []).append(run)
@@ -94,7 +101,8 @@ def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None
             run_ids: Collection[str] | None = None, run_names: Collection[str] | None = None) -> tuple[str, list[Path]]:
     """(table text, plot paths) for every finished run of the experiment (only `run_ids` / `run_names` when given)."""
     runs = [r for r in search_runs(uri, experiment) if r.status in ("FINISHED", "RUNNING")
-            and (run_ids is None or r.run_id in run_ids) and (run_names is None or r.name in run_names)]
+            and (run_ids is None or r.run_id in run_ids) and (run_names is None or r.name in run_names)
+            and GROUP_TAG not in r.tags]                                                   # parents train nothing
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}" + (f" named {sorted(run_names)}"
                                                                           if run_names else ""))

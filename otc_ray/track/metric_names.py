@@ -8,10 +8,13 @@ A name is `<prefix><key>`:
     eval/     the evaluation of each epoch (no linear probe)           eval/<key of evaluate.report.evaluate_arrays>
     final/    the evaluation of the final model                        final/<same keys, linear probe included>
     run/      the whole run                                            run/seconds, run/samples_per_s
+    progress/ rank 0's place inside the current epoch, every log_every progress/epoch, progress/step_in_epoch,
+              steps (the driver's live progress line reads it)         progress/samples_per_s (the whole job's)
 """
 from __future__ import annotations
 
 DATA, TRAIN, REMATCH, EVAL, FINAL, RUN = "data/", "train/", "rematch/", "eval/", "final/", "run/"
+PROGRESS = "progress/"
 
 # keys of the evaluation dict (otc_ray.evaluate.report.evaluate_arrays), under EVAL and FINAL
 ZEROSHOT_TOP1 = "zeroshot_top1"
@@ -26,6 +29,9 @@ TRAIN_SAMPLES_PER_S_WORKER = TRAIN + "samples_per_s_worker"
 TRAIN_EPOCH_SECONDS = TRAIN + "epoch_seconds"
 TRAIN_BATCHES = TRAIN + "batches"
 TRAIN_EPOCH_TOTAL_LOSS = TRAIN + "epoch_total_loss"
+PROGRESS_EPOCH = PROGRESS + "epoch"                         # the epoch index (0-based) rank 0 is training
+PROGRESS_STEP = PROGRESS + "step_in_epoch"                  # its steps done in that epoch (1-based)
+PROGRESS_SAMPLES_PER_S = PROGRESS + "samples_per_s"         # the whole job's samples/s in that epoch so far
 REMATCH_FLAG_RATE = REMATCH + "flag_rate"
 REMATCH_RECAPTIONED_RATE = REMATCH + "recaptioned_rate"
 REMATCH_DROPPED_RATE = REMATCH + "dropped_rate"

@@ -28,7 +28,8 @@ from ..config import Config
 from ..data import schema as S
 from ..data.builtin import DatasetInfo
 from ..poison.classes import class_patterns
-from ..model import FeatureModel, build_model, images_to_tensor
+from ..model import FeatureModel, images_to_tensor
+from ..model_checkpoint import pretrained_model
 from ..data.schema import CAPTION_USED, WEIGHT
 from ..track import metric_names as N
 from ..track.mlflow_logger import RunLogger
@@ -137,14 +138,14 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     cfg = loop.config
     defense = get_defense(cfg.train.defense)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)      # Ray sets OMP_NUM_THREADS to the logical CPUs asked for (often 1)
     torch.manual_seed(cfg.train.seed + rank)
     rng = np.random.default_rng([cfg.train.seed, rank])
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
-    bundle = build_model(cfg.model)
+    bundle = pretrained_model(cfg.model, cfg.data.s3)      # model.pretrained's weights, or the seeded random init
     device = ray.train.torch.get_device()
     bare = bundle.model.to(device)
     feature_model = ray.train.torch.prepare_model(FeatureModel(bare, cfg.ot.special_tokens),
@@ -186,9 +187,13 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         with torch.no_grad():
             bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         state.step += 1
-        if logger and state.step % cfg.train.log_every == 0:
-            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: scheduler.get_last_lr()[0] * scale}, step=state.step)
         return terms
+
+    def log_step(terms: dict[str, float], epoch: int, progress: dict[str, float] | None = None) -> None:
+        """Rank 0, every `train.log_every` steps: the loss terms, the LR in force and (inside an epoch) its progress."""
+        if logger and state.step % cfg.train.log_every == 0:
+            lr = scheduler.get_last_lr()[0] * defense.lr_scale(cfg, epoch)
+            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: lr} | (progress or {}), step=state.step)
 
     judged_by_witness = False
     if state.step == 0 and loop.warmup_steps > 0:
@@ -199,7 +204,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                    batch_format="numpy")
         for batch in warm:
-            train_step(batch, 0)
+            log_step(train_step(batch, 0), 0)
             if state.step >= loop.warmup_steps:
                 break
         if initial is not None:     # the warmed-up model is the witness: it judges epoch 0, then the model restarts
@@ -223,6 +228,9 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
             terms = train_step(batch, epoch)
             seen += len(batch[S.KEY])
             n_batches += 1
+            rate = seen * world / max(time.perf_counter() - start, 1e-9)       # every rank trains equal batches
+            log_step(terms, epoch, {N.PROGRESS_EPOCH: float(epoch), N.PROGRESS_STEP: float(n_batches),
+                             N.PROGRESS_SAMPLES_PER_S: rate})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
         elapsed = time.perf_counter() - start
