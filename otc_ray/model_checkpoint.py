@@ -37,7 +37,8 @@ def read_state_dict(path: str, s3: S3Config | None = None) -> dict[str, torch.Te
         else:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:   # pickle.UnpicklingError for anything but tensors and plain containers
-        raise ValueError(f"{path} is not a weights-only torch state dict ({type(e).__name__}: {str(e)[:120]})") from None
+        detail = f"{type(e).__name__}: {str(e)[:120]}"
+        raise ValueError(f"{path} is not a weights-only torch state dict ({detail})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]              # open_clip's training checkpoint: epoch, name, state_dict, optimizer
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -192,7 +192,8 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
     base = load_config(TINY, [f"output_dir={tmp_path}", "name=group"])
     parent = start_parent_run(base, "own-group", "demo")
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "name=own", "train.defense=none", "train.epochs=1",
-                             "poison.attack=none", "poison.target=sneaker", f"data.train={own / 'train'}", f"data.test={own / 'test'}",
+                             "poison.attack=none", "poison.target=sneaker", f"data.train={own / 'train'}",
+                             f"data.test={own / 'test'}",
                              f"eval.classes={own / 'classes.json'}", f"model.pretrained={tmp_path / 'start.pt'}",
                              "train.lr=0", "train.weight_decay=0", "data.samples_per_shard=64", "eval.num_eval=96",
                              "eval.linear_probe_train=64"])
@@ -201,7 +202,8 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
     assert m["final/eval_count"] == 96 and m["final/eval_labeled_count"] == 96      # every test row labelled
     assert 0.0 <= m["final/zeroshot_top1"] <= 1.0 and "final/backdoor_asr" not in m  # target no class
     logged = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
-    assert logged["progress/epoch"] == 0 and logged["progress/step_in_epoch"] == 4 and logged["progress/samples_per_s"] > 0
+    assert logged["progress/epoch"] == 0 and logged["progress/step_in_epoch"] == 4       # 256 rows / batch 64
+    assert logged["progress/samples_per_s"] > 0
     trained = torch.load(Path(result.checkpoint) / "model.pt", weights_only=True)
     for k, v in state.items():
         torch.testing.assert_close(trained[k], v, msg=k)
@@ -227,3 +229,20 @@ def test_train_on_own_shards_from_a_pretrained_start_and_evaluate_with_a_classes
     assert float(row.split()[1]) == pytest.approx(m["final/zeroshot_top1"], abs=1e-4)   # same model, same score
     assert main(["eval", "--data", str(own / "test"), f"model.pretrained={tmp_path / 'start.pt'}"]) == 2
     assert "set eval.classes" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_clean_starts_from_the_pretrained_model(ray_local, own, tmp_path):
+    """`clean` without --checkpoint re-matches with model.pretrained's weights; a size mismatch stops it first."""
+    from otc_ray.pipelines.clean import clean_shards
+
+    torch.save(_saved_model(3), tmp_path / "start.pt")
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'start.pt'}", "data.samples_per_shard=64",
+                             "rematch.min_actors=1", "rematch.max_actors=1", "rematch.block_size=64",
+                             "rematch.bank_size=128", "rematch.gate_reference=16", "ot.iters=20"])
+    summary = clean_shards(str(own / "train"), str(tmp_path / "clean"), cfg)
+    assert summary.checkpoint == str(tmp_path / "start.pt") and summary.total == 256
+    assert summary.kept + summary.recaptioned + summary.dropped == 256
+    wrong = load_config(None, [f"model.pretrained={tmp_path / 'start.pt'}", "data.image_size=64"])
+    with pytest.raises(ValueError, match="data.image_size=64 but model arch 'otc-tiny-vit-32' takes 32x32"):
+        clean_shards(str(own / "train"), str(tmp_path / "clean2"), wrong)

@@ -110,7 +110,7 @@ def test_live_line_refreshes_in_place_on_a_terminal_only(tmp_path, monkeypatch):
                                              "ETA epoch 0:15, run 0:35"
     log.metrics({"progress/epoch": 0, "progress/step_in_epoch": 40, "progress/samples_per_s": 64.0}, step=40)
     log.metrics({"train/epoch_seconds": 20.0, "train/samples_per_s_worker": 64.0}, step=0)
-    progress.poll()                     # the epoch's line replaces the live one and ends it; no live line for a done epoch
+    progress.poll()                     # the epoch's line replaces the live one; a finished epoch gets no live line
     assert screen.getvalue().endswith(CLEAR_LINE + "[live] epoch 1/2 20 s 64 samples/s\n")
     assert "\n" not in screen.getvalue().split(CLEAR_LINE)[1]                   # live lines never scroll
 

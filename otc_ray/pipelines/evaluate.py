@@ -45,7 +45,8 @@ def _labels(path: str, metas: np.ndarray, classes: tuple[str, ...]) -> np.ndarra
         try:
             out[i] = meta_label(decode_meta(raw)[0], classes)
         except ValueError as e:
-            raise ValueError(f"{path}: a test sample's {e}; are these the classes (eval.classes) of this set?") from None
+            raise ValueError(f"{path}: a test sample's {e}; are these the classes (eval.classes) of this set?") \
+                from None
     return out
 
 

@@ -48,7 +48,9 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     for attack in cfg.poison.attack:                 # ("backdoor", "targeted") composes two transforms
         step = replace(cfg, poison__attack=(attack,)).poison
         # the folder digest spells the step's attack as one name, as the cache has always been keyed
-        key = {'in': source, **to_dict(step), 'attack': attack} | ({'classes': cfg.eval.classes} if cfg.eval.classes else {})
+        key = {"in": source, **to_dict(step), "attack": attack}
+        if cfg.eval.classes:                          # a user's classes file decides which samples are eligible
+            key["classes"] = cfg.eval.classes
         out = root / f"poisoned-{attack}-{content_digest(key)}"
         if read_info(str(out), d.s3) is None:
             poison_shards(source, str(out), step, d, target_source=test, progress=progress, classes=cfg.eval.classes)
