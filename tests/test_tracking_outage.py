@@ -89,6 +89,21 @@ def test_mlflow_server_outage_mid_run_buffers_and_finishes(ray_local, mlflow_ser
     assert "Traceback" not in printed.err or "tracking" not in printed.err.split("Traceback")[-1][:2000]
 
 
+def _first_step_logged(db: Path) -> str | None:
+    """The id of the run that has logged a training step, read from the sqlite store without writing to it (an
+    MLflow client here would race the command's own creation of the store's tables)."""
+    import sqlite3
+
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute("SELECT run_uuid FROM metrics WHERE key = 'train/lr' LIMIT 1").fetchone()
+        return row[0] if row else None
+    except sqlite3.Error:
+        return None
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigterm_marks_the_run_killed(tmp_path):
@@ -104,23 +119,17 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline, run = time.monotonic() + 600, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            if db.exists():
-                try:
-                    run = _run_of(MlflowClient(uri), "otc-ray", "sigterm")
-                    if run and MlflowClient(uri).get_metric_history(run.info.run_id, "train/lr"):
-                        break
-                except Exception:                            # noqa: BLE001 - the store is being created
-                    pass
+        deadline, run_id = time.monotonic() + 600, None
+        while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+            run_id = _first_step_logged(db)                  # read-only: the command creates the store
             time.sleep(1.0)
         assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
-        assert run is not None, "the run never logged a training step"
-        assert MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+        assert run_id is not None, "the run never logged a training step"
+        assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=300)[0].decode(errors="replace")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, out[-3000:]                 # 128 + SIGTERM
-    assert MlflowClient(uri).get_run(run.info.run_id).info.status == "KILLED"
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
