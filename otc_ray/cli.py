@@ -284,13 +284,16 @@ def entry(argv: list[str] | None = None) -> None:
     """The console script, `python -m otc_ray` and the `jobs/` entry points: `main(argv)`, then an ordered shutdown
     and exit with its status (`otc_ray.process_exit`: a command that succeeded exits 0, not 134 from a native
     pool's teardown)."""
-    from .process_exit import exit_process
+    from .process_exit import exit_process, raise_on_sigterm
 
+    raise_on_sigterm()
     status = 1
     try:
         status = main(argv)
-    except SystemExit as e:                         # argparse's usage errors (2) and --help (0)
+    except SystemExit as e:                         # argparse's usage errors (2), --help (0), SIGTERM (143)
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)          # sys.exit("message"): Python shows it, status 1
     except BaseException:                           # noqa: BLE001 - shown, then the same ordered exit
         import traceback
 

@@ -252,6 +252,7 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "otc-ray"
     run_name: str = ""
+    flush_timeout_s: float = 600.0  # how long the end of a run waits for an unreachable server to come back
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,8 @@ _RANGES = {
                      "copy_jitter"), ">= 0"),
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
-                     "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity"), "> 0"),
+                     "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity",
+                     "flush_timeout_s"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",
                      "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
     "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps

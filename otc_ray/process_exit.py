@@ -13,6 +13,9 @@ reads such an exit as a failed step. So `exit_process` ends the process in this 
   5. every Python atexit hook and finaliser runs (temporary folders, logging), and stdout / stderr are flushed;
   6. `os._exit(status)`: the C++ teardown of the native pools, the step that aborts, is skipped.
 
+SIGTERM becomes SystemExit(143) in the main thread (`raise_on_sigterm`), so a terminated command runs its handlers
+(an MLflow run marked KILLED, an output lock released) and then ends the same way, with status 143.
+
 Used by the console entry point (`otc_ray.cli.entry`, `python -m otc_ray`) and the `ray job submit` entry points;
 never by library code or in-process tests (it ends the process).
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 
@@ -67,8 +72,28 @@ def shutdown_runtime() -> None:
             print(f"otc-ray: warning: at exit, {step.__name__[1:]} failed: {e}", file=sys.stderr)
 
 
+SIGTERM_STATUS = 128 + 15
+# set once SIGTERM arrived: the status is then 143 whatever the exception became on its way up (Ray's `get` turns
+# an exception raised by a signal handler during its wait into SystemExit(1))
+terminated = threading.Event()
+
+
+def _terminated(signum, frame) -> None:
+    terminated.set()
+    raise SystemExit(SIGTERM_STATUS)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143) in the main thread, so that `finally` blocks and handlers run (an MLflow
+    run is marked KILLED, an output lock released) before the ordered exit."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
 def exit_process(status: int) -> NoReturn:
-    """End the process with `status` after `shutdown_runtime`, the atexit hooks and a flush (steps 1-6)."""
+    """End the process with `status` (143 after SIGTERM) after `shutdown_runtime`, the atexit hooks and a flush
+    (steps 1-6)."""
+    if terminated.is_set():
+        status = SIGTERM_STATUS
     shutdown_runtime()
     atexit._run_exitfuncs()
     logging.shutdown()

@@ -105,9 +105,10 @@ class MlflowServer:
         self.process = None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port for the module's tests (`MlflowServer`: stop / start)."""
+    """A real `mlflow server` on a free loopback port for the session's tests (`MlflowServer`: stop / start; a
+    test that stops it starts it again)."""
     import socket
 
     with socket.socket() as s:

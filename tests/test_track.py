@@ -67,10 +67,12 @@ def test_epoch_progress_prints_each_finished_epoch_once(tmp_path, capsys):
     log = RunLogger(uri, run_id)
     epoch = {"train/epoch_seconds": 12.4, "train/samples_per_s_worker": 80.0, "train/epoch_total_loss": 3.21}
     log.metrics(epoch | {"eval/zeroshot_top1": 0.41, "rematch/flag_rate": 0.024}, step=0)
+    assert log.flush(timeout_s=60)
     progress = EpochProgress(cfg, uri, run_id)
     assert progress.poll() == ["[progress] epoch 1/3 12 s 80 samples/s loss 3.21 | zero-shot 0.410 flagged 2.4%"]
     assert progress.poll() == []
     log.metrics(epoch | {"eval/backdoor_asr": float("nan")}, step=1)      # NaN is not logged, so not shown
+    assert log.flush(timeout_s=60)
     assert progress.poll() == ["[progress] epoch 2/3 12 s 80 samples/s loss 3.21"]
     assert "epoch 2/3" in capsys.readouterr().out
     two = EpochProgress(replace(cfg, train__num_workers=2), uri, run_id)

@@ -421,13 +421,13 @@ def run_clean_job(in_path: str, out_path: str, cfg: Config, checkpoint: Optional
     def open_run() -> None:
         tags = {"job": "clean", "input": in_path, "output": out_path, "checkpoint": checkpoint or "",
                 "manifest": manifest or ""}
-        opened.append(RunLogger(uri, start_or_resume_run(run_cfg, tags=tags)))
+        opened.append(RunLogger(uri, start_or_resume_run(run_cfg, tags=tags), cfg.tracking.flush_timeout_s))
 
     try:
         summary = clean_shards(in_path, out_path, cfg, checkpoint, manifest, on_start=open_run)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):           # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
         if opened:
-            opened[0].finish("KILLED")
+            opened[0].finish("KILLED", timeout_s=min(30.0, cfg.tracking.flush_timeout_s))
         raise
     except BaseException:
         if opened:

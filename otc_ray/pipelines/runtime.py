@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -16,6 +18,7 @@ def init_ray(cfg: RayConfig) -> None:
     file listing always holds one CPU, so actor pools and train workers need logical room to avoid a deadlock.
     """
     if not ray.is_initialized():
+        on_sigterm = signal.getsignal(signal.SIGTERM)    # ray.init replaces it in the driver (sys.exit(15))
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -26,6 +29,8 @@ def init_ray(cfg: RayConfig) -> None:
             # warnings; errors still surface as exceptions of fit(), and the logs stay in the session folder
             ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20, include_dashboard=False,
                      log_to_driver=cfg.worker_logs, configure_logging=True, logging_level=logging.WARNING)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)   # the process's own (the CLI's: process_exit)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     ctx.print_on_execution_start = False

@@ -114,11 +114,14 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
     evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
                       poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
-    logger = RunLogger(uri, run_id)
+    logger = RunLogger(uri, run_id, cfg.tracking.flush_timeout_s)
     logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
         with EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
+    except (KeyboardInterrupt, SystemExit):        # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
+        logger.finish("KILLED", timeout_s=min(30.0, cfg.tracking.flush_timeout_s))
+        raise
     except Exception:
         logger.finish("FAILED")
         raise

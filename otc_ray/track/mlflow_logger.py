@@ -111,12 +111,25 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-class RunLogger:
-    """Logs to one existing run. Construct it on rank 0 only (the caller's rank gate)."""
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed away past the flush timeout: the message says what was not delivered."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+
+class RunLogger:
+    """Logs to one existing run. Construct it on rank 0 only (the caller's rank gate).
+
+    Calls return at once: they are delivered in order by a background sender that buffers and retries them while
+    the tracking server is away (`otc_ray.track.delivery`), so an outage never stops training. `flush` waits for
+    delivery (reads of the run's own metrics come after it); `finish` delivers everything, then the status, waiting
+    up to `flush_timeout_s` for the server to come back (TrackingUnavailable after that); `close` ends a logger
+    that does not end the run (a Train worker's)."""
+
+    def __init__(self, uri: str, run_id: str, flush_timeout_s: float = 600.0):
+        from .delivery import Delivery
+
+        self.uri, self.run_id, self.flush_timeout_s = uri, run_id, flush_timeout_s
         self.client = _client(uri)
+        self.delivery = Delivery(f"mlflow run {run_id[:8]}")
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """Log finite scalars (NaN/inf are skipped: MLflow charts cannot show them)."""
@@ -126,17 +139,44 @@ class RunLogger:
         batch = [Metric(k, float(v), now, step) for k, v in values.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.delivery.submit(f"metrics at step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def tags(self, values: dict[str, str]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, str(v)) for k, v in values.items()]
+        self.delivery.submit(f"tags {', '.join(values)}", lambda: self.client.log_batch(self.run_id, tags=tags))
 
     def artifact(self, path: str, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path=folder)
+        """Log a file; waits for its delivery (the caller may delete the file afterwards)."""
+        self.delivery.submit(f"artifact {Path(path).name}",
+                             lambda: self.client.log_artifact(self.run_id, path, artifact_path=folder))
+        if not self.flush():
+            print(f"[mlflow run {self.run_id[:8]}] artifact {path} waits for the tracking server", flush=True)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything logged so far is delivered; False when `timeout_s` (default flush_timeout_s)
+        passed first."""
+        return self.delivery.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> list[str]:
+        """Deliver what is buffered (up to the timeout) and stop the sender; returns what was not delivered."""
+        return self.delivery.close(self.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Deliver everything, then mark the run `status` (FINISHED, FAILED, KILLED)."""
+        self.delivery.submit(f"status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
+        left = self.close(timeout_s)
+        if left:
+            raise TrackingUnavailable(f"MLflow run {self.run_id} at {_shown(self.uri)}: the tracking server did not "
+                                      f"come back within {self.flush_timeout_s if timeout_s is None else timeout_s:.0f}"
+                                      f" s; not delivered: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+
+
+def _shown(uri: str) -> str:
+    from ..credentials import redact_uri
+
+    return redact_uri(uri)
 
 
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:

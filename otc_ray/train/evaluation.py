@@ -49,6 +49,7 @@ def final_report(cfg: Config, checkpoint: str, evaluator: EpochEvaluator, logger
     bundle = load_checkpoint_model(str(Path(checkpoint) / MODEL_FILE), cfg.model)
     metrics = N.prefixed(N.FINAL, evaluator(bundle, bundle.model, "cpu", linear_probe=True))
     logger.metrics(metrics, step=cfg.train.epochs)
+    logger.flush()                                  # the plots read the run's metric history
     with tempfile.TemporaryDirectory() as folder:
         for path in plot_run(logger.uri, logger.run_id, Path(folder)):
             logger.artifact(str(path), "plots")

@@ -158,7 +158,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, scheduled)
     state = _restore(bare, optimizer, scheduler, rng)
 
-    logger = RunLogger(loop.tracking_uri, loop.run_id) if rank == 0 else None
+    logger = RunLogger(loop.tracking_uri, loop.run_id, cfg.tracking.flush_timeout_s) if rank == 0 else None
     evaluate, publish, chaos = loop.evaluate, loop.publish, loop.chaos
     shard = ray.train.get_dataset_shard("train")
     poisoned = dict(ray.get(loop.poison_keys)) if loop.poison_keys is not None else {}
@@ -248,3 +248,5 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
+    if logger is not None:
+        logger.close()                  # what an outage buffered is delivered before the worker ends

@@ -1,0 +1,135 @@
+"""MLflow outages and interruptions with the real thing: a `mlflow server` process on loopback that is stopped during
+a tiny training run and started again later (the run trains on, its metrics are buffered and delivered, and it ends
+FINISHED), and `otc-ray train` sent SIGTERM mid-run (the run ends KILLED, not RUNNING, and the process exits 143)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from otc_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+FAST = ["train.defense=none", "poison.attack=none", "eval.num_eval=64", "eval.linear_probe_train=64",
+        "ray.progress_bars=false", "train.log_every=1"]
+
+
+def _run_of(client, experiment: str, name: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    return runs[0] if runs else None
+
+
+class Outage(threading.Thread):
+    """Stops the server as soon as the run has logged its first training step, and starts it again `down_s` later."""
+
+    def __init__(self, server, experiment: str, name: str, down_s: float):
+        super().__init__(daemon=True)
+        self.server, self.experiment, self.name, self.down_s = server, experiment, name, down_s
+        self.stopped_at_step: int | None = None
+        self.restarted = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(self.server.url)
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                run = _run_of(client, self.experiment, self.name)
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/lr")] if run else []
+                if steps:
+                    self.stopped_at_step = max(steps)
+                    self.server.stop()
+                    time.sleep(self.down_s)
+                    self.server.start()
+                    return
+                time.sleep(0.2)
+        except BaseException as e:                          # noqa: BLE001 - reported by the test
+            self.error = e
+        finally:
+            self.restarted.set()
+
+
+@pytest.mark.slow
+def test_mlflow_server_outage_mid_run_buffers_and_finishes(ray_local, mlflow_server, tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from otc_ray.pipelines.train import run_training
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "name=outage", "train.epochs=2", *FAST,
+                             f"tracking.uri={mlflow_server.url}", "tracking.experiment=outage"])
+    outage = Outage(mlflow_server, "outage", "outage", down_s=10.0)
+    outage.start()
+    result = run_training(cfg, progress=False)
+    outage.join(timeout=600)
+    assert outage.error is None and outage.stopped_at_step is not None, outage.error
+    assert outage.restarted.is_set() and mlflow_server.process is not None
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    steps_per_epoch = 512 // 64
+    logged = sorted(m.step for m in client.get_metric_history(result.run_id, "train/lr"))
+    assert logged == list(range(1, 2 * steps_per_epoch + 1)), f"steps lost in the outage: {logged}"
+    assert outage.stopped_at_step < 2 * steps_per_epoch, "the server went away only after training"
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "epoch")) == [0, 1]
+    assert "final/zeroshot_top1" in run.data.metrics
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err or "tracking" not in printed.err.split("Traceback")[-1][:2000]
+
+
+def _first_step_logged(db: Path) -> str | None:
+    """The id of the run that has logged a training step, read from the sqlite store without writing to it (an
+    MLflow client here would race the command's own creation of the store's tables)."""
+    import sqlite3
+
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute("SELECT run_uuid FROM metrics WHERE key = 'train/lr' LIMIT 1").fetchone()
+        return row[0] if row else None
+    except sqlite3.Error:
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_marks_the_run_killed(tmp_path):
+    """`otc-ray train` in its own process, SIGTERM once it has logged a training step: the run ends KILLED and the
+    command exits 143 with nothing of it left running."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "otc_ray", "train", "--config", str(TINY), "--quiet", f"output_dir={tmp_path}",
+           "name=sigterm", "train.epochs=20", *FAST, f"tracking.uri={uri}", "ray.num_cpus=2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline, run_id = time.monotonic() + 600, None
+        while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+            run_id = _first_step_logged(db)                  # read-only: the command creates the store
+            time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+        assert run_id is not None, "the run never logged a training step"
+        assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=300)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out[-3000:]                 # 128 + SIGTERM
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
