@@ -107,11 +107,13 @@ def test_live_line_refreshes_in_place_on_a_terminal_only(tmp_path, monkeypatch):
     progress = EpochProgress(cfg, uri, run_id, steps_per_epoch=40, stream=screen)
     assert progress.live and progress.poll() == [] and screen.getvalue() == ""        # nothing logged yet
     log.metrics({"progress/epoch": 0, "progress/step_in_epoch": 10, "progress/samples_per_s": 64.0}, step=10)
+    assert log.flush(timeout_s=60)      # the logger delivers in the background
     progress.poll()
     assert screen.getvalue() == CLEAR_LINE + "[live] epoch 1/2 [#####---------------] 10/40 steps 64 samples/s " \
                                              "ETA epoch 0:15, run 0:35"
     log.metrics({"progress/epoch": 0, "progress/step_in_epoch": 40, "progress/samples_per_s": 64.0}, step=40)
     log.metrics({"train/epoch_seconds": 20.0, "train/samples_per_s_worker": 64.0}, step=0)
+    assert log.flush(timeout_s=60)
     progress.poll()                     # the epoch's line replaces the live one; a finished epoch gets no live line
     assert screen.getvalue().endswith(CLEAR_LINE + "[live] epoch 1/2 20 s 64 samples/s\n")
     assert "\n" not in screen.getvalue().split(CLEAR_LINE)[1]                   # live lines never scroll
