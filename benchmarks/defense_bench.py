@@ -13,7 +13,7 @@ digest and trains the others, so the matrix can be completed over several sittin
 files back), and the tables and plots are rebuilt from the files alone (`--report-only`). An interrupted run
 resumes from its last checkpoint (its run name carries the digest). Attacks:
 
-    patch     backdoor, 4x4 noise patch, 1% of the pairs, captions of the target class
+    patch     backdoor, 4x4 noise patch, 100 pairs (2%), captions of the target class
     blended   backdoor, full-image noise blended at alpha 0.2, same count
     sig       backdoor, a sinusoidal signal over the whole image (SIG), same count
     targeted  T test images x K copies captioned with the adversarial class
@@ -385,11 +385,11 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|targeted|A+B")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B")
     parser.add_argument("--defenses", default=",".join(DEFENSES))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all")
-    parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all")
+    parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all".replace("%", "%%"))
+    parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all".replace("%", "%%"))
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "defense.md"))
     parser.add_argument("--cells", default=str(ROOT / "benchmarks" / "results" / "cells"),
