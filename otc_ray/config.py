@@ -188,8 +188,10 @@ class RematchConfig:
     sticky: bool = True
     min_actors: int = 1
     max_actors: int = 2
-    actor_num_cpus: float = 0.5
+    actor_num_cpus: float = 0.5      # 0: a GPU actor, or one on a node that gives its CPUs to nothing else
     actor_num_gpus: float = 0.0
+    actor_resource: str = ""        # a custom resource the actors need (0.01 each): they run only on nodes that
+                                    # declare it (`ray start --resources='{"rematch": 1}'`); "" = anywhere
     margin: float = 0.05            # gate margin: flag when best - own score exceeds this (or own leaves the top-k)
     assign_eps: float = 0.05        # assign balanced: entropic regularisation of the block-level assignment
     assign_iters: int = 200         # assign balanced: Sinkhorn iterations
@@ -380,9 +382,9 @@ _RANGES = {
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
-                     "copy_jitter"), ">= 0"),
+                     "copy_jitter", "actor_num_cpus"), ">= 0"),
     "roclip_every": ">= 1",
-    **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "actor_num_cpus", "cpus_per_worker", "linear_probe_c",
+    **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity",
                      "flush_timeout_s"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",

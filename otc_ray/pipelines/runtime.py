@@ -27,7 +27,9 @@ def init_ray(cfg: RayConfig) -> None:
             # worker_logs=False keeps the console to the driver's own lines (the demo): worker output is Ray's and
             # open_clip's INFO chatter plus, without a dashboard, the Train placement-group cleaner's State API
             # warnings; errors still surface as exceptions of fit(), and the logs stay in the session folder
-            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20, include_dashboard=False,
+            # address="local": a new instance even when another one runs on this machine (`ray start`, a test's
+            # two-node cluster), which Ray would otherwise join silently
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb << 20, include_dashboard=False,
                      log_to_driver=cfg.worker_logs, configure_logging=True, logging_level=logging.WARNING)
         if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)   # the process's own (the CLI's: process_exit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
@@ -29,7 +30,7 @@ from ..train.defenses import get_defense
 from ..train.evaluation import EpochEvaluator, final_report
 from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
-from ..train.trainer import build_trainer
+from ..train.trainer import build_trainer, run_folder
 from .evaluate import eval_inputs
 from .prepare import TrainData, count_usable, data_name, prepare_data, shard_set_name
 from .runtime import init_ray
@@ -67,12 +68,16 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
     if rematch is None:
         return {"train": ds}, None, 0
     from ..rematch.stage import add_rematch_stage
-    from ..rematch.weights import weight_store
+    from ..rematch.weights import newest_checkpoint_model, weight_store
     from ..train.publish import WeightPublisher
 
-    store_name = f"otc-weights-{cfg.tracking.run_name or cfg.name}"
-    weight_store(store_name)
-    datasets = {"train": add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store_name)}
+    run = cfg.tracking.run_name or cfg.name
+    store_name = f"otc-weights-{run}"
+    store = weight_store(store_name, recover_from=run_folder(cfg))   # a restarted store resumes from a checkpoint
+    journal = str(Path(cfg.output_dir).resolve() / "rematch" / f"flags-{run}.txt")
+    resumed = newest_checkpoint_model(run_folder(cfg)) is not None   # Train resumes it: keep its earlier flags
+    datasets = {"train": add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store, flag_journal=journal,
+                                           resume_flags=resumed)}
     warmup = rematch.warmup_steps if rematch.start_epoch == 0 else 0
     if warmup > 0:
         datasets["warmup"] = ds.limit(warmup * cfg.train.batch_size * cfg.train.num_workers)

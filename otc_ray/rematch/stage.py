@@ -36,6 +36,7 @@ from .matcher import BlockMatch, Matcher
 from .weights import StoreRef, WeightFollower, weight_store
 
 FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
+ACTOR_RESOURCE_SHARE = 0.01        # of `rematch.actor_resource` per actor: a node declaring 1 hosts up to 100
 FAULT_MARKER_ENV = "OTC_RAY_FAULT_MARKER"
 
 
@@ -139,12 +140,16 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
 def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
                       weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
                       ray_remote_args: Optional[dict[str, Any]] = None,
-                      flags: Optional["ray.actor.ActorHandle"] = None) -> "ray.data.Dataset":
+                      flags: Optional["ray.actor.ActorHandle"] = None,
+                      flag_journal: Optional[str] = None, resume_flags: bool = False) -> "ray.data.Dataset":
     """`ds.map_batches(RematchActor, compute=ActorPoolStrategy(min_actors, max_actors), batch_size=block_size)`.
 
     weights: a WeightStore handle or name (got or created here; None = the seeded random init); ray_remote_args: extra actor options
     (runtime_env, accelerator_type, ...); flags: a FlagStore for sticky flags (with cfg.sticky and None, one is
-    created here, owned by this driver, shared by every execution of the returned dataset).
+    created here, owned by this driver, shared by every execution of the returned dataset, journalled to
+    `flag_journal` when given so that a restarted store keeps its flags, and reading it back at once with
+    `resume_flags`: a resumed run). `cfg.actor_resource` places the actors on
+    the nodes that declare that custom resource.
     Output rows = input rows, in blocks of at most block_size.
     """
     validate(cfg)
@@ -153,10 +158,12 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
         # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup
         weights = weight_store(weights, namespace)
     if cfg.sticky and flags is None and cfg.method != "none":
-        flags = flag_store()
+        flags = flag_store(journal=flag_journal, resume=resume_flags)
     resources: dict[str, Any] = {"num_cpus": cfg.actor_num_cpus}
     if cfg.actor_num_gpus > 0:
         resources["num_gpus"] = cfg.actor_num_gpus
+    if cfg.actor_resource:
+        resources["resources"] = {cfg.actor_resource: ACTOR_RESOURCE_SHARE}
     return ds.map_batches(
         RematchActor,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),

@@ -24,6 +24,8 @@ LINEAR_PROBE_SPLIT_ACC = "linear_probe_split_acc"
 
 EPOCH = "epoch"                                             # the epoch index (0-based) every rank reports
 DATA_OK = DATA + "ok"
+DATA_EPOCH_ROWS = DATA + "epoch_rows"                       # rows one worker received in the epoch (tail included)
+DATA_EPOCH_REPEATED_ROWS = DATA + "epoch_repeated_rows"     # of those, rows whose key it had already received
 TRAIN_LR = TRAIN + "lr"
 TRAIN_SAMPLES_PER_S_WORKER = TRAIN + "samples_per_s_worker"
 TRAIN_EPOCH_SECONDS = TRAIN + "epoch_seconds"

@@ -1,8 +1,9 @@
 """The per-worker training loop (Ray Train V2): CLIP pre-training with the configured defense.
 
-Each worker reads its split of the (re-matched) stream with `get_dataset_shard("train")`, equal-sized
-batches with `drop_last`, and trains a DDP-wrapped open_clip model (gloo on CPU, nccl on GPU) on the batch loss
-of the configured defense (`defenses.get_defense`). Rank 0 alone publishes weights to the re-match actors,
+Each worker reads its split of the (re-matched) stream with `get_dataset_shard("train")`, counts every row it
+receives (`data/epoch_rows`, `data/epoch_repeated_rows`: nothing lost or delivered twice, even when a node
+running re-match actors goes away), and trains a DDP-wrapped open_clip model (gloo on CPU, nccl on GPU) on
+equal-sized batches (the short tail is counted, not trained) with the batch loss of the configured defense (`defenses.get_defense`). Rank 0 alone publishes weights to the re-match actors,
 evaluates on the held-out set, logs to MLflow and writes checkpoints; every epoch ends in `ray.train.report` on
 all ranks. The driver hands every worker one `LoopConfig`:
 
@@ -101,14 +102,30 @@ def _pair_weights(batch: dict[str, np.ndarray], device: torch.device) -> torch.T
 
 
 def _batches(cfg: Config, epoch: int, rank: int) -> dict:
-    """`iter_batches` arguments of one epoch: equal-sized numpy batches, locally shuffled with a seed of
+    """`iter_batches` arguments of one epoch: numpy batches (the last one may be short: it is counted, not
+    trained), locally shuffled with a seed of
     (train.seed, epoch, rank), so each epoch's batches differ and a rerun repeats them (`train.shuffle_buffer`
     rows; 0 = stream order)."""
-    args = {"batch_size": cfg.train.batch_size, "drop_last": True, "batch_format": "numpy"}
+    args = {"batch_size": cfg.train.batch_size, "drop_last": False, "batch_format": "numpy"}
     if cfg.train.shuffle_buffer > 0:
         args |= {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
                  "local_shuffle_seed": (cfg.train.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 31}
     return args
+
+
+class RowCount:
+    """The rows one worker received in an epoch, by key: how many, and how many repeated a key already received
+    (a retried block delivered twice would show here; 8 bytes per row)."""
+
+    def __init__(self) -> None:
+        self.ids: list[torch.Tensor] = []
+
+    def add(self, keys) -> None:
+        self.ids.append(identity.text_ids(keys))
+
+    def metrics(self) -> dict[str, float]:
+        ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.int64)
+        return {N.DATA_EPOCH_ROWS: float(len(ids)), N.DATA_EPOCH_REPEATED_ROWS: float(len(ids) - len(ids.unique()))}
 
 
 def _snapshot(model, optimizer, scheduler) -> dict:
@@ -220,7 +237,11 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         publishing = rank == 0 and publish is not None and not (judged_by_witness and epoch == 0)
         if publishing:
             published = publish(bare, epoch, state.step)         # before the epoch's stream starts
+        received = RowCount()
         for step_in_epoch, batch in enumerate(shard.iter_batches(**_batches(cfg, epoch, rank))):
+            received.add(batch[S.KEY])
+            if len(batch[S.KEY]) < cfg.train.batch_size:
+                continue                    # the short tail: every rank trains equal full batches (DDP)
             maybe_die(chaos, rank, epoch, step_in_epoch)
             if publishing and step_in_epoch > 0 and publish.due(step_in_epoch):
                 published = publish(bare, epoch, state.step)
@@ -236,7 +257,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
         metrics = {N.EPOCH: float(epoch), N.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
-                   N.TRAIN_EPOCH_SECONDS: elapsed, N.TRAIN_BATCHES: float(n_batches)}
+                   N.TRAIN_EPOCH_SECONDS: elapsed, N.TRAIN_BATCHES: float(n_batches), **received.metrics()}
         metrics |= {N.train_epoch(k): v / max(n_batches, 1) for k, v in sums.items()}
         metrics |= tally.metrics(published)     # this worker's share of the stream
         if rank == 0:

@@ -16,6 +16,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ..config import Config
 from .loop import LoopConfig, train_loop_per_worker
 
 
@@ -27,6 +28,12 @@ def ingest_options(preserve_order: bool):
     return options
 
 
+def run_folder(cfg: Config) -> str:
+    """The Ray Train run folder of `cfg` (its checkpoints): train.storage_path (or <output_dir>/ray_results) / name."""
+    storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
+    return f"{storage.rstrip('/')}/{cfg.tracking.run_name or cfg.name}"
+
+
 def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> TorchTrainer:
     """TorchTrainer for `loop.config`: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated; every
     worker runs `train_loop_per_worker(loop)` on its share of `datasets` ("train": the stream; "warmup": raw rows
@@ -34,13 +41,13 @@ def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> To
     cfg = loop.config
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    storage = t.storage_path or str(Path(cfg.output_dir).resolve() / "ray_results")
+    storage, name = run_folder(cfg).rsplit("/", 1)
     return TorchTrainer(
         partial(train_loop_per_worker, loop),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.tracking.run_name or cfg.name, storage_path=storage,
+            name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
