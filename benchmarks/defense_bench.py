@@ -22,8 +22,9 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
 `--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
 cosine-only caption choice, the neighbour vote, no L_inter / L_intra, one gate signal, drop, no witness, OT losses
 without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
-seed, for every defense asked for; each gets its own table. The clean reference trains `none` on the unpoisoned data
-of each data set and seed. Figures per cell are the
+seed, for every defense asked for; each gets its own table. The clean references train each defense (or those of
+`--clean-defenses`) on the unpoisoned data of each data set and seed: `none` is the reference of the targets, the
+others show what a defense costs when there is nothing to find. Figures per cell are the
 final model's (zero-shot, linear probe, ASRs) and the last epoch's re-matching (detection P/R, damage) as
 rank 0 saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
 """
@@ -135,13 +136,14 @@ class Cell:
         return f"{self.attack}-{self.defense}" + (f"-{self.variant}" if self.variant else "")
 
 
-def cells(datasets, attacks, defenses, seeds, ablations=(), stress=()) -> list[Cell]:
-    """The matrix (a clean reference per data set and seed, then attacks x defenses), the ablation cells (otcclip
-    on ABLATION_CELL, every seed) and the stress cells (every defense, the first seed)."""
+def cells(datasets, attacks, defenses, seeds, ablations=(), stress=(), clean_defenses=None) -> list[Cell]:
+    """The matrix (per data set and seed: the clean references, no poison, of `clean_defenses` (default: every
+    defense; `none` is the reference the targets compare with), then attacks x defenses), the ablation cells
+    (otcclip on ABLATION_CELL, every seed) and the stress cells (every defense, the first seed)."""
     out = []
     for dataset in datasets:
         for seed in seeds:
-            out.append(Cell(dataset, "clean", "none", seed))
+            out += [Cell(dataset, "clean", d, seed) for d in (defenses if clean_defenses is None else clean_defenses)]
             out += [Cell(dataset, attack, defense, seed) for attack in attacks for defense in defenses]
     dataset, attack = ABLATION_CELL
     out += [Cell(dataset, attack, "otcclip", seed, name) for name in ablations for seed in seeds]
@@ -388,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B")
     parser.add_argument("--defenses", default=",".join(DEFENSES))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses)")
     parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all".replace("%", "%%"))
     parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all".replace("%", "%%"))
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag}: unknown {[n for n in names if n not in known]}; known: {', '.join(known)}")
         picked[flag] = names
     todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")],
-                 picked["ablations"], picked["stress"])
+                 picked["ablations"], picked["stress"],
+                 args.clean_defenses.split(",") if args.clean_defenses is not None else None)
     folder = Path(args.cells)
     if args.report_only:
         results = {c: r for c in todo if (r := current_cell(folder, base, c)) is not None}

@@ -15,7 +15,10 @@ spec.loader.exec_module(bench)
 
 def test_matrix_has_a_clean_reference_per_dataset_and_seed_and_valid_configs():
     todo = bench.cells(["fashion", "shapes"], ["patch", "blended+targeted"], ["none", "otcclip"], [0, 1])
-    assert len(todo) == 2 * 2 * (1 + 2 * 2)
+    assert len(todo) == 2 * 2 * (2 + 2 * 2)          # a clean reference per defense, then attacks x defenses
+    assert {c.defense for c in todo if c.attack == "clean"} == {"none", "otcclip"}
+    only_none = bench.cells(["fashion"], ["patch"], ["none", "otcclip"], [0], clean_defenses=["none"])
+    assert [c.defense for c in only_none if c.attack == "clean"] == ["none"] and len(only_none) == 3
     base = bench.load_config(bench.BASE, [])
     composed, digest = bench.cell_config(base, bench.Cell("shapes", "blended+targeted", "otcclip", 1))
     assert (composed.poison.attack, composed.poison.trigger, composed.poison.target) == (("backdoor", "targeted"),
