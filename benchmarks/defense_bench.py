@@ -185,8 +185,9 @@ def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellRe
     from otc_ray.track.run_context import finish_parent_run, start_parent_run
 
     results: dict[Cell, CellResult] = {}
-    if all(current_cell(folder, base, c) is not None for c in todo):
-        return {c: current_cell(folder, base, c) for c in todo}
+    done = {c: current_cell(folder, base, c) for c in todo}
+    if all(r is not None for r in done.values()):
+        return done
     parent = start_parent_run(base, f"bench-{content_digest(sorted(map(str, todo)))}", "benchmark")
     try:
         _train_cells(base, todo, folder, parent, results)

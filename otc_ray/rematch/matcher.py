@@ -363,8 +363,9 @@ def _match_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, cfg: RematchConfi
     CLIP loss and trains them unimodally). gate_z carries the clean posterior."""
     B, dev = images.image.shape[0], images.image.device
     own = torch.arange(B, device=dev)
+    c = cos[own, own]                                                                   # (B,) the block's own pairs
     pair = (pool.image.to(dev) * pool.captions.text).sum(dim=1)                        # (N,) own-pair similarities
-    pair[:B] = cos[own, own]
+    pair[:B] = c
     p_clean = gmm_clean_probability(pair)
     floor = torch.quantile(pair.double(), 1.0 - cfg.gmm_max_safe).float()
     gate_flagged = (p_clean[:B] < cfg.gmm_safe_probability) | (pair[:B] < floor)
@@ -376,7 +377,6 @@ def _match_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, cfg: RematchConfi
         weight = weight.masked_fill(flagged, cfg.flagged_weight)
     elif cfg.action != "recaption":
         raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
-    c = cos[own, own]
     return MatchResult(shortlist=own.unsqueeze(1), scores=c.unsqueeze(1), own_in_topk=torch.ones_like(flagged),
                        assigned=own, own_score=c, best_score=c, suspicion=torch.zeros_like(c), gate_z=p_clean[:B],
                        agreement=torch.full_like(c, float("nan")), flagged=flagged, source=own.clone(),
