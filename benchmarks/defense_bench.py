@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B")
     parser.add_argument("--defenses", default=",".join(DEFENSES))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses)")
+    parser.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
     parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all".replace("%", "%%"))
     parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all".replace("%", "%%"))
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         picked[flag] = names
     todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")],
                  picked["ablations"], picked["stress"],
-                 args.clean_defenses.split(",") if args.clean_defenses is not None else None)
+                 [d for d in args.clean_defenses.split(",") if d] if args.clean_defenses is not None else None)
     folder = Path(args.cells)
     if args.report_only:
         results = {c: r for c in todo if (r := current_cell(folder, base, c)) is not None}
