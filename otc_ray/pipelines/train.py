@@ -73,9 +73,10 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
 
     run = cfg.tracking.run_name or cfg.name
     store_name = f"otc-weights-{run}"
-    store = weight_store(store_name, recover_from=run_folder(cfg))   # a restarted store resumes from a checkpoint
+    checkpoints = run_folder(cfg)
+    store = weight_store(store_name, recover_from=checkpoints)       # a restarted store resumes from a checkpoint
     journal = str(Path(cfg.output_dir).resolve() / "rematch" / f"flags-{run}.txt")
-    resumed = newest_checkpoint_model(run_folder(cfg)) is not None   # Train resumes it: keep its earlier flags
+    resumed = newest_checkpoint_model(checkpoints) is not None       # Train resumes it: keep its earlier flags
     datasets = {"train": add_rematch_stage(ds, rematch, cfg.model, cfg.ot, weights=store, flag_journal=journal,
                                            resume_flags=resumed)}
     warmup = rematch.warmup_steps if rematch.start_epoch == 0 else 0
