@@ -348,6 +348,32 @@ def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, 
     return lines if len(groups) > 0 else []
 
 
+EFFECT_METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("backdoor ASR", N.FINAL_BACKDOOR_ASR),
+                  ("targeted ASR", N.FINAL_TARGETED_ASR))
+
+
+def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult]) -> list[str]:
+    """One line per variant: what changing that part does to zero-shot and the two ASRs, the variant's mean minus the
+    unchanged configuration's (same data set, attack, defense, seeds), a difference within 2 std reported as none."""
+    lines = []
+    for name in names:
+        cells_of = [c for c in results if c.variant == name]
+        if not cells_of:
+            continue
+        plain = {dataclasses.replace(c, variant=""): c for c in cells_of}
+        pairs = [(results[v], reference[c]) for c, v in plain.items() if c in reference]
+        if not pairs:
+            lines.append(f"- {name}: no unchanged cells of its seeds to compare with")
+            continue
+        parts = []
+        for label, metric in EFFECT_METRICS:
+            got = [v.record.metrics.get(metric, math.nan) for v, _ in pairs]
+            ref = [r.record.metrics.get(metric, math.nan) for _, r in pairs]
+            parts.append(f"{label} {significance(got, ref)}")
+        lines.append(f"- {name} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) vs otcclip: " + "; ".join(parts))
+    return lines
+
+
 def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None) -> str:
     variants = {c: r for c, r in results.items() if c.variant}
     results = {c: r for c, r in results.items() if not c.variant}
@@ -379,6 +405,8 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
     ablations = variant_table(variants, list(ABLATIONS), results)
     if ablations:
         out += [f"## Ablations (otcclip, {' / '.join(ABLATION_CELL)}): what each part buys\n"] + ablations + [""]
+        out += ["Each variant minus the unchanged otcclip on the same seeds (mean; a difference within 2 std of the "
+                "seeds' spread is none):\n"] + variant_effects(variants, list(ABLATIONS), results) + [""]
     stress = variant_table(variants, list(STRESS), {})
     if stress:
         out += ["## Stress attacks (one seed each)\n"] + stress + [""]

@@ -100,6 +100,8 @@ def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path)
     text = bench.report(results, ["fashion"], ["patch"], "cmd", tmp_path / "plots")
     assert "| - | fashion | patch | otcclip | 1 | 0.600 | 0.020 |" in text                 # the ablation table
     assert "| cosine-only | fashion | patch | otcclip | 1 | 0.600 | 0.300 |" in text
+    assert "- cosine-only (1 seed) vs otcclip: zero-shot difference +0.000, one seed" in text    # what the part buys
+    assert "backdoor ASR difference +0.280, one seed" in text
     assert "| fashion | none | backdoor | patch | 50 | 1 |" in text and "0.900" in text
     assert "| fashion | patch | otcclip | 1 | 0.80 0.90 |" in text                  # per-epoch new-flag recall
     assert "OTCCLIP backdoor ASR 0.020 (target <= 0.05): met" in text
