@@ -21,7 +21,8 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
     A+B       both attacks in one run on the same data (one training per defense instead of two)
 
 `--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
-cosine-only caption choice, the neighbour vote, no L_inter / L_intra, one gate signal, drop, no witness, OT losses
+cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without
+its OT signal, drop, no witness, OT losses
 without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
 seed, for every defense asked for; each gets its own table. The clean references train each defense (or those of
 `--clean-defenses`) on the unpoisoned data of each data set and seed: `none` is the reference of the targets, the
@@ -78,9 +79,11 @@ ABLATIONS = {
     "vote": {"rematch.replace": "vote"},                       # the nearest trusted neighbour's caption
     "no-inter": {"train.lambda_inter": 0.0},
     "no-intra": {"train.lambda_intra": 0.0},
+    "no-ot-losses": {"train.lambda_inter": 0.0, "train.lambda_intra": 0.0},   # re-matching alone, CLIP loss only
     "gate-cosine": {"rematch.gate_signals": ("cosine",)},
     "gate-agreement": {"rematch.gate_signals": ("agreement",)},
     "gate-concentration": {"rematch.gate_signals": ("concentration",)},
+    "no-concentration": {"rematch.gate_signals": ("cosine", "agreement")},   # the gate without its OT signal
     "drop": {"rematch.action": "drop"},
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
     "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
