@@ -22,8 +22,7 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
 
 `--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
 cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without
-its OT signal, drop, no witness, OT losses
-without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
+its OT signal, drop, no witness, OT losses without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
 seed, for every defense asked for; each gets its own table. The clean references train each defense (or those of
 `--clean-defenses`) on the unpoisoned data of each data set and seed: `none` is the reference of the targets, the
 others show what a defense costs when there is nothing to find. Figures per cell are the
