@@ -21,13 +21,13 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
     A+B       both attacks in one run on the same data (one training per defense instead of two)
 
 `--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
-cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without
-its OT signal, drop, no witness, OT losses without re-matching, every image re-matched), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first
-seed, for every defense asked for; each gets its own table. The clean references train each defense (or those of
-`--clean-defenses`) on the unpoisoned data of each data set and seed: `none` is the reference of the targets, the
-others show what a defense costs when there is nothing to find. Figures per cell are the
-final model's (zero-shot, linear probe, ASRs) and the last epoch's re-matching (detection P/R, damage) as
-rank 0 saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
+cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without its
+OT signal, drop, no witness, OT losses without re-matching, every image re-matched), every seed; `--stress a,b|all`
+adds harder attacks (STRESS), the first seed, for every defense asked for; each gets its own table. The clean
+references train each defense (or those of `--clean-defenses`) on the unpoisoned data of each data set and seed:
+`none` is the reference of the targets, the others show what a defense costs when there is nothing to find. Figures
+per cell are the final model's (zero-shot, linear probe, ASRs) and the last epoch's re-matching (detection P/R,
+damage) as rank 0 saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
 """
 from __future__ import annotations
 
