@@ -358,13 +358,10 @@ def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell
     unchanged configuration's (same data set, attack, defense, seeds), a difference within 2 std reported as none."""
     lines = []
     for name in names:
-        cells_of = [c for c in results if c.variant == name]
-        if not cells_of:
-            continue
-        plain = {dataclasses.replace(c, variant=""): c for c in cells_of}
-        pairs = [(results[v], reference[c]) for c, v in plain.items() if c in reference]
+        mine = {dataclasses.replace(c, variant=""): r for c, r in results.items() if c.variant == name}
+        pairs = [(r, reference[c]) for c, r in mine.items() if c in reference]
         if not pairs:
-            lines.append(f"- {name}: no unchanged cells of its seeds to compare with")
+            lines += [f"- {name}: no unchanged cells of its seeds to compare with"] if mine else []
             continue
         parts = []
         for label, metric in EFFECT_METRICS:
