@@ -237,7 +237,8 @@ def _mean(rows, dataset: str, attack: str, defense: str, metric: str) -> float:
 
 
 def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "**missed**")
+    """met / missed; None where a figure it needs has no cell yet."""
+    return "not run yet (no cell files)" if ok is None else ("met" if ok else "**missed**")
 
 
 def significance(a: list[float], b: list[float]) -> str:
