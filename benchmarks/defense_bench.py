@@ -395,9 +395,15 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
         if not rows:
             continue
         out += [f"## {ds}\n", render(rows, "markdown"), ""]
-        if plots is not None:
-            paths = plot_compare(rows, lambda run, key: history[run.run_id].get(key, []), plots / ds)
-            out += [f"![{p.stem}]({os.path.relpath(p, plots.parent)})" for p in paths] + [""]
+        if plots is None:
+            continue
+        clean = [r.record for c, r in results.items() if c.dataset == ds and c.attack == "clean"]
+        for attack in sorted({c.attack for c in results if c.dataset == ds and c.attack != "clean"}):
+            runs = [r.record for c, r in results.items() if (c.dataset, c.attack) == (ds, attack)] + clean
+            paths = plot_compare(group_runs(runs), lambda run, key: history[run.run_id].get(key, []),
+                                 plots / ds / attack)
+            out += [f"{attack} (with the clean reference): " +
+                    " ".join(f"![{attack} {p.stem}]({os.path.relpath(p, plots.parent)})" for p in paths), ""]
     detection = detection_lines(results)
     if detection:
         out += ["## Detection per epoch (the gate's new flags)\n"] + detection + [""]

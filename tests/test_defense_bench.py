@@ -107,7 +107,8 @@ def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path)
     assert "| fashion | none | backdoor | patch | 50 | 1 |" in text and "0.900" in text
     assert "| fashion | patch | otcclip | 1 | 0.80 0.90 |" in text                  # per-epoch new-flag recall
     assert "OTCCLIP backdoor ASR 0.020 (target <= 0.05): met" in text
-    assert (tmp_path / "plots" / "fashion" / "asr_per_epoch.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "fashion" / "patch" / "asr_per_epoch.png").stat().st_size > 0
+    assert "patch (with the clean reference): ![patch asr_per_epoch](plots/fashion/patch/asr_per_epoch.png)" in text
     (folder / "fashion" / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not a benchmark cell file"):
         read_cell(folder / "fashion" / "bad.json")
