@@ -391,7 +391,8 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
            "damage from the last epoch's re-matching (otcclip, roclip); samples/s of the training worker.\n"]
     history = {r.record.run_id: r.history for r in results.values()}
     for ds in datasets:
-        rows = group_runs([r.record for c, r in results.items() if c.dataset == ds])
+        rows = sorted(group_runs([r.record for c, r in results.items() if c.dataset == ds]),
+                      key=lambda row: (row.group[3], row.group[2], row.group[1]))   # by trigger, attack, defense
         if not rows:
             continue
         out += [f"## {ds}\n", render(rows, "markdown"), ""]

@@ -56,9 +56,10 @@ def plot_compare(rows: Sequence, history: Callable[[Any, str], list[tuple[int, f
     for row in rows:
         for run in row.runs:
             points = sorted(history(run, N.EVAL_BACKDOOR_ASR))
-            if points:
+            if points:                      # an unpoisoned run (attack "none") is dashed: the base rate
+                clean = len(row.group) > 2 and row.group[2] == "none"
                 ax.plot([p[0] + 1 for p in points], [p[1] for p in points], color=colour[row.group[1]], alpha=0.8,
-                        label=row.group[1])
+                        linestyle="--" if clean else "-", label=row.group[1] + (", no poison" if clean else ""))
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys())
