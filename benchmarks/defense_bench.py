@@ -260,6 +260,9 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
     for ds in datasets:
         clean = _mean(values, ds, "clean", "none", N.FINAL_ZEROSHOT_TOP1)
         for attack in attacks:
+            if not any(key[:2] == (ds, attack) for key in values):
+                lines.append(f"- {ds} / {attack}: not run yet (no cell files)")
+                continue
             m = lambda defense, metric: _mean(values, ds, attack, defense, metric)  # noqa: E731
             parts = attack.split("+")                 # the cell label: trigger names and/or "targeted"
             if parts != ["targeted"]:
