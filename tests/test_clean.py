@@ -264,6 +264,42 @@ def test_a_live_job_s_lock_refuses_a_second_job_on_s3(s3_bucket):
     assert not fs.exists(f"{bucket}/out/{LOCK_FILE}")
 
 
+def test_racing_acquirers_on_local_disk_always_name_the_winner(tmp_path):
+    """Locally the lock is a hard link of a fully written file: in every one of 25 rounds of eight racing acquirers
+    exactly one wins and every loser reads the winner's whole record (never an empty, half-created lock)."""
+    import threading
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock, OutputLocked
+
+    root = str(tmp_path / "out")
+    for _ in range(25):
+        locks = [OutputLock(LocalFileSystem(), root, "clean") for _ in range(8)]
+        results: list[object] = [None] * len(locks)
+        barrier = threading.Barrier(len(locks))
+
+        def take(i: int) -> None:
+            barrier.wait()
+            try:
+                locks[i].acquire(root)
+                results[i] = "held"
+            except OutputLocked as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(locks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results.count("held") == 1, results
+        winner = locks[results.index("held")]
+        assert all(f"job {winner.job_id}" in str(r) for r in results if r != "held"), results
+        winner.release()
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [], "the lock and staged files are gone"
+    assert not (tmp_path / "out" / LOCK_FILE).exists()
+
+
 def test_interrupted_clean_resumes_from_its_committed_shards(ray_local, poisoned, tmp_path):
     """A job killed after committing some shards and their report parts (its lock left behind by a dead process of
     this host): readers refuse the folder; a rerun with other settings is refused; a rerun with the same settings

@@ -8,7 +8,7 @@
         lock.release()
 
 The lock `_lock.json` names its holder (job id, host, pid, start time). It is created with an exclusive create:
-`open(..., "x")` locally, a conditional PUT (`If-None-Match: *`) on S3, so of two jobs that start together exactly one
+a hard link of a fully written file locally, a conditional PUT (`If-None-Match: *`) on S3, so of two jobs that start together exactly one
 gets it. It is removed when the job ends, also on an error or Ctrl-C / SIGTERM (the CLI turns SIGTERM into an
 exception). A job killed outright leaves it behind: a lock whose holder ran on this host under a pid that is no longer
 alive is stale and taken over; any other lock is reported with its holder, and removing it is the user's call.
@@ -34,13 +34,19 @@ class OutputLocked(ValueError):
 def _create_exclusive(fs, path: str, data: bytes) -> bool:
     """Create `path` holding `data` unless it exists; True when this call created it."""
     if isinstance(fs, LocalFileSystem):
+        # write a private file, then hard-link it into place: the link is the atomic, exclusive step, so a rival that
+        # loses the race always reads a whole holder record (never the empty file an `open(..., "x")` shows first)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        staged = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(staged, "wb") as f:
+            f.write(data)
         try:
-            with open(path, "xb") as f:
-                f.write(data)
+            os.link(staged, path)
             return True
         except FileExistsError:
             return False
+        finally:
+            os.unlink(staged)
     try:
         fs.pipe_file(path, data, mode="create")
         return True
