@@ -87,6 +87,8 @@ ABLATIONS = {
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
     "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
     "rematch-all": {"rematch.gate": "none"},                   # the abstract's literal form: every image re-matched
+    "reference-64": {"rematch.gate_reference": 64},            # the former calibration reference (the ablations
+                                                               # above ran at 64: compare them with this row)
 }
 ABLATION_CELL = ("fashion", "patch+targeted")
 # harder attacks, one seed each, for every defense asked for: (attack label, overrides)
@@ -191,7 +193,9 @@ def run_cells(base: Config, todo: list[Cell], folder: Path) -> dict[Cell, CellRe
     done = {c: current_cell(folder, base, c) for c in todo}
     if all(r is not None for r in done.values()):
         return done
-    parent = start_parent_run(base, f"bench-{content_digest(sorted(map(str, todo)))}", "benchmark")
+    # named after the cells and their config digests: the same cells under other overrides are another parent run
+    parent = start_parent_run(base, f"bench-{content_digest(sorted(f'{c}:{cell_config(base, c)[1]}' for c in todo))}",
+                              "benchmark")
     try:
         _train_cells(base, todo, folder, parent, results)
     except BaseException:

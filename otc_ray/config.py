@@ -167,7 +167,9 @@ class RematchConfig:
     gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_signals.md, validation seed)
     gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
     gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
-    gate_reference: int = 64        # gate evidence: pool samples with the nearest captions that calibrate a signal
+    gate_reference: int = 256       # gate evidence: pool samples with the nearest captions that calibrate a signal;
+                                    # wider than an attack's pairs in the pool, or they calibrate each other away
+                                    # (benchmarks/results/gate_reference.md)
     replace: Literal["fused", "vote"] = "fused"    # a flagged sample's new caption: best fused score among the
                                     # OT shortlist and its trusted neighbours' captions, or the nearest trusted one's
     candidate_neighbours: int = 8   # replace fused: trusted image neighbours whose captions join the candidates

@@ -59,6 +59,24 @@ def test_calibration_within_the_caption_cluster_finds_an_outlier_a_block_z_misse
                        torch.tensor([-2.0, 0.0]))
 
 
+def test_an_attack_that_fills_half_the_reference_calibrates_itself_away():
+    """The failure a too narrow reference has (shapes: 100 pairs captioned "a circle", unlike every clean caption):
+    30 poisoned pairs whose captions are alike and nearest to each other score far below the 200 clean pairs of
+    their class. Against the 16 nearest captions (all poisoned) their median is their own and nothing stands out;
+    against 128 (a clean majority) every one of them is a low outlier."""
+    g = torch.Generator().manual_seed(0)
+    d, clean, poisoned = 16, 200, 30
+    cls = _unit(torch.randn(d, generator=g))
+    text = torch.cat([_unit(cls + 0.30 * torch.randn(clean, d, generator=g)),
+                      _unit(cls + 0.30 * torch.randn(d, generator=g) + 0.02 * torch.randn(poisoned, d, generator=g))])
+    values = torch.cat([0.6 + 0.05 * torch.randn(clean, generator=g), 0.2 + 0.05 * torch.randn(poisoned, generator=g)])
+    self_mask = torch.eye(clean + poisoned, dtype=torch.bool)
+    narrow = caption_calibrated_z(values, values, text, text, reference=16, exclude=self_mask)
+    wide = caption_calibrated_z(values, values, text, text, reference=128, exclude=self_mask)
+    assert float((narrow[clean:] < -3).float().mean()) < 0.2, narrow[clean:]
+    assert bool((wide[clean:] < -3).all()) and float((wide[:clean] < -3).float().mean()) < 0.05, wide
+
+
 def _clusters(seed: int, classes: int = 4, per_class: int = 24, d: int = 32):
     """Aligned image and caption embeddings: class c's images and captions both lie near direction c."""
     g = torch.Generator().manual_seed(seed)
