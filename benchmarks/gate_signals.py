@@ -8,10 +8,10 @@ Each checkpoint re-matches the whole (poisoned) shard set block by block, in a s
 `Matcher` exactly as one re-match actor does (gate `evidence`, all three signals, bank as configured, sticky
 flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan concentration) and
 their caption-calibrated z-scores, then reports, backdoor and targeted pairs apart against the clean ones:
-the AUROC of every raw signal and every calibrated z, and for each combination of signals (min = union of
-outliers, mean) the flag rate, precision and recall at several thresholds, and damage (clean pairs re-captioned
-with another class's caption). Data are read in this process (no Ray). Writes a markdown table (--output) and
-one JSON line per checkpoint (--json) as each finishes.
+the AUROC of every raw signal, every calibrated z and its absolute value (an outlier either way), and for each
+combination of signals (min = union of outliers, mean) the flag rate, precision and recall at several thresholds,
+and damage (clean pairs re-captioned with another class's caption). Data are read in this process (no Ray). Writes
+a markdown table (--output) and one JSON line per checkpoint (--json) as each finishes.
 """
 from __future__ import annotations
 
@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{cfg.ot.eps}, {cfg.ot.iters} iterations, special tokens {cfg.ot.special_tokens}. AUROC: poisoned vs "
              "clean (higher = the signal ranks poison as more suspicious).\n",
              "| checkpoint | attack | " + " | ".join(f"{s} raw" for s in SIGNALS) + " | "
-             + " | ".join(f"{s} z" for s in SIGNALS) + " | min z | mean z |",
-             "|---|---|" + "---|" * (2 * len(SIGNALS) + 2)]
+             + " | ".join(f"{s} z" for s in SIGNALS) + " | " + " | ".join(f"{s} abs z" for s in SIGNALS)
+             + " | min z | mean z |",
+             "|---|---|" + "---|" * (3 * len(SIGNALS) + 2)]
     points = ["\n## Operating points (combined z < threshold; no duplicate-group averaging here)\n",
               "| checkpoint | signals | combine | threshold | flagged | P | R backdoor | R targeted | clean flagged |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -166,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             raw = [auroc(-res["signals"][:, i], pos, kind == "") for i in range(len(SIGNALS))]
             cal = [auroc(-z[:, i], pos, kind == "") for i in range(len(SIGNALS))]
+            # two-sided: an outlier either way (a pair the model fits unusually well once it has learnt a trigger)
+            both = [auroc(np.abs(z[:, i]), pos, kind == "") for i in range(len(SIGNALS))]
             mins, means = auroc(-np.nanmin(z, 1), pos, kind == ""), auroc(-np.nanmean(z, 1), pos, kind == "")
             record["auroc"][attack] = {"raw": dict(zip(SIGNALS, raw)), "z": dict(zip(SIGNALS, cal)),
-                                       "min": mins, "mean": means}
-            lines.append(f"| {name} | {attack} | " + " | ".join(f"{v:.3f}" for v in raw + cal + [mins, means]) + " |")
+                                       "abs_z": dict(zip(SIGNALS, both)), "min": mins, "mean": means}
+            lines.append(f"| {name} | {attack} | " + " | ".join(f"{v:.3f}" for v in raw + cal + both + [mins, means])
+                         + " |")
         for size in (1, 2, 3):
             for combo in itertools.combinations(range(len(SIGNALS)), size):
                 for how in (("min",) if size == 1 else ("min", "mean")):
