@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
              + " | ".join(f"{s} z" for s in SIGNALS) + " | " + " | ".join(f"{s} abs z" for s in SIGNALS)
              + " | min z | mean z |",
              "|---|---|" + "---|" * (3 * len(SIGNALS) + 2)]
-    points = ["\n## Operating points (combined z < threshold; no duplicate-group averaging here)\n",
+    points = ["\n## Operating points (combined z < threshold, or for `high` -z < threshold: the signal's high side; "
+              "no duplicate-group averaging here)\n",
               "| checkpoint | signals | combine | threshold | flagged | P | R backdoor | R targeted | clean flagged |",
               "|---|---|---|---|---|---|---|---|---|"]
     for spec in args.checkpoint:
@@ -176,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                          + " |")
         for size in (1, 2, 3):
             for combo in itertools.combinations(range(len(SIGNALS)), size):
-                for how in (("min",) if size == 1 else ("min", "mean")):
+                for how in (("min", "high") if size == 1 else ("min", "mean")):
                     sub = z[:, combo]
-                    comb = sub.min(1) if how == "min" else sub.mean(1)
+                    # "high": the signal's high side (a pair fitted unusually well), flagged as -z < threshold
+                    comb = -sub[:, 0] if how == "high" else sub.min(1) if how == "min" else sub.mean(1)
                     for p in operating_points(comb, kind):
                         p |= {"signals": [SIGNALS[i] for i in combo], "combine": how}
                         record["points"].append(p)
