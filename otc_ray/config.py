@@ -166,6 +166,10 @@ class RematchConfig:
     gate: Literal["none", "margin", "zscore", "neighbour", "evidence", "gmm"] = "evidence"
     gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_signals.md, validation seed)
     gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
+    gate_high_signals: tuple[str, ...] = ()   # gate evidence: signals whose HIGH outliers are flagged too (z above
+                                    # gate_high_threshold): a pair fitted unusually well by a model that has already
+                                    # learnt its trigger (benchmarks/results/gate_reference.md); () = low side only
+    gate_high_threshold: float = 2.5
     gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
     gate_reference: int = 256       # gate evidence: pool samples with the nearest captions that calibrate a signal;
                                     # wider than an attack's pairs in the pool, or they calibrate each other away
@@ -388,7 +392,7 @@ _RANGES = {
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity",
-                     "flush_timeout_s"), "> 0"),
+                     "flush_timeout_s", "gate_high_threshold"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",
                      "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
     "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps
@@ -414,6 +418,9 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         if bad or not obj.gate_signals:
             raise ConfigError(f"config key '{prefix}gate_signals': must name some of {', '.join(known)}, "
                               f"got {list(obj.gate_signals)}")
+        if any(s not in known for s in obj.gate_high_signals):
+            raise ConfigError(f"config key '{prefix}gate_high_signals': must name some of {', '.join(known)} or "
+                              f"none, got {list(obj.gate_high_signals)}")
 
 
 def _section_prefixes() -> dict[type, str]:

@@ -111,6 +111,31 @@ def test_copies_of_a_target_are_one_group_flagged_together_and_weighted_one_over
     assert bool((label[res.source[copies]] == 0).all()) and bool((res.source[copies] < B0).all())
 
 
+def test_pairs_fitted_unusually_well_are_high_side_outliers_flagged_only_when_asked():
+    """A model that has learnt a trigger: 6 triggered images (classes 0, 2, 3) map next to each other and to their
+    alike class-1 captions, so their cosine is fine and their neighbours' captions agree with theirs far better than
+    a clean class-1 pair's do. The low-side gate passes them; with `gate_high_signals=("agreement",)` they are high
+    outliers and flagged, and no clean pair is."""
+    g = torch.Generator().manual_seed(3)
+    img, txt, label, dirs = _clusters(seed=2, per_class=32)
+    d = dirs.shape[1]
+    txt = _unit(dirs[label] + 1.2 * torch.randn(len(label), d, generator=g) / d ** 0.5)     # loosely worded captions
+    P = 6
+    trigger = _unit(dirs[1] + 0.3 * _unit(torch.randn(d, generator=g)))
+    img = torch.cat([img, _unit(trigger + 0.3 * torch.randn(P, d, generator=g) / d ** 0.5)])     # no copies
+    txt = torch.cat([txt, _unit(dirs[1] + 0.02 * torch.randn(P, d, generator=g) / d ** 0.5)])
+    B = len(label) + P
+    keys = torch.arange(B, dtype=torch.int64)
+    images = ImageFeatures(img, None, keys)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=keys)
+    base = _cfg(gate_signals=("cosine", "agreement"), alpha=1.0, neighbours=5, gate_reference=32)
+    low = match_block(images, pool, keys, base, OT)
+    assert not bool(low.flagged[-P:].any()), low.gate_z[-P:]
+    both = match_block(images, pool, keys, dataclasses.replace(base, gate_high_signals=("agreement",)), OT)
+    assert bool(both.flagged[-P:].all()), both.signal_z[-P:]
+    assert torch.equal(both.flagged[:-P], low.flagged[:-P]), "the high side flags no clean pair"
+
+
 def test_ot_picks_the_caption_whose_words_match_the_patches():
     """A flagged image with two candidate captions: X's words are the image's patches but X's global embedding
     points away from the image; Y's global embedding is the image's but its words match nothing. The fused score

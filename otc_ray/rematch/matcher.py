@@ -201,6 +201,8 @@ class Evidence:
     signals (B, S): raw values in SIGNALS order, low = suspicious (NaN for signals not asked for);
     signal_z (B, S): each signal's caption-calibrated z (NaN for signals not in the gate);
     z (B,): combined caption-calibrated z, averaged over each sample's duplicate group within the block;
+    high (B,) bool: a high-side outlier of a `gate_high_signals` signal (its group-averaged z above
+    `gate_high_threshold`), flagged beside z below the threshold;
     duplicate (B, N) bool: pool rows that are copies of the sample's image (itself excluded);
     group_size (B,) int64: 1 + duplicates; neighbours (B, n): non-duplicate image neighbours, nearest first (-1 =
     none); own_distance (B,): D_OT of the own pair (NaN when concentration was not computed).
@@ -209,6 +211,7 @@ class Evidence:
     signals: Tensor
     signal_z: Tensor
     z: Tensor
+    high: Tensor
     duplicate: Tensor
     group_size: Tensor
     neighbours: Tensor
@@ -245,7 +248,8 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
                                           cfg.neighbours, not_pool | dup)
     values[:, SIGNALS.index("agreement")] = agreement
     own_distance = torch.full((B,), float("nan"), device=dev)
-    if "concentration" in cfg.gate_signals or (cfg.replace == "fused" and cfg.method == "otcclip" and cfg.alpha < 1):
+    measured = tuple(dict.fromkeys(cfg.gate_signals + cfg.gate_high_signals))        # the gate's signals, in order
+    if "concentration" in measured or (cfg.replace == "fused" and cfg.method == "otcclip" and cfg.alpha < 1):
         caps = pool.captions
         if images.patches is None or caps.words is None or caps.word_mask is None:
             raise ValueError("gate evidence needs patch tokens and word tokens with their mask")
@@ -260,16 +264,22 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     no_reference = not_pool | dup
     z = {s: caption_calibrated_z(values[:, SIGNALS.index(s)], pool_values[:, SIGNALS.index(s)],
                                  pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
-         for s in cfg.gate_signals}
-    combined = combine_z(z, cfg.gate_combine)
+         for s in measured}
+    combined = combine_z({s: z[s] for s in cfg.gate_signals}, cfg.gate_combine)
     if "agreement" in z:    # K copies teach the model their own caption (cosine, concentration): a group is judged
         combined = torch.where(dup.any(dim=1), z["agreement"], combined)   # by its non-duplicate neighbourhood alone
     signal_z = torch.full_like(values, float("nan"))
     for name, zs in z.items():
         signal_z[:, SIGNALS.index(name)] = zs
     group = dup[:, :B] | torch.eye(B, dtype=torch.bool, device=dev)                   # (B, B) block members
-    group_z = (group.float() @ combined.unsqueeze(1)).squeeze(1) / group.sum(1)
-    return Evidence(values, signal_z, group_z, dup, 1 + dup.sum(1), nbrs, own_distance)
+
+    def group_mean(x: Tensor) -> Tensor:
+        return (group.float() @ x.unsqueeze(1)).squeeze(1) / group.sum(1)
+
+    high = torch.zeros(B, dtype=torch.bool, device=dev)
+    for s in cfg.gate_high_signals:
+        high |= group_mean(z[s]) > cfg.gate_high_threshold
+    return Evidence(values, signal_z, group_mean(combined), high, dup, 1 + dup.sum(1), nbrs, own_distance)
 
 
 def fused_replacement(images: ImageFeatures, pool: Pool, cos: Tensor, rows: Tensor, allowed: Tensor,
@@ -312,7 +322,7 @@ def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Ten
     not_pool = exclude.clone()
     not_pool[own, own] = True
     ev = evidence(images, pool, cos, not_pool, cfg, ot_cfg)
-    gate_flagged = ev.z < cfg.gate_threshold
+    gate_flagged = (ev.z < cfg.gate_threshold) | ev.high
     flagged = gate_flagged | prior.to(dev) if prior is not None and cfg.sticky else gate_flagged
     trusted = pool.trusted.to(dev).clone()
     trusted[:B] = ~flagged
@@ -575,7 +585,8 @@ class Matcher:
         """Token features are needed for OT: the fused re-rank (alpha < 1) or the evidence gate's concentration."""
         if self.cfg.method != "otcclip":
             return False
-        return self.cfg.alpha < 1.0 or (self.cfg.gate == "evidence" and "concentration" in self.cfg.gate_signals)
+        return self.cfg.alpha < 1.0 or (self.cfg.gate == "evidence" and "concentration" in
+                                        self.cfg.gate_signals + self.cfg.gate_high_signals)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, captions: Sequence[str]) -> tuple[ImageFeatures, CaptionFeatures]:
