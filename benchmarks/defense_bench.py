@@ -168,13 +168,43 @@ def cell_path(folder: Path, cell: Cell) -> Path:
     return folder / cell.dataset / f"{cell.label}-s{cell.seed}.json"
 
 
-def current_cell(folder: Path, base: Config, cell: Cell) -> CellResult | None:
-    """The cell's file when it holds a result of the current settings, else None."""
+# earlier default settings, each an ablation that restores it, with the defenses that never read its keys: a cell of
+# such a defense recorded under it trains exactly as it would today, so it stays current
+SETTINGS = {"reference-64": ("none", "roclip", "safeclip")}     # rematch.gate_reference: otcclip's gate only
+
+
+def settings_of(base: Config, cell: Cell, result: CellResult) -> str | None:
+    """Under which settings the cell file's run trained: "" today's, a name of SETTINGS an earlier default's (the one
+    whose overrides, added to the cell's, reproduce its digest), None neither."""
+    if result.digest == cell_config(base, cell)[1]:
+        return ""
+    if cell.variant in SETTINGS:
+        return None
+    for name in SETTINGS:
+        cfg = replace(base, **{k.replace(".", "__"): v for k, v in {**cell.overrides(), **VARIANTS[name]}.items()})
+        if training_digest(cfg) == result.digest:
+            return name
+    return None
+
+
+def recorded_cell(folder: Path, base: Config, cell: Cell) -> tuple[CellResult, str] | None:
+    """(the cell's file, `settings_of` it) when it exists and ran under today's or an earlier default's settings."""
     path = cell_path(folder, cell)
     if not path.exists():
         return None
     done = read_cell(path)
-    return done if done.digest == cell_config(base, cell)[1] else None
+    setting = settings_of(base, cell, done)
+    return None if setting is None else (done, setting)
+
+
+def current_cell(folder: Path, base: Config, cell: Cell) -> CellResult | None:
+    """The cell's file when it holds a result of the current settings (or of an earlier default its defense never
+    reads), else None."""
+    found = recorded_cell(folder, base, cell)
+    if found is None:
+        return None
+    done, setting = found
+    return done if setting == "" or cell.defense in SETTINGS[setting] else None
 
 
 def git_commit() -> str:
@@ -361,26 +391,35 @@ def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, 
 EFFECT_METRICS = VARIANT_METRICS[:3]       # zero-shot and the two ASRs
 
 
-def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult]) -> list[str]:
+def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult],
+                    base: Config | None = None) -> list[str]:
     """One line per variant: what changing that part does to zero-shot and the two ASRs, the variant's mean minus the
-    unchanged configuration's (same data set, attack, defense, seeds), a difference within 2 std reported as none."""
+    unchanged configuration's (same data set, attack, defense, seeds; today's otcclip, or the cells of the earlier
+    default the variant ran under, `settings_of`), a difference within 2 std reported as none."""
     lines = []
     for name in names:
-        mine = {dataclasses.replace(c, variant=""): r for c, r in results.items() if c.variant == name}
-        pairs = [(r, reference[c]) for c, r in mine.items() if c in reference]
+        mine = {c: r for c, r in results.items() if c.variant == name}
+        against = {c: dataclasses.replace(c, variant=(settings_of(base, c, r) or "") if base else "")
+                   for c, r in mine.items()}
+        pairs = [(r, reference[against[c]]) for c, r in mine.items() if against[c] in reference]
         if not pairs:
             lines += [f"- {name}: no unchanged cells of its seeds to compare with"] if mine else []
             continue
+        settings = sorted({against[c].variant for c in mine if against[c] in reference})
+        versus = " / ".join(f"otcclip {v}" if v else "otcclip" for v in settings)
         parts = []
         for label, metric in EFFECT_METRICS:
             got = [v.record.metrics.get(metric, math.nan) for v, _ in pairs]
             ref = [r.record.metrics.get(metric, math.nan) for _, r in pairs]
             parts.append(f"{label} {significance(got, ref)}")
-        lines.append(f"- {name} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) vs otcclip: " + "; ".join(parts))
+        lines.append(f"- {name} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) vs {versus}: " + "; ".join(parts))
     return lines
 
 
-def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None) -> str:
+def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None,
+           base: Config | None = None) -> str:
+    """The markdown report of the cells; `base` (the benchmark's config) lets each ablation be compared with the
+    otcclip cells of the settings it ran under (`settings_of`)."""
     variants = {c: r for c, r in results.items() if c.variant}
     results = {c: r for c, r in results.items() if not c.variant}
     values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
@@ -419,7 +458,7 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
     if ablations:
         out += [f"## Ablations (otcclip, {' / '.join(ABLATION_CELL)}): what each part buys\n"] + ablations + [""]
         out += ["Each variant minus the unchanged otcclip on the same seeds (mean; a difference within 2 std of the "
-                "seeds' spread is none):\n"] + variant_effects(variants, list(ABLATIONS), results) + [""]
+                "seeds' spread is none):\n"] + variant_effects(variants, list(ABLATIONS), {**results, **variants}, base) + [""]
     stress = variant_table(variants, list(STRESS), {})
     if stress:
         out += ["## Stress attacks (one seed each)\n"] + stress + [""]
@@ -458,14 +497,15 @@ def main(argv: list[str] | None = None) -> int:
                  picked["ablations"], picked["stress"],
                  [d for d in args.clean_defenses.split(",") if d] if args.clean_defenses is not None else None)
     folder = Path(args.cells)
-    if args.report_only:
-        results = {c: r for c in todo if (r := current_cell(folder, base, c)) is not None}
-        print(f"{len(results)} of {len(todo)} cells have a current result file", flush=True)
+    if args.report_only:         # current cells, and ablations that ran under an earlier default (compared with it)
+        results = {c: found[0] for c in todo if (found := recorded_cell(folder, base, c)) is not None
+                   and (current_cell(folder, base, c) is not None or c.variant in ABLATIONS)}
+        print(f"{len(results)} of {len(todo)} cells have a result file of these settings", flush=True)
     else:
         results = run_cells(base, todo, folder)
     command = "python benchmarks/defense_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plots = Path(args.output).parent / (Path(args.output).stem + "-plots")
-    text = report(results, datasets, attacks, command.strip(), plots)
+    text = report(results, datasets, attacks, command.strip(), plots, base)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)

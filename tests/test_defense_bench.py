@@ -134,3 +134,32 @@ def test_ablation_and_stress_cells_are_valid_configs_with_their_own_files():
     assert alpha1.rematch.alpha == 1.0 and alpha1.poison.attack == ("backdoor", "targeted")
     rate, _ = bench.cell_config(base, bench.Cell("fashion", "patch", "none", 0, "rate-5%"))
     assert rate.poison.rate == 0.05
+
+
+def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never_read_it(tmp_path):
+    """A cell file whose run trained under the former gate reference (the `reference-64` settings): current for
+    `none` (no re-match stage reads it), not for otcclip (it is then the reference-64 ablation, not today's
+    otcclip); an ablation run under it is recorded with that setting, and a file of other settings is not recorded."""
+    from otc_ray.track.cells import CellResult, write_cell
+    from otc_ray.track.mlflow_logger import RunRecord, training_digest
+
+    base = bench.load_config(bench.BASE, [])
+
+    def written(cell, overrides: dict) -> None:
+        cfg = bench.replace(base, **{k.replace(".", "__"): v for k, v in {**cell.overrides(), **overrides}.items()})
+        write_cell(bench.cell_path(tmp_path, cell), CellResult(vars(cell), training_digest(cfg), "abc1234",
+                                                               RunRecord("r", "n", "FINISHED", {}, {}, {})))
+
+    old = {"rematch.gate_reference": 64}
+    none, otc = bench.Cell("fashion", "patch", "none", 0), bench.Cell("fashion", "patch", "otcclip", 0)
+    vote, other = (bench.Cell("fashion", "patch", "otcclip", 0, "vote"),
+                   bench.Cell("fashion", "patch", "otcclip", 1, "vote"))
+    for cell in (none, otc, vote):
+        written(cell, old)
+    written(other, {"train.lr": 0.123})
+    assert bench.current_cell(tmp_path, base, none) is not None
+    assert bench.current_cell(tmp_path, base, otc) is None and bench.recorded_cell(tmp_path, base, otc)[1] == "reference-64"
+    assert bench.current_cell(tmp_path, base, vote) is None and bench.recorded_cell(tmp_path, base, vote)[1] == "reference-64"
+    assert bench.recorded_cell(tmp_path, base, other) is None
+    written(otc, {})
+    assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None
