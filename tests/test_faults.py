@@ -164,21 +164,22 @@ def _samples(n: int, start: int = 0):
 
 class Unavailable(threading.Thread):
     """While the moto server is down, its port answers every request with 503 Service Unavailable (a load
-    balancer with no healthy backend) and counts them. `hold_s` seconds after the first request (None: until
-    `end()`), it closes and moto starts again on the port: the outage covers the first attempts of whatever
-    reads, however late it starts."""
+    balancer with no healthy backend) and counts them. After `answers` such answers (None: until `end()`), it closes
+    and moto starts again on the port: the outage covers the first attempts of whatever reads, however late it
+    starts and however slow the machine is (a count, not a duration)."""
 
-    def __init__(self, own_s3, hold_s: float | None):
+    def __init__(self, own_s3, answers: int | None):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         super().__init__(daemon=True)
-        self.own_s3, self.hold_s, self.requests, self.first = own_s3, hold_s, 0, threading.Event()
+        self.own_s3, self.answers, self.requests, self.spent = own_s3, answers, 0, threading.Event()
         outage = self
 
         class Handler(BaseHTTPRequestHandler):
             def _unavailable(self):
                 outage.requests += 1
-                outage.first.set()
+                if outage.answers is not None and outage.requests >= outage.answers:
+                    outage.spent.set()
                 body = b"<Error><Code>ServiceUnavailable</Code><Message>no healthy backend</Message></Error>"
                 self.send_response(503)
                 self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
@@ -207,33 +208,32 @@ class Unavailable(threading.Thread):
             self.server = None
             self.own_s3.start()
 
-    def after_first_request(self) -> None:
-        """Wait for the first request, then `hold_s`, then end the outage (the test's timer thread)."""
-        if self.first.wait(timeout=300) and self.hold_s is not None:
-            time.sleep(self.hold_s)
+    def after_answers(self) -> None:
+        """Wait for the `answers`-th request, then end the outage (the test's ender thread)."""
+        if self.answers is not None and self.spent.wait(timeout=300):
             self.end()
 
 
-def _read_through_outage(own_s3, path: str, cfg, hold_s: float | None):
+def _read_through_outage(own_s3, path: str, cfg, answers: int | None):
     """Count the shard set at `path` through an outage (`Unavailable`) of the endpoint. The dataset (listing and file
     sizes, on the driver) is built before the outage, so only the Ray read tasks meet it.
     Returns (counts, or the exception raised, and the outage's request count)."""
     ds = load_samples(path, cfg)
-    outage = Unavailable(own_s3, hold_s)
-    ender = threading.Thread(target=outage.after_first_request, daemon=True)
+    outage = Unavailable(own_s3, answers)
+    ender = threading.Thread(target=outage.after_answers, daemon=True)
     ender.start()
     try:
         return count_outcomes(ds), outage.requests
     except Exception as e:                                   # noqa: BLE001 - the control expects the read to fail
         return e, outage.requests
     finally:
-        outage.first.set()
+        outage.spent.set()
         ender.join(timeout=60)
         outage.end()
 
 
 def test_s3_outage_for_a_while_is_retried(ray_local, own_s3):
-    """The endpoint answers 503 to the Ray read tasks for 1.5 s after their first request: with
+    """The endpoint answers 503 to the Ray read tasks' first 3 requests: with
     `data.s3.retries=8` botocore's retries (standard mode, exponential backoff) inside the read tasks carry it over
     and every sample is read; with `data.s3.retries=1` (no retry) the same read fails. So the setting reaches the
     read tasks, and it is what saves the read."""
@@ -244,15 +244,15 @@ def test_s3_outage_for_a_while_is_retried(ray_local, own_s3):
     make_shards(cfg, "train", 96, path, "wds", progress=False)
 
     no_retry = dataclasses.replace(cfg, s3=_s3(own_s3.url, retries=1))
-    failed, requests = _read_through_outage(own_s3, path, no_retry, hold_s=None)
+    failed, requests = _read_through_outage(own_s3, path, no_retry, answers=None)
     assert isinstance(failed, Exception), f"the read survived the outage without retries: {failed}"
     assert "503" in str(failed) or "ServiceUnavailable" in str(failed) or "Service Unavailable" in str(failed), \
         str(failed)[-2000:]
     assert requests >= 1
 
-    counts, requests = _read_through_outage(own_s3, path, cfg, hold_s=1.5)
+    counts, requests = _read_through_outage(own_s3, path, cfg, answers=3)
     assert counts == {"ok": 96}, counts
-    assert requests >= 2, f"the read tasks did not retry ({requests} requests met the outage)"
+    assert requests >= 3, f"the read tasks did not retry ({requests} requests met the outage)"
 
 
 @pytest.mark.slow
