@@ -266,8 +266,9 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
                                  pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
          for s in measured}
     combined = combine_z({s: z[s] for s in cfg.gate_signals}, cfg.gate_combine)
-    if "agreement" in z:    # K copies teach the model their own caption (cosine, concentration): a group is judged
-        combined = torch.where(dup.any(dim=1), z["agreement"], combined)   # by its non-duplicate neighbourhood alone
+    if "agreement" in cfg.gate_signals:   # K copies teach the model their own caption (cosine, concentration):
+        combined = torch.where(dup.any(dim=1), z["agreement"], combined)   # a group is judged by its non-duplicate
+                                                                           # neighbourhood alone
     signal_z = torch.full_like(values, float("nan"))
     for name, zs in z.items():
         signal_z[:, SIGNALS.index(name)] = zs
