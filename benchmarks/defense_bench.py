@@ -458,7 +458,8 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
     if ablations:
         out += [f"## Ablations (otcclip, {' / '.join(ABLATION_CELL)}): what each part buys\n"] + ablations + [""]
         out += ["Each variant minus the unchanged otcclip on the same seeds (mean; a difference within 2 std of the "
-                "seeds' spread is none):\n"] + variant_effects(variants, list(ABLATIONS), {**results, **variants}, base) + [""]
+                "seeds' spread is none):\n"]
+        out += variant_effects(variants, list(ABLATIONS), {**results, **variants}, base) + [""]
     stress = variant_table(variants, list(STRESS), {})
     if stress:
         out += ["## Stress attacks (one seed each)\n"] + stress + [""]

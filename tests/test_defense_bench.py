@@ -158,8 +158,9 @@ def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never
         written(cell, old)
     written(other, {"train.lr": 0.123})
     assert bench.current_cell(tmp_path, base, none) is not None
-    assert bench.current_cell(tmp_path, base, otc) is None and bench.recorded_cell(tmp_path, base, otc)[1] == "reference-64"
-    assert bench.current_cell(tmp_path, base, vote) is None and bench.recorded_cell(tmp_path, base, vote)[1] == "reference-64"
+    for cell in (otc, vote):
+        assert bench.current_cell(tmp_path, base, cell) is None
+        assert bench.recorded_cell(tmp_path, base, cell)[1] == "reference-64"
     assert bench.recorded_cell(tmp_path, base, other) is None
     written(otc, {})
     assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None
