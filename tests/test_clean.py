@@ -232,22 +232,20 @@ def test_two_clean_jobs_racing_on_one_out_cannot_both_write(ray_local, poisoned,
     assert done[0].total == N + 2 and not (Path(out_path) / LOCK_FILE).exists()
 
 
-def test_a_live_job_s_lock_refuses_a_second_job_on_s3(s3_bucket):
-    """On S3 the lock is a conditional PUT: of eight racing acquirers exactly one wins; the rest name it."""
+def _race(locks, display: str):
+    """Every lock of `locks` acquires at once (a barrier, one thread each): exactly one wins and every loser's
+    OutputLocked names the winner's job. Returns the winning lock."""
     import threading
 
-    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock, OutputLocked
+    from otc_ray.pipelines.output_lock import OutputLocked
 
-    s3, bucket = s3_bucket
-    fs = s3_filesystem(s3)
-    locks = [OutputLock(s3_filesystem(s3), f"{bucket}/out", "clean") for _ in range(8)]
     results: list[object] = [None] * len(locks)
     barrier = threading.Barrier(len(locks))
 
     def take(i: int) -> None:
         barrier.wait()
         try:
-            locks[i].acquire(f"s3://{bucket}/out")
+            locks[i].acquire(display)
             results[i] = "held"
         except OutputLocked as e:
             results[i] = e
@@ -257,44 +255,34 @@ def test_a_live_job_s_lock_refuses_a_second_job_on_s3(s3_bucket):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    winner = results.index("held")
     assert results.count("held") == 1, results
-    assert all(locks[winner].job_id in str(r) for r in results if r != "held")
-    locks[winner].release()
+    winner = locks[results.index("held")]
+    assert all(f"job {winner.job_id}" in str(r) for r in results if r != "held"), results
+    return winner
+
+
+def test_a_live_job_s_lock_refuses_a_second_job_on_s3(s3_bucket):
+    """On S3 the lock is a conditional PUT: of eight racing acquirers exactly one wins; the rest name it."""
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock
+
+    s3, bucket = s3_bucket
+    fs = s3_filesystem(s3)
+    locks = [OutputLock(s3_filesystem(s3), f"{bucket}/out", "clean") for _ in range(8)]
+    winner = _race(locks, f"s3://{bucket}/out")
+    winner.release()
     assert not fs.exists(f"{bucket}/out/{LOCK_FILE}")
 
 
 def test_racing_acquirers_on_local_disk_always_name_the_winner(tmp_path):
     """Locally the lock is a hard link of a fully written file: in every one of 25 rounds of eight racing acquirers
     exactly one wins and every loser reads the winner's whole record (never an empty, half-created lock)."""
-    import threading
-
     from fsspec.implementations.local import LocalFileSystem
 
-    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock, OutputLocked
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLock
 
     root = str(tmp_path / "out")
     for _ in range(25):
-        locks = [OutputLock(LocalFileSystem(), root, "clean") for _ in range(8)]
-        results: list[object] = [None] * len(locks)
-        barrier = threading.Barrier(len(locks))
-
-        def take(i: int) -> None:
-            barrier.wait()
-            try:
-                locks[i].acquire(root)
-                results[i] = "held"
-            except OutputLocked as e:
-                results[i] = e
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(locks))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert results.count("held") == 1, results
-        winner = locks[results.index("held")]
-        assert all(f"job {winner.job_id}" in str(r) for r in results if r != "held"), results
+        winner = _race([OutputLock(LocalFileSystem(), root, "clean") for _ in range(8)], root)
         winner.release()
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [], "the lock and staged files are gone"
     assert not (tmp_path / "out" / LOCK_FILE).exists()
