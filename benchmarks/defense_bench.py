@@ -470,7 +470,7 @@ def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B ('' = none)")
     parser.add_argument("--defenses", default=",".join(DEFENSES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rebuild the tables from the cell files that hold current settings")
     args, overrides = parser.parse_known_args(argv)
-    datasets, attacks = args.datasets.split(","), args.attacks.split(",")
+    datasets, attacks = args.datasets.split(","), [a for a in args.attacks.split(",") if a]   # '' = clean refs only
     for a in attacks:
         if any(p not in ATTACKS for p in a.split("+")):
             parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
