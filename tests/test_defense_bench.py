@@ -164,3 +164,14 @@ def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never
     assert bench.recorded_cell(tmp_path, base, other) is None
     written(otc, {})
     assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None
+
+
+def test_empty_attack_list_asks_for_the_clean_references_alone(tmp_path, capsys):
+    argv = ["--report-only", "--datasets", "fashion", "--seeds", "0,1", "--defenses", "none,roclip",
+            "--cells", str(tmp_path / "cells"), "--output", str(tmp_path / "defense.md")]
+    assert bench.main(argv + ["--attacks="]) == 0
+    assert "0 of 4 cells have a result file" in capsys.readouterr().out           # 2 seeds x 2 clean references
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--attacks=patch,bogus"])
+    sig, _ = bench.cell_config(bench.load_config(bench.BASE, []), bench.Cell("fashion", "sig", "none", 0))
+    assert (sig.poison.trigger, sig.poison.sig_delta) == ("sig", 80.0)            # the size `none` learns (sizing)
