@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
+from otc_ray.track import compare  # noqa: E402
 from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
 from otc_ray.track.plots import plot_compare  # noqa: E402
@@ -417,23 +418,11 @@ def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell
     return lines
 
 
-REMATCH_FIGURES = (N.REMATCH_DETECT_PRECISION, N.REMATCH_DETECT_RECALL, N.REMATCH_DAMAGE)
-
-
 def at_last_rematch(result: CellResult) -> CellResult:
-    """The cell with its detection and damage figures from the last epoch whose re-matching flagged anything (flag
-    rate > 0). RoCLIP re-matches every K epochs: its final epoch trains on the crawled captions and would report
-    recall 0 and damage 0. Defenses that flag every epoch (otcclip, safeclip) keep their final figures."""
-    flagged = [epoch for epoch, rate in result.history.get(N.REMATCH_FLAG_RATE, []) if rate > 0]
-    if not flagged:
-        return result
-    metrics = dict(result.record.metrics)
-    for key in REMATCH_FIGURES:
-        metrics.pop(key, None)
-        at = dict(result.history.get(key, []))
-        if flagged[-1] in at:
-            metrics[key] = at[flagged[-1]]
-    return dataclasses.replace(result, record=dataclasses.replace(result.record, metrics=metrics))
+    """The cell with its detection and damage figures from the last epoch that re-matched (`compare.at_last_rematch`:
+    RoCLIP's final epoch re-matches nothing)."""
+    record = compare.at_last_rematch(result.record, lambda run, key: result.history.get(key, []))
+    return result if record is result.record else dataclasses.replace(result, record=record)
 
 
 def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None,

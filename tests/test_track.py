@@ -73,6 +73,23 @@ def test_compare_groups_seeds_with_mean_and_std_and_draws_both_plots(tmp_path):
         compare(tracking_uri(cfg), "absent", "text")
 
 
+def test_compare_reports_damage_of_the_last_epoch_that_re_matched(tmp_path):
+    """RoCLIP re-matches every 2nd epoch; its final epoch flags nothing. The table shows the re-matching epoch's
+    recall and damage (a real MLflow store's metric history), not the final zeros."""
+    cfg = _cfg(tmp_path, "poison.attack=backdoor", "poison.count=20")
+    run_cfg = replace(cfg, train__defense="roclip", name="roclip-0")
+    uri, run_id = tracking_uri(run_cfg), start_or_resume_run(run_cfg)
+    log = RunLogger(uri, run_id)
+    for epoch, (rate, recall, damage) in enumerate([(0.0, 0.0, 0.0), (1.0, 0.98, 0.61), (0.0, 0.0, 0.0)]):
+        log.metrics({"rematch/flag_rate": rate, "rematch/detect_recall": recall, "rematch/damage": damage}, step=epoch)
+    log.metrics({"final/zeroshot_top1": 0.4}, step=3)
+    log.finish()
+    table, _ = compare(uri, "track-test", "csv")
+    header, row = table.strip().splitlines()
+    figures = dict(zip(header.split(","), row.split(",")))
+    assert (figures["det R"], figures["damage"], figures["zero-shot"]) == ("0.980", "0.610", "0.400")
+
+
 def test_epoch_progress_prints_each_finished_epoch_once(tmp_path, capsys):
     from otc_ray.train.progress import EpochProgress
 

@@ -1,16 +1,18 @@
 """`otc-ray compare`: runs of an experiment side by side, mean ± std over seeds, and two plots.
 
 Runs are grouped by (data set, defense, attack, trigger, poison count); each group shows how many
-seeds it holds and, per metric, the mean ± std of the runs' final values.
+seeds it holds and, per metric, the mean ± std of the runs' final values; detection and damage are those of the
+last epoch that re-matched (`at_last_rematch`).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -26,6 +28,26 @@ METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("lin-probe", N.FINAL_LINEAR_PR
            ("backdoor ASR", N.FINAL_BACKDOOR_ASR), ("targeted ASR", N.FINAL_TARGETED_ASR),
            ("det P", N.REMATCH_DETECT_PRECISION), ("det R", N.REMATCH_DETECT_RECALL),
            ("damage", N.REMATCH_DAMAGE), ("samples/s", N.TRAIN_SAMPLES_PER_S_WORKER), ("time s", N.RUN_SECONDS))
+
+REMATCH_FIGURES = (N.REMATCH_DETECT_PRECISION, N.REMATCH_DETECT_RECALL, N.REMATCH_DAMAGE)
+History = Callable[[RunRecord, str], list[tuple[int, float]]]      # (run, metric) -> [(epoch, value)]
+
+
+def at_last_rematch(run: RunRecord, history: History) -> RunRecord:
+    """The run with its detection and damage figures from the last epoch whose re-matching flagged anything (flag
+    rate > 0). RoCLIP re-matches every K epochs: its final epoch trains on the crawled captions and would report
+    recall 0 and damage 0. Runs that flag every epoch (otcclip, safeclip) or never re-match (none) are unchanged."""
+    if N.REMATCH_FLAG_RATE not in run.metrics:
+        return run
+    flagged = [epoch for epoch, rate in history(run, N.REMATCH_FLAG_RATE) if rate > 0]
+    if not flagged or flagged[-1] == max(epoch for epoch, _ in history(run, N.REMATCH_FLAG_RATE)):
+        return run
+    metrics = {k: v for k, v in run.metrics.items() if k not in REMATCH_FIGURES}
+    for key in REMATCH_FIGURES:
+        at = dict(history(run, key))
+        if flagged[-1] in at:
+            metrics[key] = at[flagged[-1]]
+    return dataclasses.replace(run, metrics=metrics)
 
 
 @dataclass
@@ -106,6 +128,6 @@ def compare(uri: str, experiment: str, fmt: str = "text", plots_dir: Path | None
     if not runs:
         raise ValueError(f"no runs in experiment {experiment!r} at {uri}" + (f" named {sorted(run_names)}"
                                                                           if run_names else ""))
-    rows = group_runs(runs)
     history = lambda run, key: metric_history(uri, run.run_id, key)  # noqa: E731
+    rows = group_runs([at_last_rematch(r, history) for r in runs])
     return render(rows, fmt), (plot_compare(rows, history, plots_dir) if plots_dir else [])
