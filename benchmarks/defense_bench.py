@@ -50,9 +50,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np  # noqa: E402
 
 from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
+from otc_ray.track import compare  # noqa: E402
 from otc_ray.track import metric_names as N  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
-from otc_ray.track import compare  # noqa: E402
 from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
 from otc_ray.track.plots import plot_compare  # noqa: E402

@@ -39,8 +39,9 @@ def at_last_rematch(run: RunRecord, history: History) -> RunRecord:
     recall 0 and damage 0. Runs that flag every epoch (otcclip, safeclip) or never re-match (none) are unchanged."""
     if N.REMATCH_FLAG_RATE not in run.metrics:
         return run
-    flagged = [epoch for epoch, rate in history(run, N.REMATCH_FLAG_RATE) if rate > 0]
-    if not flagged or flagged[-1] == max(epoch for epoch, _ in history(run, N.REMATCH_FLAG_RATE)):
+    rates = history(run, N.REMATCH_FLAG_RATE)
+    flagged = [epoch for epoch, rate in rates if rate > 0]
+    if not flagged or flagged[-1] == max(epoch for epoch, _ in rates):
         return run
     metrics = {k: v for k, v in run.metrics.items() if k not in REMATCH_FIGURES}
     for key in REMATCH_FIGURES:
