@@ -49,7 +49,8 @@ def test_targets_report_met_and_missed_with_their_figures():
     assert "vs safeclip 0.655 (>= +0.02 where it stops the attack; difference +0.035 > 2 std): met" in lines
     assert "P 0.900 / R 0.970" in lines and "damage 0.0100 (target <= 0.02): met" in lines
     assert "targeted" not in lines
-    assert bench.target_lines(values, ["shapes"], ["patch"]) == ["- shapes / patch: not run yet (no cell files)"]
+    assert bench.target_lines(values, ["shapes"], ["patch+targeted", "patch"]) == [
+        "- shapes / patch+targeted: not run yet (no cell files)"]       # a row of the matrix; `patch` is not one
     values[("fashion", "blended", "otcclip")] = {"final/backdoor_asr": [0.01]}         # `none` of this attack not run
     assert "fashion / blended: no-defense backdoor ASR nan (target >= 0.9): not run yet (no cell files)" in \
         "\n".join(bench.target_lines(values, ["fashion"], ["blended"]))
