@@ -390,7 +390,10 @@ def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, 
         members = groups[key]
         row = Row(key, len(members), [m.record for m in members],
                   {m: [r.record.metrics[m] for r in members if m in r.record.metrics] for _, m in VARIANT_METRICS})
-        lines.append("| " + " | ".join([*key, str(len(members))] + [row.cell(m) for _, m in VARIANT_METRICS]) + " |")
+        # an ASR of an attack the cell does not carry (the triggered images of a targeted-only attack) is no figure
+        absent = {N.FINAL_BACKDOOR_ASR} if key[2] == "targeted" else set()
+        lines.append("| " + " | ".join([*key, str(len(members))] + ["-" if m in absent else row.cell(m)
+                                                                     for _, m in VARIANT_METRICS]) + " |")
     return lines if len(groups) > 0 else []
 
 

@@ -200,3 +200,21 @@ def test_detection_and_damage_come_from_the_last_epoch_that_re_matched():
     assert bench.at_last_rematch(every_epoch).record.metrics[N.REMATCH_DAMAGE] == 0.02
     none = CellResult({}, "d", "c", RunRecord("x", "n", "FINISHED", {}, {}, {N.FINAL_ZEROSHOT_TOP1: 0.6}), {})
     assert bench.at_last_rematch(none) is none
+
+
+def test_the_stress_table_shows_no_backdoor_asr_for_a_targeted_only_attack():
+    """A targeted-only cell still measures the triggered test images (the rate without a backdoor); the table must not
+    print that as the attack's ASR, while a backdoor cell keeps its figure."""
+    from otc_ray.track.cells import CellResult
+    from otc_ray.track.mlflow_logger import RunRecord
+
+    def result(attack: str, asr: float, targeted: float | None) -> CellResult:
+        metrics = {"final/zeroshot_top1": 0.6, "final/backdoor_asr": asr}
+        metrics |= {"final/targeted_asr": targeted} if targeted is not None else {}
+        return CellResult({}, "d", "c", RunRecord(f"run-{attack}", attack, "FINISHED", {}, {}, metrics))
+
+    results = {bench.Cell("fashion", "targeted", "none", 0, "data-captions"): result("targeted", 0.017, 0.5),
+               bench.Cell("fashion", "patch", "none", 0, "rate-5%"): result("patch", 0.99, None)}
+    table = "\n".join(bench.variant_table(results, list(bench.STRESS), {}))
+    assert "| data-captions | fashion | targeted | none | 1 | 0.600 | - | 0.500 |" in table
+    assert "| rate-5% | fashion | patch | none | 1 | 0.600 | 0.990 | - |" in table
