@@ -205,12 +205,13 @@ def test_detection_and_damage_come_from_the_last_epoch_that_re_matched():
 def test_the_stress_table_shows_no_backdoor_asr_for_a_targeted_only_attack():
     """A targeted-only cell still measures the triggered test images (the rate without a backdoor); the table must not
     print that as the attack's ASR, while a backdoor cell keeps its figure."""
+    from otc_ray.track import metric_names as N
     from otc_ray.track.cells import CellResult
     from otc_ray.track.mlflow_logger import RunRecord
 
     def result(attack: str, asr: float, targeted: float | None) -> CellResult:
-        metrics = {"final/zeroshot_top1": 0.6, "final/backdoor_asr": asr}
-        metrics |= {"final/targeted_asr": targeted} if targeted is not None else {}
+        metrics = {N.FINAL_ZEROSHOT_TOP1: 0.6, N.FINAL_BACKDOOR_ASR: asr}
+        metrics |= {N.FINAL_TARGETED_ASR: targeted} if targeted is not None else {}
         return CellResult({}, "d", "c", RunRecord(f"run-{attack}", attack, "FINISHED", {}, {}, metrics))
 
     results = {bench.Cell("fashion", "targeted", "none", 0, "data-captions"): result("targeted", 0.017, 0.5),
