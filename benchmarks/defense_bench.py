@@ -88,6 +88,9 @@ ABLATIONS = {
     "gate-agreement": {"rematch.gate_signals": ("agreement",)},
     "gate-concentration": {"rematch.gate_signals": ("concentration",)},
     "no-concentration": {"rematch.gate_signals": ("cosine", "agreement")},   # the gate without its OT signal
+    # the OT signal with caption agreement over pixel-signature neighbours, a graph the poisoned model cannot shape
+    # (threshold from benchmarks/gate_signals.py on seed 0's data)
+    "gate-pixel": {"rematch.gate_signals": ("concentration", "pixel_agreement"), "rematch.gate_threshold": -2.5},
     "drop": {"rematch.action": "drop"},
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
     "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching

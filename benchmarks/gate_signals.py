@@ -5,8 +5,8 @@
         [--config otc_ray/configs/demo.yaml] [key=value ...]
 
 Each checkpoint re-matches the whole (poisoned) shard set block by block, in a seeded shuffled order, with
-`Matcher` exactly as one re-match actor does (gate `evidence`, all three signals, bank as configured, sticky
-flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan concentration) and
+`Matcher` exactly as one re-match actor does (gate `evidence` as configured, every signal measured, bank as
+configured, sticky flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan concentration) and
 their caption-calibrated z-scores, then reports, backdoor and targeted pairs apart against the clean ones:
 the AUROC of every raw signal, every calibrated z and its absolute value (an outlier either way), and for each
 combination of signals (min = union of outliers, mean) the flag rate, precision and recall at several thresholds,
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     from otc_ray.rematch.matcher import Matcher
 
     cfg = load_config(args.config, ["rematch.gate=evidence", "rematch.sticky=false", *overrides])
-    rcfg = dataclasses.replace(cfg.rematch, gate_signals=SIGNALS)
+    # every signal is measured (as a high-side signal that never flags); the matcher's own flags use the gate as
+    # configured (rematch.gate_signals, gate_combine, gate_threshold)
+    rcfg = dataclasses.replace(cfg.rematch, gate_high_signals=SIGNALS, gate_high_threshold=1e9)
     rows = read_rows(args.data, cfg.data)
     order = np.random.default_rng(args.seed).permutation(len(rows.keys))
     kind, labels = rows.kind[order], rows.labels[order]
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "abs_z": dict(zip(SIGNALS, both)), "min": mins, "mean": means}
             lines.append(f"| {name} | {attack} | " + " | ".join(f"{v:.3f}" for v in raw + cal + both + [mins, means])
                          + " |")
-        for size in (1, 2, 3):
+        for size in range(1, len(SIGNALS) + 1):
             for combo in itertools.combinations(range(len(SIGNALS)), size):
                 for how in (("min", "high") if size == 1 else ("min", "mean")):
                     sub = z[:, combo]

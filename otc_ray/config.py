@@ -413,7 +413,7 @@ def _check_ranges(obj: Any, prefix: str) -> None:
     if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
         raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
     if isinstance(obj, RematchConfig):
-        known = ("cosine", "agreement", "concentration")            # otc_ray.rematch.signals.SIGNALS
+        known = ("cosine", "agreement", "concentration", "pixel_agreement")   # otc_ray.rematch.signals.SIGNALS
         bad = [s for s in obj.gate_signals if s not in known]
         if bad or not obj.gate_signals:
             raise ConfigError(f"config key '{prefix}gate_signals': must name some of {', '.join(known)}, "

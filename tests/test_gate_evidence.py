@@ -136,6 +136,38 @@ def test_pairs_fitted_unusually_well_are_high_side_outliers_flagged_only_when_as
     assert torch.equal(both.flagged[:-P], low.flagged[:-P]), "the high side flags no clean pair"
 
 
+def test_pixel_neighbours_find_a_trigger_the_model_has_learnt():
+    """A model that has learnt a trigger maps 6 triggered images (classes 0, 2, 3) beside the class-1 images and
+    captions: in its embedding their neighbours' captions agree with their class-1 captions, so `agreement` passes
+    them. Their pixel signatures still lie with their own classes, whose captions disagree: `pixel_agreement`
+    flags them, and no clean pair; without signatures the signal is unknown (NaN) and flags nothing."""
+    g = torch.Generator().manual_seed(5)
+    img, txt, label, dirs = _clusters(seed=4, per_class=32)
+    d, P = dirs.shape[1], 6
+    pixel_dirs = _unit(torch.randn(len(dirs), d, generator=g))                         # a pixel space of its own
+    sig = _unit(pixel_dirs[label] + 0.3 * torch.randn(len(label), d, generator=g) / d ** 0.5)
+    txt = _unit(dirs[label] + 0.5 * torch.randn(len(label), d, generator=g) / d ** 0.5)     # loosely worded captions
+    true = torch.tensor([0, 2, 3, 0, 2, 3])
+    img = torch.cat([img, _unit(dirs[1] + 0.25 * torch.randn(P, d, generator=g) / d ** 0.5)])     # learnt: class 1
+    txt = torch.cat([txt, _unit(dirs[1] + 0.5 * torch.randn(P, d, generator=g) / d ** 0.5)])
+    sig = torch.cat([sig, _unit(pixel_dirs[true] + 0.3 * torch.randn(P, d, generator=g) / d ** 0.5)])
+    B = len(label) + P
+    keys = torch.arange(B, dtype=torch.int64)
+    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=keys, signatures=sig)
+    # a poisoned image also lowers its clean pixel neighbours' agreement a little (z down to about -4 here)
+    base = _cfg(alpha=1.0, neighbours=5, gate_reference=32, gate_threshold=-5.0)
+    model = match_block(ImageFeatures(img, None, keys, sig), pool, keys, dataclasses.replace(
+        base, gate_signals=("agreement",)), OT)
+    assert not bool(model.flagged[-P:].any()), model.gate_z[-P:]
+    pixel = match_block(ImageFeatures(img, None, keys, sig), pool, keys, dataclasses.replace(
+        base, gate_signals=("pixel_agreement",)), OT)
+    assert bool(pixel.flagged[-P:].all()) and not bool(pixel.flagged[:-P].any()), pixel.gate_z
+    assert bool(torch.isnan(model.signals[:, 3]).all()), "measured only when the gate asks for it"
+    blind = match_block(ImageFeatures(img, None, keys), Pool(CaptionFeatures(txt), img, keys, torch.ones(
+        B, dtype=torch.bool), image_ids=keys), keys, dataclasses.replace(base, gate_signals=("pixel_agreement",)), OT)
+    assert bool(torch.isnan(blind.signals[:, 3]).all()) and not bool(blind.flagged.any())
+
+
 def test_ot_picks_the_caption_whose_words_match_the_patches():
     """A flagged image with two candidate captions: X's words are the image's patches but X's global embedding
     points away from the image; Y's global embedding is the image's but its words match nothing. The fused score

@@ -37,7 +37,7 @@ from otc_ray import identity
 from otc_ray.model import ClipBundle, encode_image, encode_text, features, images_to_tensor
 
 from .gates import gmm_clean_probability, margin_flags, neighbour_agreement, neighbour_vote, robust_z
-from .signals import SIGNALS, caption_calibrated_z, combine_z, plan_concentration
+from .signals import NEIGHBOURHOOD_SIGNALS, SIGNALS, caption_calibrated_z, combine_z, plan_concentration
 
 
 # ----------------------------------------------------------------------------------------- containers
@@ -236,8 +236,9 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     """Signals, calibration and combination of the evidence gate (see the module docstring and `signals.py`).
 
     cos (B, N): global cosines of the block's images against the pool captions; not_pool (B, N) bool: the image
-    itself and bank copies of its key. A sample with copies in the pool is judged by neighbour agreement alone (when
-    it is a gate signal): K copies teach the model their own caption, so their cosine and plan say what they taught.
+    itself and bank copies of its key. A sample with copies in the pool is judged by its neighbourhood signals alone
+    (agreement, pixel_agreement, those in the gate): K copies teach the model their own caption, so their cosine and
+    plan say what they taught.
     """
     B, dev = images.image.shape[0], images.image.device
     own = torch.arange(B, device=dev)
@@ -249,6 +250,10 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     values[:, SIGNALS.index("agreement")] = agreement
     own_distance = torch.full((B,), float("nan"), device=dev)
     measured = tuple(dict.fromkeys(cfg.gate_signals + cfg.gate_high_signals))        # the gate's signals, in order
+    if "pixel_agreement" in measured and images.signature is not None and pool.signatures is not None:
+        values[:, SIGNALS.index("pixel_agreement")] = neighbour_agreement(
+            images.signature, pool.signatures.to(dev), pool.captions.text[:B], pool.captions.text, cfg.neighbours,
+            not_pool | dup)[0]
     if "concentration" in measured or (cfg.replace == "fused" and cfg.method == "otcclip" and cfg.alpha < 1):
         caps = pool.captions
         if images.patches is None or caps.words is None or caps.word_mask is None:
@@ -266,9 +271,9 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
                                  pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
          for s in measured}
     combined = combine_z({s: z[s] for s in cfg.gate_signals}, cfg.gate_combine)
-    if "agreement" in cfg.gate_signals:   # K copies teach the model their own caption (cosine, concentration):
-        combined = torch.where(dup.any(dim=1), z["agreement"], combined)   # a group is judged by its non-duplicate
-                                                                           # neighbourhood alone
+    hood = {s: z[s] for s in NEIGHBOURHOOD_SIGNALS if s in cfg.gate_signals}
+    if hood:        # K copies teach the model their own caption (cosine, concentration): a group is judged by its
+        combined = torch.where(dup.any(dim=1), combine_z(hood, cfg.gate_combine), combined)   # neighbourhood alone
     signal_z = torch.full_like(values, float("nan"))
     for name, zs in z.items():
         signal_z[:, SIGNALS.index(name)] = zs

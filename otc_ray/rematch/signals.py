@@ -1,6 +1,6 @@
 """Per-sample poison evidence for the re-matching gate (METHOD.md B2). Pure torch, no Ray.
 
-Three signals, each computed for the block's own (image, caption) pairs, each oriented so that LOW = suspicious:
+Four signals, each computed for the block's own (image, caption) pairs, each oriented so that LOW = suspicious:
 
     cosine         g_i . t_i, the global similarity of the pair; strong before a backdoor forms, then inverted
     agreement      mean text cosine between the own caption and the captions of the image's nearest non-duplicate
@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .gates import MAD_TO_STD
 
-SIGNALS = ("cosine", "agreement", "concentration")
+SIGNALS = ("cosine", "agreement", "concentration", "pixel_agreement")
+NEIGHBOURHOOD_SIGNALS = ("agreement", "pixel_agreement")   # what a duplicate group is judged by (not its own pair)
 
 
 def plan_concentration(plan: Tensor, word_mask: Optional[Tensor] = None) -> Tensor:
