@@ -34,7 +34,7 @@ from otc_ray.evaluate.detection import detection_auroc
 from otc_ray.rematch.signals import SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
-THRESHOLDS = (-2.0, -2.5, -3.0, -3.5, -4.0)
+THRESHOLDS = (-1.0, -1.5, -2.0, -2.5, -3.0, -3.5, -4.0)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,11 @@ Four signals, each computed for the block's own (image, caption) pairs, each ori
     concentration  minus the OT plan's concentration: for each real caption word, the largest share of its
                    transport mass on one patch, averaged over the words; a backdoored caption's words pile onto
                    the trigger, so a high concentration is suspicious, and it keeps its power after the backdoor forms
+    pixel_agreement  the same agreement over the image's nearest pool images by pixel signature
+                   (`otc_ray.identity.pixel_signatures`): a neighbour graph no training shapes, so a trigger the model
+                   has learnt does not move it (a stand-in, on these small data sets, for a frozen image encoder
+                   trained apart; off by default). Its caption side is the model's text embedding: a model-free one
+                   (tf-idf word overlap) ranked the poison as well but gave no outliers (results/gate_pixel.md)
 
 Raw values are not comparable across captions (a caption's class sets its typical cosine, agreement and
 concentration), so each signal is calibrated within the caption's own cluster: a robust z-score against the same
