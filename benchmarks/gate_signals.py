@@ -6,12 +6,13 @@
 
 Each checkpoint re-matches the whole (poisoned) shard set block by block, in a seeded shuffled order, with
 `Matcher` exactly as one re-match actor does (gate `evidence` as configured, every signal measured, bank as
-configured, sticky flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan concentration) and
-their caption-calibrated z-scores, then reports, backdoor and targeted pairs apart against the clean ones:
-the AUROC of every raw signal, every calibrated z and its absolute value (an outlier either way), and for each
-combination of signals (min = union of outliers, mean) the flag rate, precision and recall at several thresholds,
-and damage (clean pairs re-captioned with another class's caption). Data are read in this process (no Ray). Writes
-a markdown table (--output) and one JSON line per checkpoint (--json) as each finishes.
+configured, sticky flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan
+concentration, pixel-neighbour agreement) and their caption-calibrated z-scores, then reports, backdoor and
+targeted pairs apart against the clean ones: the AUROC of every raw signal, every calibrated z and its absolute
+value (an outlier either way), and for each combination of signals (min = union of outliers, mean) the flag rate,
+precision and recall at several thresholds; and the configured gate's own flags, precision, recall and damage
+(clean pairs re-captioned with another class's caption). Data are read in this process (no Ray). Writes a
+markdown table (--output) and one JSON line per checkpoint (--json) as each finishes.
 """
 from __future__ import annotations
 
