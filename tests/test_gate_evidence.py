@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from otc_ray.config import OTConfig, RematchConfig
 from otc_ray.rematch.matcher import CaptionFeatures, ImageFeatures, Pool, match_block
-from otc_ray.rematch.signals import caption_calibrated_z, combine_z, plan_concentration
+from otc_ray.rematch.signals import SIGNALS, caption_calibrated_z, combine_z, plan_concentration
 
 OT = OTConfig(eps=0.05, iters=100)
 
@@ -162,10 +162,10 @@ def test_pixel_neighbours_find_a_trigger_the_model_has_learnt():
     pixel = match_block(ImageFeatures(img, None, keys, sig), pool, keys, dataclasses.replace(
         base, gate_signals=("pixel_agreement",)), OT)
     assert bool(pixel.flagged[-P:].all()) and not bool(pixel.flagged[:-P].any()), pixel.gate_z
-    assert bool(torch.isnan(model.signals[:, 3]).all()), "measured only when the gate asks for it"
+    assert bool(torch.isnan(model.signals[:, SIGNALS.index("pixel_agreement")]).all()), "measured only when the gate asks for it"
     blind = match_block(ImageFeatures(img, None, keys), Pool(CaptionFeatures(txt), img, keys, torch.ones(
         B, dtype=torch.bool), image_ids=keys), keys, dataclasses.replace(base, gate_signals=("pixel_agreement",)), OT)
-    assert bool(torch.isnan(blind.signals[:, 3]).all()) and not bool(blind.flagged.any())
+    assert bool(torch.isnan(blind.signals[:, SIGNALS.index("pixel_agreement")]).all()) and not bool(blind.flagged.any())
 
 
 def test_ot_picks_the_caption_whose_words_match_the_patches():
