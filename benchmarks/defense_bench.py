@@ -91,6 +91,8 @@ ABLATIONS = {
     # the OT signal with caption agreement over pixel-signature neighbours, a graph the poisoned model cannot shape
     # (threshold from benchmarks/gate_signals.py on seed 0's data)
     "gate-pixel": {"rematch.gate_signals": ("concentration", "pixel_agreement"), "rematch.gate_threshold": -2.5},
+    # today's gate, and every image that carries the pixel pattern the gate's flagged images share (rematch/trigger.py)
+    "propagate": {"rematch.propagate": True},
     "drop": {"rematch.action": "drop"},
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
     "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching

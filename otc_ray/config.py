@@ -192,6 +192,13 @@ class RematchConfig:
     publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
     every: int = 1
     sticky: bool = True
+    propagate: bool = False         # also flag the images that carry the pixel pattern the gate's flagged images
+                                    # share (rematch/trigger.py: a backdoor's trigger); needs sticky (the flag store)
+    propagate_floor: float = 0.5    # propagate: reference cosines below this never join the pattern's cluster
+    propagate_min_gap: float = 0.15 # propagate: the cluster stands this far above the rest of the reference
+    propagate_max_share: float = 0.1        # propagate: at most this share of the reference in the cluster
+    propagate_min_weight: float = 10.0      # propagate: flagged images (copies count once) before a pattern is tried
+    propagate_reference: int = 4096 # propagate: pixel grids in the reference sample (1 key in 8, first come)
     min_actors: int = 1
     max_actors: int = 2
     actor_num_cpus: float = 0.5      # 0: a GPU actor, or one on a node that gives its CPUs to nothing else
@@ -383,18 +390,19 @@ _RANGES = {
                      "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
                      "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets",
                      "per_target", "num_cpus", "object_store_mb", "num_eval", "train_iters", "log_every",
-                     "assign_iters", "keep_checkpoints", "gate_reference"), ">= 1"),
+                     "assign_iters", "keep_checkpoints", "gate_reference", "propagate_reference"), ">= 1"),
     **dict.fromkeys(("count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
-                     "copy_jitter", "actor_num_cpus"), ">= 0"),
+                     "copy_jitter", "actor_num_cpus", "propagate_min_weight"), ">= 0"),
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity",
                      "flush_timeout_s", "gate_high_threshold"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",
-                     "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
+                     "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale", "propagate_floor", "propagate_min_gap",
+                     "propagate_max_share"), "[0, 1]"),
     "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps
 }
 _UNBOUNDED = frozenset({"gate_threshold"})       # a z-score threshold: any real number
@@ -412,6 +420,8 @@ def _check_ranges(obj: Any, prefix: str) -> None:
             raise ConfigError(f"config key '{key}': {text}{_NOTES.get(f.name, '')}, got {v}")
     if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
         raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
+    if isinstance(obj, RematchConfig) and obj.propagate and not obj.sticky:
+        raise ConfigError(f"config key '{prefix}propagate': needs {prefix}sticky (the flag store keeps the pattern)")
     if isinstance(obj, RematchConfig):
         known = ("cosine", "agreement", "concentration", "pixel_agreement")   # otc_ray.rematch.signals.SIGNALS
         bad = [s for s in obj.gate_signals if s not in known]

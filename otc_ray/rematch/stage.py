@@ -11,7 +11,10 @@ untouched with neutral outputs: the stage never drops a row, so the accounting d
 restarts a dead actor and retries its batch (max_restarts / max_task_retries default to -1 for actor pools).
 
 With `rematch.sticky`, a FlagStore actor (flags.py) shared by every epoch's actors keeps the keys flagged so far:
-they stay flagged (and re-captioned / dropped / down-weighted) in later epochs whatever the gate says then.
+they stay flagged (and re-captioned / dropped / down-weighted) in later epochs whatever the gate says then. With
+`rematch.propagate` the store also estimates the pixel pattern the gate's flagged images share (trigger.py): each
+block reports the pixels of its new gate flags and of its reference-sample keys, and an image that carries the
+current pattern is flagged as if flagged before.
 
 Fault injection for tests: when OTC_RAY_FAULT_BATCH=N and OTC_RAY_FAULT_MARKER=<path> are in the actor's
 environment (e.g. `ray_remote_args={"runtime_env": {"env_vars": {...}}}`), the actor that processes its N-th
@@ -33,6 +36,7 @@ from otc_ray.model import build_model
 
 from .flags import flag_store
 from .matcher import BlockMatch, Matcher
+from .trigger import PropagateConfig, in_reference_sample, pattern_cosine, pixel_grid
 from .weights import StoreRef, WeightFollower, weight_store
 
 FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
@@ -113,14 +117,25 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
     if matcher is not None and good.any():
         rows = np.flatnonzero(good)
         block_keys = [str(k) for k in keys[rows]]
-        prior = ray.get(flags.query.remote(block_keys)) if flags is not None else None
-        m: BlockMatch = matcher.match(np.asarray(batch[S.IMAGE])[rows], [str(c) for c in captions[rows]],
-                                      block_keys, prior=prior, labels=labels[rows])
+        images = np.asarray(batch[S.IMAGE])[rows]
+        grid = None
+        if flags is not None and matcher.cfg.propagate:
+            prior, grid = _propagate(flags, images, block_keys)
+        else:
+            prior = ray.get(flags.query.remote(block_keys)) if flags is not None else None
+        m: BlockMatch = matcher.match(images, [str(c) for c in captions[rows]], block_keys, prior=prior,
+                                      labels=labels[rows])
         r = m.result
         if flags is not None:
             new = [k for k, f, p in zip(block_keys, r.flagged.tolist(), prior) if f and not p]
-            if new:
-                flags.add.remote(new)                                                   # fire and forget
+            # the gate's own new flags (never a propagated one) feed the pattern, copies weighing 1 / group size
+            by_gate = None if grid is None else \
+                (r.flagged if r.gate_flagged is None else r.gate_flagged) & ~torch.tensor(prior)
+            if by_gate is not None and bool(by_gate.any()):
+                w = by_gate.float() / (1.0 if r.group_size is None else r.group_size.float())
+                flags.add.remote(new, (w.unsqueeze(1) * grid).sum(0).numpy(), float(w.sum()))   # fire and forget
+            elif new:
+                flags.add.remote(new)
         out[S.CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
         out[S.SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
         out[S.SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
@@ -135,6 +150,21 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
         out[S.GROUP_SIZE][rows] = 1 if r.group_size is None else r.group_size.numpy()
         out[S.WEIGHT][rows] = r.weight.float().numpy()
     return {**batch, **out}
+
+
+def _propagate(flags: "ray.actor.ActorHandle", images: np.ndarray, keys: list[str]) -> tuple[list[bool], "torch.Tensor"]:
+    """Trigger propagation for one block: the store's prior flags, OR-ed with the images that carry its current
+    pattern (cosine above its match); sends the block's reference-sample keys' grids. Returns (prior, grid (B, D))."""
+    prior, pat, wants = ray.get([flags.query.remote(keys), flags.pattern.remote(), flags.wants_reference.remote()])
+    grid = pixel_grid(images)
+    if wants:
+        pick = [i for i, k in enumerate(keys) if in_reference_sample(k)]
+        if pick:
+            flags.add_reference.remote([keys[i] for i in pick], grid[pick].round().to(torch.uint8).numpy())
+    if pat is not None:
+        hits = (pattern_cosine(grid, pat) >= pat.match).tolist()
+        prior = [p or h for p, h in zip(prior, hits)]
+    return prior, grid
 
 
 def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
@@ -158,7 +188,8 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
         # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup
         weights = weight_store(weights, namespace)
     if cfg.sticky and flags is None and cfg.method != "none":
-        flags = flag_store(journal=flag_journal, resume=resume_flags)
+        flags = flag_store(journal=flag_journal, resume=resume_flags, reference=cfg.propagate_reference,
+                           propagate=PropagateConfig.from_rematch(cfg) if cfg.propagate else None)
     resources: dict[str, Any] = {"num_cpus": cfg.actor_num_cpus}
     if cfg.actor_num_gpus > 0:
         resources["num_gpus"] = cfg.actor_num_gpus

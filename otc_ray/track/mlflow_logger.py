@@ -89,7 +89,10 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
 
 # keys added after runs and benchmark cells were recorded, with the default that trains as before: left out of the
 # digest while at that default, so what was recorded earlier keeps its digest (a value that changes training counts)
-LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": "2.5"}
+LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": "2.5",
+              "rematch.propagate": "False", "rematch.propagate_floor": "0.5", "rematch.propagate_min_gap": "0.15",
+              "rematch.propagate_max_share": "0.1",
+              "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096"}
 
 
 def training_digest(cfg: Config) -> str:
