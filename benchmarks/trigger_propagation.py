@@ -23,7 +23,7 @@ import torch
 
 from otc_ray.config import load_config
 from otc_ray.identity import image_ids
-from otc_ray.rematch.trigger import PropagateConfig, estimate_pattern, in_reference_sample, pattern_cosine, pixel_grid
+from otc_ray.rematch.trigger import PropagateConfig, estimate_pattern, in_reference_sample, pattern_match, pixel_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gate_signals", ROOT / "benchmarks" / "gate_signals.py")
@@ -42,10 +42,10 @@ def propagate_once(grid: torch.Tensor, ids: torch.Tensor, keys: list[str], flagg
     pat = estimate_pattern((w.unsqueeze(1) * grid[f]).sum(0), float(w.sum()), grid[reference].round(), cfg)
     hits = np.zeros(len(keys), bool)
     if pat is not None:
-        hits = (pattern_cosine(grid, pat) >= pat.match).numpy() & keep
+        hits = (pattern_match(grid, pat) >= pat.match).numpy() & keep
     return {"weight": float(w.sum()), "pattern": pat is not None, "mask": 0 if pat is None else int((pat.pattern != 0).sum()),
             "above": None if pat is None else pat.above, "gap": None if pat is None else pat.gap,
-            "match": None if pat is None else pat.match, "hits": hits}
+            "match": None if pat is None else pat.match, "centred": pat is not None and pat.centred, "hits": hits}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = propagate_once(grid, ids, keys, flagged, keep, pcfg)
             found = f"{int((r['hits'] & backdoor).sum())}/{int(backdoor.sum())}" if not clean_only else "-"
-            counts = "-" if r["above"] is None else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f}"
+            counts = ("-" if r["above"] is None
+                      else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f}" + " (ncc)" * r["centred"])
             lines.append(f"| {'clean pairs only' if clean_only else 'shard set'} | {n} | "
                          f"{int(poisoned[flagged].sum())}/{len(flagged)} | {r['weight']:.0f} | "
                          f"{'yes' if r['pattern'] else 'none'} | {r['mask'] or '-'} | "

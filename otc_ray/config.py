@@ -199,6 +199,7 @@ class RematchConfig:
     propagate_max_share: float = 0.1        # propagate: at most this share of the reference in the cluster
     propagate_min_weight: float = 10.0      # propagate: flagged images (copies count once) before a pattern is tried
     propagate_reference: int = 4096 # propagate: pixel grids in the reference sample (1 key in 8, first come)
+    propagate_centred: bool = False # propagate: when the cosine gives no cluster, try normalised cross-correlation
     min_actors: int = 1
     max_actors: int = 2
     actor_num_cpus: float = 0.5      # 0: a GPU actor, or one on a node that gives its CPUs to nothing else

@@ -13,8 +13,8 @@ from otc_ray.config import ConfigError, ModelConfig, OTConfig, RematchConfig, va
 from otc_ray.data import schema as S
 from otc_ray.data.builtin import generate
 from otc_ray.poison.triggers import TriggerSpec, apply_trigger
-from otc_ray.rematch.trigger import (PATTERN_SIDE, PropagateConfig, estimate_pattern, pattern_cosine, pixel_grid,
-                                     separate_cluster)
+from otc_ray.rematch.trigger import (PATTERN_SIDE, PropagateConfig, estimate_pattern, pattern_cosine, pattern_match,
+                                     pixel_grid, separate_cluster)
 
 N, POISONED = 600, 30
 
@@ -69,6 +69,30 @@ def test_a_blend_that_the_images_own_content_drowns_is_refused():
     grid = pixel_grid(images)
     flagged = list(range(0, 8)) + list(range(100, 108))
     assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig()) is None
+
+
+def test_a_corner_patch_among_objects_in_that_corner_is_found_by_correlation_when_the_cosine_sees_no_gap(fashion):
+    """Shapes' objects reach into the trigger's corner and shift the whole mask: by cosine the triggered images
+    stand barely above them; centred (normalised cross-correlation) they stand well apart. The fallback is used only
+    where the cosine finds nothing: on fashion the cosine's pattern is kept."""
+    images = _chunk("shapes")[0].copy()
+    images[:POISONED] = apply_trigger(images[:POISONED], TriggerSpec("patch", size=4, location="br"))
+    grid = pixel_grid(images)
+    flagged = list(range(0, 8)) + list(range(100, 108))
+    strict = PropagateConfig(min_gap=0.2)
+    assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], strict) is None
+    pat = estimate_pattern(*_flag_set(grid, flagged), grid[::3], dataclasses.replace(strict, centred=True))
+    assert pat is not None and pat.centred and pat.gap >= 0.2
+    hits = pattern_match(grid, pat) >= pat.match
+    assert hits[:POISONED].all() and not hits[POISONED:].any()
+
+    clean = fashion[0].copy()
+    clean[:POISONED] = apply_trigger(clean[:POISONED], TriggerSpec("blended", alpha=0.2))
+    grid = pixel_grid(clean)
+    pat = estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig(centred=True))
+    assert pat is not None and not pat.centred
+    random_clean = list(range(100, 140))
+    assert estimate_pattern(*_flag_set(grid, random_clean), grid[::3], PropagateConfig(centred=True)) is None
 
 
 def test_a_cluster_needs_a_gap_a_few_members_and_to_be_a_minority():

@@ -36,7 +36,7 @@ from otc_ray.model import build_model
 
 from .flags import flag_store
 from .matcher import BlockMatch, Matcher
-from .trigger import PropagateConfig, in_reference_sample, pattern_cosine, pixel_grid
+from .trigger import PropagateConfig, in_reference_sample, pattern_match, pixel_grid
 from .weights import StoreRef, WeightFollower, weight_store
 
 FAULT_BATCH_ENV = "OTC_RAY_FAULT_BATCH"
@@ -154,7 +154,7 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
 
 def _propagate(flags: "ray.actor.ActorHandle", images: np.ndarray, keys: list[str]) -> tuple[list[bool], "torch.Tensor"]:
     """Trigger propagation for one block: the store's prior flags, OR-ed with the images that carry its current
-    pattern (cosine above its match); sends the block's reference-sample keys' grids. Returns (prior, grid (B, D))."""
+    pattern (score above its match); sends the block's reference-sample keys' grids. Returns (prior, grid (B, D))."""
     prior, pat, wants = ray.get([flags.query.remote(keys), flags.pattern.remote(), flags.wants_reference.remote()])
     grid = pixel_grid(images)
     if wants:
@@ -162,7 +162,7 @@ def _propagate(flags: "ray.actor.ActorHandle", images: np.ndarray, keys: list[st
         if pick:
             flags.add_reference.remote([keys[i] for i in pick], grid[pick].round().to(torch.uint8).numpy())
     if pat is not None:
-        hits = (pattern_cosine(grid, pat) >= pat.match).tolist()
+        hits = (pattern_match(grid, pat) >= pat.match).tolist()
         prior = [p or h for p, h in zip(prior, hits)]
     return prior, grid
 

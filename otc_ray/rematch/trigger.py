@@ -10,10 +10,14 @@ in the reference sample: a few images (at least 3, at most `max_share` of it) wh
 above all the others; an image carries the pattern when its cosine is above the middle of that gap. Flagged images
 of one class share its shape too, but that shape makes a continuum of cosines, not a cluster
 (benchmarks/results/trigger_propagation.md). A trigger at a random location has no fixed pixels and is not found.
+With `centred`, a pattern the cosine finds no cluster for is tried once more by normalised cross-correlation (the
+residual and the pattern less their mean over the mask): an object that covers the trigger's corner shifts the whole
+mask and scores high by cosine, not by correlation (shapes), while a smooth trigger (blend, signal) loses part of
+itself to the centring and stays with the cosine.
 
     grid = pixel_grid(images_uint8)                                    # (B, D) float, D = C * S * S
     pat = estimate_pattern(flagged_sum, flagged_weight, reference, cfg)  # TriggerPattern or None
-    hits = pattern_cosine(grid, pat) >= pat.match                     # (B,) bool
+    hits = pattern_match(grid, pat) >= pat.match                      # (B,) bool
 """
 from __future__ import annotations
 
@@ -56,18 +60,21 @@ class PropagateConfig:
     min_gap: float = 0.15       # the cluster must stand this far (in cosine) above the rest of the reference
     max_share: float = 0.1      # at most this share of the reference in the cluster (a trigger is a minority)
     min_weight: float = 10.0    # flagged weight (duplicate groups count once) needed before a pattern is tried
+    centred: bool = False       # when the cosine gives no cluster, seek one by normalised cross-correlation
 
     @classmethod
     def from_rematch(cls, cfg) -> "PropagateConfig":
         """From a RematchConfig's propagate_* keys."""
-        return cls(cfg.propagate_floor, cfg.propagate_min_gap, cfg.propagate_max_share, cfg.propagate_min_weight)
+        return cls(cfg.propagate_floor, cfg.propagate_min_gap, cfg.propagate_max_share, cfg.propagate_min_weight,
+                   cfg.propagate_centred)
 
 
 @dataclass(frozen=True)
 class TriggerPattern:
     """mean, scale (D,): per-pixel standardisation; pattern (D,): the masked mean residual of the flagged images
-    (0 off the mask); match: the cosine at which an image carries it (the middle of the gap); weight: the flagged
-    weight it rests on; above: reference images in the cluster; gap: the cosine gap below it."""
+    (0 off the mask); match: the score at which an image carries it (the middle of the gap); weight: the flagged
+    weight it rests on; above: reference images in the cluster; gap: the score gap below it; centred: the score is
+    the normalised cross-correlation (centred_cosine), else the cosine (pattern_cosine)."""
 
     mean: Tensor
     scale: Tensor
@@ -76,6 +83,7 @@ class TriggerPattern:
     weight: float
     above: int
     gap: float
+    centred: bool = False
 
 
 def pattern_cosine(grid: Tensor, pat: TriggerPattern) -> Tensor:
@@ -83,6 +91,20 @@ def pattern_cosine(grid: Tensor, pat: TriggerPattern) -> Tensor:
     mask = pat.pattern != 0
     r = ((grid - pat.mean) / pat.scale)[:, mask]
     return torch.nn.functional.cosine_similarity(r, pat.pattern[mask].unsqueeze(0), dim=1)
+
+
+def centred_cosine(grid: Tensor, pat: TriggerPattern) -> Tensor:
+    """(B,) normalised cross-correlation: the cosine after each residual and the pattern lose their mean over the
+    mask (an offset over the whole mask scores nothing)."""
+    mask = pat.pattern != 0
+    r = ((grid - pat.mean) / pat.scale)[:, mask]
+    p = pat.pattern[mask]
+    return torch.nn.functional.cosine_similarity(r - r.mean(dim=1, keepdim=True), (p - p.mean()).unsqueeze(0), dim=1)
+
+
+def pattern_match(grid: Tensor, pat: TriggerPattern) -> Tensor:
+    """(B,) each image's score against the pattern, by the measure its cluster was found with."""
+    return centred_cosine(grid, pat) if pat.centred else pattern_cosine(grid, pat)
 
 
 def separate_cluster(cos: Tensor, cfg: PropagateConfig) -> Optional[tuple[int, float, float]]:
@@ -118,8 +140,10 @@ def estimate_pattern(flagged_sum: Tensor, flagged_weight: float, reference: Tens
     if not float(strength.max()) > 0:
         return None
     cand = TriggerPattern(mean, scale, resid * (strength >= 0.5 * strength.max()), 1.0, float(flagged_weight), 0, 0.0)
-    cluster = separate_cluster(pattern_cosine(reference, cand), cfg)
-    if cluster is None:
-        return None
-    k, match, gap = cluster
-    return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap)
+    for centred in (False, True) if cfg.centred else (False,):
+        score = centred_cosine if centred else pattern_cosine
+        cluster = separate_cluster(score(reference, cand), cfg)
+        if cluster is not None:
+            k, match, gap = cluster
+            return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap, centred)
+    return None

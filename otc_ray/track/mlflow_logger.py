@@ -92,7 +92,8 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
 LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": "2.5",
               "rematch.propagate": "False", "rematch.propagate_floor": "0.5", "rematch.propagate_min_gap": "0.15",
               "rematch.propagate_max_share": "0.1",
-              "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096"}
+              "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096",
+              "rematch.propagate_centred": "False"}
 
 
 def training_digest(cfg: Config) -> str:
