@@ -22,13 +22,13 @@ resumes from its last checkpoint (its run name carries the digest). Attacks:
 
 `--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
 cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without its
-OT signal, drop, no witness, OT losses without re-matching, every image re-matched), every seed; `--stress a,b|all`
-adds harder attacks (STRESS), the first seed, for every defense asked for; each gets its own table. The clean
-references train each defense (or those of `--clean-defenses`) on the unpoisoned data of each data set and seed:
-`none` is the reference of the targets, the others show what a defense costs when there is nothing to find. Figures
-per cell are the final model's (zero-shot, linear probe, ASRs) and the re-matching of the last epoch that re-matched
-(detection P/R, damage; RoCLIP re-matches every K epochs) as rank 0 saw its shard. Targets are checked on the means
-over seeds; a missed target is reported as missed.
+OT signal, drop, no witness, OT losses without re-matching, every image re-matched, the gate without trigger
+propagation), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first seed, for every defense asked
+for; each gets its own table. The clean references train each defense (or those of `--clean-defenses`) on the
+unpoisoned data of each data set and seed: `none` is the reference of the targets, the others show what a defense
+costs when there is nothing to find. Figures per cell are the final model's (zero-shot, linear probe, ASRs) and
+the re-matching of the last epoch that re-matched (detection P/R, damage; RoCLIP re-matches every K epochs) as rank 0
+saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
 """
 from __future__ import annotations
 
@@ -91,14 +91,14 @@ ABLATIONS = {
     # the OT signal with caption agreement over pixel-signature neighbours, a graph the poisoned model cannot shape
     # (threshold from benchmarks/gate_signals.py on seed 0's data)
     "gate-pixel": {"rematch.gate_signals": ("concentration", "pixel_agreement"), "rematch.gate_threshold": -2.5},
-    # today's gate, and every image that carries the pixel pattern the gate's flagged images share (rematch/trigger.py)
-    "propagate": {"rematch.propagate": True},
     "drop": {"rematch.action": "drop"},
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
     "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
     "rematch-all": {"rematch.gate": "none"},                   # the abstract's literal form: every image re-matched
-    "reference-64": {"rematch.gate_reference": 64},            # the former calibration reference (the ablations
-                                                               # above ran at 64: compare them with this row)
+    # earlier defaults (SETTINGS), newest first, each restoring all that changed since: an ablation that ran under
+    # one is compared with its row
+    "no-propagate": {"rematch.propagate": False},              # the gate alone: no trigger propagation
+    "reference-64": {"rematch.gate_reference": 64, "rematch.propagate": False},   # and the former calibration reference
 }
 ABLATION_CELL = ("fashion", "patch+targeted")
 # harder attacks, one seed each, for every defense asked for: (attack label, overrides)
@@ -180,7 +180,8 @@ def cell_path(folder: Path, cell: Cell) -> Path:
 
 # earlier default settings, each an ablation that restores it, with the defenses that never read its keys: a cell of
 # such a defense recorded under it trains exactly as it would today, so it stays current
-SETTINGS = {"reference-64": ("none", "roclip", "safeclip")}     # rematch.gate_reference: otcclip's gate only
+# (roclip and safeclip run their own re-match stage: neither reads the gate's reference nor propagates)
+SETTINGS = {"no-propagate": ("none", "roclip", "safeclip"), "reference-64": ("none", "roclip", "safeclip")}
 
 
 def settings_of(base: Config, cell: Cell, result: CellResult) -> str | None:
@@ -405,16 +406,24 @@ def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, 
 EFFECT_METRICS = VARIANT_METRICS[:3]       # zero-shot and the two ASRs
 
 
+def compared_with(base: Config, cell: Cell, result: CellResult) -> str:
+    """The variant a variant cell is compared with ("" = today's otcclip): for an earlier default (SETTINGS, newest
+    first), the default that followed it; for any other, the settings it ran under (`settings_of`)."""
+    earlier = list(SETTINGS)
+    if cell.variant in earlier:
+        return earlier[earlier.index(cell.variant) - 1] if earlier.index(cell.variant) > 0 else ""
+    return settings_of(base, cell, result) or ""
+
+
 def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult],
                     base: Config | None = None) -> list[str]:
     """One line per variant: what changing that part does to zero-shot and the two ASRs, the variant's mean minus the
-    unchanged configuration's (same data set, attack, defense, seeds; today's otcclip, or the cells of the earlier
-    default the variant ran under, `settings_of`), a difference within 2 std reported as none."""
+    unchanged configuration's (same data set, attack, defense, seeds; `compared_with`), a difference within 2 std
+    reported as none."""
     lines = []
     for name in names:
         mine = {c: r for c, r in results.items() if c.variant == name}
-        against = {c: dataclasses.replace(c, variant=(settings_of(base, c, r) or "") if base else "")
-                   for c, r in mine.items()}
+        against = {c: dataclasses.replace(c, variant=compared_with(base, c, r) if base else "") for c, r in mine.items()}
         pairs = [(r, reference[against[c]]) for c, r in mine.items() if against[c] in reference]
         if not pairs:
             lines += [f"- {name}: no unchanged cells of its seeds to compare with"] if mine else []

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from otc_ray.model_checkpoint import load_checkpoint_model
     from otc_ray.rematch.matcher import Matcher
 
-    cfg = load_config(args.config, ["rematch.gate=evidence", "rematch.sticky=false", *overrides])
+    cfg = load_config(args.config, ["rematch.gate=evidence", "rematch.sticky=false", "rematch.propagate=false",
+                                     *overrides])
     # every signal is measured (as a high-side signal that never flags); the matcher's own flags use the gate as
     # configured (rematch.gate_signals, gate_combine, gate_threshold)
     rcfg = dataclasses.replace(cfg.rematch, gate_high_signals=SIGNALS, gate_high_threshold=1e9)

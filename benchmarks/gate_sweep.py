@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         label = "/".join(Path(ckpt).parts[-3:-1])
         for threshold in GRID["gate_threshold"]:
             for dup in GRID["duplicate_similarity"]:
-                rcfg = dataclasses.replace(cfg.rematch, gate_threshold=threshold, duplicate_similarity=dup, sticky=False)
+                rcfg = dataclasses.replace(cfg.rematch, gate_threshold=threshold, duplicate_similarity=dup, sticky=False,
+                                            propagate=False)
                 start = time.perf_counter()
                 m = sweep_one(Matcher(bundle, rcfg, cfg.ot), rows, order, attacks, rcfg.block_size)
                 line = (f"| {label} | {threshold} | {'one witness' if dup <= 1 else 'counted'} | "

@@ -192,7 +192,7 @@ class RematchConfig:
     publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
     every: int = 1
     sticky: bool = True
-    propagate: bool = False         # also flag the images that carry the pixel pattern the gate's flagged images
+    propagate: bool = True          # also flag the images that carry the pixel pattern the gate's flagged images
                                     # share (rematch/trigger.py: a backdoor's trigger); needs sticky (the flag store)
     propagate_floor: float = 0.5    # propagate: reference cosines below this never join the pattern's cluster
     propagate_min_gap: float = 0.15 # propagate: the cluster stands this far above the rest of the reference
@@ -422,7 +422,8 @@ def _check_ranges(obj: Any, prefix: str) -> None:
     if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
         raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
     if isinstance(obj, RematchConfig) and obj.propagate and not obj.sticky:
-        raise ConfigError(f"config key '{prefix}propagate': needs {prefix}sticky (the flag store keeps the pattern)")
+        raise ConfigError(f"config key '{prefix}propagate': needs {prefix}sticky (the flag store keeps the pattern); "
+                          f"with sticky off, set {prefix}propagate=false too")
     if isinstance(obj, RematchConfig):
         known = ("cosine", "agreement", "concentration", "pixel_agreement")   # otc_ray.rematch.signals.SIGNALS
         bad = [s for s in obj.gate_signals if s not in known]

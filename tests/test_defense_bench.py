@@ -137,10 +137,15 @@ def test_ablation_and_stress_cells_are_valid_configs_with_their_own_files():
     assert rate.poison.rate == 0.05
 
 
-def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never_read_it(tmp_path):
-    """A cell file whose run trained under the former gate reference (the `reference-64` settings): current for
-    `none` (no re-match stage reads it), not for otcclip (it is then the reference-64 ablation, not today's
-    otcclip); an ablation run under it is recorded with that setting, and a file of other settings is not recorded."""
+@pytest.mark.parametrize("setting, old", [
+    ("no-propagate", {"rematch.propagate": False}),                               # before trigger propagation
+    ("reference-64", {"rematch.gate_reference": 64, "rematch.propagate": False}),   # and before reference 256
+])
+def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never_read_it(tmp_path, setting, old):
+    """A cell file whose run trained under an earlier default (SETTINGS): current for `none` (no re-match stage
+    reads it), not for otcclip (it is then that setting's ablation, not today's otcclip); an ablation run under it
+    is recorded with that setting and compared with it, the setting itself with the default that followed it, and a
+    file of other settings is not recorded."""
     from otc_ray.track.cells import CellResult, write_cell
     from otc_ray.track.mlflow_logger import RunRecord, training_digest
 
@@ -151,7 +156,6 @@ def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never
         write_cell(bench.cell_path(tmp_path, cell), CellResult(vars(cell), training_digest(cfg), "abc1234",
                                                                RunRecord("r", "n", "FINISHED", {}, {}, {})))
 
-    old = {"rematch.gate_reference": 64}
     none, otc = bench.Cell("fashion", "patch", "none", 0), bench.Cell("fashion", "patch", "otcclip", 0)
     vote, other = (bench.Cell("fashion", "patch", "otcclip", 0, "vote"),
                    bench.Cell("fashion", "patch", "otcclip", 1, "vote"))
@@ -161,10 +165,14 @@ def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never
     assert bench.current_cell(tmp_path, base, none) is not None
     for cell in (otc, vote):
         assert bench.current_cell(tmp_path, base, cell) is None
-        assert bench.recorded_cell(tmp_path, base, cell)[1] == "reference-64"
+        assert bench.recorded_cell(tmp_path, base, cell)[1] == setting
+    assert bench.compared_with(base, vote, bench.read_cell(bench.cell_path(tmp_path, vote))) == setting
     assert bench.recorded_cell(tmp_path, base, other) is None
     written(otc, {})
     assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None
+    earlier = list(bench.SETTINGS)
+    newer = earlier[earlier.index(setting) - 1] if earlier.index(setting) else ""
+    assert bench.compared_with(base, bench.Cell("fashion", "patch", "otcclip", 0, setting), None) == newer
 
 
 def test_empty_attack_list_asks_for_the_clean_references_alone(tmp_path, capsys):

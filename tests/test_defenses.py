@@ -33,6 +33,7 @@ def test_what_each_defense_rematches():
     safe = get_defense("safeclip").rematch(cfg)                                # its split, in the stage
     assert (safe.gate, safe.action, safe.start_epoch, safe.sticky) == ("gmm", "drop", cfg.train.safeclip_warmup + 1,
                                                                        False)
+    assert cfg.rematch.propagate and not safe.propagate                        # OTCCLIP's trigger propagation only
     assert [get_defense("safeclip").lr_scale(cfg, e) for e in range(3)] == [1.0, cfg.train.safeclip_lr_scale, 1.0]
     assert get_defense("otcclip").lr_scale(cfg, 1) == 1.0
     assert get_defense("otcclip").rematch(cfg) == cfg.rematch                  # as configured
@@ -41,7 +42,9 @@ def test_what_each_defense_rematches():
     assert (roclip.method, roclip.gate, roclip.witness) == ("roclip", "none", False)   # no witness: its own model
     assert (roclip.start_epoch, roclip.every) == (1, 2)                        # its break_epoch 2: epochs 1, 3, ...
     assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate, witness=cfg.rematch.witness,
-                               start_epoch=cfg.rematch.start_epoch, every=cfg.rematch.every) == cfg.rematch
+                               propagate=cfg.rematch.propagate, start_epoch=cfg.rematch.start_epoch,
+                               every=cfg.rematch.every) == cfg.rematch
+    assert not roclip.propagate
     every_epoch = get_defense("roclip").rematch(load_config(TINY, ["train.roclip_every=1"]))
     assert (every_epoch.start_epoch, every_epoch.every) == (0, 1)
 

@@ -164,7 +164,7 @@ def test_sticky_flags_persist_through_the_flag_store(ray_local):
     flagged = {str(k) for k, f in zip(out[S.KEY], out[S.FLAGGED]) if f}
     assert ray_local.get(flags.size.remote()) == len(flagged | {first})
     assert ray_local.get(flags.query.remote(sorted(flagged))) == [True] * len(flagged)
-    unsticky = stage.RematchActor(dataclasses.replace(cfg, sticky=False), MODEL, OT, flags=flags)
+    unsticky = stage.RematchActor(dataclasses.replace(cfg, sticky=False, propagate=False), MODEL, OT, flags=flags)
     assert unsticky.flags is None
 
 

@@ -83,16 +83,16 @@ class NoDefense(Defense):
 class RoCLIP(Defense):
     """RoCLIP (Yang et al., NeurIPS 2023) as its code runs it: on every `train.roclip_every`-th epoch (its
     `break_epoch`, 2; 1-based epochs 2, 4, ..., so 0-based 1, 3, ...) every image takes the caption of the caption
-    pool (a FIFO bank) nearest to its image embedding (the stage runs method roclip, gate none, whatever `rematch`
-    says); the epochs between train on the crawled captions. L_clip with augmented images and captions (shift/flip
-    for its crop/flip/jitter, word dropout for its EDA)."""
+    pool (a FIFO bank) nearest to its image embedding (the stage runs method roclip, gate none, no trigger
+    propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with augmented
+    images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
 
     name = "roclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         every = cfg.train.roclip_every
         return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False,
-                       rematch__start_epoch=every - 1, rematch__every=every).rematch
+                       rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every=every).rematch
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
         f = feature_model(augment_images(pixels, gen), augment_token_ids(ids, cfg.ot.text_drop_prob, gen))
@@ -134,7 +134,7 @@ class SafeCLIP(Defense):
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         return replace(cfg, rematch__method="roclip", rematch__gate="gmm", rematch__action="drop",
-                       rematch__witness=False, rematch__sticky=False,
+                       rematch__witness=False, rematch__sticky=False, rematch__propagate=False,
                        rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every=1).rematch
 
     def lr_scale(self, cfg: Config, epoch: int) -> float:
