@@ -409,9 +409,9 @@ EFFECT_METRICS = VARIANT_METRICS[:3]       # zero-shot and the two ASRs
 def compared_with(base: Config, cell: Cell, result: CellResult) -> str:
     """The variant a variant cell is compared with ("" = today's otcclip): for an earlier default (SETTINGS, newest
     first), the default that followed it; for any other, the settings it ran under (`settings_of`)."""
-    earlier = list(SETTINGS)
-    if cell.variant in earlier:
-        return earlier[earlier.index(cell.variant) - 1] if earlier.index(cell.variant) > 0 else ""
+    if cell.variant in SETTINGS:
+        newer = ["", *SETTINGS]
+        return newer[newer.index(cell.variant) - 1]
     return settings_of(base, cell, result) or ""
 
 
