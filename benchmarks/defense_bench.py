@@ -1,70 +1,79 @@
-"""Defense benchmark: defenses x attacks x data sets x seeds, plus a clean reference, against the targets of
-the defense issue; writes benchmarks/results/defense.md.
+"""Defense benchmark: defenses x attacks x data sets x seeds, plus a clean reference and named variants; its cell
+files are the one results store, and `report` rebuilds docs/results.md (every table and plot) from them.
 
-    .venv/bin/python benchmarks/defense_bench.py                                   # the full matrix (days on 2 cores)
-    .venv/bin/python benchmarks/defense_bench.py --datasets fashion --seeds 0 \\
-        --attacks patch+targeted,blended                                           # what a 2-core session affords
+    python benchmarks/defense_bench.py report                                  # docs/results.md from the cell files
+    python benchmarks/defense_bench.py run --datasets fashion --seeds 0 \\
+        --attacks patch+targeted,blended                                       # train the cells a sitting affords
+    python benchmarks/defense_bench.py run --attacks patch+targeted --defenses otcclip \\
+        --variants no-propagate                                                # a variant: benchmarks/variants/*.yaml
 
-Every cell is one `otc-ray train` run (jobs/configs/defense-bench.yaml plus the cell's overrides) in the MLflow
-experiment `otc-ray-defense-bench` under --out-dir. A finished cell is written to its own small file under --cells
-(benchmarks/results/cells/<data set>/<attack>-<defense>-s<seed>.json: the commit, the config digest, the final
-metrics and the per-epoch curves, `otc_ray.track.cells`); a rerun reuses every cell whose file has the current
-digest and trains the others, so the matrix can be completed over several sittings or on another machine (copy the
-files back), and the tables and plots are rebuilt from the files alone (`--report-only`). An interrupted run
-resumes from its last checkpoint (its run name carries the digest). Attacks:
+Every cell is one `otc-ray train` run: jobs/configs/defense-bench.yaml, the cell's data set / attack / defense /
+seed, and the overrides of its variant file (none for the default configuration), in the MLflow experiment
+`otc-ray-defense-bench` under --out-dir. A finished cell is one small JSON file,
+benchmarks/results/cells/<data set>/<attack>-<defense>[-<variant>]-s<seed>.json (`otc_ray.track.cells`): the
+digest of its full training config, the commit that measured it, its final metrics and per-epoch curves. A cell is
+current when its digest equals the digest of the config the current code builds for it: `run` reuses current cells
+and trains the others (an interrupted run resumes from its last checkpoint), so a matrix can be completed over
+several sittings or machines (copy the files back); `report` uses current cells only and names the others as left
+out. Cells of superseded configurations live in git history (docs/results.md names the archive tag), not here.
+
+Attacks (data set classes from otc_ray/data/classes/*.json):
 
     patch     backdoor, 4x4 noise patch, 100 pairs (2%), captions of the target class
-    blended   backdoor, full-image noise blended at alpha 0.3, same count (at 0.2 the 5-epoch model learns nothing)
-    sig       backdoor, a sinusoidal signal over the whole image (SIG), amplitude 80, same count (at the
-              literature's 20, or 40, not learnt at this size: benchmarks/results/attack_sizing.md)
+    blended   backdoor, full-image noise blended at alpha 0.3, same count
+    sig       backdoor, a sinusoidal signal over the whole image (SIG), amplitude 80, same count
+              (smaller sizes are not learnt at this scale: benchmarks/results/attack_sizing.md)
     targeted  T test images x K copies captioned with the adversarial class
-    A+B       both attacks in one run on the same data (one training per defense instead of two)
+    A+B       both attacks in one run on the same data
 
-`--ablations a,b|all` adds otcclip cells on fashion patch+targeted with one part of OTCCLIP changed (ABLATIONS:
-cosine-only caption choice, the neighbour vote, no L_inter / L_intra / either, one gate signal, the gate without its
-OT signal, drop, no witness, OT losses without re-matching, every image re-matched, the gate without trigger
-propagation), every seed; `--stress a,b|all` adds harder attacks (STRESS), the first seed, for every defense asked
-for; each gets its own table. The clean references train each defense (or those of `--clean-defenses`) on the
-unpoisoned data of each data set and seed: `none` is the reference of the targets, the others show what a defense
-costs when there is nothing to find. Figures per cell are the final model's (zero-shot, linear probe, ASRs) and
-the re-matching of the last epoch that re-matched (detection P/R, damage; RoCLIP re-matches every K epochs) as rank 0
-saw its shard. Targets are checked on the means over seeds; a missed target is reported as missed.
+A variant is a file benchmarks/variants/<name>.yaml of plain config overrides (nested like a config file) whose
+first line says what it tests. One that changes `poison.*` is a harder attack (a stress row); any other changes the
+defense (an ablation row). The report compares each variant with the measured configuration it extends most
+closely: the default, or the variant whose overrides are a subset of its own. Figures per cell are the final
+model's (zero-shot, linear probe, ASRs) and the re-matching of the last epoch that re-matched (detection P/R,
+damage; RoCLIP re-matches every K epochs) as rank 0 saw its shard. Targets are checked on the means over seeds.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
-import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
-from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
+from otc_ray.config import Config, ConfigError, content_digest, load_config, replace  # noqa: E402
 from otc_ray.track import compare  # noqa: E402
-from otc_ray.track import metric_names as N  # noqa: E402
+from otc_ray.track import metric_names  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
-from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
-from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
+from otc_ray.track.compare import Row  # noqa: E402
+from otc_ray.track.mlflow_logger import RunRecord, training_digest  # noqa: E402
 from otc_ray.track.plots import plot_compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "jobs" / "configs" / "defense-bench.yaml"
+VARIANTS = ROOT / "benchmarks" / "variants"
+CELLS = ROOT / "benchmarks" / "results" / "cells"
+TEMPLATE = ROOT / "benchmarks" / "results_template.md"
+RESULTS = ROOT / "docs" / "results.md"
+ARCHIVE_TAG = "results-archive-2026-12-07"      # the superseded regimes' cells, reports and notes
 EXPERIMENT = "otc-ray-defense-bench"
 DEFENSES = ("none", "roclip", "safeclip", "otcclip")
 ATTACKS = ("patch", "blended", "sig", "targeted")
 DATASETS = ("fashion", "shapes")
-# the matrix the targets are set for (the defense issue): each of its rows is listed under Targets, run or not; a row
-# outside it is listed only when it has cells
+# the matrix the targets are set for: each of its rows is listed under Targets, run or not
 MATRIX = {"fashion": ("patch+targeted", "blended", "sig"), "shapes": ("patch+targeted",)}
 ATTACK_OVERRIDES = {
     "patch": {"poison.trigger": "patch"},
@@ -77,59 +86,82 @@ CLASS_OVERRIDES = {
     "fashion": {"poison.target": "sneaker", "poison.adversarial": "bag"},
     "shapes": {"poison.target": "circle", "poison.adversarial": "square"},
 }
-# what each part of OTCCLIP buys: otcclip cells on fashion patch+targeted, every seed, with one part changed
-ABLATIONS = {
-    "cosine-only": {"rematch.alpha": 1.0},                     # the new caption by global cosine, no OT
-    "vote": {"rematch.replace": "vote"},                       # the nearest trusted neighbour's caption
-    "no-inter": {"train.lambda_inter": 0.0},
-    "no-intra": {"train.lambda_intra": 0.0},
-    "no-ot-losses": {"train.lambda_inter": 0.0, "train.lambda_intra": 0.0},   # re-matching alone, CLIP loss only
-    "gate-cosine": {"rematch.gate_signals": ("cosine",)},
-    "gate-agreement": {"rematch.gate_signals": ("agreement",)},
-    "gate-concentration": {"rematch.gate_signals": ("concentration",)},
-    "no-concentration": {"rematch.gate_signals": ("cosine", "agreement")},   # the gate without its OT signal
-    # the OT signal with caption agreement over pixel-signature neighbours, a graph the poisoned model cannot shape
-    # (threshold from benchmarks/gate_signals.py on seed 0's data)
-    "gate-pixel": {"rematch.gate_signals": ("concentration", "pixel_agreement"), "rematch.gate_threshold": -2.5},
-    "drop": {"rematch.action": "drop"},
-    "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
-    "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
-    "rematch-all": {"rematch.gate": "none"},                   # the abstract's literal form: every image re-matched
-    # earlier defaults (SETTINGS), newest first, each restoring all that changed since: an ablation that ran under
-    # one is compared with its row
-    "no-propagate": {"rematch.propagate": False},              # the gate alone: no trigger propagation
-    "reference-64": {"rematch.gate_reference": 64, "rematch.propagate": False},   # and the former calibration reference
-}
-ABLATION_CELL = ("fashion", "patch+targeted")
-# harder attacks, one seed each, for every defense asked for: (attack label, overrides)
-STRESS = {
-    "random-patch": ("patch", {"poison.trigger_location": "random"}),
-    "label-consistent": ("patch", {"poison.label_consistent": True}),
-    "data-captions": ("targeted", {"poison.caption_source": "data"}),
-    "jittered-copies": ("targeted", {"poison.copy_jitter": 3}),
-    "rate-0.1%": ("patch", {"poison.rate": 0.001}),
-    "rate-5%": ("patch", {"poison.rate": 0.05}),
-}
-VARIANTS = {**ABLATIONS, **{k: v for k, (_, v) in STRESS.items()}}
 TARGETS = {"no_defense_asr": 0.90, "otcclip_asr": 0.05, "targeted_asr": 1 / 16, "zeroshot_gap": 0.02,
            "over_baselines": 0.02, "recall": 0.95, "precision": 0.80, "damage": 0.02}
 BASELINES = ("roclip", "safeclip")
+TABLE_METRICS = (("zero-shot", metric_names.FINAL_ZEROSHOT_TOP1),
+                 ("lin-probe", metric_names.FINAL_LINEAR_PROBE_SPLIT_ACC),
+                 ("backdoor ASR", metric_names.FINAL_BACKDOOR_ASR), ("targeted ASR", metric_names.FINAL_TARGETED_ASR),
+                 ("det P", metric_names.REMATCH_DETECT_PRECISION), ("det R", metric_names.REMATCH_DETECT_RECALL),
+                 ("damage", metric_names.REMATCH_DAMAGE))
+EFFECT_METRICS = TABLE_METRICS[:1] + TABLE_METRICS[2:4]     # zero-shot and the two ASRs
 
 
+# ----------------------------------------------------------------------------------------- variants
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def known_variants(folder: Path = VARIANTS) -> list[str]:
+    return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def load_variant(name: str, folder: Path = VARIANTS) -> dict[str, Any]:
+    """{'section.key': value} of benchmarks/variants/<name>.yaml; ConfigError naming the file when it is missing or
+    not a mapping of config sections."""
+    path = Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown variant {name!r}: no {path} (known: {', '.join(known_variants(folder))})")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"variant file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict) or not tree or not all(isinstance(v, dict) for v in tree.values()):
+        raise ConfigError(f"variant file {path} must hold config sections of overrides (e.g. `rematch: {{...}}`)")
+    return _flatten(tree)
+
+
+def variant_description(name: str, folder: Path = VARIANTS) -> str:
+    """The variant file's first-line comment (what it tests)."""
+    first = (Path(folder) / f"{name}.yaml").read_text().splitlines()[0]
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def is_stress(name: str, folder: Path = VARIANTS) -> bool:
+    """A variant that changes the attack (`poison.*`) rather than the defense."""
+    return any(k.startswith("poison.") for k in load_variant(name, folder))
+
+
+def extended_variant(name: str, folder: Path = VARIANTS) -> str:
+    """The measured configuration a variant is compared with: the variant whose overrides are the largest proper
+    subset of its own ("" = the default configuration)."""
+    mine = load_variant(name, folder).items()
+    below = [(len(load_variant(o, folder)), o) for o in known_variants(folder)
+             if o != name and load_variant(o, folder).items() < mine]
+    return max(below)[1] if below else ""
+
+
+# ----------------------------------------------------------------------------------------- cells
 @dataclass(frozen=True)
 class Cell:
     dataset: str
     attack: str          # "clean", one of ATTACKS, or "a+b"
     defense: str
     seed: int
-    variant: str = ""    # a name of ABLATIONS or STRESS ("" = the configuration as it is)
+    variant: str = ""    # a file name of benchmarks/variants ("" = the default configuration)
 
     @property
     def parts(self) -> tuple[str, ...]:
         """The cell's attack label split: backdoor trigger names and/or "targeted" (() for the clean cell)."""
         return () if self.attack == "clean" else tuple(self.attack.split("+"))
 
-    def overrides(self) -> dict[str, str | int | tuple[str, ...]]:
+    def overrides(self, variants: Path = VARIANTS) -> dict[str, Any]:
         out = {"data.dataset": self.dataset, "train.defense": self.defense, "train.seed": self.seed,
                "poison.seed": self.seed, "data.seed": self.seed, **CLASS_OVERRIDES[self.dataset]}
         parts = self.parts
@@ -142,7 +174,7 @@ class Cell:
         for p in backdoors:
             out |= ATTACK_OVERRIDES[p]
         if self.variant:
-            out |= VARIANTS[self.variant]
+            out |= load_variant(self.variant, variants)
         return out
 
     @property
@@ -151,71 +183,44 @@ class Cell:
         return f"{self.attack}-{self.defense}" + (f"-{self.variant}" if self.variant else "")
 
 
-def cells(datasets, attacks, defenses, seeds, ablations=(), stress=(), clean_defenses=None) -> list[Cell]:
-    """The matrix (per data set and seed: the clean references, no poison, of `clean_defenses` (default: every
-    defense; `none` is the reference the targets compare with), then attacks x defenses), the ablation cells
-    (otcclip on ABLATION_CELL, every seed) and the stress cells (every defense, the first seed)."""
+def cells(datasets, attacks, defenses, seeds, variants=(), clean_defenses=None) -> list[Cell]:
+    """Without variants: per data set and seed, the clean references (no poison) of `clean_defenses` (default:
+    every defense; `none` is the reference of the targets), then attacks x defenses. With variants: attacks x
+    defenses x seeds of each variant, no clean references."""
     out = []
     for dataset in datasets:
         for seed in seeds:
-            out += [Cell(dataset, "clean", d, seed) for d in (defenses if clean_defenses is None else clean_defenses)]
-            out += [Cell(dataset, attack, defense, seed) for attack in attacks for defense in defenses]
-    dataset, attack = ABLATION_CELL
-    out += [Cell(dataset, attack, "otcclip", seed, name) for name in ablations for seed in seeds]
-    out += [Cell(dataset, STRESS[name][0], defense, seeds[0], name) for name in stress for dataset in datasets
-            for defense in defenses]
+            if not variants:
+                out += [Cell(dataset, "clean", d, seed) for d in (defenses if clean_defenses is None else clean_defenses)]
+            out += [Cell(dataset, attack, defense, seed, variant) for variant in (variants or ("",))
+                    for attack in attacks for defense in defenses]
     return out
 
 
-def cell_config(base: Config, cell: Cell) -> tuple[Config, str]:
+def cell_config(base: Config, cell: Cell, variants: Path = VARIANTS) -> tuple[Config, str]:
     """(the cell's config, its digest): base plus the cell's overrides, named after the cell and the digest."""
-    cfg = replace(base, **{k.replace(".", "__"): v for k, v in cell.overrides().items()})
+    cfg = replace(base, **{k.replace(".", "__"): v for k, v in cell.overrides(variants).items()})
     digest = training_digest(cfg)
     return replace(cfg, name=f"bench-{cell.dataset}-{cell.label}-s{cell.seed}-{digest}"), digest
 
 
 def cell_path(folder: Path, cell: Cell) -> Path:
-    return folder / cell.dataset / f"{cell.label}-s{cell.seed}.json"
+    return Path(folder) / cell.dataset / f"{cell.label}-s{cell.seed}.json"
 
 
-# earlier default settings, each an ablation that restores it, with the defenses that never read its keys: a cell of
-# such a defense recorded under it trains exactly as it would today, so it stays current
-# (roclip and safeclip run their own re-match stage: neither reads the gate's reference nor propagates)
-SETTINGS = {"no-propagate": ("none", "roclip", "safeclip"), "reference-64": ("none", "roclip", "safeclip")}
+def cell_of(result: CellResult) -> Cell:
+    """The matrix coordinates a cell file records."""
+    c = result.cell
+    return Cell(c["dataset"], c["attack"], c["defense"], int(c["seed"]), c.get("variant", ""))
 
 
-def settings_of(base: Config, cell: Cell, result: CellResult) -> str | None:
-    """Under which settings the cell file's run trained: "" today's, a name of SETTINGS an earlier default's (the one
-    whose overrides, added to the cell's, reproduce its digest), None neither."""
-    if result.digest == cell_config(base, cell)[1]:
-        return ""
-    if cell.variant in SETTINGS:
-        return None
-    for name in SETTINGS:
-        cfg = replace(base, **{k.replace(".", "__"): v for k, v in {**cell.overrides(), **VARIANTS[name]}.items()})
-        if training_digest(cfg) == result.digest:
-            return name
-    return None
-
-
-def recorded_cell(folder: Path, base: Config, cell: Cell) -> tuple[CellResult, str] | None:
-    """(the cell's file, `settings_of` it) when it exists and ran under today's or an earlier default's settings."""
+def current_cell(folder: Path, base: Config, cell: Cell, variants: Path = VARIANTS) -> CellResult | None:
+    """The cell's file when its digest is that of the config the current code builds for the cell, else None."""
     path = cell_path(folder, cell)
     if not path.exists():
         return None
     done = read_cell(path)
-    setting = settings_of(base, cell, done)
-    return None if setting is None else (done, setting)
-
-
-def current_cell(folder: Path, base: Config, cell: Cell) -> CellResult | None:
-    """The cell's file when it holds a result of the current settings (or of an earlier default its defense never
-    reads), else None."""
-    found = recorded_cell(folder, base, cell)
-    if found is None:
-        return None
-    done, setting = found
-    return done if setting == "" or cell.defense in SETTINGS[setting] else None
+    return done if done.digest == cell_config(base, cell, variants)[1] else None
 
 
 def git_commit() -> str:
@@ -269,9 +274,9 @@ def _train_cells(base: Config, todo: list[Cell], folder: Path, parent: str, resu
                                       git_commit(), EXPERIMENT)
         write_cell(cell_path(folder, cell), results[cell])
         m = result.metrics
-        print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
-              f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
-              f"  ({durations[-1] / 60:.1f} min)", flush=True)
+        print(f"    zero-shot {m.get(metric_names.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
+              f"{m.get(metric_names.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR "
+              f"{m.get(metric_names.FINAL_TARGETED_ASR, math.nan):.3f}  ({durations[-1] / 60:.1f} min)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------- targets
@@ -303,7 +308,7 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
     """One line per target and (data set, attack) of the MATRIX or with cells: the figure and met / missed."""
     t, lines = TARGETS, []
     for ds in datasets:
-        clean = _mean(values, ds, "clean", "none", N.FINAL_ZEROSHOT_TOP1)
+        clean = _mean(values, ds, "clean", "none", metric_names.FINAL_ZEROSHOT_TOP1)
         for attack in attacks:
             if not any(key[:2] == (ds, attack) for key in values):
                 if attack in MATRIX.get(ds, ()):
@@ -312,52 +317,45 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
             m = lambda defense, metric: _mean(values, ds, attack, defense, metric)  # noqa: E731
             parts = attack.split("+")                 # the cell label: trigger names and/or "targeted"
             if parts != ["targeted"]:
-                asr = m("none", N.FINAL_BACKDOOR_ASR)
+                asr = m("none", metric_names.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: no-defense backdoor ASR {asr:.3f} (target >= {t['no_defense_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr >= t['no_defense_asr'])}")
-                asr = m("otcclip", N.FINAL_BACKDOOR_ASR)
+                asr = m("otcclip", metric_names.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP backdoor ASR {asr:.3f} (target <= {t['otcclip_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr <= t['otcclip_asr'])}")
             if "targeted" in parts:
-                tasr = m("otcclip", N.FINAL_TARGETED_ASR)
+                tasr = m("otcclip", metric_names.FINAL_TARGETED_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP targeted ASR {tasr:.3f} (target <= {t['targeted_asr']:.4f}): "
                              f"{_verdict(None if math.isnan(tasr) else tasr <= t['targeted_asr'] + 1e-9)}")
-            zs = m("otcclip", N.FINAL_ZEROSHOT_TOP1)
+            zs = m("otcclip", metric_names.FINAL_ZEROSHOT_TOP1)
             lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs clean {clean:.3f} (within "
                          f"{t['zeroshot_gap']}): {_verdict(None if math.isnan(zs + clean) else zs >= clean - t['zeroshot_gap'])}")
             for baseline in BASELINES:
-                bz, basr = m(baseline, N.FINAL_ZEROSHOT_TOP1), m(baseline, N.FINAL_BACKDOOR_ASR)
+                bz, basr = m(baseline, metric_names.FINAL_ZEROSHOT_TOP1), m(baseline, metric_names.FINAL_BACKDOOR_ASR)
                 if math.isnan(bz + zs):
                     continue
                 stops = parts == ["targeted"] or basr <= t["otcclip_asr"]
-                diff = significance(values.get((ds, attack, "otcclip"), {}).get(N.FINAL_ZEROSHOT_TOP1, []),
-                                    values.get((ds, attack, baseline), {}).get(N.FINAL_ZEROSHOT_TOP1, []))
+                diff = significance(values.get((ds, attack, "otcclip"), {}).get(metric_names.FINAL_ZEROSHOT_TOP1, []),
+                                    values.get((ds, attack, baseline), {}).get(metric_names.FINAL_ZEROSHOT_TOP1, []))
                 verdict = _verdict(zs >= bz + t["over_baselines"]) if stops else "n/a (it does not stop the attack)"
                 lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs {baseline} {bz:.3f} (>= "
                              f"+{t['over_baselines']} where it stops the attack; {diff}): {verdict}")
-            p, r = m("otcclip", N.REMATCH_DETECT_PRECISION), m("otcclip", N.REMATCH_DETECT_RECALL)
+            p, r = m("otcclip", metric_names.REMATCH_DETECT_PRECISION), m("otcclip", metric_names.REMATCH_DETECT_RECALL)
             lines.append(f"- {ds} / {attack}: OTCCLIP detection P {p:.3f} / R {r:.3f} (R >= {t['recall']} at "
                          f"P >= {t['precision']}): "
                          f"{_verdict(None if math.isnan(p + r) else (r >= t['recall'] and p >= t['precision']))}")
-            dmg = m("otcclip", N.REMATCH_DAMAGE)
+            dmg = m("otcclip", metric_names.REMATCH_DAMAGE)
             lines.append(f"- {ds} / {attack}: OTCCLIP damage {dmg:.4f} (target <= {t['damage']}): "
                          f"{_verdict(None if math.isnan(dmg) else dmg <= t['damage'])}")
     return lines
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) // 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, no GPU, Python {platform.python_version()}"
-
-
 def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
     """Per-epoch recall of the gate's new flags (backdoor, targeted) and their precision, mean over seeds, for each
     (data set, attack) group of re-matching cells."""
-    keys = (("backdoor recall", N.rematch_gate("recall_backdoor")), ("targeted recall", N.rematch_gate("recall_targeted")),
-            ("precision", N.rematch_gate("precision")))
+    keys = (("backdoor recall", metric_names.rematch_gate("recall_backdoor")),
+            ("targeted recall", metric_names.rematch_gate("recall_targeted")),
+            ("precision", metric_names.rematch_gate("precision")))
     groups: dict[tuple[str, str, str], list[CellResult]] = {}
     for cell, r in results.items():
         if any(k in r.history for _, k in keys):
@@ -374,71 +372,9 @@ def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
     return lines if groups else []
 
 
-VARIANT_METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("backdoor ASR", N.FINAL_BACKDOOR_ASR),
-                   ("targeted ASR", N.FINAL_TARGETED_ASR), ("det P", N.REMATCH_DETECT_PRECISION),
-                   ("det R", N.REMATCH_DETECT_RECALL), ("damage", N.REMATCH_DAMAGE))
 
 
-def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult]) -> list[str]:
-    """One row per (variant, data set, attack, defense), mean ± std over its seeds; the unchanged configuration's
-    cells of the same groups first (variant "-"), from `reference`."""
-    groups: dict[tuple[str, str, str, str], list[CellResult]] = {}
-    for cell, r in results.items():
-        if cell.variant in names:
-            groups.setdefault((cell.variant, cell.dataset, cell.attack, cell.defense), []).append(r)
-    for cell, r in reference.items():
-        if any(k[1:] == (cell.dataset, cell.attack, cell.defense) for k in groups):
-            groups.setdefault(("-", cell.dataset, cell.attack, cell.defense), []).append(r)
-    header = ["variant", "data", "attack", "defense", "seeds"] + [name for name, _ in VARIANT_METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = {"-": -1, **{n: i for i, n in enumerate(names)}}
-    for key in sorted(groups, key=lambda k: (order.get(k[0], 99), k[1:])):
-        members = groups[key]
-        row = Row(key, len(members), [m.record for m in members],
-                  {m: [r.record.metrics[m] for r in members if m in r.record.metrics] for _, m in VARIANT_METRICS})
-        # an ASR of an attack the cell does not carry (the triggered images of a targeted-only attack) is no figure
-        absent = {N.FINAL_BACKDOOR_ASR} if key[2] == "targeted" else set()
-        lines.append("| " + " | ".join([*key, str(len(members))] + ["-" if m in absent else row.cell(m)
-                                                                     for _, m in VARIANT_METRICS]) + " |")
-    return lines if len(groups) > 0 else []
-
-
-EFFECT_METRICS = VARIANT_METRICS[:3]       # zero-shot and the two ASRs
-
-
-def compared_with(base: Config, cell: Cell, result: CellResult) -> str:
-    """The variant a variant cell is compared with ("" = today's otcclip): for an earlier default (SETTINGS, newest
-    first), the default that followed it; for any other, the settings it ran under (`settings_of`)."""
-    if cell.variant in SETTINGS:
-        newer = ["", *SETTINGS]
-        return newer[newer.index(cell.variant) - 1]
-    return settings_of(base, cell, result) or ""
-
-
-def variant_effects(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult],
-                    base: Config | None = None) -> list[str]:
-    """One line per variant: what changing that part does to zero-shot and the two ASRs, the variant's mean minus the
-    unchanged configuration's (same data set, attack, defense, seeds; `compared_with`), a difference within 2 std
-    reported as none."""
-    lines = []
-    for name in names:
-        mine = {c: r for c, r in results.items() if c.variant == name}
-        against = {c: dataclasses.replace(c, variant=compared_with(base, c, r) if base else "") for c, r in mine.items()}
-        pairs = [(r, reference[against[c]]) for c, r in mine.items() if against[c] in reference]
-        if not pairs:
-            lines += [f"- {name}: no unchanged cells of its seeds to compare with"] if mine else []
-            continue
-        settings = sorted({against[c].variant for c in mine if against[c] in reference})
-        versus = " / ".join(f"otcclip {v}" if v else "otcclip" for v in settings)
-        parts = []
-        for label, metric in EFFECT_METRICS:
-            got = [v.record.metrics.get(metric, math.nan) for v, _ in pairs]
-            ref = [r.record.metrics.get(metric, math.nan) for _, r in pairs]
-            parts.append(f"{label} {significance(got, ref)}")
-        lines.append(f"- {name} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) vs {versus}: " + "; ".join(parts))
-    return lines
-
-
+# ----------------------------------------------------------------------------------------- tables
 def at_last_rematch(result: CellResult) -> CellResult:
     """The cell with its detection and damage figures from the last epoch that re-matched (`compare.at_last_rematch`:
     RoCLIP's final epoch re-matches nothing)."""
@@ -446,102 +382,284 @@ def at_last_rematch(result: CellResult) -> CellResult:
     return result if record is result.record else dataclasses.replace(result, record=record)
 
 
-def report(results: dict[Cell, CellResult], datasets, attacks, command: str, plots: Path | None = None,
-           base: Config | None = None) -> str:
-    """The markdown report of the cells; `base` (the benchmark's config) lets each ablation be compared with the
-    otcclip cells of the settings it ran under (`settings_of`)."""
-    results = {c: at_last_rematch(r) for c, r in results.items()}
-    variants = {c: r for c, r in results.items() if c.variant}
-    results = {c: r for c, r in results.items() if not c.variant}
+def read_store(folder: Path, base: Config, variants: Path = VARIANTS
+               ) -> tuple[dict[Cell, CellResult], list[tuple[Path, str]]]:
+    """(the current cells of the store, keyed by their coordinates; the files left out, each with why): a file is left
+    out when its digest is not that of the config the current code builds for its cell, when that config no longer
+    builds (a removed variant or key), or when its name is not its cell's."""
+    current: dict[Cell, CellResult] = {}
+    left_out: list[tuple[Path, str]] = []
+    for path in sorted(Path(folder).rglob("*.json")) if Path(folder).is_dir() else []:
+        result = read_cell(path)
+        cell = cell_of(result)
+        try:
+            want = cell_config(base, cell, variants)[1]
+        except (ConfigError, ValueError) as e:
+            left_out.append((path, f"its configuration does not build today ({e})"))
+            continue
+        if path != cell_path(folder, cell):
+            left_out.append((path, f"it records the cell {cell_path(folder, cell).name}"))
+        elif result.digest != want:
+            left_out.append((path, f"config digest {result.digest}, the current config's is {want}"))
+        else:
+            current[cell] = at_last_rematch(result)
+    return current, left_out
+
+
+def _row(members: list[CellResult], absent: set[str] = frozenset()) -> list[str]:
+    """seeds, mean ± std of each TABLE_METRICS figure ('-' where absent), the commits that measured the cells."""
+    row = Row((), len(members), [m.record for m in members],
+              {k: [r.record.metrics[k] for r in members if k in r.record.metrics] for _, k in TABLE_METRICS})
+    commits = ", ".join(sorted({m.commit for m in members}))
+    return [str(len(members))] + ["-" if k in absent else row.cell(k) for _, k in TABLE_METRICS] + [commits]
+
+
+def _absent(attack: str) -> set[str]:
+    """Figures a cell of this attack measures but does not have: the backdoor ASR of a targeted-only attack (the
+    rate of triggered images without a backdoor) and the targeted ASR of a backdoor-only one."""
+    parts = set(attack.split("+"))
+    return ({metric_names.FINAL_BACKDOOR_ASR} if parts == {"targeted"} else set()) | \
+        ({metric_names.FINAL_TARGETED_ASR} if attack != "clean" and "targeted" not in parts else set())
+
+
+def _order(cell: Cell) -> tuple:
+    attacks = ["clean", *MATRIX.get(cell.dataset, ())]
+    return (cell.dataset, attacks.index(cell.attack) if cell.attack in attacks else len(attacks), cell.attack,
+            DEFENSES.index(cell.defense) if cell.defense in DEFENSES else len(DEFENSES), cell.defense)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+METRIC_HEADER = [name for name, _ in TABLE_METRICS] + ["measured by"]
+
+
+def matrix_table(results: dict[Cell, CellResult], dataset: str) -> list[str]:
+    """One row per (attack, defense) of the default configuration on `dataset`, mean ± std over its seeds."""
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in sorted((c for c in results if c.dataset == dataset and not c.variant), key=_order):
+        groups.setdefault((cell.attack, cell.defense), []).append(cell)
+    rows = [[attack, defense] + _row([results[c] for c in members], _absent(attack))
+            for (attack, defense), members in groups.items()]
+    return _table(["attack", "defense", "seeds", *METRIC_HEADER], rows) if rows else []
+
+
+def _scope(cells_: list[Cell]) -> str:
+    """The `run` flags that train exactly these cells' data sets, attacks, defenses and seeds."""
+    def join(values, order=()):
+        return ",".join(sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v)))
+    attacks = [c.attack for c in cells_ if c.attack != "clean"]
+    flags = f"--datasets {join(c.dataset for c in cells_)} --attacks {join(attacks) or shlex.quote('')}"
+    flags += f" --defenses {join((c.defense for c in cells_ if c.attack != 'clean'), DEFENSES) or 'none'}"
+    clean = {c.defense for c in cells_ if c.attack == "clean"}
+    all_defenses = {c.defense for c in cells_ if c.attack != "clean"}
+    if clean != all_defenses and not any(c.variant for c in cells_):
+        flags += f" --clean-defenses {join(clean, DEFENSES) or shlex.quote('')}"
+    return flags + f" --seeds {join(str(c.seed) for c in cells_)}"
+
+
+def run_command(cells_: list[Cell]) -> str:
+    """The commands that train (or, when current, reuse) these cells: one per scope, its variants in one list."""
+    by_variant: dict[str, list[Cell]] = {}
+    for c in cells_:
+        by_variant.setdefault(c.variant, []).append(c)
+    by_scope: dict[str, list[str]] = {}
+    for variant, members in sorted(by_variant.items()):
+        by_scope.setdefault(_scope(members), []).append(variant)
+    return "\n".join("python benchmarks/defense_bench.py run " + scope +
+                     (f" --variants {shlex.quote(','.join(names))}" if any(names) else "")
+                     for scope, names in by_scope.items())
+
+
+def variant_rows(results: dict[Cell, CellResult], names: list[str], variants: Path = VARIANTS) -> list[str]:
+    """One row per (variant, data set, attack, defense), mean ± std over its seeds, after the row of the
+    configuration it extends on the same seeds (`extended_variant`), where that was measured."""
+    groups: dict[tuple[str, str, str, str], list[Cell]] = {}
+    for cell in sorted((c for c in results if c.variant in names), key=_order):
+        groups.setdefault((cell.variant, cell.dataset, cell.attack, cell.defense), []).append(cell)
+    rows, shown = [], set()
+    for (variant, ds, attack, defense), members in sorted(groups.items(), key=lambda kv: (names.index(kv[0][0]),
+                                                                                          _order(kv[1][0]))):
+        base = extended_variant(variant, variants)
+        ref = [c for c in (dataclasses.replace(m, variant=base) for m in members) if c in results]
+        if ref and (base, ds, attack, defense) not in shown and base not in names:
+            rows.append([base or "(default)", "", ds, attack, defense] + _row([results[c] for c in ref], _absent(attack)))
+            shown.add((base, ds, attack, defense))
+        rows.append([variant, base or "(default)", ds, attack, defense] +
+                    _row([results[c] for c in members], _absent(attack)))
+    return _table(["variant", "extends", "data", "attack", "defense", "seeds", *METRIC_HEADER], rows) if rows else []
+
+
+def variant_effects(results: dict[Cell, CellResult], names: list[str], variants: Path = VARIANTS) -> list[str]:
+    """One line per variant and (data set, attack, defense): the variant's mean minus that of the configuration it
+    extends, on the seeds both have, for zero-shot and the two ASRs; a difference within 2 std is none."""
+    lines = []
+    for name in names:
+        base = extended_variant(name, variants)
+        groups: dict[tuple[str, str, str], list[tuple[CellResult, CellResult]]] = {}
+        for cell in sorted((c for c in results if c.variant == name), key=_order):
+            ref = dataclasses.replace(cell, variant=base)
+            if ref in results:
+                groups.setdefault((cell.dataset, cell.attack, cell.defense), []).append((results[cell], results[ref]))
+        for (ds, attack, defense), pairs in groups.items():
+            parts = [f"{label} " + significance([v.record.metrics.get(k, math.nan) for v, _ in pairs],
+                                                [r.record.metrics.get(k, math.nan) for _, r in pairs])
+                     for label, k in EFFECT_METRICS if k not in _absent(attack)]
+            lines.append(f"- {name} vs {base or 'the default'} ({ds} / {attack} / {defense}, {len(pairs)} "
+                         f"seed{'s' * (len(pairs) > 1)}): " + "; ".join(parts))
+    return lines
+
+
+REPORT_COMMAND = "python benchmarks/defense_bench.py report"
+SECTIONS = ("matrix", "ablations", "stress", "detection", "targets", "left_out")
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+
+
+def _block(command: str, lines: list[str]) -> list[str]:
+    """A table (or list) with the command that measured it beside it."""
+    return ["```bash", command, "```", "", *lines, ""]
+
+
+def sections(results: dict[Cell, CellResult], left_out: list[tuple[Path, str]], plots: Path | None, out: Path,
+             variants: Path = VARIANTS) -> dict[str, str]:
+    """The generated parts of docs/results.md, by placeholder name."""
+    plain = {c: r for c, r in results.items() if not c.variant}
+    matrix: list[str] = []
+    for ds in sorted({c.dataset for c in plain}, key=lambda d: (DATASETS.index(d) if d in DATASETS else 9, d)):
+        mine = sorted((c for c in plain if c.dataset == ds), key=_order)
+        matrix += [f"### {ds}", ""] + _block(run_command(mine), matrix_table(plain, ds))
+        for attack in sorted({c.attack for c in mine if c.attack != "clean"}) if plots is not None else ():
+            group = [c for c in mine if c.attack in (attack, "clean")]
+            paths = plot_compare(compare.group_runs([plain[c].record for c in group]),
+                                 lambda run, key: _history(plain, run).get(key, []), plots / ds / attack)
+            matrix += [f"{attack} (dashed: the clean reference): " + " ".join(
+                f"![{ds} {attack} {p.stem}]({os.path.relpath(p, out.parent)})" for p in paths), ""]
+    names = [n for n in known_variants(variants) if any(c.variant == n for c in results)]
+    out_sections = {"matrix": "\n".join(matrix).strip() or "(no cells of the default configuration)"}
+    for key, picked in (("ablations", [n for n in names if not is_stress(n, variants)]),
+                        ("stress", [n for n in names if is_stress(n, variants)])):
+        if not picked:
+            out_sections[key] = "(no cells)"
+            continue
+        mine = [c for c in results if c.variant in picked]
+        described = [f"- `{n}`: {variant_description(n, variants)}" for n in picked]
+        out_sections[key] = "\n".join(described + [""] + _block(run_command(mine), variant_rows(results, picked, variants))
+                                      + ["Each variant minus the configuration it extends, same seeds (a difference "
+                                         "within 2 std of the seeds' spread is none):", ""]
+                                      + (variant_effects(results, picked, variants) or
+                                         ["(none: no cells of the configurations they extend)"])).strip()
+    detection = detection_lines({c: r for c, r in plain.items()})
+    out_sections["detection"] = "\n".join(_block(run_command(list(plain)), detection)).strip() if detection else \
+        "(no re-matching cells)"
     values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
-    for cell, r in results.items():
+    for cell, r in plain.items():
         slot = values.setdefault((cell.dataset, cell.attack, cell.defense), {})
         for k, v in r.record.metrics.items():
             slot.setdefault(k, []).append(v)
-    commits = sorted({r.commit for r in results.values()})
-    out = [f"# Defense benchmark\n",
-           f"Command: `{command}`  ",
-           f"Machine: {machine()}  ",
-           f"Built {datetime.date.today()} from {len(results)} cell files (commits {', '.join(commits) or '-'}).\n",
-           "Every row is one (data set, defense, attack, trigger, poison) group; `seeds` runs each, mean ± std.",
-           "Zero-shot and linear probe on the clean test split; ASRs on triggered / target test images; detection and",
-           "damage from the last epoch that re-matched (roclip: every 2nd epoch); samples/s of the training worker.\n"]
-    history = {r.record.run_id: r.history for r in results.values()}
-    for ds in datasets:
-        rows = sorted(group_runs([r.record for c, r in results.items() if c.dataset == ds]),
-                      key=lambda row: (row.group[3], row.group[2], row.group[1]))   # by trigger, attack, defense
-        if not rows:
-            continue
-        out += [f"## {ds}\n", render(rows, "markdown"), ""]
-        if plots is None:
-            continue
-        clean = [r.record for c, r in results.items() if c.dataset == ds and c.attack == "clean"]
-        for attack in sorted({c.attack for c in results if c.dataset == ds and c.attack != "clean"}):
-            runs = [r.record for c, r in results.items() if (c.dataset, c.attack) == (ds, attack)] + clean
-            paths = plot_compare(group_runs(runs), lambda run, key: history[run.run_id].get(key, []),
-                                 plots / ds / attack)
-            out += [f"{attack} (with the clean reference): " +
-                    " ".join(f"![{attack} {p.stem}]({os.path.relpath(p, plots.parent)})" for p in paths), ""]
-    detection = detection_lines(results)
-    if detection:
-        out += ["## Detection per epoch (the gate's new flags)\n"] + detection + [""]
-    ablations = variant_table(variants, list(ABLATIONS), results)
-    if ablations:
-        out += [f"## Ablations (otcclip, {' / '.join(ABLATION_CELL)}): what each part buys\n"] + ablations + [""]
-        out += ["Each variant minus the unchanged otcclip on the same seeds (mean; a difference within 2 std of the "
-                "seeds' spread is none):\n"]
-        out += variant_effects(variants, list(ABLATIONS), {**results, **variants}, base) + [""]
-    stress = variant_table(variants, list(STRESS), {})
-    if stress:
-        out += ["## Stress attacks (one seed each)\n"] + stress + [""]
-    out += ["## Targets\n"] + target_lines(values, datasets, attacks) + [""]
-    return "\n".join(out)
+    datasets = [d for d in DATASETS if d in {c.dataset for c in plain} | set(MATRIX)]
+    attacks = list(dict.fromkeys([a for d in datasets for a in MATRIX.get(d, ())] +
+                                 sorted({c.attack for c in plain if c.attack != "clean"})))
+    out_sections["targets"] = "\n".join(target_lines(values, datasets, attacks)) or "(no matrix rows)"
+    out_sections["left_out"] = "\n".join(f"- `{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`: {why}"
+                                         for p, why in left_out) or "None: every cell file is current."
+    return out_sections
+
+
+def _history(results: dict[Cell, CellResult], run: RunRecord) -> dict:
+    return next(r.history for r in results.values() if r.record.run_id == run.run_id)
+
+
+def figure(results: dict[Cell, CellResult], spec: str, variants: Path = VARIANTS) -> str:
+    """A template's `fig DATASET ATTACK DEFENSE VARIANT METRIC` (mean ± std over the seeds; VARIANT `-` = the
+    default) or `diff ...` (the variant minus the configuration it extends, `significance`)."""
+    words = spec.split()
+    if len(words) != 6 or words[0] not in ("fig", "diff"):
+        raise ValueError(f"template placeholder {{{{ {spec} }}}}: expected a section ({', '.join(SECTIONS)}), "
+                         "`fig DATASET ATTACK DEFENSE VARIANT METRIC` or `diff ...` with the same fields")
+    kind, ds, attack, defense, variant, metric = words
+    variant = "" if variant == "-" else variant
+    members = {c: r for c, r in results.items() if (c.dataset, c.attack, c.defense, c.variant) ==
+               (ds, attack, defense, variant) and metric in r.record.metrics}
+    if not members:
+        raise ValueError(f"template placeholder {{{{ {spec} }}}}: no current cell has that figure")
+    if kind == "fig":
+        return Row((), len(members), [], {metric: [r.record.metrics[metric] for r in members.values()]}).cell(metric)
+    if not variant:
+        raise ValueError(f"template placeholder {{{{ {spec} }}}}: `diff` compares a variant with what it extends")
+    base = extended_variant(variant, variants)
+    pairs = [(r, results[ref]) for c, r in members.items()
+             if (ref := dataclasses.replace(c, variant=base)) in results and metric in results[ref].record.metrics]
+    return significance([v.record.metrics[metric] for v, _ in pairs], [r.record.metrics[metric] for _, r in pairs])
+
+
+def fill(template: str, parts: dict[str, str], results: dict[Cell, CellResult], variants: Path = VARIANTS) -> str:
+    """The template with each `{{ section }}` and `{{ fig ... }}` / `{{ diff ... }}` filled; ValueError when a
+    section is missing or repeated (a table left out silently) or a placeholder names no figure."""
+    found = [m.group(1) for m in PLACEHOLDER.finditer(template)]
+    for name in SECTIONS:
+        if found.count(name) != 1:
+            raise ValueError(f"results template: `{{{{ {name} }}}}` must appear once (found {found.count(name)})")
+    values = {"archive_tag": ARCHIVE_TAG, "report_command": REPORT_COMMAND}
+    return PLACEHOLDER.sub(lambda m: parts.get(m.group(1)) or values.get(m.group(1)) or
+                           figure(results, m.group(1), variants), template)
+
+
+def report(base: Config, cells_dir: Path = CELLS, template: Path = TEMPLATE, out: Path = RESULTS,
+           plots: Path | None = None, variants: Path = VARIANTS) -> tuple[str, list[tuple[Path, str]]]:
+    """Rebuild `out` (and its plots, default: <out stem>-plots beside it) from the cell files alone; returns (the
+    text, the files left out)."""
+    plots = Path(out).parent / f"{Path(out).stem}-plots" if plots is None else plots
+    results, left_out = read_store(cells_dir, base, variants)
+    text = fill(Path(template).read_text(), sections(results, left_out, plots, Path(out), variants), results, variants)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return text, left_out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B "
-                        "('' = only the clean references)")
-    parser.add_argument("--defenses", default=",".join(DEFENSES))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
-    parser.add_argument("--ablations", default="", help=f"comma list of {', '.join(ABLATIONS)}, or all".replace("%", "%%"))
-    parser.add_argument("--stress", default="", help=f"comma list of {', '.join(STRESS)}, or all".replace("%", "%%"))
-    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"))
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "defense.md"))
-    parser.add_argument("--cells", default=str(ROOT / "benchmarks" / "results" / "cells"),
-                        help="folder of the per-cell result files (read and written)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: rebuild the tables from the cell files that hold current settings")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="rebuild docs/results.md and its plots from the cell files (trains nothing)")
+    run = sub.add_parser("run", help="train the cells that have no current file, then rebuild the report")
+    for p in (rep, run):
+        p.add_argument("--cells", default=str(CELLS), help="folder of the cell files (default: %(default)s)")
+        p.add_argument("--output", default=str(RESULTS), help="the report written (default: %(default)s)")
+        p.add_argument("--template", default=str(TEMPLATE), help="its hand-written part (default: %(default)s)")
+    run.add_argument("--datasets", default=",".join(DATASETS), help="comma list (default: %(default)s)")
+    run.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B "
+                     "('' = only the clean references; default: %(default)s)")
+    run.add_argument("--defenses", default=",".join(DEFENSES), help="comma list (default: %(default)s)")
+    run.add_argument("--seeds", default="0,1,2", help="comma list (default: %(default)s)")
+    run.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
+    run.add_argument("--variants", default="", help="comma list of benchmarks/variants/*.yaml names: train those "
+                     "variants of the cells instead of the default configuration (no clean references)")
+    run.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"), help="runs, data and MLflow store")
     args, overrides = parser.parse_known_args(argv)
-    datasets, attacks = args.datasets.split(","), [a for a in args.attacks.split(",") if a]   # '' = clean refs only
-    for a in attacks:
-        if any(p not in ATTACKS for p in a.split("+")):
-            parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
-    base = load_config(BASE, [f"output_dir={args.out_dir}", f"tracking.experiment={EXPERIMENT}", *overrides])
-    picked = {}
-    for flag, known in (("ablations", ABLATIONS), ("stress", STRESS)):
-        names = list(known) if getattr(args, flag) == "all" else [n for n in getattr(args, flag).split(",") if n]
-        if any(n not in known for n in names):
-            parser.error(f"--{flag}: unknown {[n for n in names if n not in known]}; known: {', '.join(known)}")
-        picked[flag] = names
-    todo = cells(datasets, attacks, args.defenses.split(","), [int(s) for s in args.seeds.split(",")],
-                 picked["ablations"], picked["stress"],
-                 [d for d in args.clean_defenses.split(",") if d] if args.clean_defenses is not None else None)
-    folder = Path(args.cells)
-    if args.report_only:         # current cells, and ablations that ran under an earlier default (compared with it)
-        results = {c: found[0] for c in todo if (found := recorded_cell(folder, base, c)) is not None
-                   and (current_cell(folder, base, c) is not None or c.variant in ABLATIONS)}
-        print(f"{len(results)} of {len(todo)} cells have a result file of these settings", flush=True)
-    else:
-        results = run_cells(base, todo, folder)
-    command = "python benchmarks/defense_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    plots = Path(args.output).parent / (Path(args.output).stem + "-plots")
-    text = report(results, datasets, attacks, command.strip(), plots, base)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    if overrides and args.command == "report":
+        parser.error(f"report takes no config overrides: {overrides}")
+    base = load_config(BASE, [f"output_dir={getattr(args, 'out_dir', ROOT / 'runs' / 'defense-bench')}",
+                              f"tracking.experiment={EXPERIMENT}"])
+    if args.command == "run":
+        if overrides:            # a changed setting is a variant: a file under benchmarks/variants, named in the cells
+            parser.error(f"unknown arguments {overrides}: put config overrides in a benchmarks/variants/*.yaml file "
+                         "and pass --variants NAME")
+        attacks = [a for a in args.attacks.split(",") if a]
+        for a in attacks:
+            if any(p not in ATTACKS for p in a.split("+")):
+                parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
+        variants = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in variants if v not in known_variants()]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; known: {', '.join(known_variants())}".replace("%", "%%"))
+        todo = cells(args.datasets.split(","), attacks, args.defenses.split(","),
+                     [int(s) for s in args.seeds.split(",")], variants,
+                     [d for d in args.clean_defenses.split(",") if d] if args.clean_defenses is not None else None)
+        run_cells(base, todo, Path(args.cells))
+    _, left_out = report(base, Path(args.cells), Path(args.template), Path(args.output))
+    print(f"wrote {args.output} from the cell files under {args.cells}", flush=True)
+    for path, why in left_out:
+        print(f"left out {path}: {why}", flush=True)
     return 0
 
 
