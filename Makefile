@@ -9,7 +9,7 @@ FASHION_LOCAL := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.g
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: setup data test test-fast demo bench clean
+.PHONY: setup data test test-fast demo bench results clean
 
 setup: $(STAMP) data
 
@@ -39,12 +39,19 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/otc-ray demo
 
-# The benchmarks behind the README's tables, one after another (~1.5 h on 2 cores; run them on an idle machine).
-# The full defense matrix (2 data sets x 3 attacks x 4 defenses x 3 seeds) is `defense_bench.py` without flags.
+# docs/results.md, every table and plot in it, rebuilt from the cell files of benchmarks/results/cells (seconds;
+# trains nothing).
+results: setup
+	$(PY) benchmarks/defense_bench.py report
+
+# A first sitting of the defense benchmark on 2 cores (~1.5 h; run it on an idle machine): the OT solver benchmark,
+# the re-match stage, and one seed of two fashion attacks, whose cell files land in benchmarks/results/cells and
+# docs/results.md is rebuilt from them. The whole matrix (2 data sets x 3 attacks x 4 defenses x 3 seeds, ~7.5 h)
+# is `defense_bench.py run` without flags; a variant is `--variants NAME` (benchmarks/variants/NAME.yaml).
 bench: setup
 	$(PY) benchmarks/ot_bench.py
 	$(PY) benchmarks/rematch_bench.py --quick
-	$(PY) benchmarks/defense_bench.py --datasets fashion --seeds 0 --attacks patch+targeted,blended
+	$(PY) benchmarks/defense_bench.py run --datasets fashion --seeds 0 --attacks patch+targeted,blended
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,8 @@
-"""The defense benchmark's matrix, its per-cell result files and target checks (the training itself is exercised by
-test_train.py)."""
+"""The defense benchmark: its matrix, variant files, cell files (the one results store), the report built from them
+and its target checks (the training itself is exercised by test_train.py)."""
 import importlib.util
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +59,9 @@ def test_targets_report_met_and_missed_with_their_figures():
     assert bench.significance([0.60, 0.70], [0.62, 0.64]).endswith("none")
 
 
+from otc_ray.track.cells import cell_from_run, write_cell  # noqa: E402
+
+
 def _logged_run(uri: str, name: str, params: dict, curves: dict) -> str:
     """A real MLflow run with params and per-epoch metrics, as a training run leaves it."""
     from mlflow.tracking import MlflowClient
@@ -73,116 +78,164 @@ def _logged_run(uri: str, name: str, params: dict, curves: dict) -> str:
     return run.info.run_id
 
 
-def test_cells_are_files_a_rerun_reuses_and_the_report_is_rebuilt_from(tmp_path):
-    """Each finished cell is one JSON file (commit, config digest, final metrics, per-epoch curves); a cell whose file
-    holds the current digest is reused, a changed setting makes it stale; the tables come from the files alone."""
-    from otc_ray.track.cells import cell_from_run, read_cell, read_cells, write_cell
+VARIANT = "cosine-only"
 
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A variants folder with one ablation, and cell files of real MLflow runs: `none` and otcclip on fashion patch,
+    the ablation on the same seed, and one file of other settings (a stale cell). Built once; each test copies it."""
+    tmp_path = tmp_path_factory.mktemp("store")
+    variants = tmp_path / "variants"
+    variants.mkdir()
+    (variants / f"{VARIANT}.yaml").write_text("# the caption by cosine alone\nrematch:\n  alpha: 1.0\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = bench.load_config(bench.BASE, [])
     folder = tmp_path / "cells"
-    for defense, asr, recall, variant in (("none", [0.3, 0.9], None, ""), ("otcclip", [0.05, 0.02], [0.8, 0.9], ""),
-                                          ("otcclip", [0.1, 0.3], [0.5, 0.4], "cosine-only")):
-        cell = bench.Cell("fashion", "patch", defense, 0, variant)
-        cfg, digest = bench.cell_config(base, cell)
+    for defense, asr, recall, variant, seed in (("none", [0.3, 0.9], None, "", 0),
+                                                ("otcclip", [0.05, 0.02], [0.8, 0.9], "", 0),
+                                                ("otcclip", [0.1, 0.3], [0.5, 0.4], VARIANT, 0),
+                                                ("otcclip", [0.2, 0.1], [0.5, 0.4], "", 1)):
+        cell = bench.Cell("fashion", "patch", defense, seed, variant)
+        cfg, digest = bench.cell_config(base, cell, variants)
         curves = {"eval/backdoor_asr": asr, "final/backdoor_asr": [asr[-1]], "final/zeroshot_top1": [0.6]}
         if recall:
             curves |= {"rematch/gate_recall_backdoor": recall, "rematch/gate_precision": [0.5, 0.6]}
         params = {"data.dataset": "fashion", "train.defense": defense, "poison.attack": "backdoor",
-                  "poison.trigger": "patch", "poison.count": "50", "train.seed": "0"}
+                  "poison.trigger": "patch", "poison.count": "50", "train.seed": str(seed)}
         run_id = _logged_run(uri, cfg.name, params, curves)
-        write_cell(bench.cell_path(folder, cell), cell_from_run(uri, run_id, {"defense": defense}, digest, "abc1234",
-                                                                 bench.EXPERIMENT))
-    assert len(read_cells(folder)) == 3 and not list(folder.rglob("*.tmp"))
-    none_cell = bench.Cell("fashion", "patch", "none", 0)
-    done = bench.current_cell(folder, base, none_cell)
-    assert done is not None and done.history["eval/backdoor_asr"] == [(0, 0.3), (1, 0.9)]
-    assert done.record.metrics["final/backdoor_asr"] == 0.9 and done.commit == "abc1234"
-    changed = bench.load_config(bench.BASE, ["train.epochs=7"])
-    assert bench.current_cell(folder, changed, none_cell) is None, "another setting: the file is stale"
-    results = {c: bench.current_cell(folder, base, c) for c in (none_cell, bench.Cell("fashion", "patch", "otcclip", 0),
-                                                                 bench.Cell("fashion", "patch", "otcclip", 0, "cosine-only"))}
-    text = bench.report(results, ["fashion"], ["patch"], "cmd", tmp_path / "plots")
-    assert "| - | fashion | patch | otcclip | 1 | 0.600 | 0.020 |" in text                 # the ablation table
-    assert "| cosine-only | fashion | patch | otcclip | 1 | 0.600 | 0.300 |" in text
-    assert "- cosine-only (1 seed) vs otcclip: zero-shot difference +0.000, one seed" in text    # what the part buys
-    assert "backdoor ASR difference +0.280, one seed" in text
-    assert "| fashion | none | backdoor | patch | 50 | 1 |" in text and "0.900" in text
+        stale = seed == 1                   # trained under other settings: its digest is not today's
+        write_cell(bench.cell_path(folder, cell), cell_from_run(uri, run_id, vars(cell), "0123456789" if stale else
+                                                                 digest, "abc1234", bench.EXPERIMENT))
+    return tmp_path
+
+
+def _fixture_store(store, tmp_path):
+    """(the benchmark's base config, a copy of the fixture's cells folder, of its variants folder)."""
+    for name in ("cells", "variants"):
+        shutil.copytree(store / name, tmp_path / name)
+    return bench.load_config(bench.BASE, []), tmp_path / "cells", tmp_path / "variants"
+
+
+def test_the_report_is_rebuilt_from_the_cell_files_alone(store, tmp_path):
+    """Each finished cell is one JSON file (coordinates, config digest, commit, final metrics, curves); the report
+    holds the current cells with the commit that measured them, compares the variant with the configuration it
+    extends, fills the template's figures, draws the plots, and names the stale file it left out."""
+    base, folder, variants = _fixture_store(store, tmp_path)
+    template = tmp_path / "template.md"
+    template.write_text("<!-- notes {{ not filled }} -->\n# R\nASR {{ fig fashion patch otcclip - final/backdoor_asr }}; "
+                        "variant {{ diff fashion patch otcclip cosine-only final/backdoor_asr }}; tag {{ archive_tag }}\n"
+                        + "".join(f"\n{{{{ {name} }}}}\n" for name in bench.SECTIONS))
+    out = tmp_path / "docs" / "results.md"
+    text, left_out = bench.report(base, folder, template, out, variants=variants)
+    assert out.read_text() == text and text.startswith("<!-- Generated by") and "not filled" not in text
+    assert "ASR 0.020; variant difference +0.280, one seed: no spread to judge it by; tag results-archive-" in text
+    assert "| patch | none | 1 | 0.600 | - | 0.900 | - | - | - | - | abc1234 |" in text           # the matrix row
+    assert "python benchmarks/defense_bench.py run --datasets fashion --attacks patch --defenses none,otcclip " \
+           "--clean-defenses '' --seeds 0" in text                       # exactly these cells: no clean references
+    assert "| (default) |  | fashion | patch | otcclip | 1 | 0.600 | - | 0.020 |" in text           # the ablation table
+    assert "| cosine-only | (default) | fashion | patch | otcclip | 1 | 0.600 | - | 0.300 |" in text
+    assert "--variants cosine-only" in text and "- `cosine-only`: the caption by cosine alone" in text
+    assert "- cosine-only vs the default (fashion / patch / otcclip, 1 seed): zero-shot difference +0.000" in text
     assert "| fashion | patch | otcclip | 1 | 0.80 0.90 |" in text                  # per-epoch new-flag recall
     assert "OTCCLIP backdoor ASR 0.020 (target <= 0.05): met" in text
-    assert (tmp_path / "plots" / "fashion" / "patch" / "asr_per_epoch.png").stat().st_size > 0
-    assert "patch (with the clean reference): ![patch asr_per_epoch](plots/fashion/patch/asr_per_epoch.png)" in text
+    assert [p.name for p, _ in left_out] == ["patch-otcclip-s1.json"] and "config digest 0123456789" in text
+    assert (tmp_path / "docs" / "results-plots" / "fashion" / "patch" / "asr_per_epoch.png").stat().st_size > 0
+    assert "![fashion patch asr_per_epoch](results-plots/fashion/patch/asr_per_epoch.png)" in text
+
+
+def test_a_template_that_drops_a_table_or_names_no_figure_is_an_error(store, tmp_path):
+    base, folder, variants = _fixture_store(store, tmp_path)
+    sections = "".join(f"{{{{ {name} }}}}\n" for name in bench.SECTIONS)
+    out = tmp_path / "results.md"
+    for text, message in ((sections.replace("{{ stress }}", ""), "`{{ stress }}` must appear once"),
+                          (sections + "{{ fig shapes patch none - final/backdoor_asr }}", "no current cell has that"),
+                          (sections + "{{ diff fashion patch none - final/backdoor_asr }}", "compares a variant"),
+                          (sections + "{{ table }}", "expected a section")):
+        (tmp_path / "t.md").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bench.report(base, folder, tmp_path / "t.md", out, variants=variants)
     (folder / "fashion" / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not a benchmark cell file"):
-        read_cell(folder / "fashion" / "bad.json")
+        bench.read_store(folder, base, variants)
 
 
-def test_ablation_and_stress_cells_are_valid_configs_with_their_own_files():
-    todo = bench.cells(["fashion"], ["patch"], ["none", "otcclip"], [0, 1], ablations=list(bench.ABLATIONS),
-                       stress=list(bench.STRESS))
-    ablations = [c for c in todo if c.variant in bench.ABLATIONS]
-    stress = [c for c in todo if c.variant in bench.STRESS]
-    assert len(ablations) == 2 * len(bench.ABLATIONS) and {c.defense for c in ablations} == {"otcclip"}
-    assert len(stress) == 2 * len(bench.STRESS) and {c.seed for c in stress} == {0}
+def test_a_cell_is_current_only_under_the_config_it_trained(store, tmp_path):
+    """A rerun reuses a cell whose digest is today's config's for it; a changed setting, or a changed variant file,
+    makes the file stale (the cell trains again)."""
+    base, folder, variants = _fixture_store(store, tmp_path)
+    none_cell = bench.Cell("fashion", "patch", "none", 0)
+    done = bench.current_cell(folder, base, none_cell, variants)
+    assert done is not None and done.history["eval/backdoor_asr"] == [(0, 0.3), (1, 0.9)] and done.commit == "abc1234"
+    assert bench.current_cell(folder, bench.load_config(bench.BASE, ["train.epochs=7"]), none_cell, variants) is None
+    ablation = bench.Cell("fashion", "patch", "otcclip", 0, VARIANT)
+    assert bench.current_cell(folder, base, ablation, variants) is not None
+    (variants / f"{VARIANT}.yaml").write_text("# the caption by cosine alone\nrematch:\n  alpha: 0.9\n")
+    assert bench.current_cell(folder, base, ablation, variants) is None
+    assert bench.current_cell(folder, base, bench.Cell("fashion", "patch", "otcclip", 1), variants) is None
+
+
+def test_every_variant_file_is_a_described_valid_override_of_the_benchmark_config():
+    """Each benchmarks/variants/*.yaml says what it tests on its first line and builds a valid config for a cell; an
+    attack variant changes poison.*, an ablation does not; each compares with the configuration it extends."""
     base = bench.load_config(bench.BASE, [])
-    paths = set()
-    for cell in ablations + stress:
-        cfg, digest = bench.cell_config(base, cell)             # every override is a valid config
-        assert cell.variant in cfg.name and digest in cfg.name
-        paths.add(bench.cell_path(Path("cells"), cell))
-    assert len(paths) == len(ablations + stress), "every variant cell has its own file"
-    alpha1, _ = bench.cell_config(base, bench.Cell("fashion", "patch+targeted", "otcclip", 0, "cosine-only"))
-    assert alpha1.rematch.alpha == 1.0 and alpha1.poison.attack == ("backdoor", "targeted")
-    rate, _ = bench.cell_config(base, bench.Cell("fashion", "patch", "none", 0, "rate-5%"))
-    assert rate.poison.rate == 0.05
+    names = bench.known_variants()
+    assert len(names) >= 10
+    defaults = {attack: bench.cell_config(base, bench.Cell("fashion", attack, "otcclip", 0))[1]
+                for attack in ("patch", "patch+targeted")}
+    for name in names:
+        assert bench.variant_description(name), f"{name}.yaml: no first-line comment saying what it tests"
+        attack = "patch" if bench.is_stress(name) else "patch+targeted"
+        cfg, digest = bench.cell_config(base, bench.Cell("fashion", attack, "otcclip", 0, name))
+        assert name in cfg.name and digest != defaults[attack], f"{name}.yaml changes nothing"
+    cosine, _ = bench.cell_config(base, bench.Cell("fashion", "patch+targeted", "otcclip", 0,
+                                                   "no-propagate-ref64-cosine-only"))
+    assert (cosine.rematch.alpha, cosine.rematch.propagate, cosine.rematch.gate_reference) == (1.0, False, 64)
+    assert bench.extended_variant("no-propagate-ref64-cosine-only") == "no-propagate-ref64"
+    assert bench.extended_variant("no-propagate-ref64") == "no-propagate"
+    assert bench.extended_variant("no-propagate") == bench.extended_variant("rate-5%") == ""
+    assert bench.is_stress("rate-5%") and not bench.is_stress("no-propagate")
+    with pytest.raises(bench.ConfigError, match="unknown variant 'bogus'"):
+        bench.load_variant("bogus")
 
 
-@pytest.mark.parametrize("setting, old, newer", [
-    ("no-propagate", {"rematch.propagate": False}, ""),                   # before trigger propagation: vs today
-    ("reference-64", {"rematch.gate_reference": 64, "rematch.propagate": False}, "no-propagate"),   # and before 256
-])
-def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never_read_it(tmp_path, setting, old,
-                                                                                         newer):
-    """A cell file whose run trained under an earlier default (SETTINGS): current for `none` (no re-match stage
-    reads it), not for otcclip (it is then that setting's ablation, not today's otcclip); an ablation run under it
-    is recorded with that setting and compared with it, the setting itself with the default that followed it, and a
-    file of other settings is not recorded."""
-    from otc_ray.track.cells import CellResult, write_cell
-    from otc_ray.track.mlflow_logger import RunRecord, training_digest
-
-    base = bench.load_config(bench.BASE, [])
-
-    def written(cell, overrides: dict) -> None:
-        cfg = bench.replace(base, **{k.replace(".", "__"): v for k, v in {**cell.overrides(), **overrides}.items()})
-        write_cell(bench.cell_path(tmp_path, cell), CellResult(vars(cell), training_digest(cfg), "abc1234",
-                                                               RunRecord("r", "n", "FINISHED", {}, {}, {})))
-
-    none, otc = bench.Cell("fashion", "patch", "none", 0), bench.Cell("fashion", "patch", "otcclip", 0)
-    vote, other = (bench.Cell("fashion", "patch", "otcclip", 0, "vote"),
-                   bench.Cell("fashion", "patch", "otcclip", 1, "vote"))
-    for cell in (none, otc, vote):
-        written(cell, old)
-    written(other, {"train.lr": 0.123})
-    assert bench.current_cell(tmp_path, base, none) is not None
-    for cell in (otc, vote):
-        assert bench.current_cell(tmp_path, base, cell) is None
-        assert bench.recorded_cell(tmp_path, base, cell)[1] == setting
-    assert bench.compared_with(base, vote, bench.read_cell(bench.cell_path(tmp_path, vote))) == setting
-    assert bench.recorded_cell(tmp_path, base, other) is None
-    written(otc, {})
-    assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None
-    assert bench.compared_with(base, bench.Cell("fashion", "patch", "otcclip", 0, setting), None) == newer
+def test_variant_files_reject_what_is_not_a_config_override(tmp_path):
+    (tmp_path / "flat.yaml").write_text("# flat\nalpha: 1.0\n")
+    (tmp_path / "broken.yaml").write_text("rematch: [\n")
+    (tmp_path / "typo.yaml").write_text("# typo\nrematch:\n  alpah: 1.0\n")
+    with pytest.raises(bench.ConfigError, match="flat.yaml must hold config sections"):
+        bench.load_variant("flat", tmp_path)
+    with pytest.raises(bench.ConfigError, match="broken.yaml is not valid YAML"):
+        bench.load_variant("broken", tmp_path)
+    with pytest.raises(bench.ConfigError, match="alpah"):
+        bench.cell_config(bench.load_config(bench.BASE, []), bench.Cell("fashion", "patch", "otcclip", 0, "typo"),
+                          tmp_path)
 
 
-def test_empty_attack_list_asks_for_the_clean_references_alone(tmp_path, capsys):
-    argv = ["--report-only", "--datasets", "fashion", "--seeds", "0,1", "--defenses", "none,roclip",
-            "--cells", str(tmp_path / "cells"), "--output", str(tmp_path / "defense.md")]
-    assert bench.main(argv + ["--attacks="]) == 0
-    assert "0 of 4 cells have a result file" in capsys.readouterr().out           # 2 seeds x 2 clean references
-    with pytest.raises(SystemExit):
-        bench.main(argv + ["--attacks=patch,bogus"])
+def test_the_run_command_refuses_unknown_attacks_variants_and_loose_overrides(capsys):
+    for argv, message in ((["--attacks=patch,bogus"], "unknown attack 'bogus'"),
+                          (["--variants", "bogus"], "--variants: unknown ['bogus']"),
+                          (["train.lr=0.1"], "put config overrides in a benchmarks/variants")):
+        with pytest.raises(SystemExit):
+            bench.main(["run", "--datasets", "fashion", "--seeds", "0", *argv])
+        assert message in capsys.readouterr().err
+    assert [c.attack for c in bench.cells(["fashion"], [], ["none", "roclip"], [0, 1])] == ["clean"] * 4
+    variant_cells = bench.cells(["fashion"], ["patch"], ["otcclip"], [0, 1], variants=["no-propagate"])
+    assert [(c.attack, c.variant) for c in variant_cells] == [("patch", "no-propagate")] * 2     # no clean references
     sig, _ = bench.cell_config(bench.load_config(bench.BASE, []), bench.Cell("fashion", "sig", "none", 0))
     assert (sig.poison.trigger, sig.poison.sig_delta) == ("sig", 80.0)            # the size `none` learns (sizing)
+
+
+@pytest.mark.slow
+def test_the_committed_store_is_current_and_docs_results_is_its_report(tmp_path):
+    """Every committed cell file holds a current configuration, and docs/results.md is exactly what `report` builds
+    from them (rebuild it with `make results` after changing the cells, the template or the config)."""
+    base = bench.load_config(bench.BASE, [])
+    results, left_out = bench.read_store(bench.CELLS, base)
+    assert not left_out, f"stale cell files: {left_out[:3]}"
+    assert len(results) >= 100
+    text, _ = bench.report(base, bench.CELLS, bench.TEMPLATE, tmp_path / "docs" / "results.md")
+    assert text == bench.RESULTS.read_text(), "docs/results.md is not the report of the cells: run `make results`"
 
 
 def test_detection_and_damage_come_from_the_last_epoch_that_re_matched():
@@ -209,20 +262,20 @@ def test_detection_and_damage_come_from_the_last_epoch_that_re_matched():
     assert bench.at_last_rematch(none) is none
 
 
-def test_the_stress_table_shows_no_backdoor_asr_for_a_targeted_only_attack():
-    """A targeted-only cell still measures the triggered test images (the rate without a backdoor); the table must not
-    print that as the attack's ASR, while a backdoor cell keeps its figure."""
-    from otc_ray.track import metric_names as N
+def test_the_tables_show_no_asr_of_an_attack_the_cell_does_not_carry():
+    """A targeted-only cell still measures the triggered test images (the rate without a backdoor), a backdoor-only
+    cell the target images: the tables must not print those as the attack's ASR, while the attack's own stays."""
+    from otc_ray.track import metric_names
     from otc_ray.track.cells import CellResult
     from otc_ray.track.mlflow_logger import RunRecord
 
-    def result(attack: str, asr: float, targeted: float | None) -> CellResult:
-        metrics = {N.FINAL_ZEROSHOT_TOP1: 0.6, N.FINAL_BACKDOOR_ASR: asr}
-        metrics |= {N.FINAL_TARGETED_ASR: targeted} if targeted is not None else {}
-        return CellResult({}, "d", "c", RunRecord(f"run-{attack}", attack, "FINISHED", {}, {}, metrics))
+    def result(attack: str, asr: float, targeted: float) -> CellResult:
+        metrics = {metric_names.FINAL_ZEROSHOT_TOP1: 0.6, metric_names.FINAL_BACKDOOR_ASR: asr,
+                   metric_names.FINAL_TARGETED_ASR: targeted}
+        return CellResult({}, "d", "c0ffee1", RunRecord(f"run-{attack}", attack, "FINISHED", {}, {}, metrics))
 
     results = {bench.Cell("fashion", "targeted", "none", 0, "data-captions"): result("targeted", 0.017, 0.5),
-               bench.Cell("fashion", "patch", "none", 0, "rate-5%"): result("patch", 0.99, None)}
-    table = "\n".join(bench.variant_table(results, list(bench.STRESS), {}))
-    assert "| data-captions | fashion | targeted | none | 1 | 0.600 | - | 0.500 |" in table
-    assert "| rate-5% | fashion | patch | none | 1 | 0.600 | 0.990 | - |" in table
+               bench.Cell("fashion", "patch", "none", 0, "rate-5%"): result("patch", 0.99, 0.1)}
+    table = "\n".join(bench.variant_rows(results, ["data-captions", "rate-5%"]))
+    assert "| data-captions | (default) | fashion | targeted | none | 1 | 0.600 | - | - | 0.500 |" in table
+    assert "| rate-5% | (default) | fashion | patch | none | 1 | 0.600 | - | 0.990 | - |" in table
