@@ -39,7 +39,7 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/otc-ray demo
 
-# docs/results.md, every table and plot in it, rebuilt from the cell files of benchmarks/results/cells (seconds;
+# docs/results.md, every table and plot in it, rebuilt from the cell files of benchmarks/results/cells (about a minute;
 # trains nothing).
 results: setup
 	$(PY) benchmarks/defense_bench.py report
