@@ -665,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, left_out = report(base, Path(args.cells), Path(args.template), Path(args.output))
     except ValueError as e:               # a template placeholder without a figure, a cell file that is no cell file
-        print(f"error: {e}", file=sys.stderr)
+        done = "the cell files are written, but " if args.command == "run" else ""
+        print(f"error: {done}{args.output} was not rebuilt: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} from the cell files under {args.cells}", flush=True)
     for path, why in left_out:
