@@ -149,8 +149,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from .pipelines.runtime import init_ray
     from .track.mlflow_logger import tracking_uri
 
-    cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
-                           "rematch.action": args.action})
+    cfg = _config(args, **{"model.arch": args.arch, "rematch.gate": args.gate, "rematch.action": args.action})
     init_ray(cfg.ray)
     summary, run_id = run_clean_job(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
     print("\n".join(summary.lines()))
@@ -244,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: model.pretrained, else random init)")
     clean.add_argument("--manifest", help="poison manifest (folder or file): report detection precision / recall")
     clean.add_argument("--arch", help="model.arch of the checkpoint")
-    clean.add_argument("--method", choices=("otcclip", "roclip", "none"))
-    clean.add_argument("--gate", choices=("none", "margin", "zscore", "neighbour"))
+    clean.add_argument("--gate", choices=("evidence", "gmm", "none"), help="rematch.gate")
     clean.add_argument("--action", choices=("recaption", "drop", "downweight"))
     _common(clean)
     clean.set_defaults(func=cmd_clean)

@@ -129,7 +129,7 @@ def test_s3_round_trip_parquet_with_drop_survives_an_actor_death(ray_local, s3_b
     s3, bucket = s3_bucket
     cfg = _cfg(data={"s3": {"endpoint_url": s3.endpoint_url, "access_key_id": "testing",
                             "secret_access_key": "testing", "retries": 2}},
-               rematch={"gate": "margin", "margin": 0.0, "action": "drop", "method": "roclip", "block_size": 20})
+               rematch={"gate": "none", "alpha": 1.0, "action": "drop", "block_size": 20})
     in_path, out_path = f"s3://{bucket}/train", f"s3://{bucket}/clean"
     make_shards(cfg.data, "train", N, in_path, "parquet", progress=False)
     fs = s3_filesystem(s3)

@@ -77,9 +77,9 @@ class CleanSummary:
     input: str
     output: str
     checkpoint: str
-    method: str
     gate: str
     action: str
+    alpha: float
     total: int = 0
     kept: int = 0
     recaptioned: int = 0
@@ -107,7 +107,7 @@ class CleanSummary:
 
     def lines(self) -> list[str]:
         rate = self.total / max(self.seconds, 1e-9)
-        out = [f"cleaned {self.input} -> {self.output} with {self.method} (gate {self.gate}, action {self.action}), "
+        out = [f"cleaned {self.input} -> {self.output} (gate {self.gate}, action {self.action}, alpha {self.alpha}), "
                f"checkpoint {self.checkpoint or 'none (random init)'}",
                f"input rows   {self.total}  ({rate:.0f} rows/s, {self.seconds:.1f} s)",
                f"kept         {self.kept}" + (f"  ({self.downweighted} down-weighted)" if self.downweighted else ""),
@@ -297,9 +297,9 @@ def _detection(report: pa.Table, manifest: str, s3: S3Config) -> dict[str, float
     flags = np.asarray(report.column("flagged").to_pylist(), dtype=bool)[keep]
     out = detection_metrics(flags, poison_keys, keys=list(keys))
     z = np.asarray(report.column("gate_z").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
-    sus = np.asarray(report.column("suspicion").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
+    suspicion = np.asarray(report.column("suspicion").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
     truth = np.fromiter((k in poison_keys for k in keys), dtype=bool, count=len(keys))
-    score = -z if len(z) and np.isfinite(z).all() else sus
+    score = -z if len(z) and np.isfinite(z).all() else suspicion
     if len(score) and np.isfinite(score).all():
         out.update(detection_auroc(score, truth))
     return out
@@ -386,8 +386,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     weights = report.column("weight").to_numpy(zero_copy_only=False)
     counts = Counter(outcomes)
     summary = CleanSummary(
-        input=in_path, output=out_path, checkpoint=checkpoint or "", method=cfg.rematch.method, gate=cfg.rematch.gate,
-        action=cfg.rematch.action, total=report.num_rows, kept=counts[KEPT], recaptioned=counts[RECAPTIONED],
+        input=in_path, output=out_path, checkpoint=checkpoint or "", gate=cfg.rematch.gate,
+        action=cfg.rematch.action, alpha=cfg.rematch.alpha, total=report.num_rows, kept=counts[KEPT], recaptioned=counts[RECAPTIONED],
         dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
         flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
         downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),

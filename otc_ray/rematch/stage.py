@@ -66,7 +66,7 @@ class RematchActor:
         torch.set_num_threads(max(1, round(cfg.actor_num_cpus)))
         self.cfg = cfg
         self.matcher: Optional[Matcher] = None
-        if cfg.method != "none":
+        if cfg.enabled:
             torch.manual_seed(cfg.seed)
             self.matcher = Matcher(build_model(model_cfg), cfg, ot_cfg, device=_device(cfg))
         self.follower = WeightFollower(weights, namespace) if weights is not None else None
@@ -187,9 +187,9 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
         # a handle, not a name, goes to the actors: the dataset then holds a reference that keeps the named store
         # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup
         weights = weight_store(weights, namespace)
-    if cfg.sticky and flags is None and cfg.method != "none":
+    if cfg.sticky and flags is None and cfg.enabled:
         flags = flag_store(journal=flag_journal, resume=resume_flags, reference=cfg.propagate_reference,
-                           propagate=PropagateConfig.from_rematch(cfg) if cfg.propagate else None)
+                           propagate=PropagateConfig() if cfg.propagate else None)
     resources: dict[str, Any] = {"num_cpus": cfg.actor_num_cpus}
     if cfg.actor_num_gpus > 0:
         resources["num_gpus"] = cfg.actor_num_gpus

@@ -83,16 +83,16 @@ class NoDefense(Defense):
 class RoCLIP(Defense):
     """RoCLIP (Yang et al., NeurIPS 2023) as its code runs it: on every `train.roclip_every`-th epoch (its
     `break_epoch`, 2; 1-based epochs 2, 4, ..., so 0-based 1, 3, ...) every image takes the caption of the caption
-    pool (a FIFO bank) nearest to its image embedding (the stage runs method roclip, gate none, no trigger
-    propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with augmented
+    pool (a FIFO bank) nearest to its image embedding (the stage scores by global cosine alone, alpha 1, gate none,
+    no trigger propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with augmented
     images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
 
     name = "roclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         every = cfg.train.roclip_every
-        return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False,
-                       rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every=every).rematch
+        return replace(cfg, rematch__enabled=True, rematch__alpha=1.0, rematch__gate="none", rematch__witness=False,
+                       rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every_epochs=every).rematch
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
         f = feature_model(augment_images(pixels, gen), augment_token_ids(ids, cfg.ot.text_drop_prob, gen))
@@ -100,13 +100,13 @@ class RoCLIP(Defense):
 
 
 class OTCCLIP(Defense):
-    """OTCCLIP: the stream re-matched as `rematch` says (method none disables the stage, for ablations);
+    """OTCCLIP: the stream re-matched as `rematch` says (`rematch.enabled` false removes the stage, an ablation);
     L_clip + lambda_inter L_inter + lambda_intra L_intra from the first step."""
 
     name = "otcclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return None if cfg.rematch.method == "none" else cfg.rematch
+        return cfg.rematch if cfg.rematch.enabled else None
 
     def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
         tc = cfg.train
@@ -133,9 +133,9 @@ class SafeCLIP(Defense):
     name = "safeclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return replace(cfg, rematch__method="roclip", rematch__gate="gmm", rematch__action="drop",
+        return replace(cfg, rematch__enabled=True, rematch__alpha=1.0, rematch__gate="gmm", rematch__action="drop",
                        rematch__witness=False, rematch__sticky=False, rematch__propagate=False,
-                       rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every=1).rematch
+                       rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every_epochs=1).rematch
 
     def lr_scale(self, cfg: Config, epoch: int) -> float:
         return cfg.train.safeclip_lr_scale if epoch == cfg.train.safeclip_warmup else 1.0
