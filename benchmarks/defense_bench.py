@@ -80,7 +80,6 @@ CLASS_OVERRIDES = {
 # what each part of OTCCLIP buys: otcclip cells on fashion patch+targeted, every seed, with one part changed
 ABLATIONS = {
     "cosine-only": {"rematch.alpha": 1.0},                     # the new caption by global cosine, no OT
-    "vote": {"rematch.replace": "vote"},                       # the nearest trusted neighbour's caption
     "no-inter": {"train.lambda_inter": 0.0},
     "no-intra": {"train.lambda_intra": 0.0},
     "no-ot-losses": {"train.lambda_inter": 0.0, "train.lambda_intra": 0.0},   # re-matching alone, CLIP loss only
@@ -93,7 +92,7 @@ ABLATIONS = {
     "gate-pixel": {"rematch.gate_signals": ("concentration", "pixel_agreement"), "rematch.gate_threshold": -2.5},
     "drop": {"rematch.action": "drop"},
     "no-witness": {"rematch.witness": False},                  # the warm-up model keeps training
-    "ot-losses-only": {"rematch.method": "none"},              # L_inter + L_intra, no re-matching
+    "ot-losses-only": {"rematch.enabled": False},              # L_inter + L_intra, no re-matching
     "rematch-all": {"rematch.gate": "none"},                   # the abstract's literal form: every image re-matched
     # earlier defaults (SETTINGS), newest first, each restoring all that changed since: an ablation that ran under
     # one is compared with its row

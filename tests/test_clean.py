@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 N = 160
 # an untrained checkpoint: a loose gate threshold so that the round trip has re-captioned samples to account for
-REMATCH = {"block_size": 40, "k": 4, "neighbours": 8, "pool": "bank", "bank_size": 80, "min_actors": 1,
+REMATCH = {"block_size": 40, "k": 4, "neighbours": 8, "bank_size": 80, "min_actors": 1,
            "max_actors": 2, "actor_num_cpus": 0.5, "gate_threshold": -1.0, "gate_reference": 16}
 
 

@@ -158,16 +158,16 @@ def test_a_cell_of_an_earlier_default_stays_current_only_for_defenses_that_never
                                                                RunRecord("r", "n", "FINISHED", {}, {}, {})))
 
     none, otc = bench.Cell("fashion", "patch", "none", 0), bench.Cell("fashion", "patch", "otcclip", 0)
-    vote, other = (bench.Cell("fashion", "patch", "otcclip", 0, "vote"),
-                   bench.Cell("fashion", "patch", "otcclip", 1, "vote"))
-    for cell in (none, otc, vote):
+    drop, other = (bench.Cell("fashion", "patch", "otcclip", 0, "drop"),
+                   bench.Cell("fashion", "patch", "otcclip", 1, "drop"))
+    for cell in (none, otc, drop):
         written(cell, old)
     written(other, {"train.lr": 0.123})
     assert bench.current_cell(tmp_path, base, none) is not None
-    for cell in (otc, vote):
+    for cell in (otc, drop):
         assert bench.current_cell(tmp_path, base, cell) is None
         assert bench.recorded_cell(tmp_path, base, cell)[1] == setting
-    assert bench.compared_with(base, vote, bench.read_cell(bench.cell_path(tmp_path, vote))) == setting
+    assert bench.compared_with(base, drop, bench.read_cell(bench.cell_path(tmp_path, drop))) == setting
     assert bench.recorded_cell(tmp_path, base, other) is None
     written(otc, {})
     assert bench.recorded_cell(tmp_path, base, otc)[1] == "" and bench.current_cell(tmp_path, base, otc) is not None

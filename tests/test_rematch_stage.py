@@ -24,8 +24,7 @@ pytestmark = pytest.mark.ray        # starts Ray (make test-fast skips it)
 DATA = DataConfig(dataset="shapes", samples_per_shard=64)
 MODEL = ModelConfig(arch="otc-tiny-vit-32")
 OT = OTConfig(iters=30)
-CFG = RematchConfig(method="otcclip", gate="neighbour", neighbours=8, pool="bank", bank_size=96, block_size=48, k=4,
-                    min_actors=1, max_actors=2, actor_num_cpus=0.5)
+CFG = RematchConfig(neighbours=8, bank_size=96, block_size=48, k=4, min_actors=1, max_actors=2, actor_num_cpus=0.5)
 
 
 def write_bad_shard(path: str) -> list[str]:
@@ -115,7 +114,7 @@ def test_actor_picks_up_newer_weights_between_batches(ray_local):
     from otc_ray.model import build_model
 
     store = weight_store("otc-test-pickup")
-    cfg = dataclasses.replace(CFG, pool="block", gate="margin")
+    cfg = CFG
     torch.manual_seed(1)
     first = build_model(MODEL).model.state_dict()
     torch.manual_seed(2)
@@ -144,7 +143,7 @@ def test_actor_picks_up_newer_weights_between_batches(ray_local):
 
 def test_a_store_with_nothing_published_means_pass_through(ray_local):
     store = weight_store("otc-test-empty")
-    actor = stage.RematchActor(dataclasses.replace(CFG, pool="block"), MODEL, OT, weights=store)
+    actor = stage.RematchActor(CFG, MODEL, OT, weights=store)
     out = actor(_batch(8))
     assert actor.version == 0 and np.isnan(out[S.SUSPICION]).all() and not out[S.RECAPTIONED].any()
     ray_local.kill(store)
@@ -157,7 +156,7 @@ def test_sticky_flags_persist_through_the_flag_store(ray_local):
     batch = _batch(24)
     first = str(batch[S.KEY][0])
     ray_local.get(flags.add.remote([first]))                      # flagged in an "earlier epoch"
-    cfg = dataclasses.replace(CFG, pool="block", gate="zscore", sticky=True)
+    cfg = dataclasses.replace(CFG, sticky=True)
     actor = stage.RematchActor(cfg, MODEL, OT, flags=flags)
     out = actor(batch)
     assert out[S.FLAGGED][0], "a key flagged before stays flagged"
@@ -168,8 +167,8 @@ def test_sticky_flags_persist_through_the_flag_store(ray_local):
     assert unsticky.flags is None
 
 
-def test_method_none_passes_everything_through(ray_local):
-    actor = stage.RematchActor(dataclasses.replace(CFG, method="none"), MODEL, OT)
+def test_rematch_off_passes_everything_through(ray_local):
+    actor = stage.RematchActor(dataclasses.replace(CFG, enabled=False), MODEL, OT)
     batch = _batch(8)
     out = actor(batch)
     assert actor.matcher is None

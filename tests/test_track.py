@@ -40,8 +40,7 @@ def test_a_key_added_later_keeps_earlier_digests_at_its_earlier_value_and_counts
     before = content_digest({k: str(v) for k, v in flatten(cfg).items()
                              if not k.startswith(RESUMABLE_PREFIXES) and k not in LATER_KEYS})
     assert set(LATER_KEYS) <= set(flatten(cfg)) and training_digest(cfg) == before
-    assert training_digest(replace(cfg, rematch__gate_high_signals=("agreement",))) != before
-    assert training_digest(replace(cfg, rematch__gate_high_threshold=3.0)) != before
+    assert training_digest(replace(cfg, rematch__propagate_reference=1024)) != before
     assert {k: str(v) for k, v in flatten(cfg).items() if k in LATER_KEYS} == LATER_KEYS
     assert today.rematch.propagate and training_digest(today) != before
 

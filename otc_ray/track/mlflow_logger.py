@@ -90,11 +90,7 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
 # keys added after runs and benchmark cells were recorded, with the value that trains as before they existed: left
 # out of the digest while at that value, so what was recorded earlier keeps its digest (any other value counts,
 # the default too where it has since changed: rematch.propagate is true by default)
-LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": "2.5",
-              "rematch.propagate": "False", "rematch.propagate_floor": "0.5", "rematch.propagate_min_gap": "0.15",
-              "rematch.propagate_max_share": "0.1",
-              "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096",
-              "rematch.propagate_centred": "False"}
+LATER_KEYS = {"rematch.propagate": "False", "rematch.propagate_reference": "4096"}
 
 
 def training_digest(cfg: Config) -> str:
