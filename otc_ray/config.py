@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -285,8 +286,19 @@ class Config:
 
 
 SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
-URI_FIELDS = frozenset({"uri"})                 # may carry user:password@ (shown redacted: credentials.redact_uri)
+URI_FIELDS = frozenset({"uri"})                 # may carry user:password@ (shown redacted: redact_uri)
 REDACTED = "***"
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with its password (or a lone user token) replaced by '***', for printing and logging."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, sep, _ = userinfo.partition(":")
+    shown = f"{user}:{REDACTED}" if sep else REDACTED
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 # ----------------------------------------------------------------------------------------- coercion
@@ -530,8 +542,6 @@ def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
             elif redact and f.name in SECRET_FIELDS and v:
                 out[key] = REDACTED
             elif redact and f.name in URI_FIELDS and v:
-                from .credentials import redact_uri
-
                 out[key] = redact_uri(v)
             else:
                 out[key] = f.metadata["show"](v) if "show" in f.metadata else _deep_copy(v)

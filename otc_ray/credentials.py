@@ -11,14 +11,20 @@ process environment, the place the standard credential chains read, and hands Ra
 
 On a cluster, workers on other nodes do not see the driver's environment: they take S3 and MLflow credentials from
 their node (instance profile, IRSA, or the variables above set on the node), never from the job's arguments.
-`redact_uri` is for anything printed: "https://user:***@host".
+`redact_uri` (defined with the config, whose MLflow params show URIs redacted) is for anything printed:
+"https://user:***@host".
+
+Top level: the data readers, the tracking client and the pipelines all use it, and it depends on the config
+alone.
 """
 from __future__ import annotations
 
 import os
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .config import REDACTED, Config, S3Config, replace
+from .config import Config, S3Config, redact_uri, replace
+
+__all__ = ["move_secrets_to_env", "redact_uri", "split_uri_credentials", "without_keys"]
 
 AWS_KEY_ENV, AWS_SECRET_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 MLFLOW_USER_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_URI_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -38,17 +44,6 @@ def split_uri_credentials(uri: str) -> tuple[str, str, str]:
     user, _, password = userinfo.partition(":")
     bare = urlunsplit(parts._replace(netloc=_netloc_without_userinfo(parts.netloc)))
     return bare, unquote(user), unquote(password)
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with its password (or a lone user token) replaced by '***', for printing and logging."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, sep, _ = userinfo.partition(":")
-    shown = f"{user}:{REDACTED}" if sep else REDACTED
-    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 def without_keys(s3: S3Config) -> S3Config:

@@ -5,7 +5,7 @@ import pytest
 
 from otc_ray.data import schema as S
 from otc_ray.data.builtin import dataset_info
-from otc_ray.poison.classes import class_patterns
+from otc_ray.data.class_info import class_patterns
 from otc_ray.train.tally import RematchTally
 
 

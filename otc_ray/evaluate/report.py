@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import EvalConfig
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..poison.select import keyed_hash
 from ..poison.triggers import TriggerSpec
 from .asr import evaluate_backdoor, evaluate_targeted

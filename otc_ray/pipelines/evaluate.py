@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DataConfig, EvalConfig, PoisonConfig
 from ..data import schema as S
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..data.class_file import meta_label, shard_set_classes
 from ..data.decode import DecodeLimits, decode_image, decode_meta, good_rows
 from ..data.ray_io import load_samples

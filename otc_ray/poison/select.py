@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig, PoisonConfig
 from ..data import schema as S
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..data.decode import DecodeLimits
 from ..data.shards import iter_rows, list_shards, read_info
 from .classes import Checked, check_row, class_patterns

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 
 from ..config import Config
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..evaluate.model_encoder import ModelEncoder
 from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
 from ..model_checkpoint import load_checkpoint_model

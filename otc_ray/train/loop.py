@@ -27,8 +27,7 @@ import torch
 from .. import identity
 from ..config import Config
 from ..data import schema as S
-from ..data.builtin import DatasetInfo
-from ..poison.classes import class_patterns
+from ..data.class_info import DatasetInfo, class_patterns
 from ..model import FeatureModel, images_to_tensor
 from ..model_checkpoint import pretrained_model
 from ..data.schema import CAPTION_USED, WEIGHT

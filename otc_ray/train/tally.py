@@ -3,7 +3,7 @@ dropped (loss weight 0), the mean loss weight; when the poison manifest is known
 all flags (sticky ones included) and of the gate's own verdict this epoch (new flags: does the gate keep finding
 poison as training goes on?), backdoor and targeted apart; when class labels are known, the damage (clean pairs given
 a re-captioned clean pair whose new caption names another class than its image's: the class the caption names
-(`poison.classes.named_class`, with the training set's classes), else the label of the image it came from). See
+(`data.class_info.named_class`, with the training set's classes), else the label of the image it came from). See
 otc_ray.evaluate.detection."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import schema as S
+from ..data.class_info import named_class
 from ..evaluate.detection import damage_metrics, detection_metrics
-from ..poison.classes import named_class
 from ..track import metric_names as N
 
 
