@@ -1,4 +1,5 @@
-"""Training losses (METHOD.md C): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal InfoNCE, combiner.
+"""Training losses (docs/method.md, Training objective): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal
+InfoNCE, combiner.
 
 Pure functions of features (no model, no state). One OTCCLIP batch, as `otc_ray.train.defenses.OTCCLIP.batch_loss`
 computes it (and benchmarks/ot_bench.py times it), t = cfg.train:

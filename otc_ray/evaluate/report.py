@@ -1,4 +1,4 @@
-"""One evaluation of a model on a held-out set in memory: every metric of METHOD.md, as one flat dict.
+"""One evaluation of a model on a held-out set in memory: every metric of docs/method.md (Metrics), as one flat dict.
 
     metrics = evaluate_arrays(encoder, test, info, attack, cfg.eval, train=train)   # EvalSet, DatasetInfo, AttackTruth
     print(format_metrics(metrics))

@@ -1,6 +1,7 @@
-"""The defenses (METHOD.md C and Baselines), one class each in the registry `DEFENSES`, looked up by the value
-of `train.defense` (`get_defense`): what the training stream re-matches (`Defense.rematch`) and the objective of
-one batch (`Defense.batch_loss`).
+"""The defenses (docs/method.md, Training objective and Baselines), one class each in the registry `DEFENSES`,
+looked up by the value of `train.defense` (`get_defense`): what the training stream re-matches (`Defense.rematch`)
+and the objective of one batch (`Defense.batch_loss`). `train.defense` is the one choice of method: roclip and
+safeclip set the re-match settings their method needs over `rematch`; otcclip reads `rematch` as it is.
 
     defense = get_defense(cfg.train.defense)
     defense.rematch(cfg)                    # RematchConfig of the stage, or None
@@ -84,8 +85,8 @@ class RoCLIP(Defense):
     """RoCLIP (Yang et al., NeurIPS 2023) as its code runs it: on every `train.roclip_every`-th epoch (its
     `break_epoch`, 2; 1-based epochs 2, 4, ..., so 0-based 1, 3, ...) every image takes the caption of the caption
     pool (a FIFO bank) nearest to its image embedding (the stage scores by global cosine alone, alpha 1, gate none,
-    no trigger propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with augmented
-    images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
+    no trigger propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with
+    augmented images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
 
     name = "roclip"
 
