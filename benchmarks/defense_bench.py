@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 
 from otc_ray.config import Config, content_digest, load_config, replace  # noqa: E402
 from otc_ray.track import compare  # noqa: E402
-from otc_ray.track import metric_names as N  # noqa: E402
+from otc_ray.track import metric_names  # noqa: E402
 from otc_ray.track.cells import CellResult, cell_from_run, read_cell, write_cell  # noqa: E402
 from otc_ray.track.compare import Row, group_runs, render  # noqa: E402
 from otc_ray.track.mlflow_logger import training_digest  # noqa: E402
@@ -268,8 +268,8 @@ def _train_cells(base: Config, todo: list[Cell], folder: Path, parent: str, resu
                                       git_commit(), EXPERIMENT)
         write_cell(cell_path(folder, cell), results[cell])
         m = result.metrics
-        print(f"    zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
-              f"{m.get(N.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(N.FINAL_TARGETED_ASR, math.nan):.3f}"
+        print(f"    zero-shot {m.get(metric_names.FINAL_ZEROSHOT_TOP1, math.nan):.3f}  backdoor ASR "
+              f"{m.get(metric_names.FINAL_BACKDOOR_ASR, math.nan):.3f}  targeted ASR {m.get(metric_names.FINAL_TARGETED_ASR, math.nan):.3f}"
               f"  ({durations[-1] / 60:.1f} min)", flush=True)
 
 
@@ -302,7 +302,7 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
     """One line per target and (data set, attack) of the MATRIX or with cells: the figure and met / missed."""
     t, lines = TARGETS, []
     for ds in datasets:
-        clean = _mean(values, ds, "clean", "none", N.FINAL_ZEROSHOT_TOP1)
+        clean = _mean(values, ds, "clean", "none", metric_names.FINAL_ZEROSHOT_TOP1)
         for attack in attacks:
             if not any(key[:2] == (ds, attack) for key in values):
                 if attack in MATRIX.get(ds, ()):
@@ -311,34 +311,34 @@ def target_lines(values: dict, datasets, attacks) -> list[str]:
             m = lambda defense, metric: _mean(values, ds, attack, defense, metric)  # noqa: E731
             parts = attack.split("+")                 # the cell label: trigger names and/or "targeted"
             if parts != ["targeted"]:
-                asr = m("none", N.FINAL_BACKDOOR_ASR)
+                asr = m("none", metric_names.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: no-defense backdoor ASR {asr:.3f} (target >= {t['no_defense_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr >= t['no_defense_asr'])}")
-                asr = m("otcclip", N.FINAL_BACKDOOR_ASR)
+                asr = m("otcclip", metric_names.FINAL_BACKDOOR_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP backdoor ASR {asr:.3f} (target <= {t['otcclip_asr']}): "
                              f"{_verdict(None if math.isnan(asr) else asr <= t['otcclip_asr'])}")
             if "targeted" in parts:
-                tasr = m("otcclip", N.FINAL_TARGETED_ASR)
+                tasr = m("otcclip", metric_names.FINAL_TARGETED_ASR)
                 lines.append(f"- {ds} / {attack}: OTCCLIP targeted ASR {tasr:.3f} (target <= {t['targeted_asr']:.4f}): "
                              f"{_verdict(None if math.isnan(tasr) else tasr <= t['targeted_asr'] + 1e-9)}")
-            zs = m("otcclip", N.FINAL_ZEROSHOT_TOP1)
+            zs = m("otcclip", metric_names.FINAL_ZEROSHOT_TOP1)
             lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs clean {clean:.3f} (within "
                          f"{t['zeroshot_gap']}): {_verdict(None if math.isnan(zs + clean) else zs >= clean - t['zeroshot_gap'])}")
             for baseline in BASELINES:
-                bz, basr = m(baseline, N.FINAL_ZEROSHOT_TOP1), m(baseline, N.FINAL_BACKDOOR_ASR)
+                bz, basr = m(baseline, metric_names.FINAL_ZEROSHOT_TOP1), m(baseline, metric_names.FINAL_BACKDOOR_ASR)
                 if math.isnan(bz + zs):
                     continue
                 stops = parts == ["targeted"] or basr <= t["otcclip_asr"]
-                diff = significance(values.get((ds, attack, "otcclip"), {}).get(N.FINAL_ZEROSHOT_TOP1, []),
-                                    values.get((ds, attack, baseline), {}).get(N.FINAL_ZEROSHOT_TOP1, []))
+                diff = significance(values.get((ds, attack, "otcclip"), {}).get(metric_names.FINAL_ZEROSHOT_TOP1, []),
+                                    values.get((ds, attack, baseline), {}).get(metric_names.FINAL_ZEROSHOT_TOP1, []))
                 verdict = _verdict(zs >= bz + t["over_baselines"]) if stops else "n/a (it does not stop the attack)"
                 lines.append(f"- {ds} / {attack}: OTCCLIP zero-shot {zs:.3f} vs {baseline} {bz:.3f} (>= "
                              f"+{t['over_baselines']} where it stops the attack; {diff}): {verdict}")
-            p, r = m("otcclip", N.REMATCH_DETECT_PRECISION), m("otcclip", N.REMATCH_DETECT_RECALL)
+            p, r = m("otcclip", metric_names.REMATCH_DETECT_PRECISION), m("otcclip", metric_names.REMATCH_DETECT_RECALL)
             lines.append(f"- {ds} / {attack}: OTCCLIP detection P {p:.3f} / R {r:.3f} (R >= {t['recall']} at "
                          f"P >= {t['precision']}): "
                          f"{_verdict(None if math.isnan(p + r) else (r >= t['recall'] and p >= t['precision']))}")
-            dmg = m("otcclip", N.REMATCH_DAMAGE)
+            dmg = m("otcclip", metric_names.REMATCH_DAMAGE)
             lines.append(f"- {ds} / {attack}: OTCCLIP damage {dmg:.4f} (target <= {t['damage']}): "
                          f"{_verdict(None if math.isnan(dmg) else dmg <= t['damage'])}")
     return lines
@@ -355,8 +355,8 @@ def machine() -> str:
 def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
     """Per-epoch recall of the gate's new flags (backdoor, targeted) and their precision, mean over seeds, for each
     (data set, attack) group of re-matching cells."""
-    keys = (("backdoor recall", N.rematch_gate("recall_backdoor")), ("targeted recall", N.rematch_gate("recall_targeted")),
-            ("precision", N.rematch_gate("precision")))
+    keys = (("backdoor recall", metric_names.rematch_gate("recall_backdoor")), ("targeted recall", metric_names.rematch_gate("recall_targeted")),
+            ("precision", metric_names.rematch_gate("precision")))
     groups: dict[tuple[str, str, str], list[CellResult]] = {}
     for cell, r in results.items():
         if any(k in r.history for _, k in keys):
@@ -373,9 +373,9 @@ def detection_lines(results: dict[Cell, CellResult]) -> list[str]:
     return lines if groups else []
 
 
-VARIANT_METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("backdoor ASR", N.FINAL_BACKDOOR_ASR),
-                   ("targeted ASR", N.FINAL_TARGETED_ASR), ("det P", N.REMATCH_DETECT_PRECISION),
-                   ("det R", N.REMATCH_DETECT_RECALL), ("damage", N.REMATCH_DAMAGE))
+VARIANT_METRICS = (("zero-shot", metric_names.FINAL_ZEROSHOT_TOP1), ("backdoor ASR", metric_names.FINAL_BACKDOOR_ASR),
+                   ("targeted ASR", metric_names.FINAL_TARGETED_ASR), ("det P", metric_names.REMATCH_DETECT_PRECISION),
+                   ("det R", metric_names.REMATCH_DETECT_RECALL), ("damage", metric_names.REMATCH_DAMAGE))
 
 
 def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, CellResult]) -> list[str]:
@@ -396,7 +396,7 @@ def variant_table(results: dict[Cell, CellResult], names, reference: dict[Cell, 
         row = Row(key, len(members), [m.record for m in members],
                   {m: [r.record.metrics[m] for r in members if m in r.record.metrics] for _, m in VARIANT_METRICS})
         # an ASR of an attack the cell does not carry (the triggered images of a targeted-only attack) is no figure
-        absent = {N.FINAL_BACKDOOR_ASR} if key[2] == "targeted" else set()
+        absent = {metric_names.FINAL_BACKDOOR_ASR} if key[2] == "targeted" else set()
         lines.append("| " + " | ".join([*key, str(len(members))] + ["-" if m in absent else row.cell(m)
                                                                      for _, m in VARIANT_METRICS]) + " |")
     return lines if len(groups) > 0 else []

@@ -13,7 +13,7 @@ from .config import Config, ConfigError, load_config
 from .credentials import move_secrets_to_env, redact_uri
 from .data.builtin import BUILTIN_DATASETS, DatasetMissingError
 from .data.shards import ShardSetError
-from .track import metric_names as N
+from .track import metric_names
 
 
 def _config(args: argparse.Namespace, **flag_overrides) -> Config:
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = run_training(cfg, progress=not args.quiet)
-    for key in sorted(k for k in result.metrics if k.startswith((N.FINAL, N.EVAL))):
+    for key in sorted(k for k in result.metrics if k.startswith((metric_names.FINAL, metric_names.EVAL))):
         print(f"{key:<36} {result.metrics[key]:.4f}")
     print(f"mlflow run {result.run_id} at {redact_uri(result.tracking_uri)}; checkpoint {result.checkpoint}; "
           f"{result.seconds:.0f} s")

@@ -42,8 +42,8 @@ def split_uri_credentials(uri: str) -> tuple[str, str, str]:
         return uri, "", ""
     userinfo = parts.netloc.rpartition("@")[0]
     user, _, password = userinfo.partition(":")
-    bare = urlunsplit(parts._replace(netloc=_netloc_without_userinfo(parts.netloc)))
-    return bare, unquote(user), unquote(password)
+    clean_uri = urlunsplit(parts._replace(netloc=_netloc_without_userinfo(parts.netloc)))
+    return clean_uri, unquote(user), unquote(password)
 
 
 def without_keys(s3: S3Config) -> S3Config:
@@ -53,7 +53,7 @@ def without_keys(s3: S3Config) -> S3Config:
 
 def move_secrets_to_env(cfg: Config) -> Config:
     """Export the config's S3 keys and the tracking URI's user / password (tracking.uri, else $MLFLOW_TRACKING_URI)
-    to this process's environment; return the config without them (also $MLFLOW_TRACKING_URI is left bare).
+    to this process's environment; return the config without them (also $MLFLOW_TRACKING_URI is left without them).
     Idempotent: a config without secrets comes back unchanged."""
     s3 = cfg.data.s3
     if s3.access_key_id or s3.secret_access_key:
@@ -61,13 +61,13 @@ def move_secrets_to_env(cfg: Config) -> Config:
         os.environ[AWS_SECRET_ENV] = s3.secret_access_key
         os.environ.pop("AWS_SESSION_TOKEN", None)            # belongs to other keys
         cfg = replace(cfg, data__s3__access_key_id="", data__s3__secret_access_key="")
-    bare, user, password = split_uri_credentials(cfg.tracking.uri)
+    clean_uri, user, password = split_uri_credentials(cfg.tracking.uri)
     if user or password:
-        cfg = replace(cfg, tracking__uri=bare)
+        cfg = replace(cfg, tracking__uri=clean_uri)
     else:
-        env_bare, user, password = split_uri_credentials(os.environ.get(MLFLOW_URI_ENV, ""))
+        env_clean_uri, user, password = split_uri_credentials(os.environ.get(MLFLOW_URI_ENV, ""))
         if user or password:
-            os.environ[MLFLOW_URI_ENV] = env_bare
+            os.environ[MLFLOW_URI_ENV] = env_clean_uri
     if user:
         os.environ[MLFLOW_USER_ENV] = user
     if password:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from otc_ray.config import ConfigError, ModelConfig, OTConfig, RematchConfig, validate
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.builtin import generate
 from otc_ray.poison.triggers import TriggerSpec, apply_trigger
 from otc_ray.rematch.trigger import (PATTERN_SIDE, PropagateConfig, estimate_pattern, pattern_match,
@@ -121,14 +121,14 @@ def test_the_stage_flags_an_image_that_carries_the_stores_pattern(ray_local, fas
     assert ray_local.get(store.pattern.remote()) is not None
     actor = stage.RematchActor(cfg, ModelConfig(arch="otc-tiny-vit-32"), OTConfig(iters=20), flags=store)
     rows = list(range(10, 40)) + list(range(300, 334))                 # 20 unflagged triggered images, 34 clean
-    batch = {S.KEY: np.asarray([keys[i] for i in rows], dtype=object), S.IMAGE: images[rows],
-             S.CAPTION: np.asarray([captions[i] for i in rows], dtype=object),
-             S.ERROR: np.asarray([""] * len(rows), dtype=object)}
+    batch = {schema.KEY: np.asarray([keys[i] for i in rows], dtype=object), schema.IMAGE: images[rows],
+             schema.CAPTION: np.asarray([captions[i] for i in rows], dtype=object),
+             schema.ERROR: np.asarray([""] * len(rows), dtype=object)}
     out = actor(batch)
     triggered = np.arange(len(rows)) < 20
-    assert out[S.FLAGGED][triggered].all() and not out[S.FLAGGED][~triggered].any()
-    assert not out[S.GATE_FLAGGED].any()
+    assert out[schema.FLAGGED][triggered].all() and not out[schema.FLAGGED][~triggered].any()
+    assert not out[schema.GATE_FLAGGED].any()
     unflagged_store = flag_store()                                    # propagation off: the same block passes
     plain = stage.RematchActor(dataclasses.replace(cfg, propagate=False), ModelConfig(arch="otc-tiny-vit-32"),
                                OTConfig(iters=20), flags=unflagged_store)
-    assert not plain(batch)[S.FLAGGED].any()
+    assert not plain(batch)[schema.FLAGGED].any()

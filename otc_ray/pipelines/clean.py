@@ -43,7 +43,7 @@ import ray
 
 from otc_ray.config import Config, S3Config, content_digest, replace, validate
 from otc_ray.credentials import move_secrets_to_env
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.ray_io import decode, read_shards
 from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
                                  write_shard)
@@ -127,7 +127,7 @@ class CleanSummary:
 def _outcomes(batch: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
     """(outcome, reason) per row: bad input and weight-0 rows are dropped; a changed caption is recaptioned."""
     outcomes, reasons = [], []
-    for err, weight, changed in zip(batch[S.ERROR], batch[S.WEIGHT], batch[S.RECAPTIONED]):
+    for err, weight, changed in zip(batch[schema.ERROR], batch[schema.WEIGHT], batch[schema.RECAPTIONED]):
         if err:
             outcomes.append(DROPPED), reasons.append(str(err))
         elif weight <= 0:
@@ -159,16 +159,16 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
     """Commit the kept and re-captioned rows of a re-matched batch as one shard (any mix of image formats, the
     original bytes); return the batch's report rows."""
     outcomes, reasons = _outcomes(batch)
-    keys = [str(k) for k in batch[S.KEY]]
+    keys = [str(k) for k in batch[schema.KEY]]
     samples = []
     for i, outcome in enumerate(outcomes):
         if outcome == DROPPED:
             continue
         changed = outcome == RECAPTIONED
-        meta = _meta(batch[S.META][i], str(batch[S.CAPTION][i]), str(batch[S.SOURCE_KEY][i]), changed,
-                     float(batch[S.WEIGHT][i]))
-        samples.append((keys[i], bytes(batch[S.IMAGE_BYTES][i]), str(batch[S.IMAGE_EXT][i]),
-                        str(batch[S.CAPTION_USED][i]), meta))
+        meta = _meta(batch[schema.META][i], str(batch[schema.CAPTION][i]), str(batch[schema.SOURCE_KEY][i]), changed,
+                     float(batch[schema.WEIGHT][i]))
+        samples.append((keys[i], bytes(batch[schema.IMAGE_BYTES][i]), str(batch[schema.IMAGE_EXT][i]),
+                        str(batch[schema.CAPTION_USED][i]), meta))
     name = shard_name(keys, fmt)
     fs, root = resolve(out, s3)
     if samples:
@@ -190,11 +190,11 @@ def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None
 def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarray]:
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
-            "caption_used": np.asarray([str(c) for c in batch[S.CAPTION_USED]], dtype=object),
-            "caption": np.asarray([str(c) for c in batch[S.CAPTION]], dtype=object),
-            "source_key": np.asarray([str(c) for c in batch[S.SOURCE_KEY]], dtype=object),
-            **{c: np.asarray(batch[c], dtype=np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)},
-            "flagged": np.asarray(batch[S.FLAGGED], dtype=bool), "weight": np.asarray(batch[S.WEIGHT], np.float32),
+            "caption_used": np.asarray([str(c) for c in batch[schema.CAPTION_USED]], dtype=object),
+            "caption": np.asarray([str(c) for c in batch[schema.CAPTION]], dtype=object),
+            "source_key": np.asarray([str(c) for c in batch[schema.SOURCE_KEY]], dtype=object),
+            **{c: np.asarray(batch[c], dtype=np.float32) for c in (schema.OWN_SCORE, schema.BEST_SCORE, schema.SUSPICION, schema.GATE_Z)},
+            "flagged": np.asarray(batch[schema.FLAGGED], dtype=bool), "weight": np.asarray(batch[schema.WEIGHT], np.float32),
             "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
 
 
@@ -270,7 +270,7 @@ def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Ta
 
 def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
     """The reader rows whose key no committed part accounts for."""
-    keep = np.asarray([str(k) not in done for k in batch[S.KEY]], dtype=bool)
+    keep = np.asarray([str(k) not in done for k in batch[schema.KEY]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..data import schema as S
+from ..data import schema
 from ..data.class_info import DatasetInfo, class_patterns, named_class
 from ..data.decode import DecodeLimits, decode_caption, decode_image, decode_meta
 
@@ -46,12 +46,12 @@ class Checked:
 def check_row(row: dict, limits: DecodeLimits, info: DatasetInfo, patterns: list[re.Pattern],
               with_image: bool = True) -> Checked:
     """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class."""
-    if row[S.ERROR]:
-        return Checked(row[S.ERROR], from_reader=True)
-    meta, err = decode_meta(row[S.META])
-    caption, err = decode_caption(row[S.CAPTION_RAW], limits) if not err else ("", err)
+    if row[schema.ERROR]:
+        return Checked(row[schema.ERROR], from_reader=True)
+    meta, err = decode_meta(row[schema.META])
+    caption, err = decode_caption(row[schema.CAPTION_RAW], limits) if not err else ("", err)
     if not err and with_image:
-        _, err = decode_image(row[S.IMAGE_BYTES], limits)
+        _, err = decode_image(row[schema.IMAGE_BYTES], limits)
     if err:
         return Checked(err)
     return Checked("", class_of(meta, caption, info, patterns), caption, meta)

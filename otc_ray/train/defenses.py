@@ -5,7 +5,7 @@ safeclip set the re-match settings their method needs over `rematch`; otcclip re
 
     defense = get_defense(cfg.train.defense)
     defense.rematch(cfg)                    # RematchConfig of the stage, or None
-    loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
+    loss, terms = defense.batch_loss(feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights)
 
     none      L_clip
     roclip    L_clip on the captions the re-match stage chose (nearest pool caption to the image) every
@@ -31,14 +31,14 @@ from .augment import augment_images
 UNIMODAL_TEMPERATURE = 0.1
 
 
-def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, gen: torch.Generator, rows: Tensor):
+def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, generator: torch.Generator, rows: Tensor):
     """Features of a second augmented view (images shifted/flipped, captions with word dropout) of the rows `rows`.
 
-    Always without gradient: the view is a same-weights target (the bare model, outside DDP, so a second forward
+    Always without gradient: the view is a same-weights target (the open_clip model, outside DDP, so a second forward
     never meets DDP's once-per-step gradient bookkeeping)."""
     with torch.no_grad():
-        return features(model, augment_images(pixels[rows], gen),
-                        augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen), cfg.ot.special_tokens)
+        return features(model, augment_images(pixels[rows], generator),
+                        augment_token_ids(ids[rows], cfg.ot.text_drop_prob, generator), cfg.ot.special_tokens)
 
 
 class Defense(ABC):
@@ -55,12 +55,12 @@ class Defense(ABC):
         return 1.0
 
     @abstractmethod
-    def batch_loss(self, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
-                   epoch: int, gen: torch.Generator, weights: Optional[Tensor] = None,
+    def batch_loss(self, feature_model: nn.Module, clip_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
+                   epoch: int, generator: torch.Generator, weights: Optional[Tensor] = None,
                    content_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
         """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L).
 
-        feature_model: the (DDP-wrapped) `FeatureModel` that trains; bare_model: the open_clip model inside it
+        feature_model: the (DDP-wrapped) `FeatureModel` that trains; clip_model: the open_clip model inside it
         (second views, no gradient); weights (B,): the re-match stage's per-pair loss weights (action drop = 0,
         downweight < 1) for the image-caption terms, None when every pair counts fully; content_ids (B, 2) int64:
         [caption text id, image pixel id] (`otc_ray.identity`): batch-mates sharing one are not negatives of each
@@ -77,7 +77,7 @@ class NoDefense(Defense):
 
     name = "none"
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         return _clip_only(feature_model(pixels, ids), weights, content_ids)
 
 
@@ -95,8 +95,8 @@ class RoCLIP(Defense):
         return replace(cfg, rematch__enabled=True, rematch__alpha=1.0, rematch__gate="none", rematch__witness=False,
                        rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every_epochs=every).rematch
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
-        f = feature_model(augment_images(pixels, gen), augment_token_ids(ids, cfg.ot.text_drop_prob, gen))
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
+        f = feature_model(augment_images(pixels, generator), augment_token_ids(ids, cfg.ot.text_drop_prob, generator))
         return _clip_only(f, weights, content_ids)
 
 
@@ -109,12 +109,12 @@ class OTCCLIP(Defense):
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         return cfg.rematch if cfg.rematch.enabled else None
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         tc = cfg.train
         f = feature_model(pixels, ids)
         n = f.image.shape[0] if cfg.ot.intra_samples == 0 else min(cfg.ot.intra_samples, f.image.shape[0])
-        rows = torch.randperm(f.image.shape[0], generator=gen)[:n].to(pixels.device)
-        view = _view(bare_model, pixels, ids, cfg, gen, rows) if tc.lambda_intra > 0 else None
+        rows = torch.randperm(f.image.shape[0], generator=generator)[:n].to(pixels.device)
+        view = _view(clip_model, pixels, ids, cfg, generator, rows) if tc.lambda_intra > 0 else None
         terms = otcclip_terms(f, tc.tau_ot, cfg.ot, tc.lambda_inter, tc.lambda_intra, view=view, view_index=rows,
                               weights=weights, content_ids=content_ids)
         return combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})
@@ -141,13 +141,13 @@ class SafeCLIP(Defense):
     def lr_scale(self, cfg: Config, epoch: int) -> float:
         return cfg.train.safeclip_lr_scale if epoch == cfg.train.safeclip_warmup else 1.0
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         tc = cfg.train
         f = feature_model(pixels, ids)
         if epoch == tc.safeclip_warmup:
             return _clip_only(f, weights, content_ids)
         all_rows = torch.arange(f.image.shape[0], device=pixels.device)
-        view = _view(bare_model, pixels, ids, cfg, gen, all_rows)
+        view = _view(clip_model, pixels, ids, cfg, generator, all_rows)
         if epoch < tc.safeclip_warmup:
             return combine_losses({"image_unimodal_loss": unimodal_contrastive_loss(f.image, view.image, UNIMODAL_TEMPERATURE),
                                    "text_unimodal_loss": unimodal_contrastive_loss(f.text, view.text, UNIMODAL_TEMPERATURE)}, {})

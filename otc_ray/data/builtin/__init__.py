@@ -52,14 +52,14 @@ def generate(name: str, split: str, num: int, seed: int = 0, image_size: int = 3
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     info = dataset_info(name, image_size)
-    gen = _generator(name, split, seed, image_size, tint)
-    if num > gen.capacity():
-        raise ValueError(f"{name}/{split} holds {gen.capacity()} images; asked for {num}")
+    source = _generator(name, split, seed, image_size, tint)
+    if num > source.capacity():
+        raise ValueError(f"{name}/{split} holds {source.capacity()} images; asked for {num}")
     done = 0
     while done < num:
         n = min(CHUNK, num - done)
-        gen.start_chunk(done // CHUNK, CHUNK)
-        full = gen.sample(min(CHUNK, gen.capacity() - done))
+        source.start_chunk(done // CHUNK, CHUNK)
+        full = source.sample(min(CHUNK, source.capacity() - done))
         out = {k: v[:n] for k, v in full.items()}
         keys = [f"{done + i:09d}" for i in range(n)]
         for meta, label in zip(out["metas"], out["labels"]):
