@@ -100,7 +100,8 @@ class RematchActor:
 def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], version: int = 0,
                   flags: Optional["ray.actor.ActorHandle"] = None) -> dict[str, np.ndarray]:
     """Add schema.OUTPUT_COLUMNS to a decoded batch: good rows are matched as one block, bad rows get neutral
-    values (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = method none.
+    values (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = re-matching
+    off (`rematch.enabled` false).
     flags: a FlagStore; its keys stay flagged, and the block's new flags are added to it."""
     keys = np.asarray(batch[schema.KEY], dtype=object)
     n = len(keys)
