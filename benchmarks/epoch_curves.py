@@ -16,12 +16,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
 
-from otc_ray.track import metric_names as N  # noqa: E402
+from otc_ray.track import metric_names  # noqa: E402
 from otc_ray.track.mlflow_logger import metric_history, search_runs  # noqa: E402
 
-METRICS = (N.EVAL_ZEROSHOT_TOP1, N.EVAL_BACKDOOR_ASR, N.EVAL_TARGETED_ASR, N.rematch_gate("recall_backdoor"),
-           N.rematch_gate("recall_targeted"), N.rematch_gate("precision"), N.rematch_gate("flag_rate"),
-           N.REMATCH_DAMAGE, N.TRAIN_EPOCH_SECONDS)
+METRICS = (metric_names.EVAL_ZEROSHOT_TOP1, metric_names.EVAL_BACKDOOR_ASR, metric_names.EVAL_TARGETED_ASR, metric_names.rematch_gate("recall_backdoor"),
+           metric_names.rematch_gate("recall_targeted"), metric_names.rematch_gate("precision"), metric_names.rematch_gate("flag_rate"),
+           metric_names.REMATCH_DAMAGE, metric_names.TRAIN_EPOCH_SECONDS)
 
 
 def curves(uri: str, run_ids: list[str], metric: str) -> dict[int, list[float]]:

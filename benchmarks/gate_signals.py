@@ -5,12 +5,12 @@
         [--config otc_ray/configs/demo.yaml] [key=value ...]
 
 Each checkpoint re-matches the whole (poisoned) shard set block by block, in a seeded shuffled order, with
-`Matcher` exactly as one re-match actor does (gate `evidence` as configured, every signal measured, bank as
+`Matcher` exactly as one re-match actor does (gate `evidence` over every signal, bank as
 configured, sticky flags off). Per sample it keeps the raw signals (global cosine, neighbour agreement, OT plan
 concentration, pixel-neighbour agreement) and their caption-calibrated z-scores, then reports, backdoor and
 targeted pairs apart against the clean ones: the AUROC of every raw signal, every calibrated z and its absolute
 value (an outlier either way), and for each combination of signals (min = union of outliers, mean) the flag rate,
-precision and recall at several thresholds; and the configured gate's own flags, precision, recall and damage
+precision and recall at several thresholds; and the four-signal gate's own flags, precision, recall and damage
 (clean pairs re-captioned with another class's caption). Data are read in this process (no Ray). Writes a
 markdown table (--output) and one JSON line per checkpoint (--json) as each finishes.
 """
@@ -139,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, ["rematch.gate=evidence", "rematch.sticky=false", "rematch.propagate=false",
                                      *overrides])
-    # every signal is measured (as a high-side signal that never flags); the matcher's own flags use the gate as
-    # configured (rematch.gate_signals, gate_combine, gate_threshold)
-    rcfg = dataclasses.replace(cfg.rematch, gate_high_signals=SIGNALS, gate_high_threshold=1e9)
+    # every signal is measured: the gate averages all of them (the matcher's own flags below are that gate's)
+    rcfg = dataclasses.replace(cfg.rematch, gate_signals=SIGNALS)
     rows = read_rows(args.data, cfg.data)
     order = np.random.default_rng(args.seed).permutation(len(rows.keys))
     kind, labels = rows.kind[order], rows.labels[order]

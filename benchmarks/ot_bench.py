@@ -185,14 +185,14 @@ def bench_step(args) -> list[tuple[str, float]]:
     pixels = torch.randn(B, 3, S, S)
     ids = bundle.tokenizer([f"a photo of a {words[i % 10]}, item {i}" for i in range(B)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
 
     def step_of(cfg: Config):
         defense = get_defense(cfg.train.defense)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss, _ = defense.batch_loss(feature_model, model, pixels, ids, cfg, 0, gen)
+            loss, _ = defense.batch_loss(feature_model, model, pixels, ids, cfg, 0, generator)
             loss.backward()
             opt.step()
         return step

@@ -10,7 +10,7 @@ Measured:
     2 actors of 1 CPU and 1 torch thread each, local Ray with 4 logical CPUs. "end-to-end" is rows / wall time,
     actor start-up (process, torch import, model build) included; "pool" is rows / (the actors' summed remote
     wall time in the stage, from Ray Data's stats, / 2 actors): the pool's rate while busy. "first s" is the time
-    to the first batch at the driver. Defaults otherwise: gate neighbour, pool bank (2048), OT eps 0.05 / 50 iters.
+    to the first batch at the driver. Defaults otherwise: gate evidence, bank 2048, OT eps 0.05 / 50 iters.
   * matcher samples/s: `Matcher.match` alone in this process on one torch thread (no Ray), after a warm-up
     block: what one actor does per second once started. The machine is shared: the load average is printed.
   * memory: a sampler thread reads, every 0.2 s, the RSS (/proc/<pid>/status VmRSS) of every process descended
@@ -42,7 +42,8 @@ from otc_ray.data.make import make_shards  # noqa: E402
 from otc_ray.data.ray_io import load_samples  # noqa: E402
 from otc_ray.pipelines.runtime import init_ray  # noqa: E402
 
-METHODS = ("none", "roclip", "otcclip")
+# each method's re-match settings over the base: off, RoCLIP's (cosine only, every image), OTCCLIP's (the default)
+METHODS = {"none": {"enabled": False}, "roclip": {"alpha": 1.0, "gate": "none"}, "otcclip": {}}
 BLOCKS = (512, 2048)
 ACTOR_TITLE = "ray::MapWorker(MapBatches(RematchActor"
 
@@ -217,7 +218,7 @@ def throughput(args, num: int, shard: int, work: str, data: DataConfig, base: Re
     images, captions, keys = _block_of(2048 if args.quick else 8192)
     for block in BLOCKS:
         for method in METHODS:
-            cfg = dataclasses.replace(base, method=method, block_size=block)
+            cfg = dataclasses.replace(base, **METHODS[method], block_size=block)
             r = run_stage(f"{work}/tp", data, cfg)
             if r["rows"] != num:
                 raise RuntimeError(f"{method}/{block}: the stage returned {r['rows']} rows, expected {num}")
@@ -247,7 +248,7 @@ def memory(args, work: str, data: DataConfig, base: RematchConfig) -> None:
     for n_shards in (mem_shards, 8 * mem_shards):
         path = f"{work}/mem{n_shards}"
         make_shards(mem_data, "train", n_shards * mem_data.samples_per_shard, path, "wds", progress=False)
-        r = run_stage(path, mem_data, dataclasses.replace(base, method="otcclip", block_size=mem_block,
+        r = run_stage(path, mem_data, dataclasses.replace(base, block_size=mem_block,
                                                           bank_size=args.mem_bank))
         peaks.append(r)
         print(f"{n_shards:>7} {r['rows']:>8} {r['rate']:>10.0f} {r['actors_mb']:>10.0f} {r['one_mb']:>11.0f} "

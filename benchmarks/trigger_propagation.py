@@ -45,7 +45,7 @@ def propagate_once(grid: torch.Tensor, ids: torch.Tensor, keys: list[str], flagg
         hits = (pattern_match(grid, pat) >= pat.match).numpy() & keep
     return {"weight": float(w.sum()), "pattern": pat is not None, "mask": 0 if pat is None else int((pat.pattern != 0).sum()),
             "above": None if pat is None else pat.above, "gap": None if pat is None else pat.gap,
-            "match": None if pat is None else pat.match, "centred": pat is not None and pat.centred, "hits": hits}
+            "match": None if pat is None else pat.match, "hits": hits}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flags", default="15,30,60,100,300", help="numbers of journal keys to try")
     ap.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "defense-bench.yaml"))
     ap.add_argument("--output", default="", help="append the markdown table to this file")
-    ap.add_argument("overrides", nargs="*", help="config overrides (rematch.propagate_* are read)")
+    ap.add_argument("overrides", nargs="*", help="config overrides (the data section is read)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    pcfg = PropagateConfig.from_rematch(cfg.rematch)
+    pcfg = PropagateConfig()
     rows = gate_signals.read_rows(args.data, cfg.data)
     keys = [str(k) for k in rows.keys]
     grid, ids = pixel_grid(rows.images), image_ids(rows.images)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             r = propagate_once(grid, ids, keys, flagged, keep, pcfg)
             found = f"{int((r['hits'] & backdoor).sum())}/{int(backdoor.sum())}" if not clean_only else "-"
             counts = ("-" if r["above"] is None
-                      else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f}" + " (ncc)" * r["centred"])
+                      else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f}")
             lines.append(f"| {'clean pairs only' if clean_only else 'shard set'} | {n} | "
                          f"{int(poisoned[flagged].sum())}/{len(flagged)} | {r['weight']:.0f} | "
                          f"{'yes' if r['pattern'] else 'none'} | {r['mask'] or '-'} | "

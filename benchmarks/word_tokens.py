@@ -5,7 +5,7 @@
 For `--pairs` clean pairs of a shard set (read in this process), D_OT(image, own caption) against D_OT(image, a
 caption of another class), with the OT word set with and without the special tokens (`ot.special_tokens`). Prints
 the AUROC (matched pairs should have the lower distance) and the mean gap, per checkpoint; eps and iterations from
-the config (METHOD.md A defaults).
+the config (the defaults of docs/method.md, OT distance).
 """
 from __future__ import annotations
 

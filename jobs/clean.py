@@ -4,7 +4,7 @@ failure while cleaning).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/clean.py --in s3://bkt/train --out s3://bkt/train_clean --checkpoint s3://bkt/ckpt/model.pt \
-        --config jobs/configs/X.yaml rematch.gate=neighbour
+        --config jobs/configs/X.yaml rematch.gate_threshold=-2.5
 
 Inside a submitted job `init_ray` joins the cluster (RAY_ADDRESS is set); run directly, it starts a local Ray.
 """

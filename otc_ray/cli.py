@@ -13,7 +13,7 @@ from .config import Config, ConfigError, load_config
 from .credentials import move_secrets_to_env, redact_uri
 from .data.builtin import BUILTIN_DATASETS, DatasetMissingError
 from .data.shards import ShardSetError
-from .track import metric_names as N
+from .track import metric_names
 
 
 def _config(args: argparse.Namespace, **flag_overrides) -> Config:
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = run_training(cfg, progress=not args.quiet)
-    for key in sorted(k for k in result.metrics if k.startswith((N.FINAL, N.EVAL))):
+    for key in sorted(k for k in result.metrics if k.startswith((metric_names.FINAL, metric_names.EVAL))):
         print(f"{key:<36} {result.metrics[key]:.4f}")
     print(f"mlflow run {result.run_id} at {redact_uri(result.tracking_uri)}; checkpoint {result.checkpoint}; "
           f"{result.seconds:.0f} s")
@@ -149,8 +149,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from .pipelines.runtime import init_ray
     from .track.mlflow_logger import tracking_uri
 
-    cfg = _config(args, **{"model.arch": args.arch, "rematch.method": args.method, "rematch.gate": args.gate,
-                           "rematch.action": args.action})
+    cfg = _config(args, **{"model.arch": args.arch, "rematch.gate": args.gate, "rematch.action": args.action})
     init_ray(cfg.ray)
     summary, run_id = run_clean_job(args.in_path, args.out, cfg, checkpoint=args.checkpoint, manifest=args.manifest)
     print("\n".join(summary.lines()))
@@ -244,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: model.pretrained, else random init)")
     clean.add_argument("--manifest", help="poison manifest (folder or file): report detection precision / recall")
     clean.add_argument("--arch", help="model.arch of the checkpoint")
-    clean.add_argument("--method", choices=("otcclip", "roclip", "none"))
-    clean.add_argument("--gate", choices=("none", "margin", "zscore", "neighbour"))
+    clean.add_argument("--gate", choices=("evidence", "gmm", "none"), help="rematch.gate")
     clean.add_argument("--action", choices=("recaption", "drop", "downweight"))
     _common(clean)
     clean.set_defaults(func=cmd_clean)

@@ -7,7 +7,7 @@
 
 Every field has a type and every numeric field a range (`_RANGES`); a YAML key or override that names no
 field, or a value of the wrong type or out of range, raises `ConfigError` with a one-line message naming the
-key. `validate(section)` checks a section built directly. Defaults follow METHOD.md.
+key. `validate(section)` checks a section built directly. docs/method.md says why each default is what it is.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -36,7 +37,7 @@ class S3Config:
     endpoint_url: str = ""          # e.g. http://127.0.0.1:9000 for MinIO / moto; "" = AWS
     access_key_id: str = field(default="", repr=False)       # secret: never logged (`flatten`), never in repr
     secret_access_key: str = field(default="", repr=False)   # secret: never logged, never in repr
-    anon: bool = False
+    anon: bool = False              # unsigned requests (public buckets)
     retries: int = 5                # botocore attempts per request (transient errors, connection refused)
     connect_timeout: float = 10.0   # seconds per connection attempt: a dead endpoint fails, never hangs
     read_timeout: float = 60.0      # seconds without a byte from the endpoint before the attempt fails
@@ -49,20 +50,20 @@ class DataConfig:
     `dataset` names the built-in data set generated for an empty `train` / `test`; a user's own shard sets need
     none (their classes come from `eval.classes`), and a run on them is named after its classes file."""
 
-    dataset: Literal["fashion", "fashion-scenes", "shapes"] = "fashion"
+    dataset: Literal["fashion", "fashion-scenes", "shapes"] = "fashion"   # built-in data set generated for "" paths
     train: str = ""                 # shard folder/glob, local or s3://; "" = generate `dataset`
     test: str = ""                  # held-out shards for evaluation (labels in the metadata); "" = generate `dataset`
-    format: Literal["auto", "wds", "parquet"] = "auto"
-    num_train: int = 20000
-    num_test: int = 2000
-    image_size: int = 32
-    seed: int = 0
+    format: Literal["auto", "wds", "parquet"] = "auto"   # shard format; auto = by the files' extension
+    num_train: int = 20000          # built-in data set: training samples generated
+    num_test: int = 2000            # built-in data set: test samples generated
+    image_size: int = 32            # side in pixels images are decoded (resized) to; the model's input size
+    seed: int = 0                   # built-in data set: generator seed
     tint: float = 0.0               # fashion: probability that an item is tinted (caption names the colour)
-    samples_per_shard: int = 1000
-    image_format: Literal["png", "jpg"] = "png"
+    samples_per_shard: int = 1000   # built-in data set: samples per written shard
+    image_format: Literal["png", "jpg"] = "png"   # built-in data set: image encoding inside the shards
     max_pixels: int = 25_000_000    # decompression-bomb guard (width * height, checked before decoding)
-    max_caption_chars: int = 1000
-    caption_overflow: Literal["skip", "truncate"] = "skip"
+    max_caption_chars: int = 1000   # longer captions are skipped (counted) or truncated, as caption_overflow says
+    caption_overflow: Literal["skip", "truncate"] = "skip"   # what happens to a caption over max_caption_chars
     read_num_cpus: float = 0.25     # logical CPUs per read/decode task (leave room for actors and workers)
     s3: S3Config = field(default_factory=S3Config)
 
@@ -88,17 +89,17 @@ def attack_name(attacks: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class PoisonConfig:
-    """The attack applied to the training shards (benchmarks only); see METHOD.md, Attacks.
+    """The attack applied to the training shards (benchmarks only); see docs/method.md, Attacks.
 
     attack: the attacks, each applied once, in ATTACKS order; () = clean. Written "backdoor+targeted" / "none"
     in YAML and overrides (or as a list), and shown that way in MLflow (`attack_name`).
     """
 
     attack: tuple[Literal["backdoor", "targeted"], ...] = field(
-        default=(), metadata={"parse": parse_attacks, "show": attack_name})
-    trigger: Literal["patch", "solid", "blended", "sig"] = "patch"
+        default=(), metadata={"parse": parse_attacks, "show": attack_name})   # the attacks applied; () = clean
+    trigger: Literal["patch", "solid", "blended", "sig"] = "patch"   # backdoor: the trigger stamped on the images
     trigger_size: int = 4           # patch side in pixels (patch, solid)
-    trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"
+    trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"   # patch, solid: corner (or random) it sits in
     blend_alpha: float = 0.2        # blended: image * (1 - a) + pattern * a
     sig_delta: float = 20.0         # SIG amplitude in pixel units
     sig_frequency: float = 6.0      # SIG cycles across the image width
@@ -109,10 +110,10 @@ class PoisonConfig:
     targets: int = 4                # targeted: number of target images (from the test split)
     per_target: int = 50            # targeted: copies of each target image
     adversarial: str = "bag"        # targeted: class whose captions the copies get
-    caption_source: Literal["templates", "data"] = "templates"
+    caption_source: Literal["templates", "data"] = "templates"   # poisoned captions: class templates or data ones
     copy_jitter: int = 0            # targeted: copies after the first shifted and noised by up to this many pixels /
                                     # grey levels, so no two are near-duplicates (a stress test of duplicate groups)
-    seed: int = 0
+    seed: int = 0                   # which samples are poisoned and how
     out_format: Literal["same", "wds", "parquet"] = "same"   # poisoned shard format ("same" = the input's)
 
     def __post_init__(self) -> None:
@@ -131,8 +132,8 @@ class PoisonConfig:
 class ModelConfig:
     """The open_clip architecture (a registered name or one of the package's tiny configs) and its start."""
 
-    arch: str = "otc-tiny-vit-32"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    arch: str = "otc-tiny-vit-32"   # open_clip model name, or a config of otc_ray/model_configs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast precision of training and re-matching
     pretrained: str = ""            # open_clip checkpoint of `arch` to start from (local or s3://; .pt/.pth/.bin state
                                     # dict or {"state_dict": ...}, or .safetensors), loaded weights-only; "" = random
 
@@ -141,13 +142,11 @@ class ModelConfig:
 class OTConfig:
     """The one OT convention: cosine cost, uniform marginals over real tokens, entropic eps."""
 
-    eps: float = 0.05
-    iters: int = 50
-    tol: Optional[float] = None
-    backend: Literal["torch", "geomloss"] = "torch"
+    eps: float = 0.05               # entropic regularisation of every Sinkhorn problem (cosine cost in [0, 2])
+    iters: int = 50                 # Sinkhorn iterations of the re-matching's OT distances and plans
+    tol: Optional[float] = None     # stop early when the marginal error is below this; null = always `iters`
     chunk_pairs: int = 8192         # pairwise B x B form: problems solved per chunk
-    geomloss_scaling: float = 0.9   # backend geomloss: eps-annealing ratio per step (closer to 1 = more accurate)
-    # training losses (METHOD.md C): what makes L_inter + L_intra affordable per step
+    # training losses (docs/method.md, Training objective): what makes L_inter + L_intra affordable per step
     train_iters: int = 20           # Sinkhorn iterations inside the losses (re-matching uses `iters`)
     train_negatives: int = 7        # hardest in-batch negatives per anchor (mean-token cosine); 0 = whole batch
     intra_samples: int = 32         # samples per batch that get a second augmented view for L_intra; 0 = all
@@ -157,84 +156,71 @@ class OTConfig:
 
 @dataclass(frozen=True)
 class RematchConfig:
-    """Caption re-matching (METHOD.md B): shortlist, OT re-rank, assign, gate."""
+    """The re-match stage (docs/method.md, Caption re-matching): gate, then the action on what it flags.
 
-    method: Literal["otcclip", "roclip", "none"] = "otcclip"
-    k: int = 8
-    alpha: float = 0.5
-    assign: Literal["argmax", "balanced"] = "argmax"
-    gate: Literal["none", "margin", "zscore", "neighbour", "evidence", "gmm"] = "evidence"
-    gate_threshold: float = -3.0    # flag below this z (benchmarks/results/gate_signals.md, validation seed)
-    gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals combined
-    gate_high_signals: tuple[str, ...] = ()   # gate evidence: signals whose HIGH outliers are flagged too (z above
-                                    # gate_high_threshold): a pair fitted unusually well by a model that has already
-                                    # learnt its trigger (benchmarks/results/gate_reference.md); () = low side only
-    gate_high_threshold: float = 2.5
-    gate_combine: Literal["min", "mean"] = "mean"  # gate evidence: mean of the z-scores, or their min (a union of outliers)
+    `train.defense` decides which method runs the stage: otcclip reads these settings as they are; roclip and
+    safeclip set their own gate, scores and schedule over them (`otc_ray.train.defenses`)."""
+
+    enabled: bool = True            # otcclip: re-match the training stream (false: the OT losses alone, an ablation)
+    k: int = 8                      # OT shortlist: trusted pool captions per flagged image, by global cosine
+    alpha: float = 0.5              # caption score alpha * cosine + (1 - alpha) * (1 - D_OT); 1 = cosine only (roclip)
+    gate: Literal["evidence", "gmm", "none"] = "evidence"   # which pairs are flagged: calibrated evidence (otcclip),
+                                    # a Gaussian mixture on pair similarities (safeclip), or every pair (roclip)
+    gate_threshold: float = -3.0    # gate evidence: flag a duplicate group whose combined z is below this
+    gate_signals: tuple[str, ...] = ("cosine", "agreement", "concentration")   # gate evidence: signals averaged
     gate_reference: int = 256       # gate evidence: pool samples with the nearest captions that calibrate a signal;
                                     # wider than an attack's pairs in the pool, or they calibrate each other away
-                                    # (benchmarks/results/gate_reference.md)
-    replace: Literal["fused", "vote"] = "fused"    # a flagged sample's new caption: best fused score among the
-                                    # OT shortlist and its trusted neighbours' captions, or the nearest trusted one's
-    candidate_neighbours: int = 8   # replace fused: trusted image neighbours whose captions join the candidates
-    neighbours: int = 32
-    duplicate_similarity: float = 0.995   # images this close are copies, not witnesses (a targeted attack's K
-                                          # copies): gate evidence compares pixel signatures and also groups the
-                                          # copies (judged as one, weight 1/K); gate neighbour the embeddings; > 1 off
-    action: Literal["recaption", "drop", "downweight"] = "recaption"
-    pool: Literal["block", "bank"] = "bank"
-    bank_size: int = 2048
-    block_size: int = 512
+    candidate_neighbours: int = 8   # trusted image neighbours whose captions join a flagged image's candidates
+    neighbours: int = 32            # image neighbours whose captions the agreement signals compare with
+    duplicate_similarity: float = 0.995   # pixel-signature cosine at which images are copies, not witnesses (a
+                                          # targeted attack's K copies): judged as one group, weight 1/K; > 1 off
+    action: Literal["recaption", "drop", "downweight"] = "recaption"   # what a flagged pair trains with
+    flagged_weight: float = 0.1     # action downweight: loss weight of a flagged sample
+    bank_size: int = 2048           # captions of earlier blocks kept as candidates and references (FIFO)
+    block_size: int = 512           # samples re-matched together (one actor call)
     start_epoch: int = 0            # first re-matched epoch (0: screened by a model warmed up for `warmup_steps`)
     warmup_steps: int = 10          # start_epoch 0: steps trained on the raw stream's first rows before epoch 0
     witness: bool = True            # the warmed-up model only judges epoch 0 (no publication during it) and
                                     # training restarts from the initial weights: no unscreened pair trains it
     publish_every: int = 10         # steps between weight publications inside an epoch (0 = at epoch starts only)
-    every: int = 1
-    sticky: bool = True
+    every_epochs: int = 1           # re-match every this many epochs from start_epoch (the others keep their captions)
+    sticky: bool = True             # a sample flagged once stays flagged in later epochs (the flag store)
     propagate: bool = True          # also flag the images that carry the pixel pattern the gate's flagged images
                                     # share (rematch/trigger.py: a backdoor's trigger); needs sticky (the flag store)
-    propagate_floor: float = 0.5    # propagate: reference cosines below this never join the pattern's cluster
-    propagate_min_gap: float = 0.15 # propagate: the cluster stands this far above the rest of the reference
-    propagate_max_share: float = 0.1        # propagate: at most this share of the reference in the cluster
-    propagate_min_weight: float = 10.0      # propagate: flagged images (copies count once) before a pattern is tried
     propagate_reference: int = 4096 # propagate: pixel grids in the reference sample (1 key in 8, first come)
-    propagate_centred: bool = False # propagate: when the cosine gives no cluster, try normalised cross-correlation
-    min_actors: int = 1
-    max_actors: int = 2
-    actor_num_cpus: float = 0.5      # 0: a GPU actor, or one on a node that gives its CPUs to nothing else
-    actor_num_gpus: float = 0.0
-    actor_resource: str = ""        # a custom resource the actors need (0.01 each): they run only on nodes that
-                                    # declare it (`ray start --resources='{"rematch": 1}'`); "" = anywhere
-    margin: float = 0.05            # gate margin: flag when best - own score exceeds this (or own leaves the top-k)
-    assign_eps: float = 0.05        # assign balanced: entropic regularisation of the block-level assignment
-    assign_iters: int = 200         # assign balanced: Sinkhorn iterations
-    flagged_weight: float = 0.1     # action downweight: loss weight of a flagged sample
     gmm_safe_probability: float = 0.9   # gate gmm (SafeCLIP): safe when the clean component's posterior is >= this
     gmm_max_safe: float = 0.85      # gate gmm: at most this share of the pool is safe (the lowest similarities risky)
+    min_actors: int = 1             # re-match actors Ray keeps at least
+    max_actors: int = 2             # re-match actors Ray may scale up to
+    actor_num_cpus: float = 0.5     # logical CPUs per actor; 0: a GPU actor, or one on a node that gives its CPUs
+                                    # to nothing else
+    actor_num_gpus: float = 0.0     # GPUs per actor
+    actor_resource: str = ""        # a custom resource the actors need (0.01 each): they run only on nodes that
+                                    # declare it (`ray start --resources='{"rematch": 1}'`); "" = anywhere
     seed: int = 0                   # random init of the actors' model when no weights are given (all alike)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Ray Train pre-training (METHOD.md C) and the defense it runs."""
+    """Ray Train pre-training (docs/method.md, Training objective) and the defense it runs."""
 
-    defense: Literal["none", "roclip", "safeclip", "otcclip"] = "otcclip"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    lambda_inter: float = 0.5
-    lambda_intra: float = 0.5
-    tau_ot: float = 0.05
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    defense: Literal["none", "roclip", "safeclip", "otcclip"] = "otcclip"   # the method: its loss and how it runs
+                                    # the re-match stage (`rematch`; none: no stage)
+    epochs: int = 10                # passes over the training shards
+    batch_size: int = 128           # pairs per step over all workers
+    lr: float = 5e-4                # peak learning rate (AdamW), after the linear warm-up, cosine decay to 0
+    weight_decay: float = 0.1       # AdamW weight decay
+    warmup_steps: int = 100         # steps of linear learning-rate warm-up
+    grad_clip: float = 1.0          # gradient norm clip; 0 = off
+    lambda_inter: float = 0.5       # otcclip: weight of L_inter (image vs caption by -D_OT, contrastive)
+    lambda_intra: float = 0.5       # otcclip: weight of L_intra (two views of a sample by -D_OT, contrastive)
+    tau_ot: float = 0.05            # otcclip: temperature of L_inter and L_intra
+    num_workers: int = 1            # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False           # one GPU per worker
+    cpus_per_worker: float = 1.0    # logical CPUs each worker reserves
     storage_path: str = ""          # "" = <output_dir>/ray_results; may be s3://
-    max_failures: int = 1
-    keep_checkpoints: int = 2
+    max_failures: int = 1           # worker-group restarts from the last checkpoint before the run fails
+    keep_checkpoints: int = 2       # newest checkpoints kept in storage_path
     safeclip_warmup: int = 1        # safeclip: epochs of unimodal warm-up before the safe/risky split
     roclip_every: int = 2           # roclip: re-match every this many epochs (its break_epoch), from epoch every-1
     safeclip_lr_scale: float = 0.01 # safeclip: LR factor of its CLIP epoch on all data after the warm-up (5e-6 / 5e-4)
@@ -243,7 +229,7 @@ class TrainConfig:
     preserve_order: bool = True     # Ray Data delivers the stream's blocks in order, so a seeded run repeats its
                                     # batches (re-matching still depends on when weights are published)
     torch_threads: int = 0          # intra-op threads per worker; 0 = the node's cores / workers (Ray sets 1)
-    seed: int = 0
+    seed: int = 0                   # model init, batch order and augmentations
 
 
 @dataclass(frozen=True)
@@ -252,11 +238,11 @@ class EvalConfig:
 
     classes: str = ""               # JSON of class names, synonyms, zero-shot templates (local or s3://; the format
                                     # of otc_ray/data/classes/*.json) for the test and poisoned sets; "" = _info.json's
-    every_epoch: bool = True
-    num_eval: int = 2000
-    linear_probe_train: int = 5000
-    linear_probe_c: float = 1.0
-    batch_size: int = 256
+    every_epoch: bool = True        # evaluate after every epoch (false: after the last only)
+    num_eval: int = 2000            # test samples evaluated
+    linear_probe_train: int = 5000  # training samples whose embeddings fit the linear probe
+    linear_probe_c: float = 1.0     # inverse L2 strength of the linear probe's logistic regression
+    batch_size: int = 256           # images or captions per encoder forward
     targeted_base_rate: bool = False   # no poison manifest: still score the targets `poison` would pick (the test
                                        # images and adversarial class of a targeted attack): a clean model's rate
 
@@ -265,9 +251,9 @@ class EvalConfig:
 class TrackingConfig:
     """MLflow: the tracking URI ("" = sqlite under output_dir, or $MLFLOW_TRACKING_URI) and names."""
 
-    uri: str = ""
-    experiment: str = "otc-ray"
-    run_name: str = ""
+    uri: str = ""                   # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite under output_dir
+    experiment: str = "otc-ray"     # MLflow experiment name
+    run_name: str = ""              # MLflow run name ("" = `name`); a run of that name is resumed
     flush_timeout_s: float = 600.0  # how long the end of a run waits for an unreachable server to come back
 
 
@@ -277,8 +263,8 @@ class RayConfig:
 
     address: str = ""               # "" = $RAY_ADDRESS if set, else a local instance
     num_cpus: int = 4               # local instance only: logical CPUs (more than cores avoids deadlock)
-    object_store_mb: int = 2048     # local instance only
-    progress_bars: bool = True
+    object_store_mb: int = 2048     # local instance only: object store size in MiB
+    progress_bars: bool = True      # Ray Data's progress bars on the console
     worker_logs: bool = True        # local instance: stream Ray's worker/actor output to the console
 
 
@@ -286,8 +272,8 @@ class RayConfig:
 class Config:
     """The whole experiment: one section per stage."""
 
-    name: str = "otc-ray"
-    output_dir: str = "runs"
+    name: str = "otc-ray"           # the run's name (checkpoints, MLflow run)
+    output_dir: str = "runs"        # local folder of runs, generated data and the default sqlite MLflow store
     data: DataConfig = field(default_factory=DataConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -300,8 +286,19 @@ class Config:
 
 
 SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key"})
-URI_FIELDS = frozenset({"uri"})                 # may carry user:password@ (shown redacted: credentials.redact_uri)
+URI_FIELDS = frozenset({"uri"})                 # may carry user:password@ (shown redacted: redact_uri)
 REDACTED = "***"
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with its password (or a lone user token) replaced by '***', for printing and logging."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, sep, _ = userinfo.partition(":")
+    shown = f"{user}:{REDACTED}" if sep else REDACTED
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 # ----------------------------------------------------------------------------------------- coercion
@@ -384,27 +381,24 @@ _RULES = {
     ">= 0": (lambda v: v >= 0, "must be >= 0"),
     "> 0": (lambda v: v > 0, "must be > 0"),
     "[0, 1]": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "(0, 1)": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
 }
 _RANGES = {
     **dict.fromkeys(("num_train", "num_test", "image_size", "samples_per_shard", "max_pixels", "max_caption_chars",
-                     "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every",
+                     "iters", "k", "block_size", "bank_size", "epochs", "batch_size", "num_workers", "every_epochs",
                      "min_actors", "max_actors", "neighbours", "chunk_pairs", "trigger_size", "targets",
                      "per_target", "num_cpus", "object_store_mb", "num_eval", "train_iters", "log_every",
-                     "assign_iters", "keep_checkpoints", "gate_reference", "propagate_reference"), ">= 1"),
+                     "keep_checkpoints", "gate_reference", "propagate_reference"), ">= 1"),
     **dict.fromkeys(("count", "lr", "weight_decay", "warmup_steps", "grad_clip", "lambda_inter", "lambda_intra",
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
-                     "train_negatives", "intra_samples", "torch_threads", "margin", "safeclip_warmup",
+                     "train_negatives", "intra_samples", "torch_threads", "safeclip_warmup",
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
-                     "copy_jitter", "actor_num_cpus", "propagate_min_weight"), ">= 0"),
+                     "copy_jitter", "actor_num_cpus"), ">= 0"),
     "roclip_every": ">= 1",
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
-                     "connect_timeout", "read_timeout", "tol", "assign_eps", "duplicate_similarity",
-                     "flush_timeout_s", "gate_high_threshold"), "> 0"),
+                     "connect_timeout", "read_timeout", "tol", "duplicate_similarity",
+                     "flush_timeout_s"), "> 0"),
     **dict.fromkeys(("alpha", "rate", "tint", "blend_alpha", "text_drop_prob", "flagged_weight",
-                     "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale", "propagate_floor", "propagate_min_gap",
-                     "propagate_max_share"), "[0, 1]"),
-    "geomloss_scaling": "(0, 1)",       # geomloss anneals eps by this ratio: 1 never gets there, 0 jumps
+                     "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
 }
 _UNBOUNDED = frozenset({"gate_threshold"})       # a z-score threshold: any real number
 _NOTES = {"duplicate_similarity": " (> 1 counts copies as witnesses)", "tol": " (or null for a fixed iteration count)"}
@@ -430,9 +424,6 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         if bad or not obj.gate_signals:
             raise ConfigError(f"config key '{prefix}gate_signals': must name some of {', '.join(known)}, "
                               f"got {list(obj.gate_signals)}")
-        if any(s not in known for s in obj.gate_high_signals):
-            raise ConfigError(f"config key '{prefix}gate_high_signals': must name some of {', '.join(known)} or "
-                              f"none, got {list(obj.gate_high_signals)}")
 
 
 def _section_prefixes() -> dict[type, str]:
@@ -551,8 +542,6 @@ def flatten(cfg: Any, redact: bool = True) -> dict[str, Any]:
             elif redact and f.name in SECRET_FIELDS and v:
                 out[key] = REDACTED
             elif redact and f.name in URI_FIELDS and v:
-                from .credentials import redact_uri
-
                 out[key] = redact_uri(v)
             else:
                 out[key] = f.metadata["show"](v) if "show" in f.metadata else _deep_copy(v)

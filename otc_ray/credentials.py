@@ -11,14 +11,20 @@ process environment, the place the standard credential chains read, and hands Ra
 
 On a cluster, workers on other nodes do not see the driver's environment: they take S3 and MLflow credentials from
 their node (instance profile, IRSA, or the variables above set on the node), never from the job's arguments.
-`redact_uri` is for anything printed: "https://user:***@host".
+`redact_uri` (defined with the config, whose MLflow params show URIs redacted) is for anything printed:
+"https://user:***@host".
+
+Top level: the data readers, the tracking client and the pipelines all use it, and it depends on the config
+alone.
 """
 from __future__ import annotations
 
 import os
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .config import REDACTED, Config, S3Config, replace
+from .config import Config, S3Config, redact_uri, replace
+
+__all__ = ["move_secrets_to_env", "redact_uri", "split_uri_credentials", "without_keys"]
 
 AWS_KEY_ENV, AWS_SECRET_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 MLFLOW_USER_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_URI_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -36,19 +42,8 @@ def split_uri_credentials(uri: str) -> tuple[str, str, str]:
         return uri, "", ""
     userinfo = parts.netloc.rpartition("@")[0]
     user, _, password = userinfo.partition(":")
-    bare = urlunsplit(parts._replace(netloc=_netloc_without_userinfo(parts.netloc)))
-    return bare, unquote(user), unquote(password)
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with its password (or a lone user token) replaced by '***', for printing and logging."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, sep, _ = userinfo.partition(":")
-    shown = f"{user}:{REDACTED}" if sep else REDACTED
-    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+    clean_uri = urlunsplit(parts._replace(netloc=_netloc_without_userinfo(parts.netloc)))
+    return clean_uri, unquote(user), unquote(password)
 
 
 def without_keys(s3: S3Config) -> S3Config:
@@ -58,7 +53,7 @@ def without_keys(s3: S3Config) -> S3Config:
 
 def move_secrets_to_env(cfg: Config) -> Config:
     """Export the config's S3 keys and the tracking URI's user / password (tracking.uri, else $MLFLOW_TRACKING_URI)
-    to this process's environment; return the config without them (also $MLFLOW_TRACKING_URI is left bare).
+    to this process's environment; return the config without them (also $MLFLOW_TRACKING_URI is left without them).
     Idempotent: a config without secrets comes back unchanged."""
     s3 = cfg.data.s3
     if s3.access_key_id or s3.secret_access_key:
@@ -66,13 +61,13 @@ def move_secrets_to_env(cfg: Config) -> Config:
         os.environ[AWS_SECRET_ENV] = s3.secret_access_key
         os.environ.pop("AWS_SESSION_TOKEN", None)            # belongs to other keys
         cfg = replace(cfg, data__s3__access_key_id="", data__s3__secret_access_key="")
-    bare, user, password = split_uri_credentials(cfg.tracking.uri)
+    clean_uri, user, password = split_uri_credentials(cfg.tracking.uri)
     if user or password:
-        cfg = replace(cfg, tracking__uri=bare)
+        cfg = replace(cfg, tracking__uri=clean_uri)
     else:
-        env_bare, user, password = split_uri_credentials(os.environ.get(MLFLOW_URI_ENV, ""))
+        env_clean_uri, user, password = split_uri_credentials(os.environ.get(MLFLOW_URI_ENV, ""))
         if user or password:
-            os.environ[MLFLOW_URI_ENV] = env_bare
+            os.environ[MLFLOW_URI_ENV] = env_clean_uri
     if user:
         os.environ[MLFLOW_USER_ENV] = user
     if password:

@@ -6,6 +6,9 @@
 
 Used to find exact duplicates: the copies of a targeted attack (the re-match gate judges them as one sample) and
 in-batch pairs that are not negatives of each other (identical captions or images, `losses.duplicate_pairs`).
+
+Top level, beside model.py and losses.py: the re-match gate, the losses and the trainer all read these ids, so
+no one stage owns them.
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
-"""Training losses (METHOD.md C): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal InfoNCE, combiner.
+"""Training losses (docs/method.md, Training objective): CLIP InfoNCE, OT inter-/intra-modal alignment, unimodal
+InfoNCE, combiner.
 
 Pure functions of features (no model, no state). One OTCCLIP batch, as `otc_ray.train.defenses.OTCCLIP.batch_loss`
 computes it (and benchmarks/ot_bench.py times it), t = cfg.train:
 
     f = features(model, pixels, ids)                                        # (B rows) with grad
-    rows = torch.randperm(B, generator=gen)[:cfg.ot.intra_samples or B]     # samples that get a second view
+    rows = torch.randperm(B, generator=generator)[:cfg.ot.intra_samples or B]   # samples that get a second view
     with torch.no_grad():                                                   # the second view: no gradient
-        v = features(model, augment_images(pixels[rows], gen), augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen))
+        v = features(model, augment_images(pixels[rows], generator),
+                     augment_token_ids(ids[rows], cfg.ot.text_drop_prob, generator))
     terms = otcclip_terms(f, t.tau_ot, cfg.ot, t.lambda_inter, t.lambda_intra, view=v, view_index=rows, weights=w)
     total, logs = combine_losses(terms, {"inter_loss": t.lambda_inter, "intra_loss": t.lambda_intra})
 

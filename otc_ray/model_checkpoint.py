@@ -9,6 +9,9 @@ cleaning job and the benchmarks. A file is a state dict (`.pt` / `.pth` / `.bin`
 `{"state_dict": ...}` as open_clip's trainer saves it, a DDP `module.` prefix stripped) or `.safetensors`, read
 with `torch.load(..., weights_only=True)` / safetensors: tensors and plain containers only, never pickled code.
 Nothing is downloaded from a model hub.
+
+Top level, beside model.py: training, evaluation, the re-match stage and the cleaning job all load weights with
+it, and read the checkpoint folder's file name (MODEL_FILE) from it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from torch import nn
 from .config import ModelConfig, S3Config
 from .data.storage import resolve
 from .model import ClipBundle, build_model
+
+MODEL_FILE = "model.pt"         # the model's weights inside a training checkpoint folder (`otc_ray.train.checkpoint`)
 
 
 def read_state_dict(path: str, s3: S3Config | None = None) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Batched entropic optimal transport between token sets: the one OT convention of otc-ray.
 
-Convention (METHOD.md A), used by every caller (re-matching, losses, benchmarks):
+Convention (docs/method.md, OT distance), used by every caller (re-matching, losses, benchmarks):
   * tokens are L2-normalized here (callers may pass raw features); cost C[m, l] = 1 - <x_m, y_l>, in [0, 2];
   * marginals: a uniform over the real tokens of x, b uniform over the real tokens of y; masked tokens carry
     zero mass and get zero plan; a problem with no real token on one side has zero mass (plan 0, distance 0);
@@ -8,11 +8,11 @@ Convention (METHOD.md A), used by every caller (re-matching, losses, benchmarks)
   * distance D = <T, C> (the transport cost of the entropic plan, not the regularized value);
   * gradient: envelope style. T is computed without gradient and D is differentiated through C only; this is
     the exact gradient of the regularized value <T, C> - eps H(T) at convergence (Danskin);
-  * geomloss bridge: SamplesLoss(p=2) uses |x - y|^2 / 2, which equals 1 - cos on unit vectors, with
-    eps = blur**2, so backend "geomloss" runs with blur = sqrt(eps) on the normalized tokens.
+  * geomloss (the tests' oracle): SamplesLoss(p=2) uses |x - y|^2 / 2, which equals 1 - cos on unit vectors,
+    with eps = blur**2, so it solves the same problem with blur = sqrt(eps) on the normalized tokens.
 Masked tokens must hold finite values (they are multiplied by 0, not selected out).
 
-Solver (backend "torch"): Sinkhorn in the kernel domain with log-domain absorption (Schmitzer 2016). It reaches
+Solver: Sinkhorn in the kernel domain with log-domain absorption (Schmitzer 2016). It reaches
 the fixed point of log-domain Sinkhorn without an exp per entry per iteration:
   1. costs S = (1 + PENALTY * [y masked]) - <x^, y^> from one GEMM (batched per pair, or one per chunk of
      pairs); masked tokens have zero inverse norm, and positions that are padding in every set are trimmed;
@@ -42,12 +42,9 @@ __all__ = [
     "ot_distance",
     "candidate_ot_distance",
     "pairwise_ot_distance",
-    "geomloss_ot_distance",
     "ot_distance_cfg",
     "candidate_ot_distance_cfg",
     "pairwise_ot_distance_cfg",
-    "balanced_assignment",
-    "exact_assignment",
     "trim_padding",
 ]
 
@@ -486,53 +483,14 @@ def pairwise_ot_distance(
         return _PairwiseOT.apply(*sets.units(), sets.mx, sets.my, eps, iters, tol, ni, nj)
 
 
-def geomloss_ot_distance(
-    x: Tensor,
-    y: Tensor,
-    x_mask: Optional[Tensor] = None,
-    y_mask: Optional[Tensor] = None,
-    eps: float = 0.05,
-    scaling: float = 0.9,
-) -> tuple[Tensor, Tensor]:
-    """`ot_distance` computed by geomloss SamplesLoss("sinkhorn", tensorized, debias=False, potentials=True).
-
-    Same convention: cost |x^ - y^|^2 / 2 = 1 - cos, blur = sqrt(eps); the plan comes from the dual potentials,
-    T = a b exp((F + G - C) / eps), and D = <T, C> with gradient through C only. geomloss anneals eps by
-    `scaling` per step instead of a fixed iteration count, so its marginals hold only approximately.
-    Returns distance (P,) and plan (P, M, L).
-    """
-    from geomloss import SamplesLoss  # imported here: only this backend needs it
-
-    sets = _open(x, y, x_mask, y_mask, eps, None, paired=True, trim=False)   # the plan keeps every position
-    (P, M, _), L = x.shape, y.shape[1]
-    mx, my, dtype = sets.mx, sets.my, sets.dtype
-    a, b = _masses(mx, my, dtype), _masses(my, mx, dtype)
-    empty = (a.sum(-1) == 0).unsqueeze(1)
-    # geomloss cannot take an all-zero measure: empty problems get dummy uniform mass and a zero plan after
-    ga = torch.where(empty, torch.full_like(a, 1.0 / M), a)
-    gb = torch.where(empty, torch.full_like(b, 1.0 / L), b)
-    solver = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), scaling=scaling, debias=False,
-                         potentials=True, backend="tensorized", diameter=2.0)
-    with _fp32(x):
-        xn, yn = sets.units()
-        C = 1.0 - torch.bmm(xn, yn.transpose(1, 2))                        # (P, M, L)
-        with torch.no_grad():
-            F, G = solver(ga, xn.detach(), gb, yn.detach())
-            T = (F.unsqueeze(2) + G.unsqueeze(1) - C.detach()).div_(eps).exp_()
-            T *= ga.unsqueeze(2) * gb.unsqueeze(1) * (~empty).to(dtype).unsqueeze(2)
-        return torch.linalg.vecdot(T.flatten(1), C.flatten(1)), T
-
-
 def ot_distance_cfg(
     x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
     iters: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """`ot_distance` (backend "torch") or `geomloss_ot_distance` (backend "geomloss") as `cfg` selects.
+    """`ot_distance` with cfg's eps, iters and tol.
 
     `iters` overrides cfg.iters (the losses pass cfg.train_iters). Returns distance (P,) and plan (P, M, L).
     """
-    if cfg.backend == "geomloss":
-        return geomloss_ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, scaling=cfg.geomloss_scaling)
     return ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol)
 
 
@@ -540,14 +498,7 @@ def candidate_ot_distance_cfg(
     x: Tensor, y: Tensor, index: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
     iters: Optional[int] = None,
 ) -> Tensor:
-    """`candidate_ot_distance` under `cfg` -> (B, K). The geomloss backend expands the pairs explicitly."""
-    if cfg.backend == "geomloss":
-        B, K = index.shape
-        xi = x.unsqueeze(1).expand(B, K, *x.shape[1:]).reshape(B * K, *x.shape[1:])
-        mi = None if x_mask is None else x_mask.unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
-        yj = y[index].reshape(B * K, *y.shape[1:])
-        mj = None if y_mask is None else y_mask[index].reshape(B * K, -1)
-        return geomloss_ot_distance(xi, yj, mi, mj, eps=cfg.eps, scaling=cfg.geomloss_scaling)[0].view(B, K)
+    """`candidate_ot_distance` under `cfg` -> (B, K)."""
     return candidate_ot_distance(x, y, index, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol,
                                  chunk_pairs=cfg.chunk_pairs)
 
@@ -556,51 +507,8 @@ def pairwise_ot_distance_cfg(
     x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor], cfg: OTConfig,
     iters: Optional[int] = None,
 ) -> Tensor:
-    """`pairwise_ot_distance` under `cfg` -> (Bx, By). The geomloss backend expands the pairs explicitly."""
-    if cfg.backend == "geomloss":
-        index = torch.arange(y.shape[0], device=x.device).expand(x.shape[0], -1)
-        return candidate_ot_distance_cfg(x, y, index, x_mask, y_mask, cfg)
+    """`pairwise_ot_distance` under `cfg` -> (Bx, By)."""
     return pairwise_ot_distance(x, y, x_mask, y_mask, eps=cfg.eps, iters=iters or cfg.iters, tol=cfg.tol,
                                 chunk_pairs=cfg.chunk_pairs)
 
 
-# ----------------------------------------------------------------------------------------- assignment
-def balanced_assignment(scores: Tensor, eps: float = 0.05, iters: int = 200, tol: Optional[float] = None) -> Tensor:
-    """Entropic balanced assignment maximizing `scores` (N, K): rows get mass 1/N, columns 1/K.
-
-    Cost = -scores; -inf scores are forbidden pairs (zero plan). Every row and every column needs at least one
-    finite score. Returns the plan (N, K), float32 (float64 for float64 scores), summing to 1; `plan.argmax(1)`
-    is a hard assignment, N * plan[i] the soft one of row i.
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (N, K), got {tuple(scores.shape)}")
-    _check_eps_iters(eps, iters)
-    dtype = _compute_dtype(scores)
-    s = scores.detach().to(dtype)
-    allowed = torch.isfinite(s)
-    if not bool(allowed.any(1).all()) or not bool(allowed.any(0).all()):
-        raise ValueError(f"every row and column of scores {tuple(s.shape)} needs at least one finite score")
-    N, K = s.shape
-    Ct = torch.where(allowed, -s, torch.full_like(s, _PENALTY) + s[allowed].abs().max()).T.contiguous()
-    a = torch.full((1, N), 1.0 / N, dtype=dtype, device=s.device)
-    b = torch.full((1, K), 1.0 / K, dtype=dtype, device=s.device)
-    plan = torch.empty((1, N, K), dtype=dtype, device=s.device)
-    with _fp32(s):
-        _solve(Ct.unsqueeze(0), a, b, eps, iters, tol, plan, _Workspace(dtype, s.device))
-    return plan[0].masked_fill_(~allowed, 0.0)
-
-
-def exact_assignment(scores: Tensor) -> Tensor:
-    """Maximum-score assignment of rows to columns by scipy `linear_sum_assignment` (checks and small blocks).
-
-    scores (N, K) -> perm (N,) int64: the column given to each row, -1 for rows left over when N > K.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (N, K), got {tuple(scores.shape)}")
-    s = scores.detach().to("cpu", torch.float64).numpy()
-    rows, cols = linear_sum_assignment(s, maximize=True)
-    perm = torch.full((s.shape[0],), -1, dtype=torch.int64)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.int64)
-    return perm.to(scores.device)

@@ -18,6 +18,8 @@ SIGTERM becomes SystemExit(143) in the main thread (`raise_on_sigterm`), so a te
 
 Used by the console entry point (`otc_ray.cli.entry`, `python -m otc_ray`) and the `ray job submit` entry points;
 never by library code or in-process tests (it ends the process).
+
+Top level: the CLI and the pipelines' Ray start-up end a process with it; no stage does.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from otc_ray.config import DataConfig
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.decode import DecodeLimits, decode_caption
 from otc_ray.data.ray_io import count_outcomes, load_samples
 from otc_ray.data.tar_format import iter_tar_samples, is_unsafe_name
@@ -56,18 +56,18 @@ def _bomb() -> bytes:
 GOOD = _png()
 CASES = {                     # key -> (members, expected reason)
     "000000001": (_sample("000000001", GOOD), ""),
-    "000000002": (_sample("000000002", b"\x89PNG\r\n\x1a\n garbage"), S.CORRUPT_IMAGE),
-    "000000003": (_sample("000000003", GOOD[: len(GOOD) // 2]), S.CORRUPT_IMAGE),
-    "000000004": (_sample("000000004", _bomb()), S.IMAGE_TOO_LARGE),
-    "000000005": (_sample("000000005", GOOD, caption=None), S.MISSING_CAPTION),
-    "000000006": (_sample("000000006", GOOD, caption=b"   \n"), S.EMPTY_CAPTION),
-    "000000007": (_sample("000000007", GOOD, caption=b"caf\xe9 \xff\xfe"), S.BAD_UTF8),
-    "000000008": (_sample("000000008", GOOD, caption=b"long " * 300), S.CAPTION_TOO_LONG),
-    "000000009": (_sample("000000009", None), S.MISSING_IMAGE),
-    "000000010": (_sample("000000010", GOOD, meta=b"{not json"), S.BAD_META),
-    "../000000011": (_sample("../000000011", GOOD), S.UNSAFE_PATH),
-    "/abs/000000012": (_sample("/abs/000000012", GOOD), S.UNSAFE_PATH),
-    "000000013": ([("000000013.png", None, tarfile.SYMTYPE)] + _sample("000000013", None), S.UNSAFE_PATH),
+    "000000002": (_sample("000000002", b"\x89PNG\r\n\x1a\n garbage"), schema.CORRUPT_IMAGE),
+    "000000003": (_sample("000000003", GOOD[: len(GOOD) // 2]), schema.CORRUPT_IMAGE),
+    "000000004": (_sample("000000004", _bomb()), schema.IMAGE_TOO_LARGE),
+    "000000005": (_sample("000000005", GOOD, caption=None), schema.MISSING_CAPTION),
+    "000000006": (_sample("000000006", GOOD, caption=b"   \n"), schema.EMPTY_CAPTION),
+    "000000007": (_sample("000000007", GOOD, caption=b"caf\xe9 \xff\xfe"), schema.BAD_UTF8),
+    "000000008": (_sample("000000008", GOOD, caption=b"long " * 300), schema.CAPTION_TOO_LONG),
+    "000000009": (_sample("000000009", None), schema.MISSING_IMAGE),
+    "000000010": (_sample("000000010", GOOD, meta=b"{not json"), schema.BAD_META),
+    "../000000011": (_sample("../000000011", GOOD), schema.UNSAFE_PATH),
+    "/abs/000000012": (_sample("/abs/000000012", GOOD), schema.UNSAFE_PATH),
+    "000000013": ([("000000013.png", None, tarfile.SYMTYPE)] + _sample("000000013", None), schema.UNSAFE_PATH),
     "000000014": (_sample("000000014", GOOD, caption="une photo d'un carré vert".encode()), ""),
 }
 
@@ -80,25 +80,25 @@ def _hostile_tar() -> bytes:
 
 def test_each_defect_has_its_reason():
     rows = list(iter_tar_samples(io.BytesIO(_hostile_tar()), "mem.tar"))
-    by_key = Counter(r[S.KEY] for r in rows)
+    by_key = Counter(r[schema.KEY] for r in rows)
     assert by_key["000000001"] == 2 and len(rows) == len(CASES) + 1
-    reader_reasons = [r[S.ERROR] for r in rows if r[S.KEY] == "000000001"]
-    assert reader_reasons == ["", S.DUPLICATE_KEY]
+    reader_reasons = [r[schema.ERROR] for r in rows if r[schema.KEY] == "000000001"]
+    assert reader_reasons == ["", schema.DUPLICATE_KEY]
     for key in ("../000000011", "/abs/000000012", "000000013"):
-        assert next(r for r in rows if r[S.KEY] == key)[S.ERROR] == S.UNSAFE_PATH
+        assert next(r for r in rows if r[schema.KEY] == key)[schema.ERROR] == schema.UNSAFE_PATH
 
 
 def test_hostile_shard_through_ray_counts_every_sample(ray_local, tmp_path):
     (tmp_path / "00000.tar").write_bytes(_hostile_tar())
     ds = load_samples(str(tmp_path), DataConfig(max_caption_chars=200))
     rows = ds.take_all()
-    got = {(r[S.KEY], r[S.ERROR]) for r in rows}
+    got = {(r[schema.KEY], r[schema.ERROR]) for r in rows}
     for key, (_, reason) in CASES.items():
         assert (key, reason) in got, key
     counts = count_outcomes(ds)
     assert sum(counts.values()) == len(CASES) + 1
-    assert counts["ok"] == 2 and counts[S.DUPLICATE_KEY] == 1 and counts[S.UNSAFE_PATH] == 3
-    assert counts[S.CORRUPT_IMAGE] == 2
+    assert counts["ok"] == 2 and counts[schema.DUPLICATE_KEY] == 1 and counts[schema.UNSAFE_PATH] == 3
+    assert counts[schema.CORRUPT_IMAGE] == 2
 
 
 def test_truncated_and_corrupt_shards(ray_local, tmp_path):
@@ -110,12 +110,12 @@ def test_truncated_and_corrupt_shards(ray_local, tmp_path):
     (tmp_path / "00001.tar").write_bytes(bytes(bad_header))
     (tmp_path / "00002.tar").write_bytes(data[:-1024 * 9])         # no end-of-archive blocks
     rows = load_samples(str(tmp_path), DataConfig()).take_all()
-    got = Counter((r[S.SOURCE].rsplit("/", 1)[1], r[S.ERROR]) for r in rows)
-    assert got[("00000.tar", "")] == 1 and got[("00000.tar", S.TRUNCATED_SHARD)] == 2   # the sample + marker
+    got = Counter((r[schema.SOURCE].rsplit("/", 1)[1], r[schema.ERROR]) for r in rows)
+    assert got[("00000.tar", "")] == 1 and got[("00000.tar", schema.TRUNCATED_SHARD)] == 2   # the sample + marker
     # the sample in progress when the bad header comes cannot be known complete: counted out with the marker
-    assert got[("00001.tar", "")] == 0 and got[("00001.tar", S.CORRUPT_SHARD)] == 2
-    assert got[("00002.tar", S.TRUNCATED_SHARD)] >= 1
-    assert any(r[S.KEY].endswith("00000.tar#truncated") for r in rows)
+    assert got[("00001.tar", "")] == 0 and got[("00001.tar", schema.CORRUPT_SHARD)] == 2
+    assert got[("00002.tar", schema.TRUNCATED_SHARD)] >= 1
+    assert any(r[schema.KEY].endswith("00000.tar#truncated") for r in rows)
 
 
 def test_corrupt_parquet_is_one_counted_row(ray_local, tmp_path):
@@ -124,13 +124,13 @@ def test_corrupt_parquet_is_one_counted_row(ray_local, tmp_path):
     (tmp_path / "00000.parquet").write_bytes(buf.getvalue()[:-20])
     (tmp_path / "00001.parquet").write_bytes(buf.getvalue())
     counts = count_outcomes(load_samples(str(tmp_path), DataConfig()))
-    assert counts == {"ok": 1, S.CORRUPT_SHARD: 1}
+    assert counts == {"ok": 1, schema.CORRUPT_SHARD: 1}
 
 
 def test_caption_truncation_mode():
     limits = DecodeLimits(32, 10_000, 10, truncate_captions=True)
     assert decode_caption(b"one two three four", limits) == ("one two th", "")
-    assert decode_caption(b"one two three four", DecodeLimits(32, 10_000, 10, False))[1] == S.CAPTION_TOO_LONG
+    assert decode_caption(b"one two three four", DecodeLimits(32, 10_000, 10, False))[1] == schema.CAPTION_TOO_LONG
 
 
 @pytest.mark.parametrize("name, unsafe", [("../x.png", True), ("/etc/x.png", True), ("a/../../x", True),
@@ -143,5 +143,5 @@ def test_unsafe_names(name, unsafe):
 def test_member_size_limit_skips_without_reading():
     data = _tar(_sample("000000001", GOOD) + _sample("000000002", b"x" * 5000))
     rows = list(iter_tar_samples(io.BytesIO(data), "m.tar", max_member_bytes=4096))
-    assert [r[S.ERROR] for r in rows] == ["", S.IMAGE_TOO_LARGE]
-    assert json.loads(rows[0][S.META]) == {"label": 1}
+    assert [r[schema.ERROR] for r in rows] == ["", schema.IMAGE_TOO_LARGE]
+    assert json.loads(rows[0][schema.META]) == {"label": 1}

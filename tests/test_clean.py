@@ -18,7 +18,7 @@ import torch
 
 from otc_ray.cli import main
 from otc_ray.config import Config, DataConfig, ModelConfig, PoisonConfig, config_from_dict
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.make import make_shards
 from otc_ray.data.ray_io import read_shards
 from otc_ray.data.shards import encode_image
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 N = 160
 # an untrained checkpoint: a loose gate threshold so that the round trip has re-captioned samples to account for
-REMATCH = {"block_size": 40, "k": 4, "neighbours": 8, "pool": "bank", "bank_size": 80, "min_actors": 1,
+REMATCH = {"block_size": 40, "k": 4, "neighbours": 8, "bank_size": 80, "min_actors": 1,
            "max_actors": 2, "actor_num_cpus": 0.5, "gate_threshold": -1.0, "gate_reference": 16}
 
 
@@ -48,7 +48,7 @@ def _bad_samples() -> list[tuple]:
 
 
 def _keys(path: str, cfg) -> list[str]:
-    return [str(k) for k in read_shards(path, cfg.data).select_columns([S.KEY]).to_pandas()[S.KEY]]
+    return [str(k) for k in read_shards(path, cfg.data).select_columns([schema.KEY]).to_pandas()[schema.KEY]]
 
 
 def _check_accounting(in_path: str, out_path: str, cfg, report) -> dict[str, list[str]]:
@@ -98,14 +98,14 @@ def test_cli_clean_local_round_trip_with_checkpoint_and_manifest(ray_local, pois
     summary = json.loads((Path(out_path) / SUMMARY_FILE).read_text())
     assert summary["total"] == N + 2 == len(keys["inputs"])
     assert summary["kept"] + summary["recaptioned"] + summary["dropped"] == summary["total"]
-    assert summary["dropped_by_reason"] == {S.CORRUPT_IMAGE: 1, S.EMPTY_CAPTION: 1}
+    assert summary["dropped_by_reason"] == {schema.CORRUPT_IMAGE: 1, schema.EMPTY_CAPTION: 1}
     assert summary["recaptioned"] == sum(o == "recaptioned" for o in report["outcome"]) > 0
     det = summary["detection"]
     assert det["detect_tp"] + det["detect_fn"] == 8 and det["detect_tp"] + det["detect_fp"] == summary["flagged"]
     # the written shards carry the caption used and say where it came from
     out = read_shards(out_path, _cfg().data).to_pandas()
     by_key = dict(zip(report["key"], zip(report["outcome"], report["caption_used"], report["caption"])))
-    for key, raw, meta in zip(out[S.KEY], out[S.CAPTION_RAW], out[S.META]):
+    for key, raw, meta in zip(out[schema.KEY], out[schema.CAPTION_RAW], out[schema.META]):
         outcome, used, original = by_key[key]
         assert raw.decode() == used
         assert (json.loads(meta).get("clean", {}).get("original_caption") == original) == (outcome == "recaptioned")
@@ -129,7 +129,7 @@ def test_s3_round_trip_parquet_with_drop_survives_an_actor_death(ray_local, s3_b
     s3, bucket = s3_bucket
     cfg = _cfg(data={"s3": {"endpoint_url": s3.endpoint_url, "access_key_id": "testing",
                             "secret_access_key": "testing", "retries": 2}},
-               rematch={"gate": "margin", "margin": 0.0, "action": "drop", "method": "roclip", "block_size": 20})
+               rematch={"gate": "none", "alpha": 1.0, "action": "drop", "block_size": 20})
     in_path, out_path = f"s3://{bucket}/train", f"s3://{bucket}/clean"
     make_shards(cfg.data, "train", N, in_path, "parquet", progress=False)
     fs = s3_filesystem(s3)
@@ -156,16 +156,16 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
 
     png = encode_image(np.zeros((32, 32, 3), np.uint8), "png")
     n = 4
-    batch = {S.KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
-             S.IMAGE_BYTES: np.asarray([png] * n, dtype=object), S.IMAGE_EXT: np.asarray(["png"] * n, dtype=object),
-             S.CAPTION: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
-             S.META: np.asarray([b"{}"] * n, dtype=object), S.ERROR: np.asarray([""] * n, dtype=object),
-             S.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
-             S.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
-             S.RECAPTIONED: np.zeros(n, bool), S.FLAGGED: np.zeros(n, bool), S.WEIGHT: np.ones(n, np.float32),
-             **{c: np.zeros(n, np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)}}
+    batch = {schema.KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
+             schema.IMAGE_BYTES: np.asarray([png] * n, dtype=object), schema.IMAGE_EXT: np.asarray(["png"] * n, dtype=object),
+             schema.CAPTION: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
+             schema.META: np.asarray([b"{}"] * n, dtype=object), schema.ERROR: np.asarray([""] * n, dtype=object),
+             schema.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
+             schema.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
+             schema.RECAPTIONED: np.zeros(n, bool), schema.FLAGGED: np.zeros(n, bool), schema.WEIGHT: np.ones(n, np.float32),
+             **{c: np.zeros(n, np.float32) for c in (schema.OWN_SCORE, schema.BEST_SCORE, schema.SUSPICION, schema.GATE_Z)}}
     first = write_batch(batch, str(tmp_path), "wds", S3Config())
-    batch[S.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
+    batch[schema.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
     second = write_batch(batch, str(tmp_path), "wds", S3Config())
     shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_part-"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("_part-")) == [
@@ -175,7 +175,7 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
     from otc_ray.data.tar_format import iter_tar_samples
 
     with open(tmp_path / shards[0], "rb") as f:
-        assert [row[S.KEY] for row in iter_tar_samples(f, shards[0])] == ["k0", "k2"]
+        assert [row[schema.KEY] for row in iter_tar_samples(f, shards[0])] == ["k0", "k2"]
 
 
 def test_job_entry_point_is_otc_ray_clean(tmp_path):

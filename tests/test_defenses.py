@@ -28,25 +28,29 @@ def test_unknown_defense_is_a_clear_error():
 
 
 def test_what_each_defense_rematches():
-    cfg = load_config(TINY, ["rematch.method=otcclip", "rematch.gate=neighbour", "rematch.k=5"])
+    cfg = load_config(TINY, ["rematch.k=5"])
     assert get_defense("none").rematch(cfg) is None
     safe = get_defense("safeclip").rematch(cfg)                                # its split, in the stage
     assert (safe.gate, safe.action, safe.start_epoch, safe.sticky) == ("gmm", "drop", cfg.train.safeclip_warmup + 1,
                                                                        False)
+    assert safe.alpha == 1.0 and safe.enabled
     assert cfg.rematch.propagate and not safe.propagate                        # OTCCLIP's trigger propagation only
     assert [get_defense("safeclip").lr_scale(cfg, e) for e in range(3)] == [1.0, cfg.train.safeclip_lr_scale, 1.0]
     assert get_defense("otcclip").lr_scale(cfg, 1) == 1.0
     assert get_defense("otcclip").rematch(cfg) == cfg.rematch                  # as configured
-    assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.method=none"])) is None   # ablation
+    assert get_defense("otcclip").rematch(load_config(TINY, ["rematch.enabled=false"])) is None   # ablation
     roclip = get_defense("roclip").rematch(cfg)                                # the baseline by definition
-    assert (roclip.method, roclip.gate, roclip.witness) == ("roclip", "none", False)   # no witness: its own model
-    assert (roclip.start_epoch, roclip.every) == (1, 2)                        # its break_epoch 2: epochs 1, 3, ...
-    assert dataclasses.replace(roclip, method=cfg.rematch.method, gate=cfg.rematch.gate, witness=cfg.rematch.witness,
+    assert (roclip.alpha, roclip.gate, roclip.witness) == (1.0, "none", False)   # cosine only; no witness
+    assert (roclip.start_epoch, roclip.every_epochs) == (1, 2)                 # its break_epoch 2: epochs 1, 3, ...
+    assert dataclasses.replace(roclip, alpha=cfg.rematch.alpha, gate=cfg.rematch.gate, witness=cfg.rematch.witness,
                                propagate=cfg.rematch.propagate, start_epoch=cfg.rematch.start_epoch,
-                               every=cfg.rematch.every) == cfg.rematch
+                               every_epochs=cfg.rematch.every_epochs) == cfg.rematch
+    # the defense, not the rematch section, says which method runs: roclip whatever rematch says
+    assert get_defense("roclip").rematch(load_config(TINY, ["rematch.k=5", "rematch.enabled=false",
+                                                       "rematch.alpha=0.2"])) == roclip
     assert not roclip.propagate
     every_epoch = get_defense("roclip").rematch(load_config(TINY, ["train.roclip_every=1"]))
-    assert (every_epoch.start_epoch, every_epoch.every) == (0, 1)
+    assert (every_epoch.start_epoch, every_epoch.every_epochs) == (0, 1)
 
 
 @pytest.mark.parametrize("defense, terms", [

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from otc_ray.config import S3Config, load_config, replace
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.make import make_shards
 from otc_ray.data.ray_io import count_outcomes, load_samples
 from otc_ray.data.shards import INFO_FILE, ShardWriter, encode_image, read_info
@@ -286,7 +286,7 @@ def test_s3_down_for_good_fails_clearly_and_leaves_no_complete_looking_output(ow
     fs = s3_filesystem(s3)
     assert fs.find(f"{bucket}/half") == [f"{bucket}/half/00000.tar"]
     rows = list(iter_tar_samples(io.BytesIO(fs.cat_file(f"{bucket}/half/00000.tar")), "00000.tar"))
-    assert [r[S.ERROR] for r in rows] == [""] * 4
+    assert [r[schema.ERROR] for r in rows] == [""] * 4
     assert read_info(out, s3) is None and read_info(f"s3://{bucket}/never", s3) is None
     assert not fs.exists(f"{bucket}/never/{INFO_FILE}")
 
@@ -332,13 +332,13 @@ def test_truncated_training_shard_is_counted_skipped_and_training_completes(ray_
     cfg = replace(cfg, data__train=str(shards))
 
     counts = count_outcomes(load_samples(str(shards), cfg.data))
-    assert counts.get(S.TRUNCATED_SHARD, 0) >= 1 and set(counts) <= {"ok", S.TRUNCATED_SHARD}
+    assert counts.get(schema.TRUNCATED_SHARD, 0) >= 1 and set(counts) <= {"ok", schema.TRUNCATED_SHARD}
     assert 384 <= counts["ok"] < 512
 
     result = run_training(cfg, progress=False)
     metrics = run_metrics(result.tracking_uri, result.run_id)
     assert metrics["data/ok"] == counts["ok"]
-    assert metrics[f"data/skipped_{S.TRUNCATED_SHARD}"] == counts[S.TRUNCATED_SHARD]
+    assert metrics[f"data/skipped_{schema.TRUNCATED_SHARD}"] == counts[schema.TRUNCATED_SHARD]
     assert "final/zeroshot_top1" in metrics
     from mlflow.tracking import MlflowClient
 

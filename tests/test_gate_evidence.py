@@ -9,14 +9,13 @@ import torch.nn.functional as F
 
 from otc_ray.config import OTConfig, RematchConfig
 from otc_ray.rematch.matcher import CaptionFeatures, ImageFeatures, Pool, match_block
-from otc_ray.rematch.signals import SIGNALS, caption_calibrated_z, combine_z, plan_concentration
+from otc_ray.rematch.signals import SIGNALS, caption_calibrated_z, mean_z, plan_concentration
 
 OT = OTConfig(eps=0.05, iters=100)
 
 
 def _cfg(**kw) -> RematchConfig:
-    base = RematchConfig(method="otcclip", pool="block", gate="evidence", action="recaption", k=4,
-                         candidate_neighbours=4, neighbours=8, gate_reference=16, sticky=True)
+    base = RematchConfig(k=4, candidate_neighbours=4, neighbours=8, gate_reference=16)
     return dataclasses.replace(base, **kw)
 
 
@@ -53,9 +52,7 @@ def test_calibration_within_the_caption_cluster_finds_an_outlier_a_block_z_misse
     assert float(z[0]) < -3 and float(z[1:].min()) > -3, z[:5]
     block = (values - values.median()) / (1.4826 * (values - values.median()).abs().median())
     assert float(block[0]) > -1, "a block-wide z sees nothing unusual"
-    assert torch.equal(combine_z({"a": torch.tensor([-4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}, "min"),
-                       torch.tensor([-4.0, 0.0]))
-    assert torch.equal(combine_z({"a": torch.tensor([-4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}, "mean"),
+    assert torch.equal(mean_z({"a": torch.tensor([-4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}),
                        torch.tensor([-2.0, 0.0]))
 
 
@@ -111,31 +108,6 @@ def test_copies_of_a_target_are_one_group_flagged_together_and_weighted_one_over
     assert bool((label[res.source[copies]] == 0).all()) and bool((res.source[copies] < B0).all())
 
 
-def test_pairs_fitted_unusually_well_are_high_side_outliers_flagged_only_when_asked():
-    """A model that has learnt a trigger: 6 triggered images (classes 0, 2, 3) map next to each other and to their
-    alike class-1 captions, so their cosine is fine and their neighbours' captions agree with theirs far better than
-    a clean class-1 pair's do. The low-side gate passes them; with `gate_high_signals=("agreement",)` they are high
-    outliers and flagged, and no clean pair is."""
-    g = torch.Generator().manual_seed(3)
-    img, txt, label, dirs = _clusters(seed=2, per_class=32)
-    d = dirs.shape[1]
-    txt = _unit(dirs[label] + 1.2 * torch.randn(len(label), d, generator=g) / d ** 0.5)     # loosely worded captions
-    P = 6
-    trigger = _unit(dirs[1] + 0.3 * _unit(torch.randn(d, generator=g)))
-    img = torch.cat([img, _unit(trigger + 0.3 * torch.randn(P, d, generator=g) / d ** 0.5)])     # no copies
-    txt = torch.cat([txt, _unit(dirs[1] + 0.02 * torch.randn(P, d, generator=g) / d ** 0.5)])
-    B = len(label) + P
-    keys = torch.arange(B, dtype=torch.int64)
-    images = ImageFeatures(img, None, keys)
-    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=keys)
-    base = _cfg(gate_signals=("cosine", "agreement"), alpha=1.0, neighbours=5, gate_reference=32)
-    low = match_block(images, pool, keys, base, OT)
-    assert not bool(low.flagged[-P:].any()), low.gate_z[-P:]
-    both = match_block(images, pool, keys, dataclasses.replace(base, gate_high_signals=("agreement",)), OT)
-    assert bool(both.flagged[-P:].all()), both.signal_z[-P:]
-    assert torch.equal(both.flagged[:-P], low.flagged[:-P]), "the high side flags no clean pair"
-
-
 def test_pixel_neighbours_find_a_trigger_the_model_has_learnt():
     """A model that has learnt a trigger maps 6 triggered images (classes 0, 2, 3) beside the class-1 images and
     captions: in its embedding their neighbours' captions agree with their class-1 captions, so `agreement` passes
@@ -171,8 +143,7 @@ def test_pixel_neighbours_find_a_trigger_the_model_has_learnt():
 def test_ot_picks_the_caption_whose_words_match_the_patches():
     """A flagged image with two candidate captions: X's words are the image's patches but X's global embedding
     points away from the image; Y's global embedding is the image's but its words match nothing. The fused score
-    with alpha = 1 (cosine only) takes Y, OT (alpha = 0, or 0.3) takes X; the vote takes the nearest trusted image
-    neighbour's caption whatever its words."""
+    with alpha = 1 (cosine only) takes Y, OT (alpha = 0, or 0.3) takes X."""
     g = torch.Generator().manual_seed(0)
     d, M, L = 32, 6, 4
     basis = _unit(torch.randn(24, d, generator=g))
@@ -194,12 +165,11 @@ def test_ot_picks_the_caption_whose_words_match_the_patches():
     prior = torch.tensor([True, False, False, False])                                   # sample 0 is flagged
     cfg = _cfg(gate_signals=("cosine",), gate_threshold=-1e9, neighbours=3, candidate_neighbours=3, k=3)
     picks = {}
-    for name, kw in {"cosine": dict(alpha=1.0), "ot": dict(alpha=0.0), "fused": dict(alpha=0.3),
-                     "vote": dict(replace="vote")}.items():
+    for name, kw in {"cosine": dict(alpha=1.0), "ot": dict(alpha=0.0), "fused": dict(alpha=0.3)}.items():
         res = match_block(images, pool, keys, dataclasses.replace(cfg, **kw), OT, prior=prior)
         assert res.flagged.tolist() == [True, False, False, False]
         picks[name] = int(res.source[0])
-    assert picks == {"cosine": 2, "ot": 1, "fused": 1, "vote": 2}, picks
+    assert picks == {"cosine": 2, "ot": 1, "fused": 1}, picks
 
 
 def test_the_cleaning_matcher_picks_by_fused_score_so_alpha_changes_the_captions():
@@ -223,7 +193,7 @@ def test_the_cleaning_matcher_picks_by_fused_score_so_alpha_changes_the_captions
     prior = [i % 2 == 0 for i in range(B)]
     picks = {}
     for alpha in (1.0, 0.0):
-        cfg = _cfg(alpha=alpha, gate_threshold=-1e9, k=6, candidate_neighbours=4, pool="block")
+        cfg = _cfg(alpha=alpha, gate_threshold=-1e9, k=6, candidate_neighbours=4)
         out = Matcher(bundle, cfg, OT).match(images, captions, keys, prior=prior)
         assert out.result.flagged.tolist() == prior
         assert all(out.caption_used[i] != captions[i] for i in range(0, B, 2))        # flagged: a trusted caption
@@ -235,7 +205,8 @@ def test_the_cleaning_matcher_picks_by_fused_score_so_alpha_changes_the_captions
 def test_a_group_the_model_has_learnt_is_judged_by_its_neighbourhood_alone():
     """K copies of a class-0 image whose false class-1 caption the model has already learnt (pair cosine as high as
     a clean class-1 pair's): cosine says nothing, but the copies' non-duplicate image neighbours are class 0 and
-    disagree with the caption. The group is flagged by neighbour agreement alone, even with gate_combine mean."""
+    disagree with the caption. The group is flagged by neighbour agreement alone, though the mean of the two z-scores
+    would let it through."""
     img, txt, label, dirs = _clusters(seed=2)
     B0, K, d = len(label), 8, dirs.shape[1]
     target = _unit(dirs[0] + 0.45 * dirs[1])                                             # learnt towards class 1
@@ -246,7 +217,7 @@ def test_a_group_the_model_has_learnt_is_judged_by_its_neighbourhood_alone():
     B = B0 + K
     keys = torch.arange(B, dtype=torch.int64)
     pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool), image_ids=ids)
-    cfg = _cfg(gate_signals=("cosine", "agreement"), gate_combine="mean", alpha=1.0, gate_threshold=-3.0)
+    cfg = _cfg(gate_signals=("cosine", "agreement"), alpha=1.0, gate_threshold=-3.0)
     res = match_block(ImageFeatures(img, None, ids), pool, keys, cfg, OT)
     copies = torch.arange(B0, B)
     cosine_z, agreement_z = res.signal_z[copies, 0], res.signal_z[copies, 1]
@@ -267,7 +238,7 @@ def test_gmm_gate_splits_low_similarity_pairs_as_risky_and_caps_the_safe_share()
     txt[bad] = txt[(bad + 30) % B]
     keys = torch.arange(B, dtype=torch.int64)
     pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool))
-    cfg = _cfg(method="roclip", gate="gmm", action="drop")
+    cfg = _cfg(alpha=1.0, gate="gmm", action="drop")
     res = match_block(ImageFeatures(img, None), pool, keys, cfg, OT)
     assert bool(res.flagged[bad].all()) and res.weight[bad].eq(0).all()
     assert not bool(res.recaptioned.any()) and 0.15 <= float(res.flagged.float().mean()) < 0.3

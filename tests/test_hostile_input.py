@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from otc_ray.cli import main
 from otc_ray.config import ModelConfig, load_config
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.decode import DecodeLimits, decode_batch, decode_image
 from otc_ray.data.parquet_format import iter_parquet_samples, write_parquet_shard
 from otc_ray.data.ray_io import _to_block, count_outcomes, load_samples
@@ -30,7 +30,7 @@ from otc_ray.data.tar_format import iter_tar_samples, write_tar_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-REASONS = set(S.SKIP_REASONS) | {""}
+REASONS = set(schema.SKIP_REASONS) | {""}
 FUZZ = settings(max_examples=int(os.environ.get("OTC_FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True,
                 database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -70,14 +70,14 @@ def _rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def _check_counted(rows: list[dict], limits: DecodeLimits) -> Counter:
     """Every row has a key and a known reason, survives the Arrow block schema and the decoder; returns outcomes."""
-    assert all(isinstance(r[S.KEY], str) and r[S.KEY] for r in rows)
-    assert all(r[S.ERROR] in REASONS for r in rows)
+    assert all(isinstance(r[schema.KEY], str) and r[schema.KEY] for r in rows)
+    assert all(r[schema.ERROR] in REASONS for r in rows)
     if not rows:
         return Counter()
     decoded = decode_batch(_rows_to_batch(rows), limits)
-    assert len(decoded[S.KEY]) == len(rows)
-    assert all(str(e) in REASONS for e in decoded[S.ERROR])
-    return Counter(str(e) or "ok" for e in decoded[S.ERROR])
+    assert len(decoded[schema.KEY]) == len(rows)
+    assert all(str(e) in REASONS for e in decoded[schema.ERROR])
+    return Counter(str(e) or "ok" for e in decoded[schema.ERROR])
 
 
 LIMITS = DecodeLimits(image_size=16, max_pixels=25_000_000, max_caption_chars=200, truncate_captions=False)
@@ -105,9 +105,9 @@ def test_unsafe_tar_member_is_refused(case):
     key = UNSAFE[case][0][0].name.rsplit(".", 1)[0]
     members += [_member(f"{key}.txt", b"caption"), _member(f"{key}.json", b"{}")]
     rows = list(iter_tar_samples(io.BytesIO(_tar(members)), "hostile.tar"))
-    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("000000000", ""), (key, S.UNSAFE_PATH)]
-    assert rows[1][S.IMAGE_BYTES] == b"", "an unsafe member's bytes must not be used"
-    assert _check_counted(rows, LIMITS) == Counter({"ok": 1, S.UNSAFE_PATH: 1})
+    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("000000000", ""), (key, schema.UNSAFE_PATH)]
+    assert rows[1][schema.IMAGE_BYTES] == b"", "an unsafe member's bytes must not be used"
+    assert _check_counted(rows, LIMITS) == Counter({"ok": 1, schema.UNSAFE_PATH: 1})
 
 
 def test_pax_path_record_overrides_a_safe_looking_header_name():
@@ -120,7 +120,7 @@ def test_pax_path_record_overrides_a_safe_looking_header_name():
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
     rows = list(iter_tar_samples(io.BytesIO(buf.getvalue()), "pax.tar"))
-    assert [r[S.ERROR] for r in rows] == [S.UNSAFE_PATH]
+    assert [r[schema.ERROR] for r in rows] == [schema.UNSAFE_PATH]
 
 
 def test_non_utf8_member_name_is_a_counted_row_not_a_crash():
@@ -134,8 +134,8 @@ def test_non_utf8_member_name_is_a_counted_row_not_a_crash():
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     rows = list(iter_tar_samples(io.BytesIO(buf.getvalue()), "latin1.tar"))
-    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("caf\\xe9", S.UNSAFE_PATH)]
-    assert _check_counted(rows, LIMITS) == Counter({S.UNSAFE_PATH: 1})
+    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("caf\\xe9", schema.UNSAFE_PATH)]
+    assert _check_counted(rows, LIMITS) == Counter({schema.UNSAFE_PATH: 1})
 
 
 # ----------------------------------------------------------------------------------------- decompression bombs
@@ -158,17 +158,17 @@ def test_png_header_claiming_50000x50000_is_refused_before_decoding(monkeypatch)
     assert len(bomb) < 100
     assert Image.open(io.BytesIO(bomb)).size == (50_000, 50_000)      # Pillow opens it without complaint now
     start = time.monotonic()
-    assert decode_image(bomb, LIMITS) == (None, S.IMAGE_TOO_LARGE)
+    assert decode_image(bomb, LIMITS) == (None, schema.IMAGE_TOO_LARGE)
     small = DecodeLimits(16, max_pixels=64 * 64 - 1, max_caption_chars=200, truncate_captions=False)
-    assert decode_image(_png(64), small) == (None, S.IMAGE_TOO_LARGE)                 # the limit is the config's
+    assert decode_image(_png(64), small) == (None, schema.IMAGE_TOO_LARGE)                 # the limit is the config's
     assert decode_image(_png(64), LIMITS)[1] == ""
     assert time.monotonic() - start < 2.0, "the image was decoded (7.5 GB of pixels)"
     rows = list(iter_tar_samples(io.BytesIO(_tar(_sample("000000001", bomb) + _sample("000000002"))), "b.tar"))
-    assert _check_counted(rows, LIMITS) == Counter({"ok": 1, S.IMAGE_TOO_LARGE: 1})
+    assert _check_counted(rows, LIMITS) == Counter({"ok": 1, schema.IMAGE_TOO_LARGE: 1})
 
 
 # ----------------------------------------------------------------------------------------- over-long captions
-@pytest.mark.parametrize("overflow, expected", [("skip", S.CAPTION_TOO_LONG), ("truncate", "")])
+@pytest.mark.parametrize("overflow, expected", [("skip", schema.CAPTION_TOO_LONG), ("truncate", "")])
 def test_overlong_caption_follows_config(overflow, expected):
     cfg = load_config(TINY, ["data.max_caption_chars=64", f"data.caption_overflow={overflow}", "data.image_size=16"])
     limits = DecodeLimits.from_config(cfg.data)
@@ -176,9 +176,9 @@ def test_overlong_caption_follows_config(overflow, expected):
     members = _sample("000000001")[:1] + [_member("000000001.txt", caption), _member("000000001.json", b"{}")]
     rows = list(iter_tar_samples(io.BytesIO(_tar(members)), "c.tar"))
     decoded = decode_batch(_rows_to_batch(rows), limits)
-    assert list(decoded[S.ERROR]) == [expected]
+    assert list(decoded[schema.ERROR]) == [expected]
     if overflow == "truncate":
-        assert len(decoded[S.CAPTION][0]) == 64 and decoded[S.CAPTION][0].startswith("word word")
+        assert len(decoded[schema.CAPTION][0]) == 64 and decoded[schema.CAPTION][0].startswith("word word")
 
 
 # ----------------------------------------------------------------------------------------- pickled code
@@ -315,7 +315,7 @@ def test_fuzz_random_bytes_never_crash_and_are_counted(data, fmt):
     rows = _read(fmt, data)
     _check_counted(rows, LIMITS)
     if fmt == "parquet":
-        assert [r[S.ERROR] for r in rows] == [S.CORRUPT_SHARD]
+        assert [r[schema.ERROR] for r in rows] == [schema.CORRUPT_SHARD]
     elif data[:512].strip(b"\0"):
         assert rows, "a non-empty header block must produce at least one counted row"
 
@@ -329,7 +329,7 @@ def test_fuzz_mutated_real_shards_never_crash_and_are_counted(op, fmt):
     assert sum(outcomes.values()) == len(rows)
     assert outcomes.get("ok", 0) <= len(_real_samples())
     if op[0] == "truncate" and fmt == "wds" and int(op[1] * len(original)) < TAR_END:
-        assert rows and rows[-1][S.ERROR] == S.TRUNCATED_SHARD      # a tar cut before its end is counted as cut
+        assert rows and rows[-1][schema.ERROR] == schema.TRUNCATED_SHARD      # a tar cut before its end is counted as cut
 
 
 def test_mutated_shard_through_ray_counts_every_row(ray_local, tmp_path):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.decode import DecodeLimits, decode_batch
 from otc_ray.data.keys import key_problem
 from otc_ray.data.parquet_format import iter_parquet_samples, write_parquet_shard
@@ -47,7 +47,7 @@ def test_safe_key_round_trips_through_both_writers(key):
         buf = io.BytesIO()
         assert write(buf, [_sample("000000000"), _sample(key)]) == 2
         rows = list(read(io.BytesIO(buf.getvalue()), "x"))
-        assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("000000000", ""), (key, "")]
+        assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("000000000", ""), (key, "")]
 
 
 @pytest.mark.parametrize("key", UNSAFE_KEYS, ids=repr)
@@ -68,17 +68,17 @@ def test_parquet_reader_counts_unsafe_keys_as_skips():
     buf = io.BytesIO()
     pq.write_table(pa.table({"key": keys, "png": [PNG] * len(keys), "caption": ["a grey square"] * len(keys)}), buf)
     rows = list(iter_parquet_samples(io.BytesIO(buf.getvalue()), "p.parquet"))
-    assert [r[S.ERROR] for r in rows] == [""] + [S.UNSAFE_PATH] * len(bad) + [""]
+    assert [r[schema.ERROR] for r in rows] == [""] + [schema.UNSAFE_PATH] * len(bad) + [""]
     table = _to_block(rows)
     batch = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-    assert Counter(str(e) or "ok" for e in decode_batch(batch, LIMITS)[S.ERROR]) == {"ok": 2, S.UNSAFE_PATH: len(bad)}
+    assert Counter(str(e) or "ok" for e in decode_batch(batch, LIMITS)[schema.ERROR]) == {"ok": 2, schema.UNSAFE_PATH: len(bad)}
 
 
 def test_parquet_without_key_column_gets_safe_keys():
     buf = io.BytesIO()
     pq.write_table(pa.table({"png": [PNG, PNG], "caption": ["a", "b"]}), buf)
     rows = list(iter_parquet_samples(io.BytesIO(buf.getvalue()), "/data/set/00007.parquet"))
-    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("00007-000000000", ""), ("00007-000000001", "")]
+    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("00007-000000000", ""), ("00007-000000001", "")]
 
 
 def _tar(names: list[str], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -95,8 +95,8 @@ def _tar(names: list[str], fmt: int = tarfile.PAX_FORMAT) -> bytes:
 @pytest.mark.parametrize("key", ["dir/.git/x", "bell\x07", "new\nline", "esc\x1b[2J", "c1\x85"], ids=repr)
 def test_tar_reader_counts_unsafe_member_keys(key):
     rows = list(iter_tar_samples(io.BytesIO(_tar(["000000000", key, "000000001"])), "t.tar"))
-    assert [r[S.ERROR] for r in rows] == ["", S.UNSAFE_PATH, ""]
-    assert rows[1][S.IMAGE_BYTES] == b""
+    assert [r[schema.ERROR] for r in rows] == ["", schema.UNSAFE_PATH, ""]
+    assert rows[1][schema.IMAGE_BYTES] == b""
 
 
 class _Recording(io.BytesIO):
@@ -126,12 +126,12 @@ def test_long_name_and_pax_headers_have_a_size_cap(kind, cap):
         good = good[:last.offset_data + -(-last.size // 512) * 512]     # cut before the end-of-archive blocks
     stream = _Recording(good + _extended_header(kind, 8 << 30) + b"\0" * 4096)
     rows = list(iter_tar_samples(stream, "big.tar"))
-    assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [("000000000", ""), ("000000001", S.CORRUPT_SHARD),
-                                                      ("big.tar#corrupt", S.CORRUPT_SHARD)]
+    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("000000000", ""), ("000000001", schema.CORRUPT_SHARD),
+                                                      ("big.tar#corrupt", schema.CORRUPT_SHARD)]
     assert stream.largest <= 1 << 20, f"the reader asked for {stream.largest} bytes of a header"
 
     if kind == tarfile.GNUTYPE_LONGNAME:
         name = ("d" * 99 + "/") * ((cap - 200) // 100) + "000000001"
         assert len(name) < cap
         rows = list(iter_tar_samples(io.BytesIO(_tar([name], tarfile.GNU_FORMAT)), "long.tar"))
-        assert [(r[S.KEY], r[S.ERROR]) for r in rows] == [(name, "")]
+        assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [(name, "")]

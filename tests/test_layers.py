@@ -1,5 +1,7 @@
 """The layering rules of DESIGN.md that an import can check: the pure layers (the math, the matcher, the metrics,
-the triggers) load without Ray, and the stages never import the pipelines."""
+the triggers) load without Ray, the stages never import the pipelines, no stage reaches into another stage that it
+must not know (`FORBIDDEN`), and the package's imports form no cycle. Imports are read from the source (ast), every
+one of them, those inside functions included."""
 from __future__ import annotations
 
 import ast
@@ -59,6 +61,102 @@ def _imports(path: Path) -> set[str]:
             out.add(module)
             out |= {f"{module}.{a.name}" for a in node.names}
     return {m for m in out if m.startswith("otc_ray")}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The otc_ray modules a file depends on: `import a.b` counts as a.b; `from X import n` as X.n when that is a
+    module (`from . import schema`: schema, not the package's __init__, which its own submodules would otherwise
+    always form a cycle with), else as X."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    package = parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                out |= {sub} if sub in MODULES else {module} if module in MODULES else set()
+    return out - {_module_name(path)}
+
+
+# (importer, imported, why): the importer's modules never import the imported ones
+FORBIDDEN = (
+    ("otc_ray.config", "otc_ray", "the config is the bottom layer: every stage reads it, it reads none"),
+    ("otc_ray.train", "otc_ray.poison", "training takes class patterns and named classes from the data layer "
+                                         "(otc_ray.data.class_info), not from the attack"),
+    ("otc_ray.rematch", "otc_ray.train", "the re-match stage does not know its consumer (the checkpoint file name "
+                                         "comes from otc_ray.model_checkpoint)"),
+    ("otc_ray.evaluate", "otc_ray.data.builtin", "metrics take arrays and class lists (otc_ray.data.class_info), not "
+                                                 "the built-in data generators"),
+    ("otc_ray.train", "otc_ray.data.builtin", "the trainer reads shards; built-in sets are made by the pipelines"),
+    ("otc_ray.rematch", "otc_ray.data.builtin", "the matcher reads rows, whatever made them"),
+    ("otc_ray.track", "otc_ray.train", "tracking logs what it is given"),
+)
+
+
+def test_no_stage_imports_what_it_must_not_know():
+    offenders = []
+    for name, path in MODULES.items():
+        for importer, imported, why in FORBIDDEN:
+            if not _is_within(name, importer):
+                continue
+            hits = sorted(m for m in _module_imports(path) if _is_within(m, imported))
+            if hits:
+                offenders.append(f"{name} imports {hits}: {why}")
+    assert not offenders, "\n".join(offenders)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_imports_form_no_cycle():
+    graph = {name: _module_imports(path) for name, path in MODULES.items()}
+    assert graph["otc_ray.credentials"] and "otc_ray.config" in graph["otc_ray.credentials"], "the graph is read"
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]], "the check finds one"
+    assert not _cycles(graph), _cycles(graph)
 
 
 def test_stages_never_import_the_pipelines():

@@ -203,14 +203,6 @@ def test_ot_losses_name_the_sizes_on_mismatch():
         ot_inter_loss(patches, None, words, mask, 0.0, FULL)
 
 
-def test_geomloss_backend_runs_in_the_losses():
-    patches, words, mask = _concept_tokens(B=4)
-    cfg = dataclasses.replace(FULL, backend="geomloss", eps=0.1)
-    loss = ot_inter_loss(patches, None, words, mask, TAU, cfg)
-    ref = ot_inter_loss(patches, None, words, mask, TAU, dataclasses.replace(cfg, backend="torch", train_iters=200))
-    assert abs(loss.item() - ref.item()) < 0.05
-
-
 # ----------------------------------------------------------------------------------------- text view, unimodal
 def test_augment_token_ids_drops_words_only_and_keeps_order():
     ids = torch.tensor([[49406, 11, 12, 13, 14, 49407, 0, 0], [49406, 21, 49407, 0, 0, 0, 0, 0]])

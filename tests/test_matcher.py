@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import numpy as np
 import pytest
@@ -9,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from otc_ray.config import ModelConfig, OTConfig, RematchConfig
-from otc_ray.rematch.gates import neighbour_vote, robust_z
-from otc_ray.rematch.matcher import (CaptionBank, CaptionFeatures, ImageFeatures, Matcher, Pool, assign, build_pool,
+from otc_ray.rematch.matcher import (GATES, CaptionBank, CaptionFeatures, ImageFeatures, Matcher, Pool, build_pool,
                                      match_block, shortlist)
 
 OT = OTConfig(eps=0.05, iters=50)
 
 
 def _cfg(**kw) -> RematchConfig:
-    return dataclasses.replace(RematchConfig(pool="block", gate="none", action="recaption", k=8), **kw)
+    """The default re-matching settings (gate evidence, action recaption), k = 8, changed by kw."""
+    return dataclasses.replace(RematchConfig(k=8), **kw)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -49,13 +50,14 @@ def _permutation_block(seed: int = 0, groups: int = 8, per_group: int = 4, d: in
     return images, pool, keys, perm
 
 
-@pytest.mark.parametrize("how", ["argmax", "balanced"])
-def test_otcclip_recovers_a_permutation_that_global_matching_cannot(how):
+def test_otcclip_recovers_a_permutation_that_global_matching_cannot():
+    """Every image re-matched (gate none): the fused score (alpha 0.5) finds every true caption, the global cosine
+    alone (alpha 1, RoCLIP's) cannot."""
     images, pool, keys, perm = _permutation_block()
     B = len(perm)
     truth = torch.arange(B)
-    ot_res = match_block(images, pool, keys, _cfg(method="otcclip", alpha=0.5, assign=how), OT)
-    ro_res = match_block(images, pool, keys, _cfg(method="roclip"), OT)
+    ot_res = match_block(images, pool, keys, _cfg(gate="none", alpha=0.5), OT)
+    ro_res = match_block(images, pool, keys, _cfg(gate="none", alpha=1.0), OT)
     # sample j's caption belongs to image perm[j]; the right pool row for image i is the j with perm[j] == i
     assert torch.equal(perm[ot_res.source], truth), "otcclip must recover every true caption"
     assert ot_res.recaptioned.sum() == (perm != truth).sum()
@@ -64,28 +66,6 @@ def test_otcclip_recovers_a_permutation_that_global_matching_cannot(how):
     # the true caption is in every shortlist (group captions are the nearest by cosine), with the best fused score
     assert bool((perm[ot_res.shortlist] == truth.unsqueeze(1)).any(1).all())
     assert bool((ot_res.suspicion >= 0).all())
-
-
-def test_balanced_assignment_spreads_a_crowd():
-    # 5 images all rate caption 0 best (0.9); each has a distinct runner-up (0.85); the crowd must be spread
-    B = 5
-    index = torch.arange(B).repeat(B, 1)
-    scores = torch.zeros(B, B)
-    scores[:, 0] = 0.9
-    scores[torch.arange(1, B), torch.arange(1, B)] = 0.85
-    scores[0, 0] = 0.95
-    argmax = assign(scores, index, "argmax", 0.05, 200)
-    balanced = assign(scores, index, "balanced", 0.02, 500)
-    assert argmax.tolist() == [0] * B
-    assert sorted(balanced.tolist()) == list(range(B))
-    assert balanced[0] == 0
-
-
-def test_balanced_assignment_on_a_shortlist_with_void_slots():
-    scores = torch.tensor([[0.9, 0.5, float("-inf")], [0.9, 0.6, 0.1], [0.9, float("-inf"), 0.7]])
-    index = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 4, 2]])
-    out = assign(scores, index, "balanced", 0.02, 500)
-    assert sorted(out.tolist()) == [0, 1, 2]
 
 
 def test_shortlist_forces_the_own_caption_in():
@@ -118,52 +98,9 @@ def _class_block(seed: int = 1, classes: int = 5, per_class: int = 48, poison: i
     return img, txt, label, poisoned
 
 
-def test_neighbour_gate_flags_poison_and_keeps_clean_captions():
-    img, txt, label, poisoned = _class_block()
-    B = len(label)
-    keys = torch.arange(B, dtype=torch.int64)
-    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B, dtype=torch.bool))
-    cfg = _cfg(method="roclip", gate="neighbour", neighbours=16, gate_threshold=-2.0)
-    res = match_block(ImageFeatures(img), pool, keys, cfg, OT)
-    assert bool(res.flagged[poisoned].all()), f"missed poison: z = {res.gate_z[poisoned].tolist()}"
-    assert float(res.gate_z[poisoned].max()) < float(res.gate_z[~poisoned].min()), "the agreement must separate"
-    # robust z flags the vaguest clean captions too (few): they get a caption of their own class, never another
-    clean_flags = int(res.flagged[~poisoned].sum())
-    assert clean_flags <= 0.05 * int((~poisoned).sum())
-    unflagged = ~res.flagged
-    assert torch.equal(res.source[unflagged], torch.nonzero(unflagged).squeeze(1)), "clean rows keep their captions"
-    assert torch.equal(label[res.source[~poisoned]], label[~poisoned]), "no clean pair gets another class's caption"
-    # the neighbour vote: a poisoned image gets the caption of an unflagged image of its true class
-    src = res.source[poisoned]
-    assert bool((label[src] == 0).all()) and not bool(res.flagged[src].any()) and not bool(poisoned[src].any())
-    # ... and with the gate off, the same block re-captions far more (RoCLIP behaviour), damage included
-    ungated = match_block(ImageFeatures(img), pool, keys, _cfg(method="roclip", gate="none"), OT)
-    assert int(ungated.recaptioned.sum()) > 3 * int(res.recaptioned.sum())
-
-
-def test_copies_of_one_image_are_one_witness_not_many():
-    """A targeted attack: K copies of one class-2 image, each captioned with class 1. The copies are each other's
-    nearest neighbours and agree on the false caption; counted as witnesses they hide the attack."""
-    img, txt, label, _ = _class_block(seed=3, poison=0)
-    B, K = len(label), 12
-    target = int(torch.nonzero(label == 2)[0])
-    copies = torch.arange(B, B + K)
-    img = torch.cat([img, img[target].expand(K, -1)])
-    false_txt = _unit(txt[label == 1][:K] + 0.01)
-    txt = torch.cat([txt, false_txt])
-    keys = torch.arange(B + K, dtype=torch.int64)
-    pool = Pool(CaptionFeatures(txt), img, keys, torch.ones(B + K, dtype=torch.bool))
-    cfg = _cfg(method="roclip", gate="neighbour", neighbours=8, gate_threshold=-2.0)
-    counted = match_block(ImageFeatures(img), pool, keys, dataclasses.replace(cfg, duplicate_similarity=2.0), OT)
-    assert not bool(counted.flagged[copies].any()), "as witnesses the copies vouch for each other"
-    res = match_block(ImageFeatures(img), pool, keys, cfg, OT)
-    assert bool(res.flagged[copies].all()), f"z of the copies: {res.gate_z[copies].tolist()}"
-    assert bool((label[res.source[copies]] == 2).all()), "re-captioned from real neighbours of the target's class"
-    with pytest.raises(ValueError, match="duplicate_similarity"):
-        Matcher.__init__(object.__new__(Matcher), None, dataclasses.replace(cfg, duplicate_similarity=0.0), OT)
-
-
-def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
+def test_replacements_skip_untrusted_bank_entries_and_own_bank_copies():
+    """Every block sample flagged (sticky prior): its new caption comes from a trusted bank entry, never from one
+    flagged when it was matched, and never from a bank copy of its own key."""
     img, txt, label, poisoned = _class_block(seed=2)
     B = len(label)
     half = B // 2
@@ -180,40 +117,22 @@ def test_neighbour_vote_skips_untrusted_bank_entries_and_own_bank_copies():
     own = CaptionFeatures(txt[second])
     pool = build_pool(own, ImageFeatures(img[second]), keys[second], bank)
     assert pool.captions.text.shape[0] == B - half + half + 1
-    cfg = _cfg(method="roclip", gate="neighbour", neighbours=8, k=4)
-    res = match_block(ImageFeatures(img[second]), pool, keys[second], cfg, OT)
+    cfg = _cfg(gate_signals=("agreement",), neighbours=8, k=4, alpha=1.0)
+    prior = torch.ones(len(second), dtype=torch.bool)
+    res = match_block(ImageFeatures(img[second]), pool, keys[second], cfg, OT, prior=prior)
     dup_row = pool.captions.text.shape[0] - 1
-    assert not bool((res.shortlist[0] == dup_row).any())
-    bank_rows = res.source[res.recaptioned & (res.source >= len(second))]
-    assert bool(pool.trusted[bank_rows].all())
-    vote = neighbour_vote(torch.tensor([[3, 1, 2], [-1, -1, -1]]), torch.tensor([True, False, False, True]))
-    assert vote.tolist() == [3, -1]
-
-
-def test_margin_and_zscore_gates():
-    images, pool, keys, perm = _permutation_block(seed=3)
-    moved = perm != torch.arange(len(perm))
-    res = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", margin=0.1), OT)
-    assert torch.equal(res.flagged, moved)                       # a wrong caption trails its image's true one by ~0.5
-    assert torch.equal(res.recaptioned, moved)
-    z = robust_z(torch.tensor([0.0, 0.1, -0.1, 0.05, -0.05, 0.02, -5.0]))
-    assert z[-1] < -10 and bool((z[:-1].abs() < 2).all())
-    # only captions 0 and 1 swapped among 32: their suspicion is a lone pair of outliers
-    swap = torch.arange(32)
-    swap[[0, 1]] = swap[[1, 0]]
-    images, pool, keys, _ = _permutation_block(seed=4, perm=swap)
-    res = match_block(images, pool, keys, _cfg(method="otcclip", gate="zscore", gate_threshold=-2.0), OT)
-    assert res.flagged.tolist() == [True, True] + [False] * 30
-    assert res.source[:2].tolist() == [1, 0]
+    assert bool(res.flagged.all()) and not bool((res.shortlist[0] == dup_row).any())
+    assert bool(res.recaptioned.all()), "class-0 bank entries are trusted candidates for every sample"
+    assert bool((res.source >= len(second)).all()) and bool(pool.trusted[res.source].all())
+    assert int(res.source[0]) != dup_row                     # its own bank copy: for the others, a trusted candidate
 
 
 def test_actions_drop_and_downweight_keep_the_caption():
     images, pool, keys, perm = _permutation_block(seed=5)
     moved = perm != torch.arange(len(perm))
-    drop = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", action="drop"), OT)
+    drop = match_block(images, pool, keys, _cfg(gate="none", action="drop"), OT)
     assert torch.equal(drop.weight == 0, moved) and not bool(drop.recaptioned.any())
-    down = match_block(images, pool, keys, _cfg(method="otcclip", gate="margin", action="downweight",
-                                                flagged_weight=0.25), OT)
+    down = match_block(images, pool, keys, _cfg(gate="none", action="downweight", flagged_weight=0.25), OT)
     assert torch.allclose(down.weight[moved], torch.tensor(0.25)) and bool((down.weight[~moved] == 1).all())
 
 
@@ -233,11 +152,11 @@ def test_matcher_on_the_tiny_model_fills_every_output_and_bounds_the_bank(tiny_b
     words = ["red", "green", "blue", "small", "large", "square", "circle", "ring"]
     captions = [f"a {words[i % 8]} {words[(3 * i) % 8]} in the picture" for i in range(B)]
     keys = [f"{i:04d}" for i in range(B)]
-    cfg = RematchConfig(method="otcclip", gate="neighbour", neighbours=8, pool="bank", bank_size=40, k=4)
+    cfg = RematchConfig(neighbours=8, bank_size=40, k=4, candidate_neighbours=8)
     m = Matcher(tiny_bundle, cfg, OT)
     out = m.match(images, captions, keys)
     r = out.result
-    assert r.shortlist.shape == (B, 4) and r.scores.shape == (B, 4)
+    assert r.shortlist.shape == (B, 4 + 8) and r.scores.shape == (B, 4 + 8)   # OT shortlist + image neighbours
     for t in (r.own_score, r.best_score, r.suspicion, r.gate_z, r.agreement):
         assert t.shape == (B,) and bool(torch.isfinite(t).all())
     assert bool((r.best_score >= r.own_score - 1e-6).all())
@@ -249,8 +168,10 @@ def test_matcher_on_the_tiny_model_fills_every_output_and_bounds_the_bank(tiny_b
     assert len(m.bank) == 40 and m.bank.keys[-1] == f"b{keys[-1]}" and m.bank.text.shape[0] == 40
     m.load_state_dict(tiny_bundle.model.state_dict())
     assert len(m.bank) == 0
-    none = Matcher(tiny_bundle, dataclasses.replace(cfg, method="none"), OT).match(images, captions, keys)
-    assert none.caption_used == captions and not bool(none.result.flagged.any())
+    off = Matcher(tiny_bundle, dataclasses.replace(cfg, enabled=False), OT).match(images, captions, keys)
+    assert off.caption_used == captions and not bool(off.result.flagged.any())
+    with pytest.raises(ValueError, match="duplicate_similarity"):
+        Matcher(tiny_bundle, dataclasses.replace(cfg, duplicate_similarity=0.0), OT)
 
 
 def test_sticky_prior_flags_stay_flagged_unless_sticky_is_off():
@@ -259,8 +180,15 @@ def test_sticky_prior_flags_stay_flagged_unless_sticky_is_off():
     steady = int(torch.nonzero(~moved)[0])                     # a row with its own, correct caption
     prior = torch.zeros(len(perm), dtype=torch.bool)
     prior[steady] = True
-    cfg = _cfg(method="otcclip", gate="margin", action="drop", sticky=True)
+    cfg = _cfg(gate="none", action="drop", sticky=True)
     res = match_block(images, pool, keys, cfg, OT, prior=prior)
     assert torch.equal(res.flagged, moved | prior) and res.weight[steady] == 0
     off = match_block(images, pool, keys, dataclasses.replace(cfg, sticky=False), OT, prior=prior)
     assert torch.equal(off.flagged, moved)
+
+
+def test_an_unknown_gate_is_refused_and_the_known_ones_are_the_config_s():
+    images, pool, keys, _ = _permutation_block()
+    with pytest.raises(ValueError, match="rematch.gate must be one of evidence, gmm, none"):
+        match_block(images, pool, keys, dataclasses.replace(_cfg(), gate="margin"), OT)
+    assert set(GATES) == set(typing.get_args(typing.get_type_hints(RematchConfig)["gate"]))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from otc_ray.config import DataConfig
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.builtin import generate
 from otc_ray.data.make import make_shards
 from otc_ray.data.ray_io import count_outcomes, load_samples
@@ -27,8 +27,8 @@ def _expected(cfg: DataConfig, num: int) -> dict[str, tuple[str, np.ndarray, int
 
 def _read_all(path: str, cfg: DataConfig) -> dict:
     rows = load_samples(path, cfg).take_all()
-    assert all(r[S.ERROR] == "" for r in rows)
-    return {r[S.KEY]: r for r in rows}
+    assert all(r[schema.ERROR] == "" for r in rows)
+    return {r[schema.KEY]: r for r in rows}
 
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet"])
@@ -39,8 +39,8 @@ def test_local_round_trip_is_exact(ray_local, tmp_path, fmt):
     got, want = _read_all(str(tmp_path / fmt), cfg), _expected(cfg, 250)
     assert set(got) == set(want)
     for key, (caption, image, label) in want.items():
-        assert got[key][S.CAPTION] == caption and got[key][S.LABEL] == label
-        assert np.array_equal(got[key][S.IMAGE], image)            # PNG is lossless
+        assert got[key][schema.CAPTION] == caption and got[key][schema.LABEL] == label
+        assert np.array_equal(got[key][schema.IMAGE], image)            # PNG is lossless
     info = read_info(str(tmp_path / fmt), cfg.s3)
     assert info["num_samples"] == 250 and info["dataset"]["name"] == "shapes" and info["format"] == fmt
 
@@ -60,11 +60,11 @@ def test_s3_round_trip_counts_equal(ray_local, s3_bucket, fmt):
     assert count_outcomes(ds) == {"ok": 300}
     rows = ds.take_all()
     want = _expected(cfg, 300)
-    assert {r[S.KEY] for r in rows} == set(want)
-    assert all(r[S.SOURCE].startswith(f"s3://{bucket}/") for r in rows)
+    assert {r[schema.KEY] for r in rows} == set(want)
+    assert all(r[schema.SOURCE].startswith(f"s3://{bucket}/") for r in rows)
     some = rows[0]
-    assert some[S.CAPTION] == want[some[S.KEY]][0]
-    assert np.abs(some[S.IMAGE].astype(int) - want[some[S.KEY]][1]).mean() < 4     # JPEG q95
+    assert some[schema.CAPTION] == want[some[schema.KEY]][0]
+    assert np.abs(some[schema.IMAGE].astype(int) - want[some[schema.KEY]][1]).mean() < 4     # JPEG q95
 
 
 def test_img2dataset_folder_is_read_as_it_is(ray_local, tmp_path):
@@ -89,10 +89,10 @@ def test_img2dataset_parquet_output_layout(ray_local, tmp_path):
                       "url": ["http://a", "http://b"], "status": ["success", "failed_to_download"],
                       "jpg": pa.array([buf.getvalue(), None], pa.binary())})
     pq.write_table(table, tmp_path / "00000.parquet")
-    rows = {r[S.KEY]: r for r in load_samples(str(tmp_path), DataConfig()).take_all()}
-    assert rows["000000000"][S.ERROR] == "" and rows["000000000"][S.IMAGE].shape == (32, 32, 3)
-    assert json.loads(rows["000000000"][S.META])["url"] == "http://a"
-    assert rows["000000001"][S.ERROR] == S.MISSING_IMAGE
+    rows = {r[schema.KEY]: r for r in load_samples(str(tmp_path), DataConfig()).take_all()}
+    assert rows["000000000"][schema.ERROR] == "" and rows["000000000"][schema.IMAGE].shape == (32, 32, 3)
+    assert json.loads(rows["000000000"][schema.META])["url"] == "http://a"
+    assert rows["000000001"][schema.ERROR] == schema.MISSING_IMAGE
 
 
 def test_tar_writer_is_plain_webdataset(tmp_path):
@@ -127,12 +127,12 @@ def test_one_writer_takes_raw_bytes_and_mixed_image_formats(tmp_path, fmt):
     fs, root = resolve(str(tmp_path), DataConfig().s3)
     path = f"{root}/00000{'.tar' if fmt == 'wds' else '.parquet'}"
     assert write_shard(fs, path, fmt, samples) == 3
-    rows = {r[S.KEY]: r for r in iter_rows(fs, path, fmt)}
-    assert [r[S.ERROR] for r in rows.values()] == ["", "", ""]
-    assert [bytes(rows[k][S.IMAGE_BYTES]) for k in "abc"] == [png, jpg, png]
-    assert bytes(rows["a"][S.CAPTION_RAW]) == b"raw  caption \xc3\xa9"
-    assert bytes(rows["a"][S.META]) == b'{"z": 1,  "a": [2]}'
-    assert bytes(rows["b"][S.CAPTION_RAW]) == b"new caption"
-    assert json.loads(bytes(rows["b"][S.META])) == {"label": 3, "poisoned": True}
+    rows = {r[schema.KEY]: r for r in iter_rows(fs, path, fmt)}
+    assert [r[schema.ERROR] for r in rows.values()] == ["", "", ""]
+    assert [bytes(rows[k][schema.IMAGE_BYTES]) for k in "abc"] == [png, jpg, png]
+    assert bytes(rows["a"][schema.CAPTION_RAW]) == b"raw  caption \xc3\xa9"
+    assert bytes(rows["a"][schema.META]) == b'{"z": 1,  "a": [2]}'
+    assert bytes(rows["b"][schema.CAPTION_RAW]) == b"new caption"
+    assert json.loads(bytes(rows["b"][schema.META])) == {"label": 3, "poisoned": True}
     if fmt == "wds":
-        assert [rows[k][S.IMAGE_EXT] for k in "abc"] == ["png", "jpg", "png"]      # "image" named by its bytes
+        assert [rows[k][schema.IMAGE_EXT] for k in "abc"] == ["png", "jpg", "png"]      # "image" named by its bytes

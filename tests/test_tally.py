@@ -3,17 +3,17 @@ damage counted by the class a new caption names."""
 import numpy as np
 import pytest
 
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.builtin import dataset_info
-from otc_ray.poison.classes import class_patterns
+from otc_ray.data.class_info import class_patterns
 from otc_ray.train.tally import RematchTally
 
 
 def _batch(keys, captions, labels, sources, recaptioned, flagged, gate):
     n = len(keys)
-    return {S.KEY: np.array(keys), S.CAPTION_USED: np.array(captions, dtype=object), S.LABEL: np.array(labels),
-            S.SOURCE_LABEL: np.array(sources), S.RECAPTIONED: np.array(recaptioned), S.FLAGGED: np.array(flagged),
-            S.GATE_FLAGGED: np.array(gate), S.WEIGHT: np.ones(n, np.float32)}
+    return {schema.KEY: np.array(keys), schema.CAPTION_USED: np.array(captions, dtype=object), schema.LABEL: np.array(labels),
+            schema.SOURCE_LABEL: np.array(sources), schema.RECAPTIONED: np.array(recaptioned), schema.FLAGGED: np.array(flagged),
+            schema.GATE_FLAGGED: np.array(gate), schema.WEIGHT: np.ones(n, np.float32)}
 
 
 def test_damage_is_the_class_the_new_caption_names_and_detection_splits_by_attack():

@@ -29,23 +29,6 @@ def test_resume_by_name_refuses_other_training_settings(tmp_path):
     assert training_digest(cfg) != training_digest(replace(cfg, train__seed=1))
 
 
-def test_a_key_added_later_keeps_earlier_digests_at_its_earlier_value_and_counts_when_set(tmp_path):
-    """LATER_KEYS at their earlier values leave the digest as it was before they existed (recorded cells stay
-    current); a value that changes training changes it, a default that has since changed (propagate) too."""
-    from otc_ray.config import content_digest, flatten
-    from otc_ray.track.mlflow_logger import LATER_KEYS, RESUMABLE_PREFIXES
-
-    today = _cfg(tmp_path)
-    cfg = replace(today, rematch__propagate=False)              # every later key at its earlier value
-    before = content_digest({k: str(v) for k, v in flatten(cfg).items()
-                             if not k.startswith(RESUMABLE_PREFIXES) and k not in LATER_KEYS})
-    assert set(LATER_KEYS) <= set(flatten(cfg)) and training_digest(cfg) == before
-    assert training_digest(replace(cfg, rematch__gate_high_signals=("agreement",))) != before
-    assert training_digest(replace(cfg, rematch__gate_high_threshold=3.0)) != before
-    assert {k: str(v) for k, v in flatten(cfg).items() if k in LATER_KEYS} == LATER_KEYS
-    assert today.rematch.propagate and training_digest(today) != before
-
-
 def _fake_run(cfg, defense: str, seed: int, zeroshot: float, asr: list[float]) -> str:
     run_cfg = replace(cfg, train__defense=defense, train__seed=seed, name=f"{defense}-{seed}")
     uri = tracking_uri(run_cfg)

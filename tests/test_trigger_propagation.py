@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from otc_ray.config import ConfigError, ModelConfig, OTConfig, RematchConfig, validate
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.builtin import generate
 from otc_ray.poison.triggers import TriggerSpec, apply_trigger
-from otc_ray.rematch.trigger import (PATTERN_SIDE, PropagateConfig, estimate_pattern, pattern_cosine, pattern_match,
+from otc_ray.rematch.trigger import (PATTERN_SIDE, PropagateConfig, estimate_pattern, pattern_match,
                                      pixel_grid, separate_cluster)
 
 N, POISONED = 600, 30
@@ -43,7 +43,7 @@ def test_a_pattern_shared_by_part_of_a_noisy_flag_set_finds_every_triggered_imag
     flagged = list(range(0, 8)) + list(range(100, 108))           # 8 of the 30 triggered images, 8 clean ones
     pat = estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig())
     assert pat is not None
-    hits = pattern_cosine(grid, pat) >= pat.match
+    hits = pattern_match(grid, pat) >= pat.match
     assert hits[:POISONED].all() and not hits[POISONED:].any()
 
 
@@ -71,30 +71,6 @@ def test_a_blend_that_the_images_own_content_drowns_is_refused():
     assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig()) is None
 
 
-def test_a_corner_patch_among_objects_in_that_corner_is_found_by_correlation_when_the_cosine_sees_no_gap(fashion):
-    """Shapes' objects reach into the trigger's corner and shift the whole mask: by cosine the triggered images
-    stand barely above them; centred (normalised cross-correlation) they stand well apart. The fallback is used only
-    where the cosine finds nothing: on fashion the cosine's pattern is kept."""
-    images = _chunk("shapes")[0].copy()
-    images[:POISONED] = apply_trigger(images[:POISONED], TriggerSpec("patch", size=4, location="br"))
-    grid = pixel_grid(images)
-    flagged = list(range(0, 8)) + list(range(100, 108))
-    strict = PropagateConfig(min_gap=0.2)
-    assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], strict) is None
-    pat = estimate_pattern(*_flag_set(grid, flagged), grid[::3], dataclasses.replace(strict, centred=True))
-    assert pat is not None and pat.centred and pat.gap >= 0.2
-    hits = pattern_match(grid, pat) >= pat.match
-    assert hits[:POISONED].all() and not hits[POISONED:].any()
-
-    clean = fashion[0].copy()
-    clean[:POISONED] = apply_trigger(clean[:POISONED], TriggerSpec("blended", alpha=0.2))
-    grid = pixel_grid(clean)
-    pat = estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig(centred=True))
-    assert pat is not None and not pat.centred
-    random_clean = list(range(100, 140))
-    assert estimate_pattern(*_flag_set(grid, random_clean), grid[::3], PropagateConfig(centred=True)) is None
-
-
 def test_a_cluster_needs_a_gap_a_few_members_and_to_be_a_minority():
     cfg = PropagateConfig(floor=0.5, min_gap=0.15, max_share=0.1)
     rest = torch.linspace(-0.5, 0.7, 95)
@@ -116,11 +92,9 @@ def test_pixel_grid_keeps_small_images_and_area_averages_large_ones():
     assert g.shape[-1] == PATTERN_SIDE and float(g[0, :, :32].mean()) == 200.0 and float(g[0, :, 32:].max()) == 0.0
 
 
-def test_propagate_needs_sticky_flags_and_a_gap_in_range():
+def test_propagate_needs_sticky_flags():
     with pytest.raises(ConfigError, match="sticky"):
         validate(RematchConfig(propagate=True, sticky=False))
-    with pytest.raises(ConfigError, match="propagate_min_gap"):
-        validate(RematchConfig(propagate=True, propagate_min_gap=1.5))
     validate(RematchConfig(propagate=True))
 
 
@@ -135,8 +109,7 @@ def test_the_stage_flags_an_image_that_carries_the_stores_pattern(ray_local, fas
     images, keys, captions, _ = fashion
     images = images.copy()
     images[:POISONED] = apply_trigger(images[:POISONED], TriggerSpec("patch", size=4, location="br"))
-    cfg = RematchConfig(method="otcclip", gate="zscore", gate_threshold=-100.0, pool="block", block_size=64, k=4,
-                        neighbours=8, propagate=True, propagate_min_weight=8.0)   # a gate that flags nothing
+    cfg = RematchConfig(gate_threshold=-100.0, block_size=64, k=4, neighbours=8, propagate=True)   # flags nothing
     store = flag_store(propagate=PropagateConfig(min_weight=8.0))
     grid = pixel_grid(images)
     reference = [i for i in range(N) if i % 2]
@@ -148,14 +121,14 @@ def test_the_stage_flags_an_image_that_carries_the_stores_pattern(ray_local, fas
     assert ray_local.get(store.pattern.remote()) is not None
     actor = stage.RematchActor(cfg, ModelConfig(arch="otc-tiny-vit-32"), OTConfig(iters=20), flags=store)
     rows = list(range(10, 40)) + list(range(300, 334))                 # 20 unflagged triggered images, 34 clean
-    batch = {S.KEY: np.asarray([keys[i] for i in rows], dtype=object), S.IMAGE: images[rows],
-             S.CAPTION: np.asarray([captions[i] for i in rows], dtype=object),
-             S.ERROR: np.asarray([""] * len(rows), dtype=object)}
+    batch = {schema.KEY: np.asarray([keys[i] for i in rows], dtype=object), schema.IMAGE: images[rows],
+             schema.CAPTION: np.asarray([captions[i] for i in rows], dtype=object),
+             schema.ERROR: np.asarray([""] * len(rows), dtype=object)}
     out = actor(batch)
     triggered = np.arange(len(rows)) < 20
-    assert out[S.FLAGGED][triggered].all() and not out[S.FLAGGED][~triggered].any()
-    assert not out[S.GATE_FLAGGED].any()
+    assert out[schema.FLAGGED][triggered].all() and not out[schema.FLAGGED][~triggered].any()
+    assert not out[schema.GATE_FLAGGED].any()
     unflagged_store = flag_store()                                    # propagation off: the same block passes
     plain = stage.RematchActor(dataclasses.replace(cfg, propagate=False), ModelConfig(arch="otc-tiny-vit-32"),
                                OTConfig(iters=20), flags=unflagged_store)
-    assert not plain(batch)[S.FLAGGED].any()
+    assert not plain(batch)[schema.FLAGGED].any()

@@ -18,7 +18,7 @@ import json
 import posixpath
 
 from ..config import S3Config
-from .builtin import DatasetInfo
+from .class_info import DatasetInfo
 from .shards import read_info
 from .storage import resolve
 

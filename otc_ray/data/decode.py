@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..config import DataConfig
-from . import schema as S
+from . import schema
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,19 @@ class DecodeLimits:
 def decode_caption(raw, limits: DecodeLimits) -> tuple[str, str]:
     """(caption, error) from caption bytes: missing, bad UTF-8, empty after stripping, or too long."""
     if raw is None:
-        return "", S.MISSING_CAPTION
+        return "", schema.MISSING_CAPTION
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
-        return "", S.BAD_UTF8
+        return "", schema.BAD_UTF8
     text = " ".join(text.split())
     if not text:
-        return "", S.EMPTY_CAPTION
+        return "", schema.EMPTY_CAPTION
     if len(text) > limits.max_caption_chars:
         if not limits.truncate_captions:
-            return "", S.CAPTION_TOO_LONG
+            return "", schema.CAPTION_TOO_LONG
         text = text[:limits.max_caption_chars]
     return text, ""
 
@@ -55,20 +55,20 @@ def decode_caption(raw, limits: DecodeLimits) -> tuple[str, str]:
 def decode_image(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray | None, str]:
     """((S,S,3) uint8 or None, error). The pixel limit is checked from the header, before decoding."""
     if not data:
-        return None, S.MISSING_IMAGE
+        return None, schema.MISSING_IMAGE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > limits.max_pixels:
-                return None, S.IMAGE_TOO_LARGE
+                return None, schema.IMAGE_TOO_LARGE
             img.load()
             img = img.convert("RGB")
     except Image.DecompressionBombError:
-        return None, S.IMAGE_TOO_LARGE
+        return None, schema.IMAGE_TOO_LARGE
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError):
-        return None, S.CORRUPT_IMAGE
+        return None, schema.CORRUPT_IMAGE
     side = limits.image_size
     if img.size != (side, side):
         img = ImageOps.fit(img, (side, side), Image.BICUBIC)   # shorter side to S, centre crop
@@ -80,39 +80,39 @@ def decode_meta(raw) -> tuple[dict, str]:
     try:
         meta = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
-        return {}, S.BAD_META
-    return (meta, "") if isinstance(meta, dict) else ({}, S.BAD_META)
+        return {}, schema.BAD_META
+    return (meta, "") if isinstance(meta, dict) else ({}, schema.BAD_META)
 
 
 def decode_batch(batch: dict[str, np.ndarray], limits: DecodeLimits) -> dict[str, np.ndarray]:
     """Reader batch (n rows) -> decoded batch (n rows); see module docstring."""
-    n = len(batch[S.KEY])
+    n = len(batch[schema.KEY])
     side = limits.image_size
     images = np.zeros((n, side, side, 3), np.uint8)
     captions = np.empty(n, dtype=object)
     labels = np.full(n, -1, np.int64)
-    errors = np.array([str(e) for e in batch[S.ERROR]], dtype=object)
+    errors = np.array([str(e) for e in batch[schema.ERROR]], dtype=object)
     for i in range(n):
         captions[i] = ""
         if errors[i]:
             continue
-        meta, err = decode_meta(batch[S.META][i])
-        caption, err = (decode_caption(batch[S.CAPTION_RAW][i], limits) if not err else ("", err))
-        image, err = (decode_image(batch[S.IMAGE_BYTES][i], limits) if not err else (None, err))
+        meta, err = decode_meta(batch[schema.META][i])
+        caption, err = (decode_caption(batch[schema.CAPTION_RAW][i], limits) if not err else ("", err))
+        image, err = (decode_image(batch[schema.IMAGE_BYTES][i], limits) if not err else (None, err))
         if err:
             errors[i] = err
             continue
         images[i], captions[i] = image, caption
         label = meta.get("label", -1)
         labels[i] = label if isinstance(label, int) and not isinstance(label, bool) else -1
-    return {S.KEY: np.asarray(batch[S.KEY], dtype=object), S.IMAGE: images, S.CAPTION: captions,
-            S.LABEL: labels, S.IMAGE_BYTES: np.asarray(batch[S.IMAGE_BYTES], dtype=object),
-            S.IMAGE_EXT: np.asarray(batch[S.IMAGE_EXT], dtype=object),
-            S.META: np.asarray([m if isinstance(m, (bytes, str)) else b"{}" for m in batch[S.META]], dtype=object),
-            S.SOURCE: np.asarray(batch[S.SOURCE], dtype=object), S.ERROR: errors}
+    return {schema.KEY: np.asarray(batch[schema.KEY], dtype=object), schema.IMAGE: images, schema.CAPTION: captions,
+            schema.LABEL: labels, schema.IMAGE_BYTES: np.asarray(batch[schema.IMAGE_BYTES], dtype=object),
+            schema.IMAGE_EXT: np.asarray(batch[schema.IMAGE_EXT], dtype=object),
+            schema.META: np.asarray([m if isinstance(m, (bytes, str)) else b"{}" for m in batch[schema.META]], dtype=object),
+            schema.SOURCE: np.asarray(batch[schema.SOURCE], dtype=object), schema.ERROR: errors}
 
 
 def good_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Only the rows whose `error` is empty."""
-    keep = np.asarray([not e for e in batch[S.ERROR]], dtype=bool)
+    keep = np.asarray([not e for e in batch[schema.ERROR]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import DataConfig
-from . import schema as S
+from . import schema
 from .decode import decode_meta, good_rows
 from .ray_io import load_samples
 from .shards import read_info
@@ -45,8 +45,8 @@ class InspectReport:
 
 
 def _length_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    caps = batch[S.CAPTION]
-    return {S.KEY: batch[S.KEY], S.ERROR: batch[S.ERROR],
+    caps = batch[schema.CAPTION]
+    return {schema.KEY: batch[schema.KEY], schema.ERROR: batch[schema.ERROR],
             "chars": np.array([len(c) for c in caps], np.int32), "words": np.array([len(c.split()) for c in caps], np.int32)}
 
 
@@ -81,7 +81,7 @@ def _is_poisoned(meta) -> bool:
 
 def _poisoned_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Only the rows whose JSON meta says `"poisoned": true` (a poisoned set's ground truth)."""
-    keep = np.array([_is_poisoned(m) for m in batch[S.META]], dtype=bool)
+    keep = np.array([_is_poisoned(m) for m in batch[schema.META]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -92,10 +92,10 @@ def _sheet_sample(ds, n: int, poisoned_first: bool) -> dict[str, np.ndarray]:
         return good.take_batch(n, batch_format="numpy")
     rows = [r for r in good.map_batches(_poisoned_rows, batch_format="numpy").take(n)]
     for r in rows:
-        r[S.CAPTION] = "[P] " + r[S.CAPTION]
+        r[schema.CAPTION] = "[P] " + r[schema.CAPTION]
     if len(rows) < n:
-        rows += [r for r in good.take(n) if not _is_poisoned(r[S.META])][:n - len(rows)]
-    return {S.IMAGE: np.stack([r[S.IMAGE] for r in rows]), S.CAPTION: np.array([r[S.CAPTION] for r in rows])}
+        rows += [r for r in good.take(n) if not _is_poisoned(r[schema.META])][:n - len(rows)]
+    return {schema.IMAGE: np.stack([r[schema.IMAGE] for r in rows]), schema.CAPTION: np.array([r[schema.CAPTION] for r in rows])}
 
 
 def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sheet_samples: int = 32,
@@ -107,18 +107,18 @@ def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sh
     outcomes: Counter = Counter()
     chars, words, keys_seen, duplicates = [], [], set(), 0
     for batch in ds.map_batches(_length_columns, batch_format="numpy").iter_batches(batch_format="numpy"):
-        ok = np.array([not e for e in batch[S.ERROR]])
-        outcomes.update(str(e) or "ok" for e in batch[S.ERROR])
+        ok = np.array([not e for e in batch[schema.ERROR]])
+        outcomes.update(str(e) or "ok" for e in batch[schema.ERROR])
         chars.append(batch["chars"][ok])
         words.append(batch["words"][ok])
-        for key in batch[S.KEY][ok]:
+        for key in batch[schema.KEY][ok]:
             duplicates += key in keys_seen
             keys_seen.add(key)
     total = sum(outcomes.values())
     sheet = None
     if sheet_path and outcomes.get("ok", 0):
         sample = _sheet_sample(ds, sheet_samples, poisoned_first)
-        sheet = contact_sheet(sample[S.IMAGE], list(sample[S.CAPTION]), sheet_path)
+        sheet = contact_sheet(sample[schema.IMAGE], list(sample[schema.CAPTION]), sheet_path)
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     return InspectReport(path, total, outcomes.get("ok", 0), {k: v for k, v in outcomes.items() if k != "ok"},
                          _stats(cat(chars)), _stats(cat(words)), duplicates, sheet, read_info(path, cfg.s3))

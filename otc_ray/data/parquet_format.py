@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import schema as S
+from . import schema
 from .keys import check_key, is_safe_key
 from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
@@ -49,16 +49,16 @@ def iter_parquet_samples(stream: BinaryIO, source: str, batch_rows: int = 1024) 
                 image = row.get(image_col) if image_col else None
                 caption = row.get(caption_col) if caption_col else None
                 meta = row.get("json") if "json" in names else _scalar_meta(row, used)
-                error = (S.UNSAFE_PATH if not is_safe_key(key) else S.DUPLICATE_KEY if key in seen
-                         else "" if image else S.MISSING_IMAGE)
+                error = (schema.UNSAFE_PATH if not is_safe_key(key) else schema.DUPLICATE_KEY if key in seen
+                         else "" if image else schema.MISSING_IMAGE)
                 seen.add(key)
-                yield {S.KEY: key, S.IMAGE_BYTES: image or b"", S.IMAGE_EXT: image_col if image else "",
-                       S.CAPTION_RAW: caption.encode("utf-8", "surrogatepass") if isinstance(caption, str) else caption,
-                       S.META: meta.encode("utf-8") if isinstance(meta, str) else (meta or b"{}"),
-                       S.SOURCE: source, S.ERROR: error}
+                yield {schema.KEY: key, schema.IMAGE_BYTES: image or b"", schema.IMAGE_EXT: image_col if image else "",
+                       schema.CAPTION_RAW: caption.encode("utf-8", "surrogatepass") if isinstance(caption, str) else caption,
+                       schema.META: meta.encode("utf-8") if isinstance(meta, str) else (meta or b"{}"),
+                       schema.SOURCE: source, schema.ERROR: error}
     except (pa.ArrowException, OSError, ValueError) as e:
-        yield {S.KEY: f"{source}#corrupt", S.IMAGE_BYTES: b"", S.IMAGE_EXT: "", S.CAPTION_RAW: None,
-               S.META: json.dumps({"detail": str(e)[:200]}).encode(), S.SOURCE: source, S.ERROR: S.CORRUPT_SHARD}
+        yield {schema.KEY: f"{source}#corrupt", schema.IMAGE_BYTES: b"", schema.IMAGE_EXT: "", schema.CAPTION_RAW: None,
+               schema.META: json.dumps({"detail": str(e)[:200]}).encode(), schema.SOURCE: source, schema.ERROR: schema.CORRUPT_SHARD}
 
 
 def write_parquet_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:

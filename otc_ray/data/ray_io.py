@@ -22,16 +22,16 @@ from ray.data.datasource import FileBasedDatasource
 
 from ..config import DataConfig
 from ..credentials import without_keys
-from . import schema as S
+from . import schema
 from .decode import DecodeLimits, decode_batch
 from .parquet_format import iter_parquet_samples
 from .shards import list_shards
 from .tar_format import iter_tar_samples
 
 ROWS_PER_BLOCK = 256
-_READER_SCHEMA = pa.schema([(S.KEY, pa.string()), (S.IMAGE_BYTES, pa.binary()), (S.IMAGE_EXT, pa.string()),
-                            (S.CAPTION_RAW, pa.binary()), (S.META, pa.binary()), (S.SOURCE, pa.string()),
-                            (S.ERROR, pa.string())])
+_READER_SCHEMA = pa.schema([(schema.KEY, pa.string()), (schema.IMAGE_BYTES, pa.binary()), (schema.IMAGE_EXT, pa.string()),
+                            (schema.CAPTION_RAW, pa.binary()), (schema.META, pa.binary()), (schema.SOURCE, pa.string()),
+                            (schema.ERROR, pa.string())])
 
 
 def _to_block(rows: list[dict]) -> pa.Table:
@@ -88,14 +88,14 @@ def load_samples(path: str, cfg: DataConfig) -> ray.data.Dataset:
 
 
 def _outcome_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    counts = Counter(str(e) or "ok" for e in batch[S.ERROR])
+    counts = Counter(str(e) or "ok" for e in batch[schema.ERROR])
     return {"outcome": np.array(list(counts), dtype=object), "n": np.array(list(counts.values()), np.int64)}
 
 
 def count_outcomes(ds: ray.data.Dataset) -> dict[str, int]:
     """{"ok": good rows, reason: rows skipped for it} over the whole dataset (one streaming pass)."""
     totals: Counter = Counter()
-    partial = ds.select_columns([S.ERROR]).map_batches(_outcome_counts, batch_format="numpy")
+    partial = ds.select_columns([schema.ERROR]).map_batches(_outcome_counts, batch_format="numpy")
     for batch in partial.iter_batches(batch_format="numpy", batch_size=None):
         for outcome, n in zip(batch["outcome"], batch["n"]):
             totals[str(outcome)] += int(n)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 from typing import Any, Union
 
-from . import schema as S
+from . import schema
 
 Sample = tuple[str, bytes, str, Union[str, bytes, None], Union[dict, bytes, str]]
 
 
 def image_ext(ext: str, data: bytes) -> str:
     """`ext` when it names an image format, else the format of the bytes (PNG, JPEG or WebP signature; png)."""
-    if ext in S.IMAGE_EXTENSIONS:
+    if ext in schema.IMAGE_EXTENSIONS:
         return ext
     if data.startswith(b"\xff\xd8"):
         return "jpg"

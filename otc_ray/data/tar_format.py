@@ -20,7 +20,7 @@ import posixpath
 import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
-from . import schema as S
+from . import schema
 from .keys import check_key, is_safe_key
 from .sample import Sample, caption_bytes, image_ext, meta_bytes
 
@@ -95,21 +95,21 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
     while True:
         header = _read_exact(stream, BLOCK)
         if len(header) < BLOCK:
-            raise _Corrupt(S.TRUNCATED_SHARD, "stream ended before the end-of-archive marker")
+            raise _Corrupt(schema.TRUNCATED_SHARD, "stream ended before the end-of-archive marker")
         if header == _ZERO:
             return
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise _Corrupt(S.CORRUPT_SHARD, f"bad tar header: {e}")
+            raise _Corrupt(schema.CORRUPT_SHARD, f"bad tar header: {e}")
         size, padded = info.size, -(-info.size // BLOCK) * BLOCK
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
             cap = MAX_LONG_NAME_BYTES if info.type == tarfile.GNUTYPE_LONGNAME else MAX_PAX_BYTES
             if size > cap:
-                raise _Corrupt(S.CORRUPT_SHARD, f"extended header of {size} bytes (cap {cap})")
+                raise _Corrupt(schema.CORRUPT_SHARD, f"extended header of {size} bytes (cap {cap})")
             data = _read_exact(stream, padded)
             if len(data) < padded:
-                raise _Corrupt(S.TRUNCATED_SHARD, "stream ended inside an extended header")
+                raise _Corrupt(schema.TRUNCATED_SHARD, "stream ended inside an extended header")
             if info.type == tarfile.GNUTYPE_LONGNAME:
                 long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
             elif info.type == tarfile.XHDTYPE:
@@ -118,12 +118,12 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
         name, long_name = (long_name or info.name), None
         if size > max_member_bytes:
             if not _skip(stream, padded):
-                raise _Corrupt(S.TRUNCATED_SHARD, "stream ended inside a member")
+                raise _Corrupt(schema.TRUNCATED_SHARD, "stream ended inside a member")
             yield name, info.type, None
             continue
         data = _read_exact(stream, padded)
         if len(data) < padded:
-            raise _Corrupt(S.TRUNCATED_SHARD, "stream ended inside a member")
+            raise _Corrupt(schema.TRUNCATED_SHARD, "stream ended inside a member")
         yield name, info.type, data[:size]
 
 
@@ -135,13 +135,13 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def _row(key: str, parts: dict[str, bytes], source: str, error: str = "") -> dict:
-    image_ext = next((e for e in S.IMAGE_EXTENSIONS if e in parts), "")
+    image_ext = next((e for e in schema.IMAGE_EXTENSIONS if e in parts), "")
     # Names are decoded with surrogateescape; Arrow string columns need valid UTF-8, so undecodable bytes of
     # a (corrupt or non-UTF-8) name become \xNN escapes (no collision with a safe name: those have no '\\').
     key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return {S.KEY: key, S.IMAGE_BYTES: parts.get(image_ext, b"") if image_ext else b"",
-            S.IMAGE_EXT: image_ext, S.CAPTION_RAW: parts.get("txt"), S.META: parts.get("json", b"{}"),
-            S.SOURCE: source, S.ERROR: error}
+    return {schema.KEY: key, schema.IMAGE_BYTES: parts.get(image_ext, b"") if image_ext else b"",
+            schema.IMAGE_EXT: image_ext, schema.CAPTION_RAW: parts.get("txt"), schema.META: parts.get("json", b"{}"),
+            schema.SOURCE: source, schema.ERROR: error}
 
 
 def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 << 20) -> Iterator[dict]:
@@ -152,7 +152,7 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
     def flush():
         if key is None:
             return None
-        reason = error or (S.DUPLICATE_KEY if key in seen else "")
+        reason = error or (schema.DUPLICATE_KEY if key in seen else "")
         seen.add(key)
         return _row(key, parts, source, reason)
 
@@ -169,11 +169,11 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
                     yield row
                 key, parts, error = member_key, {}, ""
             if is_unsafe_name(name) or not is_safe_key(member_key) or kind not in _REGULAR:
-                error = error or S.UNSAFE_PATH
+                error = error or schema.UNSAFE_PATH
             elif data is None:
-                error = error or S.IMAGE_TOO_LARGE
+                error = error or schema.IMAGE_TOO_LARGE
             elif ext in parts:
-                error = error or S.DUPLICATE_KEY
+                error = error or schema.DUPLICATE_KEY
             else:
                 parts[ext] = data
         row = flush()
@@ -182,7 +182,7 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
     except _Corrupt as e:
         if key is not None:
             yield _row(key, parts, source, e.reason)
-        yield _row(f"{source}#{'truncated' if e.reason == S.TRUNCATED_SHARD else 'corrupt'}", {}, source, e.reason)
+        yield _row(f"{source}#{'truncated' if e.reason == schema.TRUNCATED_SHARD else 'corrupt'}", {}, source, e.reason)
 
 
 def write_tar_shard(stream: BinaryIO, samples: Iterable[Sample]) -> int:

@@ -1,5 +1,5 @@
 """Evaluation metrics: pure functions on embeddings returning flat ``dict[str, float]`` for MLflow,
-plus thin wrappers that take an `Encoder`. One definition per metric (METHOD.md, Metrics)."""
+plus thin wrappers that take an `Encoder`. One definition per metric (docs/method.md, Metrics)."""
 from otc_ray.evaluate.asr import (
     backdoor_asr,
     backdoor_asr_from_predictions,

@@ -1,4 +1,4 @@
-"""Attack success rates, with the ONE backdoor-ASR definition of this project (METHOD.md, Metrics).
+"""Attack success rates, with the ONE backdoor-ASR definition of this project (docs/method.md, Metrics).
 
 - Backdoor ASR: among triggered test images whose true class is not the target, the fraction that the
   zero-shot classifier (the same weights as clean accuracy) predicts as the target.

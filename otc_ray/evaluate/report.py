@@ -1,4 +1,4 @@
-"""One evaluation of a model on a held-out set in memory: every metric of METHOD.md, as one flat dict.
+"""One evaluation of a model on a held-out set in memory: every metric of docs/method.md (Metrics), as one flat dict.
 
     metrics = evaluate_arrays(encoder, test, info, attack, cfg.eval, train=train)   # EvalSet, DatasetInfo, AttackTruth
     print(format_metrics(metrics))
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import EvalConfig
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..poison.select import keyed_hash
 from ..poison.triggers import TriggerSpec
 from .asr import evaluate_backdoor, evaluate_targeted

@@ -43,7 +43,7 @@ import ray
 
 from otc_ray.config import Config, S3Config, content_digest, replace, validate
 from otc_ray.credentials import move_secrets_to_env
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.data.ray_io import decode, read_shards
 from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
                                  write_shard)
@@ -77,9 +77,9 @@ class CleanSummary:
     input: str
     output: str
     checkpoint: str
-    method: str
     gate: str
     action: str
+    alpha: float
     total: int = 0
     kept: int = 0
     recaptioned: int = 0
@@ -107,7 +107,7 @@ class CleanSummary:
 
     def lines(self) -> list[str]:
         rate = self.total / max(self.seconds, 1e-9)
-        out = [f"cleaned {self.input} -> {self.output} with {self.method} (gate {self.gate}, action {self.action}), "
+        out = [f"cleaned {self.input} -> {self.output} (gate {self.gate}, action {self.action}, alpha {self.alpha}), "
                f"checkpoint {self.checkpoint or 'none (random init)'}",
                f"input rows   {self.total}  ({rate:.0f} rows/s, {self.seconds:.1f} s)",
                f"kept         {self.kept}" + (f"  ({self.downweighted} down-weighted)" if self.downweighted else ""),
@@ -127,7 +127,7 @@ class CleanSummary:
 def _outcomes(batch: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
     """(outcome, reason) per row: bad input and weight-0 rows are dropped; a changed caption is recaptioned."""
     outcomes, reasons = [], []
-    for err, weight, changed in zip(batch[S.ERROR], batch[S.WEIGHT], batch[S.RECAPTIONED]):
+    for err, weight, changed in zip(batch[schema.ERROR], batch[schema.WEIGHT], batch[schema.RECAPTIONED]):
         if err:
             outcomes.append(DROPPED), reasons.append(str(err))
         elif weight <= 0:
@@ -159,16 +159,16 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
     """Commit the kept and re-captioned rows of a re-matched batch as one shard (any mix of image formats, the
     original bytes); return the batch's report rows."""
     outcomes, reasons = _outcomes(batch)
-    keys = [str(k) for k in batch[S.KEY]]
+    keys = [str(k) for k in batch[schema.KEY]]
     samples = []
     for i, outcome in enumerate(outcomes):
         if outcome == DROPPED:
             continue
         changed = outcome == RECAPTIONED
-        meta = _meta(batch[S.META][i], str(batch[S.CAPTION][i]), str(batch[S.SOURCE_KEY][i]), changed,
-                     float(batch[S.WEIGHT][i]))
-        samples.append((keys[i], bytes(batch[S.IMAGE_BYTES][i]), str(batch[S.IMAGE_EXT][i]),
-                        str(batch[S.CAPTION_USED][i]), meta))
+        meta = _meta(batch[schema.META][i], str(batch[schema.CAPTION][i]), str(batch[schema.SOURCE_KEY][i]), changed,
+                     float(batch[schema.WEIGHT][i]))
+        samples.append((keys[i], bytes(batch[schema.IMAGE_BYTES][i]), str(batch[schema.IMAGE_EXT][i]),
+                        str(batch[schema.CAPTION_USED][i]), meta))
     name = shard_name(keys, fmt)
     fs, root = resolve(out, s3)
     if samples:
@@ -190,11 +190,11 @@ def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None
 def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarray]:
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
-            "caption_used": np.asarray([str(c) for c in batch[S.CAPTION_USED]], dtype=object),
-            "caption": np.asarray([str(c) for c in batch[S.CAPTION]], dtype=object),
-            "source_key": np.asarray([str(c) for c in batch[S.SOURCE_KEY]], dtype=object),
-            **{c: np.asarray(batch[c], dtype=np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)},
-            "flagged": np.asarray(batch[S.FLAGGED], dtype=bool), "weight": np.asarray(batch[S.WEIGHT], np.float32),
+            "caption_used": np.asarray([str(c) for c in batch[schema.CAPTION_USED]], dtype=object),
+            "caption": np.asarray([str(c) for c in batch[schema.CAPTION]], dtype=object),
+            "source_key": np.asarray([str(c) for c in batch[schema.SOURCE_KEY]], dtype=object),
+            **{c: np.asarray(batch[c], dtype=np.float32) for c in (schema.OWN_SCORE, schema.BEST_SCORE, schema.SUSPICION, schema.GATE_Z)},
+            "flagged": np.asarray(batch[schema.FLAGGED], dtype=bool), "weight": np.asarray(batch[schema.WEIGHT], np.float32),
             "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
 
 
@@ -270,7 +270,7 @@ def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Ta
 
 def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
     """The reader rows whose key no committed part accounts for."""
-    keep = np.asarray([str(k) not in done for k in batch[S.KEY]], dtype=bool)
+    keep = np.asarray([str(k) not in done for k in batch[schema.KEY]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -297,9 +297,9 @@ def _detection(report: pa.Table, manifest: str, s3: S3Config) -> dict[str, float
     flags = np.asarray(report.column("flagged").to_pylist(), dtype=bool)[keep]
     out = detection_metrics(flags, poison_keys, keys=list(keys))
     z = np.asarray(report.column("gate_z").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
-    sus = np.asarray(report.column("suspicion").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
+    suspicion = np.asarray(report.column("suspicion").to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
     truth = np.fromiter((k in poison_keys for k in keys), dtype=bool, count=len(keys))
-    score = -z if len(z) and np.isfinite(z).all() else sus
+    score = -z if len(z) and np.isfinite(z).all() else suspicion
     if len(score) and np.isfinite(score).all():
         out.update(detection_auroc(score, truth))
     return out
@@ -386,8 +386,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     weights = report.column("weight").to_numpy(zero_copy_only=False)
     counts = Counter(outcomes)
     summary = CleanSummary(
-        input=in_path, output=out_path, checkpoint=checkpoint or "", method=cfg.rematch.method, gate=cfg.rematch.gate,
-        action=cfg.rematch.action, total=report.num_rows, kept=counts[KEPT], recaptioned=counts[RECAPTIONED],
+        input=in_path, output=out_path, checkpoint=checkpoint or "", gate=cfg.rematch.gate,
+        action=cfg.rematch.action, alpha=cfg.rematch.alpha, total=report.num_rows, kept=counts[KEPT], recaptioned=counts[RECAPTIONED],
         dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
         flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
         downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),

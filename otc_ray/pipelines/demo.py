@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import Config, content_digest, replace
 from ..credentials import redact_uri
-from ..track import metric_names as N
+from ..track import metric_names
 from ..track.compare import compare
 from ..track.mlflow_logger import tracking_uri, training_digest
 from ..track.run_context import finish_parent_run, mark_model_development, start_parent_run, ui_link
@@ -58,7 +58,7 @@ def _train_one(cfg: Config, defense: str, i: int, n: int, times: list[float], pa
     result = run_training(run_cfg, progress=True, parent_run_id=parent)
     times.append(result.seconds)
     m = result.metrics
-    print(f"[demo {i + 1}/{n}] {defense}: zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, float('nan')):.3f}, "
-          f"backdoor ASR {m.get(N.FINAL_BACKDOOR_ASR, float('nan')):.3f}, "
-          f"targeted ASR {m.get(N.FINAL_TARGETED_ASR, float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
+    print(f"[demo {i + 1}/{n}] {defense}: zero-shot {m.get(metric_names.FINAL_ZEROSHOT_TOP1, float('nan')):.3f}, "
+          f"backdoor ASR {m.get(metric_names.FINAL_BACKDOOR_ASR, float('nan')):.3f}, "
+          f"targeted ASR {m.get(metric_names.FINAL_TARGETED_ASR, float('nan')):.3f} ({result.seconds / 60:.1f} min)", flush=True)
     return result.run_id

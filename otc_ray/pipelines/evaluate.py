@@ -18,8 +18,8 @@ import json
 import numpy as np
 
 from ..config import DataConfig, EvalConfig, PoisonConfig
-from ..data import schema as S
-from ..data.builtin import DatasetInfo
+from ..data import schema
+from ..data.class_info import DatasetInfo
 from ..data.class_file import meta_label, shard_set_classes
 from ..data.decode import DecodeLimits, decode_image, decode_meta, good_rows
 from ..data.ray_io import load_samples
@@ -28,13 +28,13 @@ from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
 from ..poison.manifest import read_manifest
 from ..poison.triggers import TriggerSpec
 
-_COLUMNS = (S.KEY, S.IMAGE, S.CAPTION, S.META)
+_COLUMNS = (schema.KEY, schema.IMAGE, schema.CAPTION, schema.META)
 
 
 def _smallest_keys(parts: list[dict], limit: int) -> dict:
     """Concatenate column batches and keep the `limit` rows with the smallest keys, sorted by key."""
     cat = {c: np.concatenate([p[c] for p in parts]) for c in _COLUMNS}
-    order = np.argsort(cat[S.KEY].astype(str), kind="stable")[:limit]
+    order = np.argsort(cat[schema.KEY].astype(str), kind="stable")[:limit]
     return {c: v[order] for c, v in cat.items()}
 
 
@@ -59,15 +59,15 @@ def load_eval_set(path: str, data_cfg: DataConfig, limit: int, classes: tuple[st
     held = 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
         kept.append({c: np.asarray(batch[c]) for c in _COLUMNS})
-        held += len(batch[S.KEY])
+        held += len(batch[schema.KEY])
         if held > 2 * limit:
             kept = [_smallest_keys(kept, limit)]
-            held = len(kept[0][S.KEY])
+            held = len(kept[0][schema.KEY])
     if not held:
         raise ValueError(f"{path} holds no good samples to evaluate on")
     rows = _smallest_keys(kept, limit)
-    return EvalSet(rows[S.KEY].astype(str), rows[S.IMAGE].astype(np.uint8), [str(c) for c in rows[S.CAPTION]],
-                   _labels(path, rows[S.META], classes))
+    return EvalSet(rows[schema.KEY].astype(str), rows[schema.IMAGE].astype(np.uint8), [str(c) for c in rows[schema.CAPTION]],
+                   _labels(path, rows[schema.META], classes))
 
 
 def base_rate_targets(test_path: str, poison_cfg: PoisonConfig, data_cfg: DataConfig,

@@ -22,7 +22,7 @@ from ..credentials import move_secrets_to_env
 from ..data.decode import good_rows
 from ..data.ray_io import load_samples
 from ..model import check_image_size
-from ..track import metric_names as N
+from ..track import metric_names
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
 from ..track.run_context import PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development
 from ..train.chaos import chaos_spec
@@ -121,7 +121,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
                       poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id, cfg.tracking.flush_timeout_s)
-    logger.metrics({N.DATA_OK: rows} | {N.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
+    logger.metrics({metric_names.DATA_OK: rows} | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
     try:
         with EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
@@ -140,7 +140,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
         with result.checkpoint.as_directory() as local:       # downloads when storage is remote
             metrics |= final_report(cfg, local, evaluator, logger)
     elapsed = time.perf_counter() - start
-    logger.metrics({N.RUN_SECONDS: elapsed, N.RUN_SAMPLES_PER_S: rows * cfg.train.epochs / max(elapsed, 1e-9)},
+    logger.metrics({metric_names.RUN_SECONDS: elapsed, metric_names.RUN_SAMPLES_PER_S: rows * cfg.train.epochs / max(elapsed, 1e-9)},
                    step=cfg.train.epochs)
     logger.tags({"checkpoint": checkpoint or ""})
     logger.finish()

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from ..config import DataConfig, PoisonConfig
-from ..data import schema as S
-from ..data.builtin import DatasetInfo
+from ..data import schema
+from ..data.class_info import DatasetInfo
 from ..data.decode import DecodeLimits, decode_image
 from ..data.sample import Sample, image_ext
 from ..data.shards import SUFFIX, encode_image, iter_rows, write_shard
@@ -83,13 +83,13 @@ def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], 
 def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo, spec: TriggerSpec,
                     limits: DecodeLimits) -> tuple[Sample, dict]:
     """(sample, manifest row without `shard`) of one backdoored sample."""
-    key = row[S.KEY]
-    image, _ = decode_image(row[S.IMAGE_BYTES], limits)
+    key = row[schema.KEY]
+    image, _ = decode_image(row[schema.IMAGE_BYTES], limits)
     triggered = apply_trigger(image[None], spec, rng_seed=[keyed_hash(key, cfg.seed, b"trigger") >> 1])[0]
-    image_format = "jpg" if row[S.IMAGE_EXT] in ("jpg", "jpeg") else "png"
+    image_format = "jpg" if row[schema.IMAGE_EXT] in ("jpg", "jpeg") else "png"
     target = info.label_of(cfg.target)
     if cfg.label_consistent:                 # caption kept as stored (raw bytes)
-        caption, stored = c.caption, bytes(row[S.CAPTION_RAW])
+        caption, stored = c.caption, bytes(row[schema.CAPTION_RAW])
     else:
         caption = template_caption(info, target, keyed_hash(key, cfg.seed, b"caption"))
         stored = caption
@@ -98,7 +98,7 @@ def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo,
     manifest = {"key": key, "attack": "backdoor", "trigger": json.dumps(spec.to_dict(), sort_keys=True),
                 "original_caption": c.caption, "poisoned_caption": caption,
                 "original_class": info.classes[c.label] if c.label >= 0 else "", "original_label": c.label,
-                "target_class": cfg.target, "target_label": target, "source_key": key, "source": row[S.SOURCE],
+                "target_class": cfg.target, "target_label": target, "source_key": key, "source": row[schema.SOURCE],
                 "image_format": image_format, "lossy": image_format == "jpg", "image_bytes": None}
     return sample, manifest
 
@@ -106,16 +106,16 @@ def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo,
 def raw_sample(row: dict, out_fmt: str) -> Sample | str:
     """A reader row as a sample of its raw bytes, or the skip reason when `out_fmt` cannot hold it unchanged
     (parquet string columns need UTF-8 captions and metadata)."""
-    caption, meta = row[S.CAPTION_RAW], row[S.META] or b"{}"
+    caption, meta = row[schema.CAPTION_RAW], row[schema.META] or b"{}"
     caption = bytes(caption) if caption is not None else None
     meta = bytes(meta) if not isinstance(meta, str) else meta.encode("utf-8")
     if out_fmt == "parquet":
-        for value, reason in ((caption, S.BAD_UTF8), (meta, S.BAD_META)):
+        for value, reason in ((caption, schema.BAD_UTF8), (meta, schema.BAD_META)):
             try:
                 value is None or value.decode("utf-8")
             except UnicodeDecodeError:
                 return reason
-    return (row[S.KEY], bytes(row[S.IMAGE_BYTES] or b""), row[S.IMAGE_EXT], caption, meta)
+    return (row[schema.KEY], bytes(row[schema.IMAGE_BYTES] or b""), row[schema.IMAGE_EXT], caption, meta)
 
 
 @dataclass
@@ -146,7 +146,7 @@ def rewrite(files: list[str], fs, fmt: str, out_path: str, out_fmt: str, kind: s
         samples: list[Sample] = []
         for row in iter_rows(fs, path, fmt):
             bar.update(1)
-            h = keyed_hash(row[S.KEY], cfg.seed, b"select") if selected else -1
+            h = keyed_hash(row[schema.KEY], cfg.seed, b"select") if selected else -1
             if h in selected and h not in done:
                 c = check_row(row, limits, info, patterns)
                 if is_eligible(c, cfg, target, patterns[target]):
@@ -156,8 +156,8 @@ def rewrite(files: list[str], fs, fmt: str, out_path: str, out_fmt: str, kind: s
                     done.add(h)
                     out.poisoned += 1
                     continue
-            if row[S.ERROR]:
-                out.skipped[row[S.ERROR]] += 1
+            if row[schema.ERROR]:
+                out.skipped[row[schema.ERROR]] += 1
                 continue
             raw = raw_sample(row, out_fmt)
             if isinstance(raw, str):

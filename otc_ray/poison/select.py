@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import DataConfig, PoisonConfig
-from ..data import schema as S
-from ..data.builtin import DatasetInfo
+from ..data import schema
+from ..data.class_info import DatasetInfo
 from ..data.decode import DecodeLimits
 from ..data.shards import iter_rows, list_shards, read_info
 from .classes import Checked, check_row, class_patterns
@@ -118,7 +118,7 @@ def scan(files: list[str], fs, fmt: str, kind: str, cfg: PoisonConfig, info: Dat
             if c.error and not c.from_reader:
                 out.decode_bad[c.error] += 1
             out.good += not c.error
-            key = row[S.KEY]
+            key = row[schema.KEY]
             if TARGETED_KEY_RE.fullmatch(key):
                 out.reserved.add(key)
             if kind == "backdoor" and is_eligible(c, cfg, target, patterns[target]):
@@ -156,9 +156,9 @@ def pick_targets(source: str, cfg: PoisonConfig, data_cfg: DataConfig, info: Dat
             if c.error or c.label < 0 or c.label == adversarial:
                 continue
             eligible += 1
-            best.offer(keyed_hash(row[S.KEY], cfg.seed, b"target"), row[S.KEY],
-                       {"key": row[S.KEY], "image": bytes(row[S.IMAGE_BYTES]), "ext": row[S.IMAGE_EXT],
-                        "caption": c.caption, "label": c.label, "meta": c.meta, "source": row[S.SOURCE]})
+            best.offer(keyed_hash(row[schema.KEY], cfg.seed, b"target"), row[schema.KEY],
+                       {"key": row[schema.KEY], "image": bytes(row[schema.IMAGE_BYTES]), "ext": row[schema.IMAGE_EXT],
+                        "caption": c.caption, "label": c.label, "meta": c.meta, "source": row[schema.SOURCE]})
     chosen = best.items()
     if len(chosen) < cfg.targets:
         raise ValueError(f"poison.targets={cfg.targets} but the target source {source} holds only {eligible} "

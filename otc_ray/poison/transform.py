@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DataConfig, PoisonConfig
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..data.class_file import shard_set_classes
 from ..data.decode import DecodeLimits
 from ..data.shards import INFO_FILE, ShardSetError, commit_file, list_shards, read_info

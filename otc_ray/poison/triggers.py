@@ -4,7 +4,7 @@
     poisoned = apply_trigger(images, spec)          # same kind (np.ndarray / torch.Tensor) as `images`
     mask = trigger_region_mask(spec, H, W)          # (H, W) bool: pixels the trigger may change
 
-Kinds (METHOD.md, Attacks):
+Kinds (docs/method.md, Attacks):
 - ``patch``   BadNets: a fixed noise patch (size x size x 3, drawn once from the seed) pasted at a corner
               or at a seeded random position per image. The same pattern in training and evaluation.
 - ``solid``   a solid colour patch (default yellow), placed like ``patch``.

@@ -1,4 +1,5 @@
-"""Caption re-matching (METHOD.md B): the pure-torch matcher, its Ray Data stage, weight publication.
+"""Caption re-matching (docs/method.md, Caption re-matching): the pure-torch matcher, its Ray Data stage, weight
+publication.
 
     from otc_ray.rematch import match_block, Matcher, add_rematch_stage
 

@@ -1,5 +1,5 @@
-"""Sticky flags (`rematch.sticky`): a sample flagged once stays flagged in later epochs (METHOD.md B: what stops
-the late creep of a backdoor as the detector's recall slips).
+"""Sticky flags (`rematch.sticky`): a sample flagged once stays flagged in later epochs (docs/method.md, Caption
+re-matching: what stops the late creep of a backdoor as the detector's recall slips).
 
 A small actor holds the set of keys flagged so far; each re-matching actor asks it about a block's keys before
 matching and reports the block's new flags after (fire and forget). It is created by `add_rematch_stage` in the

@@ -1,10 +1,11 @@
-"""Caption re-matching (METHOD.md B, B2): gate, then OT picks the caption. Pure torch, no Ray.
+"""Caption re-matching (docs/method.md, Caption re-matching; The gate): gate, then OT picks the caption. Pure
+torch, no Ray.
 
 Two layers:
   * `match_block(images, pool, key_ids, cfg, ot_cfg) -> MatchResult` is the core. It takes features only
     (hand-built in tests), so every decision is checkable without a model.
   * `Matcher` is the model-facing wrapper: one forward of both towers per block, a FIFO `CaptionBank` of recent
-    captions (`rematch.pool: bank`), and strings (caption used, source key) for the Ray stage.
+    captions, and strings (caption used, source key) for the Ray stage.
 
     matcher = Matcher(build_model(model_cfg), cfg.rematch, cfg.ot, device="cpu")
     out = matcher.match(images_uint8, captions, keys)        # BlockMatch: MatchResult + caption_used, source_key
@@ -14,8 +15,9 @@ agreement, OT plan concentration), calibrated against the pool pairs with the mo
 and averaged over the pair's duplicate group (exact pixel hash or image cosine >= duplicate_similarity: the K
 copies of a targeted attack are judged as one sample and weigh 1/K in the loss). A flagged pair's candidates are
 its OT shortlist (top-k trusted pool captions by global cosine) plus the captions of its nearest trusted image
-neighbours; it trains with the candidate of best fused score alpha*cos + (1-alpha)*(1-D_OT) (`replace: fused`;
-alpha = 1 is the cosine-only ablation, `replace: vote` the nearest trusted neighbour's caption).
+neighbours; it trains with the candidate of best fused score alpha*cos + (1-alpha)*(1-D_OT) (alpha = 1 is the
+cosine-only ablation). The gate is a lookup (`GATES`: evidence, gmm, none), and one function (`apply_action`)
+applies `rematch.action` to what it flags.
 
 Pool layout: rows 0..B-1 are the block's own captions (row i belongs to image i), rows B.. are the bank.
 The cost: one GEMM for the global cosines (B, N), one batched OT over the B own pairs (the concentration), OT on
@@ -36,8 +38,8 @@ from otc_ray.config import OTConfig, RematchConfig, validate
 from otc_ray import identity
 from otc_ray.model import ClipBundle, encode_image, encode_text, features, images_to_tensor
 
-from .gates import gmm_clean_probability, margin_flags, neighbour_agreement, neighbour_vote, robust_z
-from .signals import NEIGHBOURHOOD_SIGNALS, SIGNALS, caption_calibrated_z, combine_z, plan_concentration
+from .gates import gmm_clean_probability, neighbour_agreement
+from .signals import NEIGHBOURHOOD_SIGNALS, SIGNALS, caption_calibrated_z, mean_z, plan_concentration
 
 
 # ----------------------------------------------------------------------------------------- containers
@@ -68,9 +70,9 @@ class Pool:
     """The captions a block may be re-matched to (N >= B rows; rows 0..B-1 are the block's own).
 
     captions: CaptionFeatures (N rows); image: (N, d) unit embedding of the image each caption came with
-    (the neighbour gate's image neighbours); key_ids: (N,) int64 sample-key ids (bank copies of a block
+    (the agreement signal's image neighbours); key_ids: (N,) int64 sample-key ids (bank copies of a block
     sample are excluded from its candidates and neighbours); trusted: (N,) bool, False for bank entries
-    that were flagged when they were matched (never a candidate caption, never a voter);
+    that were flagged when they were matched (never a candidate caption);
     image_ids: (N,) int64 pixel hashes, signatures: (N, 256) pixel signatures of the image behind each caption
     (`otc_ray.identity`; None = duplicates by global image embedding);
     signals: (N, S) float, the gate evidence of each bank row when it was matched, in `signals.SIGNALS` order
@@ -91,14 +93,13 @@ class MatchResult:
     """Per-sample outcome of re-matching a block of B images (indices point into the pool, N rows).
 
     shortlist (B, k) int64: candidate captions, global cosine order, the own caption forced in;
-    scores (B, k) float: fused scores alpha*cos + (1-alpha)*(1-D_OT) (roclip: cos), -inf for void slots;
+    scores (B, k) float: fused scores alpha*cos + (1-alpha)*(1-D_OT) (alpha 1: cos), -inf for void slots;
     own_in_topk (B,) bool: the own caption made the natural top-k by global cosine;
-    assigned (B,) int64: the method's choice (argmax of scores, or the balanced assignment);
     own_score, best_score, suspicion (B,) float: own caption's score, best candidate's score, best - own;
-    gate_z (B,) float: the z-score the gate thresholds (NaN for gates none / margin; gate evidence: the
-    combined caption-calibrated z, averaged over the duplicate group);
-    agreement (B,) float: neighbour caption agreement (NaN unless gate neighbour / evidence);
-    flagged (B,) bool: the gate's verdict (gate none: the method changed the caption);
+    gate_z (B,) float: what the gate thresholds (gate evidence: the combined caption-calibrated z, averaged over the
+    duplicate group; gate gmm: the clean posterior; gate none: NaN);
+    agreement (B,) float: neighbour caption agreement (NaN unless gate evidence);
+    flagged (B,) bool: the gate's verdict, sticky flags included (gate none: the best candidate is not the own caption);
     source (B,) int64: the pool row whose caption the sample trains with (i itself when unchanged);
     recaptioned (B,) bool: source != i;  weight (B,) float: loss weight (0 = dropped, action drop; gate
     evidence: times 1 / group_size);
@@ -111,7 +112,6 @@ class MatchResult:
     shortlist: Tensor
     scores: Tensor
     own_in_topk: Tensor
-    assigned: Tensor
     own_score: Tensor
     best_score: Tensor
     suspicion: Tensor
@@ -174,26 +174,6 @@ def fused_scores(images: ImageFeatures, pool: Pool, index: Tensor, cos: Tensor, 
     return alpha * c + (1.0 - alpha) * (1.0 - D.to(c.dtype))
 
 
-def assign(scores: Tensor, index: Tensor, how: str, eps: float, iters: int) -> Tensor:
-    """The chosen pool row per image: scores (B, k) (-inf = void), index (B, k) -> (B,) int64.
-
-    "argmax": each image its best candidate. "balanced": an entropic OT plan between the B images (mass 1/B each)
-    and the U distinct shortlisted captions (mass 1/U each) over the shortlist scores, then each image's
-    heaviest candidate; a caption wanted by a crowd cannot absorb more than its share.
-    """
-    if how == "argmax":
-        return index.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
-    if how != "balanced":
-        raise ValueError(f"rematch.assign must be argmax or balanced, got {how!r}")
-    valid = torch.isfinite(scores)
-    cols, inverse = torch.unique(index[valid], return_inverse=True)                     # U distinct captions
-    dense = torch.full((index.shape[0], cols.numel()), float("-inf"), dtype=scores.dtype, device=scores.device)
-    rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1).expand_as(index)[valid]
-    dense[rows, inverse] = scores[valid]
-    plan = ot.balanced_assignment(dense, eps=eps, iters=iters)
-    return cols[plan.argmax(dim=1)]
-
-
 @dataclass
 class Evidence:
     """The evidence gate's view of a block of B images against a pool of N rows.
@@ -201,8 +181,6 @@ class Evidence:
     signals (B, S): raw values in SIGNALS order, low = suspicious (NaN for signals not asked for);
     signal_z (B, S): each signal's caption-calibrated z (NaN for signals not in the gate);
     z (B,): combined caption-calibrated z, averaged over each sample's duplicate group within the block;
-    high (B,) bool: a high-side outlier of a `gate_high_signals` signal (its group-averaged z above
-    `gate_high_threshold`), flagged beside z below the threshold;
     duplicate (B, N) bool: pool rows that are copies of the sample's image (itself excluded);
     group_size (B,) int64: 1 + duplicates; neighbours (B, n): non-duplicate image neighbours, nearest first (-1 =
     none); own_distance (B,): D_OT of the own pair (NaN when concentration was not computed).
@@ -211,7 +189,6 @@ class Evidence:
     signals: Tensor
     signal_z: Tensor
     z: Tensor
-    high: Tensor
     duplicate: Tensor
     group_size: Tensor
     neighbours: Tensor
@@ -249,12 +226,12 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
                                           cfg.neighbours, not_pool | dup)
     values[:, SIGNALS.index("agreement")] = agreement
     own_distance = torch.full((B,), float("nan"), device=dev)
-    measured = tuple(dict.fromkeys(cfg.gate_signals + cfg.gate_high_signals))        # the gate's signals, in order
+    measured = tuple(dict.fromkeys(cfg.gate_signals))                                 # the gate's signals, in order
     if "pixel_agreement" in measured and images.signature is not None and pool.signatures is not None:
         values[:, SIGNALS.index("pixel_agreement")] = neighbour_agreement(
             images.signature, pool.signatures.to(dev), pool.captions.text[:B], pool.captions.text, cfg.neighbours,
             not_pool | dup)[0]
-    if "concentration" in measured or (cfg.replace == "fused" and cfg.method == "otcclip" and cfg.alpha < 1):
+    if "concentration" in measured or cfg.alpha < 1:             # the signal, or the own pair's fused score
         caps = pool.captions
         if images.patches is None or caps.words is None or caps.word_mask is None:
             raise ValueError("gate evidence needs patch tokens and word tokens with their mask")
@@ -270,10 +247,10 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     z = {s: caption_calibrated_z(values[:, SIGNALS.index(s)], pool_values[:, SIGNALS.index(s)],
                                  pool.captions.text[:B], pool.captions.text, cfg.gate_reference, no_reference)
          for s in measured}
-    combined = combine_z({s: z[s] for s in cfg.gate_signals}, cfg.gate_combine)
-    hood = {s: z[s] for s in NEIGHBOURHOOD_SIGNALS if s in cfg.gate_signals}
-    if hood:        # K copies teach the model their own caption (cosine, concentration): a group is judged by its
-        combined = torch.where(dup.any(dim=1), combine_z(hood, cfg.gate_combine), combined)   # neighbourhood alone
+    combined = mean_z({s: z[s] for s in cfg.gate_signals})
+    neighbourhood_z = {s: z[s] for s in NEIGHBOURHOOD_SIGNALS if s in cfg.gate_signals}
+    if neighbourhood_z:     # K copies teach the model their own caption (cosine, concentration): a group is judged
+        combined = torch.where(dup.any(dim=1), mean_z(neighbourhood_z), combined)    # by its neighbourhood alone
     signal_z = torch.full_like(values, float("nan"))
     for name, zs in z.items():
         signal_z[:, SIGNALS.index(name)] = zs
@@ -282,10 +259,7 @@ def evidence(images: ImageFeatures, pool: Pool, cos: Tensor, not_pool: Tensor,
     def group_mean(x: Tensor) -> Tensor:
         return (group.float() @ x.unsqueeze(1)).squeeze(1) / group.sum(1)
 
-    high = torch.zeros(B, dtype=torch.bool, device=dev)
-    for s in cfg.gate_high_signals:
-        high |= group_mean(z[s]) > cfg.gate_high_threshold
-    return Evidence(values, signal_z, group_mean(combined), high, dup, 1 + dup.sum(1), nbrs, own_distance)
+    return Evidence(values, signal_z, group_mean(combined), dup, 1 + dup.sum(1), nbrs, own_distance)
 
 
 def fused_replacement(images: ImageFeatures, pool: Pool, cos: Tensor, rows: Tensor, allowed: Tensor,
@@ -298,10 +272,10 @@ def fused_replacement(images: ImageFeatures, pool: Pool, cos: Tensor, rows: Tens
     (alpha = 1: no OT). Returns (candidates (F, K) pool rows, scores (F, K) with -inf for void slots, choice (F,)
     pool rows, -1 where no candidate is allowed).
     """
-    F_, dev = rows.numel(), cos.device
-    if F_ == 0:
-        empty = torch.zeros((0, 1), dtype=torch.long, device=dev)
-        return empty, empty.float(), torch.zeros(0, dtype=torch.long, device=dev)
+    if rows.numel() == 0:
+        empty = torch.zeros((0, 1), dtype=torch.long, device=cos.device)
+        return empty, empty.float(), torch.zeros(0, dtype=torch.long, device=cos.device)
+    dev = cos.device
     ok = allowed[rows]                                                                 # (F, N)
     k = min(cfg.k, cos.shape[1])
     top, short = cos[rows].masked_fill(~ok, float("-inf")).topk(k, dim=1)              # (F, k)
@@ -320,63 +294,51 @@ def fused_replacement(images: ImageFeatures, pool: Pool, cos: Tensor, rows: Tens
     return cand, scores, torch.where(valid.any(dim=1), choice, torch.full_like(choice, -1))
 
 
-def _match_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Tensor,
-                    cfg: RematchConfig, ot_cfg: OTConfig, prior: Optional[Tensor]) -> MatchResult:
-    """Gate `evidence`: flag by calibrated evidence per duplicate group, re-caption by fused score (or vote)."""
+def _sticky(gate_flagged: Tensor, prior: Optional[Tensor], cfg: RematchConfig) -> Tensor:
+    """(B,) bool: the gate's verdict, plus the samples flagged in earlier epochs when flags are sticky."""
+    return gate_flagged | prior.to(gate_flagged.device) if prior is not None and cfg.sticky else gate_flagged
+
+
+def _gate_evidence(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Tensor, cfg: RematchConfig,
+                   ot_cfg: OTConfig, prior: Optional[Tensor]) -> tuple[MatchResult, Tensor]:
+    """Gate `evidence` (OTCCLIP): flag by calibrated evidence per duplicate group; a flagged sample's replacement is
+    its candidate of best fused score (-1: no trusted candidate). Weights start at 1 / group size."""
     B, dev = images.image.shape[0], images.image.device
     own = torch.arange(B, device=dev)
     not_pool = exclude.clone()
     not_pool[own, own] = True
     ev = evidence(images, pool, cos, not_pool, cfg, ot_cfg)
-    gate_flagged = (ev.z < cfg.gate_threshold) | ev.high
-    flagged = gate_flagged | prior.to(dev) if prior is not None and cfg.sticky else gate_flagged
+    gate_flagged = ev.z < cfg.gate_threshold
+    flagged = _sticky(gate_flagged, prior, cfg)
     trusted = pool.trusted.to(dev).clone()
     trusted[:B] = ~flagged
     allowed = trusted.unsqueeze(0) & ~not_pool & ~ev.duplicate                        # (B, N)
-    alpha = cfg.alpha if cfg.method == "otcclip" else 1.0
     c = cos[own, own]
-    own_score = c if alpha >= 1.0 else alpha * c + (1.0 - alpha) * (1.0 - ev.own_distance)
+    own_score = c if cfg.alpha >= 1.0 else cfg.alpha * c + (1.0 - cfg.alpha) * (1.0 - ev.own_distance)
     rows = flagged.nonzero().squeeze(1)
     width = min(cfg.k, cos.shape[1]) + min(cfg.candidate_neighbours, ev.neighbours.shape[1])
-    shortlist_ = own.unsqueeze(1).expand(B, width).clone()
+    candidates = own.unsqueeze(1).expand(B, width).clone()
     scores = torch.full((B, width), float("-inf"), device=dev)
     replacement = torch.full((B,), -1, dtype=torch.long, device=dev)
-    if cfg.replace == "vote":
-        replacement[rows] = neighbour_vote(ev.neighbours[rows], trusted)
-    elif cfg.replace == "fused":
-        cand, sc, choice = fused_replacement(images, pool, cos, rows, allowed, ev.neighbours,
-                                             dataclasses.replace(cfg, alpha=alpha), ot_cfg)
-        shortlist_[rows, :cand.shape[1]], scores[rows, :sc.shape[1]] = cand, sc
-        replacement[rows] = choice
-    else:
-        raise ValueError(f"rematch.replace must be fused or vote, got {cfg.replace!r}")
+    cand, sc, choice = fused_replacement(images, pool, cos, rows, allowed, ev.neighbours, cfg, ot_cfg)
+    candidates[rows, :cand.shape[1]], scores[rows, :sc.shape[1]] = cand, sc
+    replacement[rows] = choice
     best_score = torch.maximum(own_score, scores.amax(dim=1))
-    weight = 1.0 / ev.group_size.float()
-    source = own.clone()
-    has_new = flagged & (replacement >= 0)
-    if cfg.action == "recaption":
-        source = torch.where(has_new, replacement, own)
-        weight = weight.masked_fill(flagged & ~has_new, 0.0)                          # no trusted caption: dropped
-    elif cfg.action == "drop":
-        weight = weight.masked_fill(flagged, 0.0)
-    elif cfg.action == "downweight":
-        weight = torch.where(flagged, weight * cfg.flagged_weight, weight)
-    else:
-        raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
-    return MatchResult(shortlist=shortlist_, scores=scores, own_in_topk=torch.ones(B, dtype=torch.bool, device=dev),
-                       assigned=source, own_score=own_score, best_score=best_score, suspicion=best_score - own_score,
-                       gate_z=ev.z, agreement=ev.signals[:, SIGNALS.index("agreement")], flagged=flagged,
-                       source=source, recaptioned=source != own, weight=weight, signals=ev.signals,
-                       signal_z=ev.signal_z, group_size=ev.group_size, gate_flagged=gate_flagged)
+    result = MatchResult(shortlist=candidates, scores=scores, own_in_topk=torch.ones(B, dtype=torch.bool, device=dev),
+                         own_score=own_score, best_score=best_score, suspicion=best_score - own_score, gate_z=ev.z,
+                         agreement=ev.signals[:, SIGNALS.index("agreement")], flagged=flagged, source=own,
+                         recaptioned=torch.zeros_like(flagged), weight=1.0 / ev.group_size.float(),
+                         signals=ev.signals, signal_z=ev.signal_z, group_size=ev.group_size, gate_flagged=gate_flagged)
+    return result, replacement
 
 
-def _match_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, cfg: RematchConfig,
-               prior: Optional[Tensor]) -> MatchResult:
+def _gate_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Tensor, cfg: RematchConfig,
+              ot_cfg: OTConfig, prior: Optional[Tensor]) -> tuple[MatchResult, Tensor]:
     """Gate `gmm`, SafeCLIP's split on the pool: a 2-component Gaussian mixture on the similarities of the pool's own
     pairs (block rows with the current weights, bank rows as banked); a block pair is safe when the clean component's
     posterior is >= `gmm_safe_probability` and its similarity is not among the pool's lowest 1 - `gmm_max_safe`.
-    Risky pairs are flagged and keep their caption (the action decides their weight; SafeCLIP drops them from the
-    CLIP loss and trains them unimodally). gate_z carries the clean posterior."""
+    Risky pairs are flagged and keep their caption (replacement: their own; the action decides their weight:
+    SafeCLIP drops them from the CLIP loss and trains them unimodally). gate_z carries the clean posterior."""
     B, dev = images.image.shape[0], images.image.device
     own = torch.arange(B, device=dev)
     c = cos[own, own]                                                                   # (B,) the block's own pairs
@@ -385,18 +347,57 @@ def _match_gmm(images: ImageFeatures, pool: Pool, cos: Tensor, cfg: RematchConfi
     p_clean = gmm_clean_probability(pair)
     floor = torch.quantile(pair.double(), 1.0 - cfg.gmm_max_safe).float()
     gate_flagged = (p_clean[:B] < cfg.gmm_safe_probability) | (pair[:B] < floor)
-    flagged = gate_flagged | prior.to(dev) if prior is not None and cfg.sticky else gate_flagged
-    weight = torch.ones(B, device=dev)
-    if cfg.action == "drop":
+    flagged = _sticky(gate_flagged, prior, cfg)
+    result = MatchResult(shortlist=own.unsqueeze(1), scores=c.unsqueeze(1), own_in_topk=torch.ones_like(flagged),
+                         own_score=c, best_score=c, suspicion=torch.zeros_like(c), gate_z=p_clean[:B],
+                         agreement=torch.full_like(c, float("nan")), flagged=flagged, source=own,
+                         recaptioned=torch.zeros_like(flagged), weight=torch.ones(B, device=dev),
+                         gate_flagged=gate_flagged)
+    return result, own.clone()
+
+
+def _gate_none(images: ImageFeatures, pool: Pool, cos: Tensor, exclude: Tensor, cfg: RematchConfig,
+               ot_cfg: OTConfig, prior: Optional[Tensor]) -> tuple[MatchResult, Tensor]:
+    """Gate `none` (RoCLIP; OTCCLIP's rematch-all ablation): every image takes its best-scoring shortlisted caption;
+    the samples whose choice is not their own caption count as flagged."""
+    B, dev = images.image.shape[0], images.image.device
+    own = torch.arange(B, device=dev)
+    index, valid, in_top = shortlist(cos, cfg.k, exclude)
+    scores = fused_scores(images, pool, index, cos, cfg.alpha, ot_cfg).masked_fill(~valid, float("-inf"))
+    choice = index.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+    own_score = scores.masked_fill(index != own.unsqueeze(1), float("-inf")).amax(dim=1)
+    best_score = scores.amax(dim=1)
+    gate_flagged = choice != own
+    nan = torch.full((B,), float("nan"), device=dev)
+    result = MatchResult(shortlist=index, scores=scores, own_in_topk=in_top, own_score=own_score,
+                         best_score=best_score, suspicion=best_score - own_score, gate_z=nan, agreement=nan,
+                         flagged=_sticky(gate_flagged, prior, cfg), source=own, recaptioned=torch.zeros(B, dtype=torch.bool, device=dev),
+                         weight=torch.ones(B, device=dev), gate_flagged=gate_flagged)
+    return result, choice
+
+
+GATES = {"evidence": _gate_evidence, "gmm": _gate_gmm, "none": _gate_none}   # rematch.gate -> its gate
+
+
+def apply_action(result: MatchResult, replacement: Tensor, cfg: RematchConfig) -> MatchResult:
+    """The action on the flagged samples: `recaption` trains each with its replacement caption (a pool row; -1 =
+    none trusted: the sample is dropped, weight 0), `drop` gives it weight 0, `downweight` multiplies its weight by
+    `flagged_weight`. result: a gate's outcome (source = own rows, weight = the gate's base weight); replacement (B,)
+    int64. Returns the result with source, recaptioned and weight set."""
+    flagged, weight = result.flagged, result.weight
+    own = torch.arange(flagged.shape[0], device=flagged.device)
+    source = own
+    if cfg.action == "recaption":
+        has_new = flagged & (replacement >= 0)
+        source = torch.where(has_new, replacement, own)
+        weight = weight.masked_fill(flagged & ~has_new, 0.0)
+    elif cfg.action == "drop":
         weight = weight.masked_fill(flagged, 0.0)
     elif cfg.action == "downweight":
-        weight = weight.masked_fill(flagged, cfg.flagged_weight)
-    elif cfg.action != "recaption":
+        weight = torch.where(flagged, weight * cfg.flagged_weight, weight)
+    else:
         raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
-    return MatchResult(shortlist=own.unsqueeze(1), scores=c.unsqueeze(1), own_in_topk=torch.ones_like(flagged),
-                       assigned=own, own_score=c, best_score=c, suspicion=torch.zeros_like(c), gate_z=p_clean[:B],
-                       agreement=torch.full_like(c, float("nan")), flagged=flagged, source=own.clone(),
-                       recaptioned=torch.zeros_like(flagged), weight=weight, gate_flagged=gate_flagged)
+    return dataclasses.replace(result, source=source, recaptioned=source != own, weight=weight)
 
 
 def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: RematchConfig,
@@ -404,71 +405,19 @@ def match_block(images: ImageFeatures, pool: Pool, key_ids: Tensor, cfg: Rematch
     """Re-match a block of B images against the pool (see `MatchResult` for every output).
 
     images: B images; pool: N >= B captions, rows 0..B-1 the block's own; key_ids (B,) int64;
-    prior (B,) bool: samples flagged before (sticky flags, cfg.sticky): they stay flagged whatever the gate says;
-    cfg.method "otcclip" (fused OT scores) or "roclip" (global cosine only); "none" is the caller's
-    pass-through and is refused here.
+    prior (B,) bool: samples flagged before (sticky flags, cfg.sticky): they stay flagged whatever the gate says.
+    The gate (`GATES[cfg.gate]`) flags and proposes replacements; `apply_action` applies cfg.action.
     """
-    if cfg.method not in ("otcclip", "roclip"):
-        raise ValueError(f"match_block runs methods otcclip and roclip, got {cfg.method!r}")
+    if cfg.gate not in GATES:
+        raise ValueError(f"rematch.gate must be one of {', '.join(GATES)}, got {cfg.gate!r}")
     B, N = images.image.shape[0], pool.captions.text.shape[0]
     if N < B:
         raise ValueError(f"the pool must start with the block's own {B} captions, got {N} rows")
     dev = images.image.device
-    own = torch.arange(B, device=dev)
     exclude = _exclusions(key_ids.to(dev), pool.key_ids.to(dev))
     cos = images.image @ pool.captions.text.T                                                    # (B, N)
-    if cfg.gate == "evidence":
-        return _match_evidence(images, pool, cos, exclude, cfg, ot_cfg, prior)
-    if cfg.gate == "gmm":
-        return _match_gmm(images, pool, cos, cfg, prior)
-    index, valid, in_top = shortlist(cos, cfg.k, exclude)
-    alpha = cfg.alpha if cfg.method == "otcclip" else 1.0
-    scores = fused_scores(images, pool, index, cos, alpha, ot_cfg).masked_fill(~valid, float("-inf"))
-    assigned = assign(scores, index, cfg.assign, cfg.assign_eps, cfg.assign_iters)
-    own_score = scores.masked_fill(index != own.unsqueeze(1), float("-inf")).amax(dim=1)
-    best_score = scores.amax(dim=1)
-    suspicion = best_score - own_score
-
-    nan = torch.full((B,), float("nan"), device=dev)
-    gate_z, agreement, replacement = nan, nan, assigned
-    if cfg.gate == "none":
-        flagged = assigned != own
-    elif cfg.gate == "margin":
-        flagged = margin_flags(in_top, own_score, best_score, cfg.margin)
-    elif cfg.gate == "zscore":
-        gate_z = robust_z(-suspicion)
-        flagged = gate_z < cfg.gate_threshold
-    elif cfg.gate == "neighbour":
-        not_nbr = exclude.clone()
-        not_nbr[own, own] = True                                                         # an image is not its own neighbour
-        agreement, nbrs = neighbour_agreement(images.image, pool.image, pool.captions.text[:B], pool.captions.text,
-                                              cfg.neighbours, not_nbr, cfg.duplicate_similarity)
-        gate_z = robust_z(agreement)
-        flagged = gate_z < cfg.gate_threshold
-        trusted = pool.trusted.to(dev).clone()
-        trusted[:B] = ~(flagged | prior.to(dev)) if prior is not None and cfg.sticky else ~flagged
-        vote = neighbour_vote(nbrs, trusted)
-        replacement = torch.where(vote >= 0, vote, assigned)
-    else:
-        raise ValueError(f"rematch.gate must be none, margin, zscore, neighbour or evidence, got {cfg.gate!r}")
-    gate_flagged = flagged
-    if prior is not None and cfg.sticky:
-        flagged = flagged | prior.to(dev)
-
-    weight = torch.ones(B, device=dev)
-    source = own.clone()
-    if cfg.action == "recaption":
-        source = torch.where(flagged, replacement, own)
-    elif cfg.action == "drop":
-        weight = weight.masked_fill(flagged, 0.0)
-    elif cfg.action == "downweight":
-        weight = weight.masked_fill(flagged, cfg.flagged_weight)
-    else:
-        raise ValueError(f"rematch.action must be recaption, drop or downweight, got {cfg.action!r}")
-    return MatchResult(shortlist=index, scores=scores, own_in_topk=in_top, assigned=assigned, own_score=own_score,
-                       best_score=best_score, suspicion=suspicion, gate_z=gate_z, agreement=agreement,
-                       flagged=flagged, source=source, recaptioned=source != own, weight=weight,
-                       gate_flagged=gate_flagged)
+    result, replacement = GATES[cfg.gate](images, pool, cos, exclude, cfg, ot_cfg, prior)
+    return apply_action(result, replacement, cfg)
 
 
 # ----------------------------------------------------------------------------------------- the bank
@@ -580,19 +529,15 @@ class Matcher:
         self.bundle, self.cfg, self.ot_cfg = bundle, cfg, ot_cfg
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
-        self.bank = CaptionBank(cfg.bank_size) if cfg.pool == "bank" else None
+        self.bank = CaptionBank(cfg.bank_size)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-        if self.bank is not None:
-            self.bank.clear()
+        self.bank.clear()
 
     def _needs_tokens(self) -> bool:
-        """Token features are needed for OT: the fused re-rank (alpha < 1) or the evidence gate's concentration."""
-        if self.cfg.method != "otcclip":
-            return False
-        return self.cfg.alpha < 1.0 or (self.cfg.gate == "evidence" and "concentration" in
-                                        self.cfg.gate_signals + self.cfg.gate_high_signals)
+        """Token features are needed for OT: the fused scores (alpha < 1) or the evidence gate's concentration."""
+        return self.cfg.alpha < 1.0 or (self.cfg.gate == "evidence" and "concentration" in self.cfg.gate_signals)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, captions: Sequence[str]) -> tuple[ImageFeatures, CaptionFeatures]:
@@ -622,34 +567,33 @@ class Matcher:
         if len(keys) != B or len(images) != B or len(labels) != B:
             raise ValueError(f"a block needs as many images, captions, keys and labels; got {len(images)}, {B}, "
                              f"{len(keys)}, {len(labels)}")
-        if self.cfg.method == "none" or B == 0:
+        if not self.cfg.enabled or B == 0:
             return _passthrough(captions, keys, labels)
         img, own = self.encode(images, captions)
         ids = key_ids_of(keys).to(self.device)
         pool = build_pool(own, img, ids, self.bank)
         prior_t = None if prior is None else torch.as_tensor(np.asarray(prior, dtype=bool), device=self.device)
         res = match_block(img, pool, ids, self.cfg, self.ot_cfg, prior=prior_t).to("cpu")
-        pool_caps = list(captions) + (self.bank.captions if self.bank is not None else [])
-        pool_keys = list(keys) + (self.bank.keys if self.bank is not None else [])
-        pool_labels = labels + (self.bank.labels if self.bank is not None else [])
+        pool_caps = list(captions) + self.bank.captions
+        pool_keys = list(keys) + self.bank.keys
+        pool_labels = labels + self.bank.labels
         src = res.source.tolist()
         same_text = torch.tensor([pool_caps[s] == c for s, c in zip(src, captions)], dtype=torch.bool)
         res.source = torch.where(same_text, torch.arange(B), res.source)              # a copy of the same words
         res.recaptioned = res.source != torch.arange(B)
-        if self.bank is not None:
-            self.bank.push(own, img.image, ids, ~res.flagged.to(self.device), captions, keys, labels, img.ids,
-                           img.signature, None if res.signals is None else res.signals.to(self.device))
+        self.bank.push(own, img.image, ids, ~res.flagged.to(self.device), captions, keys, labels, img.ids,
+                       img.signature, None if res.signals is None else res.signals.to(self.device))
         src = res.source.tolist()
         return BlockMatch(res, [pool_caps[s] for s in src], [pool_keys[s] for s in src], [pool_labels[s] for s in src])
 
 
 def _passthrough(captions: Sequence[str], keys: Sequence[str], labels: Sequence[int]) -> BlockMatch:
-    """Method none: every sample keeps its caption, weight 1, nothing flagged, scores NaN."""
+    """Re-matching off (`rematch.enabled` false): every sample keeps its caption, weight 1, nothing flagged."""
     B = len(captions)
     nan = torch.full((B,), float("nan"))
     own = torch.arange(B)
     res = MatchResult(shortlist=own.unsqueeze(1), scores=nan.unsqueeze(1), own_in_topk=torch.ones(B, dtype=torch.bool),
-                      assigned=own, own_score=nan, best_score=nan, suspicion=nan, gate_z=nan, agreement=nan,
+                      own_score=nan, best_score=nan, suspicion=nan, gate_z=nan, agreement=nan,
                       flagged=torch.zeros(B, dtype=torch.bool), source=own, recaptioned=torch.zeros(B, dtype=torch.bool),
                       weight=torch.ones(B))
     return BlockMatch(res, list(captions), list(keys), list(labels))

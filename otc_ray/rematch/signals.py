@@ -1,4 +1,4 @@
-"""Per-sample poison evidence for the re-matching gate (METHOD.md B2). Pure torch, no Ray.
+"""Per-sample poison evidence for the re-matching gate (docs/method.md, The gate). Pure torch, no Ray.
 
 Four signals, each computed for the block's own (image, caption) pairs, each oriented so that LOW = suspicious:
 
@@ -12,16 +12,16 @@ Four signals, each computed for the block's own (image, caption) pairs, each ori
                    (`otc_ray.identity.pixel_signatures`): a neighbour graph no training shapes, so a trigger the model
                    has learnt does not move it (a stand-in, on these small data sets, for a frozen image encoder
                    trained apart; off by default). Its caption side is the model's text embedding: a model-free one
-                   (tf-idf word overlap) ranked the poison as well but gave no outliers (results/gate_pixel.md)
+                   (tf-idf word overlap) ranks the poison as well but gives no outliers
 
 Raw values are not comparable across captions (a caption's class sets its typical cosine, agreement and
 concentration), so each signal is calibrated within the caption's own cluster: a robust z-score against the same
 signal of the `reference` pool samples with the most similar captions (text-text cosine), other members of the
-sample's duplicate group excluded. The gate combines the calibrated z-scores (`combine_z`) and flags low outliers.
+sample's duplicate group excluded. The gate averages the calibrated z-scores (`mean_z`) and flags low outliers.
 
     conc = plan_concentration(plan, word_mask)                         # (P,)
     z = caption_calibrated_z(values, pool_values, own_text, pool_text, n, exclude)
-    score = combine_z({"cosine": z1, "concentration": z2}, "min")
+    score = mean_z({"cosine": z1, "concentration": z2})
 """
 from __future__ import annotations
 
@@ -88,15 +88,9 @@ def caption_calibrated_z(values: Tensor, pool_values: Tensor, own_text: Tensor, 
     return torch.where(usable, resid / scale, zero)
 
 
-def combine_z(z: dict[str, Tensor], how: str) -> Tensor:
-    """One gate score (B,) from calibrated z-scores (low = suspicious): "min" flags an outlier in any signal (a
-    union), "mean" averages them (an outlier in one must be backed by the others)."""
+def mean_z(z: dict[str, Tensor]) -> Tensor:
+    """One gate score (B,) from calibrated z-scores (low = suspicious): their mean, so that an outlier in one signal
+    must be backed by the others."""
     if not z:
         raise ValueError("the gate needs at least one signal")
-    stacked = torch.stack(list(z.values()))                                            # (S, B)
-    if how == "min":
-        return stacked.amin(dim=0)
-    if how == "mean":
-        return stacked.mean(dim=0)
-    raise ValueError(f"rematch.gate_combine must be min or mean, got {how!r}")
-
+    return torch.stack(list(z.values())).mean(dim=0)                                   # (S, B) -> (B,)

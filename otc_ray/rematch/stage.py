@@ -31,7 +31,7 @@ import ray
 import torch
 
 from otc_ray.config import ModelConfig, OTConfig, RematchConfig, validate
-from otc_ray.data import schema as S
+from otc_ray.data import schema
 from otc_ray.model import build_model
 
 from .flags import flag_store
@@ -66,7 +66,7 @@ class RematchActor:
         torch.set_num_threads(max(1, round(cfg.actor_num_cpus)))
         self.cfg = cfg
         self.matcher: Optional[Matcher] = None
-        if cfg.method != "none":
+        if cfg.enabled:
             torch.manual_seed(cfg.seed)
             self.matcher = Matcher(build_model(model_cfg), cfg, ot_cfg, device=_device(cfg))
         self.follower = WeightFollower(weights, namespace) if weights is not None else None
@@ -100,24 +100,25 @@ class RematchActor:
 def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], version: int = 0,
                   flags: Optional["ray.actor.ActorHandle"] = None) -> dict[str, np.ndarray]:
     """Add schema.OUTPUT_COLUMNS to a decoded batch: good rows are matched as one block, bad rows get neutral
-    values (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = method none.
+    values (caption_used = caption, source_key = key, not flagged, weight 1, scores NaN). matcher None = re-matching
+    off (`rematch.enabled` false).
     flags: a FlagStore; its keys stay flagged, and the block's new flags are added to it."""
-    keys = np.asarray(batch[S.KEY], dtype=object)
+    keys = np.asarray(batch[schema.KEY], dtype=object)
     n = len(keys)
-    good = np.fromiter((not e for e in batch[S.ERROR]), dtype=bool, count=n)
-    captions = np.asarray(batch[S.CAPTION], dtype=object)
-    labels = np.asarray(batch[S.LABEL], dtype=np.int64) if S.LABEL in batch else np.full(n, -1, np.int64)
-    out = {S.CAPTION_USED: captions.copy(), S.RECAPTIONED: np.zeros(n, bool), S.SOURCE_KEY: keys.copy(),
-           S.SOURCE_LABEL: labels.copy(),
-           S.OWN_SCORE: np.full(n, np.nan, np.float32), S.BEST_SCORE: np.full(n, np.nan, np.float32),
-           S.SUSPICION: np.full(n, np.nan, np.float32), S.GATE_Z: np.full(n, np.nan, np.float32),
-           S.FLAGGED: np.zeros(n, bool), S.GATE_FLAGGED: np.zeros(n, bool), S.SCREENED: np.zeros(n, bool),
-           S.GROUP_SIZE: np.zeros(n, np.int64), S.WEIGHT: np.ones(n, np.float32),
-           S.WEIGHTS_VERSION: np.full(n, version, np.int64)}
+    good = np.fromiter((not e for e in batch[schema.ERROR]), dtype=bool, count=n)
+    captions = np.asarray(batch[schema.CAPTION], dtype=object)
+    labels = np.asarray(batch[schema.LABEL], dtype=np.int64) if schema.LABEL in batch else np.full(n, -1, np.int64)
+    out = {schema.CAPTION_USED: captions.copy(), schema.RECAPTIONED: np.zeros(n, bool), schema.SOURCE_KEY: keys.copy(),
+           schema.SOURCE_LABEL: labels.copy(),
+           schema.OWN_SCORE: np.full(n, np.nan, np.float32), schema.BEST_SCORE: np.full(n, np.nan, np.float32),
+           schema.SUSPICION: np.full(n, np.nan, np.float32), schema.GATE_Z: np.full(n, np.nan, np.float32),
+           schema.FLAGGED: np.zeros(n, bool), schema.GATE_FLAGGED: np.zeros(n, bool), schema.SCREENED: np.zeros(n, bool),
+           schema.GROUP_SIZE: np.zeros(n, np.int64), schema.WEIGHT: np.ones(n, np.float32),
+           schema.WEIGHTS_VERSION: np.full(n, version, np.int64)}
     if matcher is not None and good.any():
         rows = np.flatnonzero(good)
         block_keys = [str(k) for k in keys[rows]]
-        images = np.asarray(batch[S.IMAGE])[rows]
+        images = np.asarray(batch[schema.IMAGE])[rows]
         grid = None
         if flags is not None and matcher.cfg.propagate:
             prior, grid = _propagate(flags, images, block_keys)
@@ -136,19 +137,19 @@ def rematch_batch(batch: dict[str, np.ndarray], matcher: Optional[Matcher], vers
                 flags.add.remote(new, (w.unsqueeze(1) * grid).sum(0).numpy(), float(w.sum()))   # fire and forget
             elif new:
                 flags.add.remote(new)
-        out[S.CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
-        out[S.SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
-        out[S.SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
-        out[S.RECAPTIONED][rows] = r.recaptioned.numpy()
-        out[S.OWN_SCORE][rows] = r.own_score.float().numpy()
-        out[S.BEST_SCORE][rows] = r.best_score.float().numpy()
-        out[S.SUSPICION][rows] = r.suspicion.float().numpy()
-        out[S.GATE_Z][rows] = r.gate_z.float().numpy()
-        out[S.FLAGGED][rows] = r.flagged.numpy()
-        out[S.GATE_FLAGGED][rows] = (r.flagged if r.gate_flagged is None else r.gate_flagged).numpy()
-        out[S.SCREENED][rows] = True
-        out[S.GROUP_SIZE][rows] = 1 if r.group_size is None else r.group_size.numpy()
-        out[S.WEIGHT][rows] = r.weight.float().numpy()
+        out[schema.CAPTION_USED][rows] = np.asarray(m.caption_used, dtype=object)
+        out[schema.SOURCE_KEY][rows] = np.asarray(m.source_key, dtype=object)
+        out[schema.SOURCE_LABEL][rows] = np.asarray(m.source_label, dtype=np.int64)
+        out[schema.RECAPTIONED][rows] = r.recaptioned.numpy()
+        out[schema.OWN_SCORE][rows] = r.own_score.float().numpy()
+        out[schema.BEST_SCORE][rows] = r.best_score.float().numpy()
+        out[schema.SUSPICION][rows] = r.suspicion.float().numpy()
+        out[schema.GATE_Z][rows] = r.gate_z.float().numpy()
+        out[schema.FLAGGED][rows] = r.flagged.numpy()
+        out[schema.GATE_FLAGGED][rows] = (r.flagged if r.gate_flagged is None else r.gate_flagged).numpy()
+        out[schema.SCREENED][rows] = True
+        out[schema.GROUP_SIZE][rows] = 1 if r.group_size is None else r.group_size.numpy()
+        out[schema.WEIGHT][rows] = r.weight.float().numpy()
     return {**batch, **out}
 
 
@@ -187,9 +188,9 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
         # a handle, not a name, goes to the actors: the dataset then holds a reference that keeps the named store
         # alive (Ray collects a named actor once no handle is left), and no actor depends on a name lookup
         weights = weight_store(weights, namespace)
-    if cfg.sticky and flags is None and cfg.method != "none":
+    if cfg.sticky and flags is None and cfg.enabled:
         flags = flag_store(journal=flag_journal, resume=resume_flags, reference=cfg.propagate_reference,
-                           propagate=PropagateConfig.from_rematch(cfg) if cfg.propagate else None)
+                           propagate=PropagateConfig() if cfg.propagate else None)
     resources: dict[str, Any] = {"num_cpus": cfg.actor_num_cpus}
     if cfg.actor_num_gpus > 0:
         resources["num_gpus"] = cfg.actor_num_gpus

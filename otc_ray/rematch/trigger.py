@@ -1,5 +1,5 @@
-"""Trigger propagation (`rematch.propagate`, METHOD.md B2): from the pairs the gate has flagged, estimate the pixel
-pattern they share and flag every image that carries it. Pure torch, no Ray.
+"""Trigger propagation (`rematch.propagate`; docs/method.md, Trigger propagation): from the pairs the gate has
+flagged, estimate the pixel pattern they share and flag every image that carries it. Pure torch, no Ray.
 
 A backdoor needs a pattern shared by all its images (a patch, a blend, a signal); a gate that finds a part of them
 with some precision leaves the rest to teach the trigger. The flagged images' mean residual, standardised per pixel
@@ -8,12 +8,8 @@ pixels where it is strongest (at least half its largest deviation) form a mask, 
 between its own residual on the mask and the pattern. The pattern is used only when it marks out a separate cluster
 in the reference sample: a few images (at least 3, at most `max_share` of it) whose cosines stand at least `min_gap`
 above all the others; an image carries the pattern when its cosine is above the middle of that gap. Flagged images
-of one class share its shape too, but that shape makes a continuum of cosines, not a cluster
-(benchmarks/results/trigger_propagation.md). A trigger at a random location has no fixed pixels and is not found.
-With `centred`, a pattern the cosine finds no cluster for is tried once more by normalised cross-correlation (the
-residual and the pattern less their mean over the mask): an object that covers the trigger's corner shifts the whole
-mask and scores high by cosine, not by correlation (shapes), while a smooth trigger (blend, signal) loses part of
-itself to the centring and stays with the cosine.
+of one class share its shape too, but that shape makes a continuum of cosines, not a cluster. A trigger at a random
+location has no fixed pixels and is not found.
 
     grid = pixel_grid(images_uint8)                                    # (B, D) float, D = C * S * S
     pat = estimate_pattern(flagged_sum, flagged_weight, reference, cfg)  # TriggerPattern or None
@@ -54,27 +50,20 @@ def pixel_grid(images: np.ndarray | Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class PropagateConfig:
-    """The knobs of `estimate_pattern` (from RematchConfig.propagate_*)."""
+    """The thresholds of `estimate_pattern`: fixed parts of the method (docs/method.md, Trigger propagation), a
+    dataclass so that tests can probe them."""
 
     floor: float = 0.5          # reference cosines below this are never part of the cluster
     min_gap: float = 0.15       # the cluster must stand this far (in cosine) above the rest of the reference
     max_share: float = 0.1      # at most this share of the reference in the cluster (a trigger is a minority)
     min_weight: float = 10.0    # flagged weight (duplicate groups count once) needed before a pattern is tried
-    centred: bool = False       # when the cosine gives no cluster, seek one by normalised cross-correlation
-
-    @classmethod
-    def from_rematch(cls, cfg) -> "PropagateConfig":
-        """From a RematchConfig's propagate_* keys."""
-        return cls(cfg.propagate_floor, cfg.propagate_min_gap, cfg.propagate_max_share, cfg.propagate_min_weight,
-                   cfg.propagate_centred)
 
 
 @dataclass(frozen=True)
 class TriggerPattern:
     """mean, scale (D,): per-pixel standardisation; pattern (D,): the masked mean residual of the flagged images
     (0 off the mask); match: the score at which an image carries it (the middle of the gap); weight: the flagged
-    weight it rests on; above: reference images in the cluster; gap: the score gap below it; centred: the score is
-    the normalised cross-correlation (centred_cosine), else the cosine (pattern_cosine)."""
+    weight it rests on; above: reference images in the cluster; gap: the score gap below it (`pattern_match`)."""
 
     mean: Tensor
     scale: Tensor
@@ -83,28 +72,13 @@ class TriggerPattern:
     weight: float
     above: int
     gap: float
-    centred: bool = False
 
 
-def pattern_cosine(grid: Tensor, pat: TriggerPattern) -> Tensor:
+def pattern_match(grid: Tensor, pat: TriggerPattern) -> Tensor:
     """(B,) cosine between each image's standardised residual on the pattern's mask and the pattern."""
     mask = pat.pattern != 0
     r = ((grid - pat.mean) / pat.scale)[:, mask]
     return torch.nn.functional.cosine_similarity(r, pat.pattern[mask].unsqueeze(0), dim=1)
-
-
-def centred_cosine(grid: Tensor, pat: TriggerPattern) -> Tensor:
-    """(B,) normalised cross-correlation: the cosine after each residual and the pattern lose their mean over the
-    mask (an offset over the whole mask scores nothing)."""
-    mask = pat.pattern != 0
-    r = ((grid - pat.mean) / pat.scale)[:, mask]
-    p = pat.pattern[mask]
-    return torch.nn.functional.cosine_similarity(r - r.mean(dim=1, keepdim=True), (p - p.mean()).unsqueeze(0), dim=1)
-
-
-def pattern_match(grid: Tensor, pat: TriggerPattern) -> Tensor:
-    """(B,) each image's score against the pattern, by the measure its cluster was found with."""
-    return centred_cosine(grid, pat) if pat.centred else pattern_cosine(grid, pat)
 
 
 def separate_cluster(cos: Tensor, cfg: PropagateConfig) -> Optional[tuple[int, float, float]]:
@@ -140,10 +114,8 @@ def estimate_pattern(flagged_sum: Tensor, flagged_weight: float, reference: Tens
     if not float(strength.max()) > 0:
         return None
     cand = TriggerPattern(mean, scale, resid * (strength >= 0.5 * strength.max()), 1.0, float(flagged_weight), 0, 0.0)
-    for centred in (False, True) if cfg.centred else (False,):
-        score = centred_cosine if centred else pattern_cosine
-        cluster = separate_cluster(score(reference, cand), cfg)
-        if cluster is not None:
-            k, match, gap = cluster
-            return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap, centred)
-    return None
+    cluster = separate_cluster(pattern_match(reference, cand), cfg)
+    if cluster is None:
+        return None
+    k, match, gap = cluster
+    return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap)

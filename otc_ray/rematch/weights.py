@@ -27,7 +27,7 @@ from typing import Optional, Union
 import ray
 import torch
 
-from ..train.checkpoint import MODEL_FILE
+from ..model_checkpoint import MODEL_FILE
 from .placement import helper_options, restarted
 
 

@@ -16,15 +16,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import metric_names as N
+from . import metric_names
 from .mlflow_logger import RunRecord, metric_history, search_runs
 
 FORMAT = 1
 # per-epoch curves kept in a cell: what the plots and the per-epoch detection tables need
-HISTORY_KEYS = (N.EVAL_BACKDOOR_ASR, N.EVAL_TARGETED_ASR, N.EVAL_ZEROSHOT_TOP1, N.REMATCH_FLAG_RATE,
-                N.REMATCH_DETECT_PRECISION, N.REMATCH_DETECT_RECALL, N.REMATCH_DAMAGE,
-                N.rematch_gate("precision"), N.rematch_gate("recall"), N.rematch_gate("recall_backdoor"),
-                N.rematch_gate("recall_targeted"), N.TRAIN_EPOCH_SECONDS)
+HISTORY_KEYS = (metric_names.EVAL_BACKDOOR_ASR, metric_names.EVAL_TARGETED_ASR, metric_names.EVAL_ZEROSHOT_TOP1, metric_names.REMATCH_FLAG_RATE,
+                metric_names.REMATCH_DETECT_PRECISION, metric_names.REMATCH_DETECT_RECALL, metric_names.REMATCH_DAMAGE,
+                metric_names.rematch_gate("precision"), metric_names.rematch_gate("recall"), metric_names.rematch_gate("recall_backdoor"),
+                metric_names.rematch_gate("recall_targeted"), metric_names.TRAIN_EPOCH_SECONDS)
 
 
 @dataclass(frozen=True)

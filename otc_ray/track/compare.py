@@ -17,19 +17,19 @@ from typing import Callable, Collection
 import numpy as np
 
 from ..config import parse_attacks
-from . import metric_names as N
+from . import metric_names
 from .mlflow_logger import RunRecord, metric_history, search_runs
 from .plots import plot_compare
 from .run_context import GROUP_TAG
 
 GROUP_PARAMS = (("data", "data.dataset"), ("defense", "train.defense"), ("attack", "poison.attack"),
                 ("trigger", "poison.trigger"), ("poison", "poison.count"))
-METRICS = (("zero-shot", N.FINAL_ZEROSHOT_TOP1), ("lin-probe", N.FINAL_LINEAR_PROBE_SPLIT_ACC),
-           ("backdoor ASR", N.FINAL_BACKDOOR_ASR), ("targeted ASR", N.FINAL_TARGETED_ASR),
-           ("det P", N.REMATCH_DETECT_PRECISION), ("det R", N.REMATCH_DETECT_RECALL),
-           ("damage", N.REMATCH_DAMAGE), ("samples/s", N.TRAIN_SAMPLES_PER_S_WORKER), ("time s", N.RUN_SECONDS))
+METRICS = (("zero-shot", metric_names.FINAL_ZEROSHOT_TOP1), ("lin-probe", metric_names.FINAL_LINEAR_PROBE_SPLIT_ACC),
+           ("backdoor ASR", metric_names.FINAL_BACKDOOR_ASR), ("targeted ASR", metric_names.FINAL_TARGETED_ASR),
+           ("det P", metric_names.REMATCH_DETECT_PRECISION), ("det R", metric_names.REMATCH_DETECT_RECALL),
+           ("damage", metric_names.REMATCH_DAMAGE), ("samples/s", metric_names.TRAIN_SAMPLES_PER_S_WORKER), ("time s", metric_names.RUN_SECONDS))
 
-REMATCH_FIGURES = (N.REMATCH_DETECT_PRECISION, N.REMATCH_DETECT_RECALL, N.REMATCH_DAMAGE)
+REMATCH_FIGURES = (metric_names.REMATCH_DETECT_PRECISION, metric_names.REMATCH_DETECT_RECALL, metric_names.REMATCH_DAMAGE)
 History = Callable[[RunRecord, str], list[tuple[int, float]]]      # (run, metric) -> [(epoch, value)]
 
 
@@ -37,9 +37,9 @@ def at_last_rematch(run: RunRecord, history: History) -> RunRecord:
     """The run with its detection and damage figures from the last epoch whose re-matching flagged anything (flag
     rate > 0). RoCLIP re-matches every K epochs: its final epoch trains on the crawled captions and would report
     recall 0 and damage 0. Runs that flag every epoch (otcclip, safeclip) or never re-match (none) are unchanged."""
-    if N.REMATCH_FLAG_RATE not in run.metrics:
+    if metric_names.REMATCH_FLAG_RATE not in run.metrics:
         return run
-    rates = history(run, N.REMATCH_FLAG_RATE)
+    rates = history(run, metric_names.REMATCH_FLAG_RATE)
     flagged = [epoch for epoch, rate in rates if rate > 0]
     if not flagged or flagged[-1] == max(epoch for epoch, _ in rates):
         return run

@@ -87,21 +87,10 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     return run.info.run_id
 
 
-# keys added after runs and benchmark cells were recorded, with the value that trains as before they existed: left
-# out of the digest while at that value, so what was recorded earlier keeps its digest (any other value counts,
-# the default too where it has since changed: rematch.propagate is true by default)
-LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": "2.5",
-              "rematch.propagate": "False", "rematch.propagate_floor": "0.5", "rematch.propagate_min_gap": "0.15",
-              "rematch.propagate_max_share": "0.1",
-              "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096",
-              "rematch.propagate_centred": "False"}
-
-
 def training_digest(cfg: Config) -> str:
-    """10 hex digits naming what a run trains (its config less RESUMABLE_PREFIXES, and less LATER_KEYS at their
-    earlier values): equal configs, equal digest."""
-    return content_digest({k: str(v) for k, v in flatten(cfg).items()
-                           if not k.startswith(RESUMABLE_PREFIXES) and LATER_KEYS.get(k) != str(v)})
+    """10 hex digits naming what a run trains (its whole config less RESUMABLE_PREFIXES): equal configs, equal
+    digest."""
+    return content_digest({k: str(v) for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_PREFIXES)})
 
 
 def _check_same_training(run_name: str, logged: dict[str, str], new: dict[str, Any]) -> None:

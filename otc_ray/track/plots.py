@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import metric_names as N
+from . import metric_names
 from .mlflow_logger import metric_history
 
 
@@ -27,8 +27,8 @@ def plot_run(uri: str, run_id: str, folder: Path) -> list[Path]:
     """asr_accuracy_per_epoch.png in `folder`: zero-shot accuracy and ASRs of one run per epoch."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in ((N.EVAL_ZEROSHOT_TOP1, "zero-shot top-1"), (N.EVAL_BACKDOOR_ASR, "backdoor ASR"),
-                       (N.EVAL_TARGETED_ASR, "targeted ASR")):
+    for key, label in ((metric_names.EVAL_ZEROSHOT_TOP1, "zero-shot top-1"), (metric_names.EVAL_BACKDOOR_ASR, "backdoor ASR"),
+                       (metric_names.EVAL_TARGETED_ASR, "targeted ASR")):
         points = sorted(metric_history(uri, run_id, key))
         if points:
             ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", label=label)
@@ -55,7 +55,7 @@ def plot_compare(rows: Sequence, history: Callable[[Any, str], list[tuple[int, f
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         for run in row.runs:
-            points = sorted(history(run, N.EVAL_BACKDOOR_ASR))
+            points = sorted(history(run, metric_names.EVAL_BACKDOOR_ASR))
             if points:                      # an unpoisoned run (attack "none") is dashed: the base rate
                 clean = len(row.group) > 2 and row.group[2] == "none"
                 ax.plot([p[0] + 1 for p in points], [p[1] for p in points], color=colour[row.group[1]], alpha=0.8,
@@ -72,8 +72,8 @@ def plot_compare(rows: Sequence, history: Callable[[Any, str], list[tuple[int, f
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for row in rows:
-        xs = [r.metrics.get(N.FINAL_BACKDOOR_ASR, math.nan) for r in row.runs]
-        ys = [r.metrics.get(N.FINAL_ZEROSHOT_TOP1, math.nan) for r in row.runs]
+        xs = [r.metrics.get(metric_names.FINAL_BACKDOOR_ASR, math.nan) for r in row.runs]
+        ys = [r.metrics.get(metric_names.FINAL_ZEROSHOT_TOP1, math.nan) for r in row.runs]
         ax.scatter(xs, ys, color=colour[row.group[1]], label=f"{row.group[1]} / {row.group[2]}")
     ax.set(xlabel="backdoor ASR (lower is better)", ylabel="zero-shot top-1", xlim=(-0.02, 1.02))
     ax.legend(fontsize=7)

@@ -1,10 +1,11 @@
-"""The defenses (METHOD.md C and Baselines), one class each in the registry `DEFENSES`, looked up by the value
-of `train.defense` (`get_defense`): what the training stream re-matches (`Defense.rematch`) and the objective of
-one batch (`Defense.batch_loss`).
+"""The defenses (docs/method.md, Training objective and Baselines), one class each in the registry `DEFENSES`,
+looked up by the value of `train.defense` (`get_defense`): what the training stream re-matches (`Defense.rematch`)
+and the objective of one batch (`Defense.batch_loss`). `train.defense` is the one choice of method: roclip and
+safeclip set the re-match settings their method needs over `rematch`; otcclip reads `rematch` as it is.
 
     defense = get_defense(cfg.train.defense)
     defense.rematch(cfg)                    # RematchConfig of the stage, or None
-    loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights)
+    loss, terms = defense.batch_loss(feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights)
 
     none      L_clip
     roclip    L_clip on the captions the re-match stage chose (nearest pool caption to the image) every
@@ -30,14 +31,14 @@ from .augment import augment_images
 UNIMODAL_TEMPERATURE = 0.1
 
 
-def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, gen: torch.Generator, rows: Tensor):
+def _view(model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config, generator: torch.Generator, rows: Tensor):
     """Features of a second augmented view (images shifted/flipped, captions with word dropout) of the rows `rows`.
 
-    Always without gradient: the view is a same-weights target (the bare model, outside DDP, so a second forward
+    Always without gradient: the view is a same-weights target (the open_clip model, outside DDP, so a second forward
     never meets DDP's once-per-step gradient bookkeeping)."""
     with torch.no_grad():
-        return features(model, augment_images(pixels[rows], gen),
-                        augment_token_ids(ids[rows], cfg.ot.text_drop_prob, gen), cfg.ot.special_tokens)
+        return features(model, augment_images(pixels[rows], generator),
+                        augment_token_ids(ids[rows], cfg.ot.text_drop_prob, generator), cfg.ot.special_tokens)
 
 
 class Defense(ABC):
@@ -54,12 +55,12 @@ class Defense(ABC):
         return 1.0
 
     @abstractmethod
-    def batch_loss(self, feature_model: nn.Module, bare_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
-                   epoch: int, gen: torch.Generator, weights: Optional[Tensor] = None,
+    def batch_loss(self, feature_model: nn.Module, clip_model: nn.Module, pixels: Tensor, ids: Tensor, cfg: Config,
+                   epoch: int, generator: torch.Generator, weights: Optional[Tensor] = None,
                    content_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
         """(total loss, named terms) for pixels (B,3,S,S) and caption ids (B,L).
 
-        feature_model: the (DDP-wrapped) `FeatureModel` that trains; bare_model: the open_clip model inside it
+        feature_model: the (DDP-wrapped) `FeatureModel` that trains; clip_model: the open_clip model inside it
         (second views, no gradient); weights (B,): the re-match stage's per-pair loss weights (action drop = 0,
         downweight < 1) for the image-caption terms, None when every pair counts fully; content_ids (B, 2) int64:
         [caption text id, image pixel id] (`otc_ray.identity`): batch-mates sharing one are not negatives of each
@@ -76,44 +77,44 @@ class NoDefense(Defense):
 
     name = "none"
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         return _clip_only(feature_model(pixels, ids), weights, content_ids)
 
 
 class RoCLIP(Defense):
     """RoCLIP (Yang et al., NeurIPS 2023) as its code runs it: on every `train.roclip_every`-th epoch (its
     `break_epoch`, 2; 1-based epochs 2, 4, ..., so 0-based 1, 3, ...) every image takes the caption of the caption
-    pool (a FIFO bank) nearest to its image embedding (the stage runs method roclip, gate none, no trigger
-    propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with augmented
-    images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
+    pool (a FIFO bank) nearest to its image embedding (the stage scores by global cosine alone, alpha 1, gate none,
+    no trigger propagation, whatever `rematch` says); the epochs between train on the crawled captions. L_clip with
+    augmented images and captions (shift/flip for its crop/flip/jitter, word dropout for its EDA)."""
 
     name = "roclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
         every = cfg.train.roclip_every
-        return replace(cfg, rematch__method="roclip", rematch__gate="none", rematch__witness=False,
-                       rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every=every).rematch
+        return replace(cfg, rematch__enabled=True, rematch__alpha=1.0, rematch__gate="none", rematch__witness=False,
+                       rematch__propagate=False, rematch__start_epoch=every - 1, rematch__every_epochs=every).rematch
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
-        f = feature_model(augment_images(pixels, gen), augment_token_ids(ids, cfg.ot.text_drop_prob, gen))
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
+        f = feature_model(augment_images(pixels, generator), augment_token_ids(ids, cfg.ot.text_drop_prob, generator))
         return _clip_only(f, weights, content_ids)
 
 
 class OTCCLIP(Defense):
-    """OTCCLIP: the stream re-matched as `rematch` says (method none disables the stage, for ablations);
+    """OTCCLIP: the stream re-matched as `rematch` says (`rematch.enabled` false removes the stage, an ablation);
     L_clip + lambda_inter L_inter + lambda_intra L_intra from the first step."""
 
     name = "otcclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return None if cfg.rematch.method == "none" else cfg.rematch
+        return cfg.rematch if cfg.rematch.enabled else None
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         tc = cfg.train
         f = feature_model(pixels, ids)
         n = f.image.shape[0] if cfg.ot.intra_samples == 0 else min(cfg.ot.intra_samples, f.image.shape[0])
-        rows = torch.randperm(f.image.shape[0], generator=gen)[:n].to(pixels.device)
-        view = _view(bare_model, pixels, ids, cfg, gen, rows) if tc.lambda_intra > 0 else None
+        rows = torch.randperm(f.image.shape[0], generator=generator)[:n].to(pixels.device)
+        view = _view(clip_model, pixels, ids, cfg, generator, rows) if tc.lambda_intra > 0 else None
         terms = otcclip_terms(f, tc.tau_ot, cfg.ot, tc.lambda_inter, tc.lambda_intra, view=view, view_index=rows,
                               weights=weights, content_ids=content_ids)
         return combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})
@@ -133,20 +134,20 @@ class SafeCLIP(Defense):
     name = "safeclip"
 
     def rematch(self, cfg: Config) -> Optional[RematchConfig]:
-        return replace(cfg, rematch__method="roclip", rematch__gate="gmm", rematch__action="drop",
+        return replace(cfg, rematch__enabled=True, rematch__alpha=1.0, rematch__gate="gmm", rematch__action="drop",
                        rematch__witness=False, rematch__sticky=False, rematch__propagate=False,
-                       rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every=1).rematch
+                       rematch__start_epoch=cfg.train.safeclip_warmup + 1, rematch__every_epochs=1).rematch
 
     def lr_scale(self, cfg: Config, epoch: int) -> float:
         return cfg.train.safeclip_lr_scale if epoch == cfg.train.safeclip_warmup else 1.0
 
-    def batch_loss(self, feature_model, bare_model, pixels, ids, cfg, epoch, gen, weights=None, content_ids=None):
+    def batch_loss(self, feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights=None, content_ids=None):
         tc = cfg.train
         f = feature_model(pixels, ids)
         if epoch == tc.safeclip_warmup:
             return _clip_only(f, weights, content_ids)
         all_rows = torch.arange(f.image.shape[0], device=pixels.device)
-        view = _view(bare_model, pixels, ids, cfg, gen, all_rows)
+        view = _view(clip_model, pixels, ids, cfg, generator, all_rows)
         if epoch < tc.safeclip_warmup:
             return combine_losses({"image_unimodal_loss": unimodal_contrastive_loss(f.image, view.image, UNIMODAL_TEMPERATURE),
                                    "text_unimodal_loss": unimodal_contrastive_loss(f.text, view.text, UNIMODAL_TEMPERATURE)}, {})

@@ -12,11 +12,11 @@ from pathlib import Path
 import ray
 
 from ..config import Config
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..evaluate.model_encoder import ModelEncoder
 from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
 from ..model_checkpoint import load_checkpoint_model
-from ..track import metric_names as N
+from ..track import metric_names
 from ..track.mlflow_logger import RunLogger
 from ..track.plots import plot_run
 from .checkpoint import MODEL_FILE
@@ -47,7 +47,7 @@ class EpochEvaluator:
 def final_report(cfg: Config, checkpoint: str, evaluator: EpochEvaluator, logger: RunLogger) -> dict[str, float]:
     """Evaluate the final checkpoint (a local folder) with the linear probe; log the metrics and plots."""
     bundle = load_checkpoint_model(str(Path(checkpoint) / MODEL_FILE), cfg.model)
-    metrics = N.prefixed(N.FINAL, evaluator(bundle, bundle.model, "cpu", linear_probe=True))
+    metrics = metric_names.prefixed(metric_names.FINAL, evaluator(bundle, bundle.model, "cpu", linear_probe=True))
     logger.metrics(metrics, step=cfg.train.epochs)
     logger.flush()                                  # the plots read the run's metric history
     with tempfile.TemporaryDirectory() as folder:

@@ -26,13 +26,12 @@ import torch
 
 from .. import identity
 from ..config import Config
-from ..data import schema as S
-from ..data.builtin import DatasetInfo
-from ..poison.classes import class_patterns
+from ..data import schema
+from ..data.class_info import DatasetInfo, class_patterns
 from ..model import FeatureModel, images_to_tensor
 from ..model_checkpoint import pretrained_model
 from ..data.schema import CAPTION_USED, WEIGHT
-from ..track import metric_names as N
+from ..track import metric_names
 from ..track.mlflow_logger import RunLogger
 from .chaos import maybe_die
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -125,7 +124,7 @@ class RowCount:
 
     def metrics(self) -> dict[str, float]:
         ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.int64)
-        return {N.DATA_EPOCH_ROWS: float(len(ids)), N.DATA_EPOCH_REPEATED_ROWS: float(len(ids) - len(ids.unique()))}
+        return {metric_names.DATA_EPOCH_ROWS: float(len(ids)), metric_names.DATA_EPOCH_REPEATED_ROWS: float(len(ids) - len(ids.unique()))}
 
 
 def _snapshot(model, optimizer, scheduler) -> dict:
@@ -160,20 +159,20 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     torch.set_num_threads(threads)      # Ray sets OMP_NUM_THREADS to the logical CPUs asked for (often 1)
     torch.manual_seed(cfg.train.seed + rank)
     rng = np.random.default_rng([cfg.train.seed, rank])
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
     bundle = pretrained_model(cfg.model, cfg.data.s3)      # model.pretrained's weights, or the seeded random init
     device = ray.train.torch.get_device()
-    bare = bundle.model.to(device)
-    feature_model = ray.train.torch.prepare_model(FeatureModel(bare, cfg.ot.special_tokens),
+    clip_model = bundle.model.to(device)
+    feature_model = ray.train.torch.prepare_model(FeatureModel(clip_model, cfg.ot.special_tokens),
                                                   parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = _optimizer(bare, cfg)
+    optimizer = _optimizer(clip_model, cfg)
     steps_per_epoch = loop.steps_per_epoch
     stage = defense.rematch(cfg)
     witness = stage is not None and stage.witness and loop.warmup_steps > 0
     scheduled = steps_per_epoch * cfg.train.epochs + (0 if witness else loop.warmup_steps)
     scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, scheduled)
-    state = _restore(bare, optimizer, scheduler, rng)
+    state = _restore(clip_model, optimizer, scheduler, rng)
 
     logger = RunLogger(loop.tracking_uri, loop.run_id, cfg.tracking.flush_timeout_s) if rank == 0 else None
     evaluate, publish, chaos = loop.evaluate, loop.publish, loop.chaos
@@ -184,25 +183,25 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
 
     def train_step(batch: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step on a numpy batch (re-matched or raw); returns the loss terms."""
-        pixels = images_to_tensor(batch[S.IMAGE], bundle.image_size, device)
-        captions = [str(c) for c in (batch[CAPTION_USED] if CAPTION_USED in batch else batch[S.CAPTION])]
+        pixels = images_to_tensor(batch[schema.IMAGE], bundle.image_size, device)
+        captions = [str(c) for c in (batch[CAPTION_USED] if CAPTION_USED in batch else batch[schema.CAPTION])]
         ids = bundle.tokenizer(captions).to(device)
         weights = _pair_weights(batch, device)
-        content = torch.stack([identity.text_ids(captions), identity.image_ids(batch[S.IMAGE])], dim=1).to(device)
+        content = torch.stack([identity.text_ids(captions), identity.image_ids(batch[schema.IMAGE])], dim=1).to(device)
         with bundle.autocast(device):
-            loss, terms = defense.batch_loss(feature_model, bare, pixels, ids, cfg, epoch, gen, weights,
+            loss, terms = defense.batch_loss(feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights,
                                              content_ids=content)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(clip_model.parameters(), cfg.train.grad_clip)
         scale = defense.lr_scale(cfg, epoch)          # e.g. SafeCLIP's low-LR CLIP epoch
         for group in optimizer.param_groups:
             group["lr"] *= scale
         optimizer.step()
         scheduler.step()                               # sets the scheduled LR again
         with torch.no_grad():
-            bare.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            clip_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         state.step += 1
         return terms
 
@@ -210,13 +209,13 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         """Rank 0, every `train.log_every` steps: the loss terms, the LR in force and (inside an epoch) its progress."""
         if logger and state.step % cfg.train.log_every == 0:
             lr = scheduler.get_last_lr()[0] * defense.lr_scale(cfg, epoch)
-            logger.metrics(N.prefixed(N.TRAIN, terms) | {N.TRAIN_LR: lr} | (progress or {}), step=state.step)
+            logger.metrics(metric_names.prefixed(metric_names.TRAIN, terms) | {metric_names.TRAIN_LR: lr} | (progress or {}), step=state.step)
 
     judged_by_witness = False
     if state.step == 0 and loop.warmup_steps > 0:
         # the re-match gate needs a model that has learnt something before it screens epoch 0: steps on the raw
         # stream's first rows (these rows are seen again, screened, in epoch 0)
-        initial = _snapshot(bare, optimizer, scheduler) if witness else None
+        initial = _snapshot(clip_model, optimizer, scheduler) if witness else None
         feature_model.train()
         warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                    batch_format="numpy")
@@ -226,8 +225,8 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
                 break
         if initial is not None:     # the warmed-up model is the witness: it judges epoch 0, then the model restarts
             if rank == 0 and publish is not None:
-                published = publish(bare, 0, state.step)
-            _reset(initial, bare, optimizer, scheduler)
+                published = publish(clip_model, 0, state.step)
+            _reset(initial, clip_model, optimizer, scheduler)
             state.step, judged_by_witness = 0, True
 
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -236,36 +235,36 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         tally = RematchTally(poisoned, patterns)
         publishing = rank == 0 and publish is not None and not (judged_by_witness and epoch == 0)
         if publishing:
-            published = publish(bare, epoch, state.step)         # before the epoch's stream starts
+            published = publish(clip_model, epoch, state.step)         # before the epoch's stream starts
         received = RowCount()
         for step_in_epoch, batch in enumerate(shard.iter_batches(**_batches(cfg, epoch, rank))):
-            received.add(batch[S.KEY])
-            if len(batch[S.KEY]) < cfg.train.batch_size:
+            received.add(batch[schema.KEY])
+            if len(batch[schema.KEY]) < cfg.train.batch_size:
                 continue                    # the short tail: every rank trains equal full batches (DDP)
             maybe_die(chaos, rank, epoch, step_in_epoch)
             if publishing and step_in_epoch > 0 and publish.due(step_in_epoch):
-                published = publish(bare, epoch, state.step)
+                published = publish(clip_model, epoch, state.step)
             tally.add(batch)
             terms = train_step(batch, epoch)
-            seen += len(batch[S.KEY])
+            seen += len(batch[schema.KEY])
             n_batches += 1
             rate = seen * world / max(time.perf_counter() - start, 1e-9)       # every rank trains equal batches
-            log_step(terms, epoch, {N.PROGRESS_EPOCH: float(epoch), N.PROGRESS_STEP: float(n_batches),
-                             N.PROGRESS_SAMPLES_PER_S: rate})
+            log_step(terms, epoch, {metric_names.PROGRESS_EPOCH: float(epoch), metric_names.PROGRESS_STEP: float(n_batches),
+                             metric_names.PROGRESS_SAMPLES_PER_S: rate})
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
         elapsed = time.perf_counter() - start
         state.epoch = epoch + 1
-        metrics = {N.EPOCH: float(epoch), N.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
-                   N.TRAIN_EPOCH_SECONDS: elapsed, N.TRAIN_BATCHES: float(n_batches), **received.metrics()}
-        metrics |= {N.train_epoch(k): v / max(n_batches, 1) for k, v in sums.items()}
+        metrics = {metric_names.EPOCH: float(epoch), metric_names.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
+                   metric_names.TRAIN_EPOCH_SECONDS: elapsed, metric_names.TRAIN_BATCHES: float(n_batches), **received.metrics()}
+        metrics |= {metric_names.train_epoch(k): v / max(n_batches, 1) for k, v in sums.items()}
         metrics |= tally.metrics(published)     # this worker's share of the stream
         if rank == 0:
             if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
-                metrics |= N.prefixed(N.EVAL, evaluate(bundle, bare, device))
+                metrics |= metric_names.prefixed(metric_names.EVAL, evaluate(bundle, clip_model, device))
             logger.metrics(metrics, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(folder, bare, optimizer, scheduler, state, rng)
+                save_checkpoint(folder, clip_model, optimizer, scheduler, state, rng)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)

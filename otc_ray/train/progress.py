@@ -16,7 +16,7 @@ import threading
 from typing import TextIO
 
 from ..config import Config
-from ..track import metric_names as N
+from ..track import metric_names
 from ..track.mlflow_logger import metric_history, run_metrics
 
 BAR_WIDTH = 20
@@ -49,20 +49,20 @@ def step_line(name: str, epoch: int, epochs: int, step: int, steps: int, samples
     return (f"[{name}] epoch {epoch + 1}/{epochs} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {step}/{steps} steps "
             f"{samples_per_s:.0f} samples/s ETA epoch {_clock(left_epoch)}, run {_clock(left_run)}")
 
-LINE_FIELDS = ((N.EVAL_ZEROSHOT_TOP1, "zero-shot {:.3f}"), (N.EVAL_BACKDOOR_ASR, "backdoor ASR {:.3f}"),
-               (N.EVAL_TARGETED_ASR, "targeted ASR {:.2f}"), (N.REMATCH_FLAG_RATE, "flagged {:.1%}"),
-               (N.REMATCH_DETECT_RECALL, "detection recall {:.2f}"))
-HEAD_FIELDS = (N.TRAIN_EPOCH_SECONDS, N.TRAIN_SAMPLES_PER_S_WORKER, N.TRAIN_EPOCH_TOTAL_LOSS)
+LINE_FIELDS = ((metric_names.EVAL_ZEROSHOT_TOP1, "zero-shot {:.3f}"), (metric_names.EVAL_BACKDOOR_ASR, "backdoor ASR {:.3f}"),
+               (metric_names.EVAL_TARGETED_ASR, "targeted ASR {:.2f}"), (metric_names.REMATCH_FLAG_RATE, "flagged {:.1%}"),
+               (metric_names.REMATCH_DETECT_RECALL, "detection recall {:.2f}"))
+HEAD_FIELDS = (metric_names.TRAIN_EPOCH_SECONDS, metric_names.TRAIN_SAMPLES_PER_S_WORKER, metric_names.TRAIN_EPOCH_TOTAL_LOSS)
 
 
 def epoch_line(name: str, epochs_done: int, epochs: int, metrics: dict[str, float], workers: int = 1) -> str:
     """The progress line of one epoch from its metrics (missing or NaN fields are left out). samples/s is the
     whole job's: rank 0's rate times the workers (every rank trains the same number of equal batches)."""
-    rate = metrics.get(N.TRAIN_SAMPLES_PER_S_WORKER, math.nan) * workers
-    head = (f"[{name}] epoch {epochs_done}/{epochs} {metrics.get(N.TRAIN_EPOCH_SECONDS, math.nan):.0f} s "
+    rate = metrics.get(metric_names.TRAIN_SAMPLES_PER_S_WORKER, math.nan) * workers
+    head = (f"[{name}] epoch {epochs_done}/{epochs} {metrics.get(metric_names.TRAIN_EPOCH_SECONDS, math.nan):.0f} s "
             f"{rate:.0f} samples/s" + (f" ({workers} workers)" if workers > 1 else ""))
-    if N.TRAIN_EPOCH_TOTAL_LOSS in metrics:
-        head += f" loss {metrics[N.TRAIN_EPOCH_TOTAL_LOSS]:.2f}"
+    if metric_names.TRAIN_EPOCH_TOTAL_LOSS in metrics:
+        head += f" loss {metrics[metric_names.TRAIN_EPOCH_TOTAL_LOSS]:.2f}"
     tail = [fmt.format(metrics[k]) for k, fmt in LINE_FIELDS if k in metrics and math.isfinite(metrics[k])]
     return head + (" | " + " ".join(tail) if tail else "")
 
@@ -93,7 +93,7 @@ class EpochProgress:
 
     def poll(self) -> list[str]:
         """Print (and return) the lines of epochs finished since the last poll; then refresh the live line."""
-        done = sorted({step for step, _ in metric_history(self.uri, self.run_id, N.TRAIN_EPOCH_SECONDS)} - self.printed)
+        done = sorted({step for step, _ in metric_history(self.uri, self.run_id, metric_names.TRAIN_EPOCH_SECONDS)} - self.printed)
         lines = []
         if done:
             history = {k: dict(metric_history(self.uri, self.run_id, k))
@@ -111,13 +111,13 @@ class EpochProgress:
     def _refresh_live(self) -> None:
         """Redraw the live line from rank 0's latest progress/* metrics (none while the epoch has no step logged)."""
         latest = run_metrics(self.uri, self.run_id)
-        if N.PROGRESS_STEP not in latest:
+        if metric_names.PROGRESS_STEP not in latest:
             return
-        epoch = int(latest[N.PROGRESS_EPOCH])
+        epoch = int(latest[metric_names.PROGRESS_EPOCH])
         if epoch in self.printed:          # that epoch is over; the next one has not logged a step yet
             return
-        line = step_line(self.name, epoch, self.epochs, int(latest[N.PROGRESS_STEP]), self.steps_per_epoch,
-                         latest[N.PROGRESS_SAMPLES_PER_S], self.samples_per_step)
+        line = step_line(self.name, epoch, self.epochs, int(latest[metric_names.PROGRESS_STEP]), self.steps_per_epoch,
+                         latest[metric_names.PROGRESS_SAMPLES_PER_S], self.samples_per_step)
         if line != self.shown:
             self._write(CLEAR_LINE + line)
             self.shown = line

@@ -14,8 +14,8 @@ from ..config import RematchConfig
 
 
 def rematch_epoch(cfg: RematchConfig, epoch: int) -> bool:
-    """True when epoch (0-based) is re-matched: from `start_epoch` on, every `every` epochs."""
-    return epoch >= cfg.start_epoch and (epoch - cfg.start_epoch) % cfg.every == 0
+    """True when epoch (0-based) is re-matched: from `start_epoch` on, every `every_epochs` epochs."""
+    return epoch >= cfg.start_epoch and (epoch - cfg.start_epoch) % cfg.every_epochs == 0
 
 
 @dataclass

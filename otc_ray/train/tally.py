@@ -3,7 +3,7 @@ dropped (loss weight 0), the mean loss weight; when the poison manifest is known
 all flags (sticky ones included) and of the gate's own verdict this epoch (new flags: does the gate keep finding
 poison as training goes on?), backdoor and targeted apart; when class labels are known, the damage (clean pairs given
 a re-captioned clean pair whose new caption names another class than its image's: the class the caption names
-(`poison.classes.named_class`, with the training set's classes), else the label of the image it came from). See
+(`data.class_info.named_class`, with the training set's classes), else the label of the image it came from). See
 otc_ray.evaluate.detection."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import schema as S
+from ..data import schema
+from ..data.class_info import named_class
 from ..evaluate.detection import damage_metrics, detection_metrics
-from ..poison.classes import named_class
-from ..track import metric_names as N
+from ..track import metric_names
 
 
 @dataclass
@@ -37,22 +37,22 @@ class RematchTally:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Count one training batch (a no-op when the batch did not pass through the re-match stage)."""
-        if S.FLAGGED not in batch:
+        if schema.FLAGGED not in batch:
             return
-        n = len(batch[S.KEY])
-        self.flags.append(np.asarray(batch[S.FLAGGED], dtype=bool))
-        self.gate_flags.append(np.asarray(batch.get(S.GATE_FLAGGED, batch[S.FLAGGED]), dtype=bool))
-        self.screened.append(np.asarray(batch.get(S.SCREENED, np.ones(n, bool)), dtype=bool))
-        self.attack.append(np.asarray([self.poisoned.get(str(k), "") for k in batch[S.KEY]], dtype=object))
-        recaptioned = np.asarray(batch[S.RECAPTIONED], dtype=bool)
+        n = len(batch[schema.KEY])
+        self.flags.append(np.asarray(batch[schema.FLAGGED], dtype=bool))
+        self.gate_flags.append(np.asarray(batch.get(schema.GATE_FLAGGED, batch[schema.FLAGGED]), dtype=bool))
+        self.screened.append(np.asarray(batch.get(schema.SCREENED, np.ones(n, bool)), dtype=bool))
+        self.attack.append(np.asarray([self.poisoned.get(str(k), "") for k in batch[schema.KEY]], dtype=object))
+        recaptioned = np.asarray(batch[schema.RECAPTIONED], dtype=bool)
         self.recaptioned.append(recaptioned)
-        self.weights.append(np.asarray(batch[S.WEIGHT], dtype=np.float32))
-        self.versions.append(np.asarray(batch.get(S.WEIGHTS_VERSION, np.zeros(n)), dtype=np.int64))
-        if S.LABEL in batch:
-            self.labels.append(np.asarray(batch[S.LABEL], dtype=np.int64))
-            source = np.asarray(batch[S.SOURCE_LABEL], dtype=np.int64)
-            if self.patterns and S.CAPTION_USED in batch:     # the class the new caption names, where it names one
-                named = np.array([named_class(str(batch[S.CAPTION_USED][i]), self.patterns) if recaptioned[i] else -1
+        self.weights.append(np.asarray(batch[schema.WEIGHT], dtype=np.float32))
+        self.versions.append(np.asarray(batch.get(schema.WEIGHTS_VERSION, np.zeros(n)), dtype=np.int64))
+        if schema.LABEL in batch:
+            self.labels.append(np.asarray(batch[schema.LABEL], dtype=np.int64))
+            source = np.asarray(batch[schema.SOURCE_LABEL], dtype=np.int64)
+            if self.patterns and schema.CAPTION_USED in batch:     # the class the new caption names, where it names one
+                named = np.array([named_class(str(batch[schema.CAPTION_USED][i]), self.patterns) if recaptioned[i] else -1
                                   for i in range(n)], dtype=np.int64)
                 source = np.where(named >= 0, named, source)
             self.source_labels.append(source)
@@ -65,27 +65,27 @@ class RematchTally:
         attack, weights = np.concatenate(self.attack), np.concatenate(self.weights)
         truth = attack != ""
         recaptioned = np.concatenate(self.recaptioned)
-        out = {N.REMATCH_FLAG_RATE: float(flags.mean()), N.REMATCH_RECAPTIONED_RATE: float(recaptioned.mean()),
-               N.REMATCH_DROPPED_RATE: float((weights == 0).mean()), N.REMATCH_MEAN_WEIGHT: float(weights.mean()),
-               N.REMATCH_SCREENED_RATE: float(screened.mean()), N.rematch_gate("flag_rate"): float(gate.mean())}
+        out = {metric_names.REMATCH_FLAG_RATE: float(flags.mean()), metric_names.REMATCH_RECAPTIONED_RATE: float(recaptioned.mean()),
+               metric_names.REMATCH_DROPPED_RATE: float((weights == 0).mean()), metric_names.REMATCH_MEAN_WEIGHT: float(weights.mean()),
+               metric_names.REMATCH_SCREENED_RATE: float(screened.mean()), metric_names.rematch_gate("flag_rate"): float(gate.mean())}
         if published_version > 0:
             versions = np.concatenate(self.versions)
-            out[N.REMATCH_STALENESS] = float(np.mean(published_version - versions[screened])) if screened.any() else \
+            out[metric_names.REMATCH_STALENESS] = float(np.mean(published_version - versions[screened])) if screened.any() else \
                 float("nan")
         if self.poisoned:
-            out |= N.prefixed(N.REMATCH, detection_metrics(flags, truth))
+            out |= metric_names.prefixed(metric_names.REMATCH, detection_metrics(flags, truth))
             new = detection_metrics(gate, truth)
-            out[N.rematch_gate("precision")] = new["detect_precision"]
-            out[N.rematch_gate("recall")] = new["detect_recall"]
+            out[metric_names.rematch_gate("precision")] = new["detect_precision"]
+            out[metric_names.rematch_gate("recall")] = new["detect_recall"]
             for kind in ("backdoor", "targeted"):
                 rows = attack == kind
                 if rows.any():
-                    out[N.rematch_recall(kind)] = float(flags[rows].mean())
-                    out[N.rematch_gate(f"recall_{kind}")] = float(gate[rows].mean())
+                    out[metric_names.rematch_recall(kind)] = float(flags[rows].mean())
+                    out[metric_names.rematch_gate(f"recall_{kind}")] = float(gate[rows].mean())
         if self.labels:
             labels, sources = np.concatenate(self.labels), np.concatenate(self.source_labels)
             known = (labels >= 0) & (sources >= 0)
             clean = ~truth & known
             if clean.any():         # damage: clean pairs now trained with a caption of another class
-                out |= N.prefixed(N.REMATCH, damage_metrics(clean, labels, np.where(recaptioned, sources, labels)))
+                out |= metric_names.prefixed(metric_names.REMATCH, damage_metrics(clean, labels, np.where(recaptioned, sources, labels)))
         return out

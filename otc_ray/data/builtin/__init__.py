@@ -7,47 +7,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from typing import Iterator
 
-from .fashion import DatasetMissingError, FashionItems, FashionScenes, fix_articles
+from ..class_info import DatasetInfo
+from .fashion import DatasetMissingError, FashionItems, FashionScenes
 from .shapes import SHAPES, SHAPES_32PX, ShapesWorld
 
 BUILTIN_DATASETS = ("fashion", "fashion-scenes", "shapes")
 SPLITS = ("train", "test")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Class names (label order), synonyms and templates of a data set, as loaded from its JSON."""
-
-    name: str
-    classes: tuple[str, ...]
-    synonyms: dict
-    caption_templates: tuple[str, ...]
-    zeroshot_templates: tuple[str, ...]
-
-    def caption_for(self, label: int, template_index: int, synonym_index: int = 0) -> str:
-        """A training-style caption naming class `label` (templates and synonyms cycle)."""
-        name = self.classes[label]
-        words = self.synonyms[name][synonym_index % len(self.synonyms[name])]
-        return fix_articles(self.caption_templates[template_index % len(self.caption_templates)].format(c=words))
-
-    def label_of(self, class_name: str) -> int:
-        if class_name not in self.classes:
-            raise ValueError(f"{self.name}: unknown class {class_name!r} (classes: {', '.join(self.classes)})")
-        return self.classes.index(class_name)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "classes": list(self.classes), "synonyms": self.synonyms,
-                "caption_templates": list(self.caption_templates),
-                "zeroshot_templates": list(self.zeroshot_templates)}
-
-    @staticmethod
-    def from_dict(d: dict) -> "DatasetInfo":
-        return DatasetInfo(d["name"], tuple(d["classes"]), dict(d["synonyms"]), tuple(d["caption_templates"]),
-                           tuple(d["zeroshot_templates"]))
 
 
 def dataset_info(name: str, image_size: int = 32) -> DatasetInfo:
@@ -84,14 +52,14 @@ def generate(name: str, split: str, num: int, seed: int = 0, image_size: int = 3
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     info = dataset_info(name, image_size)
-    gen = _generator(name, split, seed, image_size, tint)
-    if num > gen.capacity():
-        raise ValueError(f"{name}/{split} holds {gen.capacity()} images; asked for {num}")
+    source = _generator(name, split, seed, image_size, tint)
+    if num > source.capacity():
+        raise ValueError(f"{name}/{split} holds {source.capacity()} images; asked for {num}")
     done = 0
     while done < num:
         n = min(CHUNK, num - done)
-        gen.start_chunk(done // CHUNK, CHUNK)
-        full = gen.sample(min(CHUNK, gen.capacity() - done))
+        source.start_chunk(done // CHUNK, CHUNK)
+        full = source.sample(min(CHUNK, source.capacity() - done))
         out = {k: v[:n] for k, v in full.items()}
         keys = [f"{done + i:09d}" for i in range(n)]
         for meta, label in zip(out["metas"], out["labels"]):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..class_info import fix_articles
 from .shapes import COLOUR_NAMES, COLOUR_RGB
 
 FASHION_ENV = "OTC_RAY_FASHION_MNIST"
@@ -24,7 +24,6 @@ _SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 _REPO_ROOT = Path(__file__).resolve().parents[3] / ".data" / "usr" / "share" / "datasets" / "fashion-mnist"
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-_ARTICLE = re.compile(r"\ba ([aeiou])")
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -57,11 +56,6 @@ def load_fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
     if len(images) != len(labels):
         raise ValueError(f"fashion: {len(images)} images but {len(labels)} labels in {root}")
     return images, labels
-
-
-def fix_articles(text: str) -> str:
-    """'a ankle boot' -> 'an ankle boot'."""
-    return _ARTICLE.sub(r"an \1", text)
 
 
 def _resize(gray: np.ndarray, side: int) -> np.ndarray:

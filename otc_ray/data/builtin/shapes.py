@@ -1,7 +1,7 @@
 """Procedural shapes world: 1-3 coloured shapes on a noisy dark canvas, with fine-grained captions.
 
-    gen = ShapesWorld(image_size=32, seed=0, split="train")
-    chunk = gen.sample(1000)   # images (1000, 32, 32, 3) uint8, captions, labels (shape of object 0)
+    world = ShapesWorld(image_size=32, seed=0, split="train")
+    chunk = world.sample(1000)   # images (1000, 32, 32, 3) uint8, captions, labels (shape of object 0)
 
 Each object sits in its own cell of a G x G grid (G = 2 at 32 px, 3 at 64 px), so objects never overlap
 and spatial relations ("left of", "above") follow from the cells. Within an image no two objects share
