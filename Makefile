@@ -9,7 +9,7 @@ FASHION_LOCAL := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.g
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: setup data test test-fast demo bench clean
+.PHONY: setup data test test-fast demo bench gpu-check clean
 
 setup: $(STAMP) data
 
@@ -45,6 +45,11 @@ bench: setup
 	$(PY) benchmarks/ot_bench.py
 	$(PY) benchmarks/rematch_bench.py --quick
 	$(PY) benchmarks/defense_bench.py --datasets fashion --seeds 0 --attacks patch+targeted,blended
+
+# On one CUDA GPU: OTCCLIP in bf16 on the GPU, the re-match stage on a GPU actor, OT us/pair GPU vs CPU (< 5 min).
+# `benchmarks/gpu_check.sh --cpu` is the dry run of the same parts on the CPU.
+gpu-check:
+	benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache
