@@ -2,7 +2,7 @@
 samples/s, CPU per sample and peak memory (RSS) of every process that takes part, one table.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/scale_bench.py --sizes 5000,50000          # ~15 min on 2 cores
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/scale_bench.py --sizes 500000 --jobs stream
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/scale_bench.py --sizes 500000 --jobs stream --json runs/scale.jsonl
 
 For each size N a shapes shard set (32 px, `data make`, 1000 per shard) is made once under --data-dir (the time is
 printed: generation is part of what scales), then:
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", default="clean,stream")
     parser.add_argument("--data-dir", default=str(ROOT / "runs" / "scale-bench"))
     parser.add_argument("--arch", default="otc-tiny-vit-32")
-    parser.add_argument("--json", help="append one JSON line per (size, job) to this file")
+    parser.add_argument("--json", help="append one JSON line per (size, job) to this file; the table then covers "
+                                       "every line of it (sizes measured in separate invocations)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rematch.max_actors=1")
     args = parser.parse_args(argv)
 
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
     ray.shutdown()
-    print_table(results)
+    if args.json:       # every run recorded there (earlier sizes too): one table over all of them
+        results = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()]
+    print_table(sorted(results, key=lambda r: r["n"]))
 
 
 def print_table(results: list[dict]) -> None:
