@@ -4,6 +4,11 @@ the defense issue; writes benchmarks/results/defense.md.
     .venv/bin/python benchmarks/defense_bench.py                                   # the full matrix (days on 2 cores)
     .venv/bin/python benchmarks/defense_bench.py --datasets fashion --seeds 0 \\
         --attacks patch+targeted,blended                                           # what a 2-core session affords
+    .venv/bin/python benchmarks/defense_bench.py ... model.arch=otc-fast-vit-32 \\
+        --cells benchmarks/results/cells-fast --output benchmarks/results/defense-fast.md
+        # trailing key=value pairs override the config: here the fast experiment model (3.5x fewer FLOPs per sample,
+        # benchmarks/results/fast_model.md), with cell files of its own (a cell file is named by data set, attack,
+        # defense and seed, so the tiny model's folder would have its cells replaced)
 
 Every cell is one `otc-ray train` run (jobs/configs/defense-bench.yaml plus the cell's overrides) in the MLflow
 experiment `otc-ray-defense-bench` under --out-dir. A finished cell is written to its own small file under --cells
