@@ -47,9 +47,9 @@ bench: setup
 	$(PY) benchmarks/defense_bench.py --datasets fashion --seeds 0 --attacks patch+targeted,blended
 
 # On one CUDA GPU: OTCCLIP in bf16 on the GPU, the re-match stage on a GPU actor, OT us/pair GPU vs CPU (< 5 min).
-# `benchmarks/gpu_check.sh --cpu` is the dry run of the same parts on the CPU.
+# `make gpu-check GPU_CHECK_ARGS=--cpu` is the dry run of the same parts on the CPU.
 gpu-check:
-	benchmarks/gpu_check.sh
+	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
