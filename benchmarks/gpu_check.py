@@ -16,8 +16,8 @@ any failed):
   3. ot      `otc_ray.ot.ot_distance` on --ot-pairs token-set pairs (M=64 patches, L=32 words, d=128, 50
              Sinkhorn iterations, the config's eps): microseconds per pair on the CPU and on the GPU (CUDA
              synchronised; best of --reps after a warm-up), and the ratio.
-With --cpu: no GPU is asked for (use_gpu false, actor_num_gpus 0, precision fp32 unless --precision) and the
-sizes shrink, so every code path but the device runs here in a few minutes.
+With --cpu: no GPU is asked for (use_gpu false, actor_num_gpus 0; still bf16 autocast, on the CPU) and the sizes
+shrink, so every code path but the device runs here in a few minutes.
 """
 from __future__ import annotations
 
@@ -80,15 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="dry run on the CPU (no GPU asked for, small sizes)")
     parser.add_argument("--train-pairs", type=int, help="training pairs (default 2048; --cpu 640)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model.precision (default bf16; "
-                                                                              "--cpu fp32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
+                        help="model.precision (torch.autocast on the worker's and the actor's device; CPU autocast "
+                             "runs bf16 too, so --cpu checks the same path)")
     parser.add_argument("--ot-pairs", type=int, help="OT problems timed (default 8192; --cpu 256)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out-dir", help="runs and data (default: a temporary folder, removed after)")
     args = parser.parse_args(argv)
     train_pairs = args.train_pairs or (640 if args.cpu else 2048)
     ot_pairs = args.ot_pairs or (256 if args.cpu else 8192)
-    precision = args.precision or ("fp32" if args.cpu else "bf16")
+    precision = args.precision
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch (torch.cuda.is_available() is False); "
