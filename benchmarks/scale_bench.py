@@ -137,6 +137,7 @@ def make_set(n: int, root: Path) -> tuple[str, float]:
 
 
 def run_clean(path: str, cfg, out: Path) -> dict[str, float]:
+    """The clean job over the shard set at `path` into `out`; {"rows", "flagged"}."""
     from otc_ray.pipelines.clean import clean_shards
 
     s = clean_shards(path, str(out), cfg)
@@ -144,22 +145,22 @@ def run_clean(path: str, cfg, out: Path) -> dict[str, float]:
 
 
 def run_stream(path: str, cfg, out: Path) -> dict[str, float]:
+    """The training stream over `path`, consumed in batches of 128 by this driver; {"rows", "flagged",
+    "store_keys", "journal_bytes"} (journal and weight store under / named after `out`)."""
     import ray
+    import torch
 
     from otc_ray.data.ray_io import load_samples
     from otc_ray.model import build_model
+    from otc_ray.rematch.flags import flag_store
     from otc_ray.rematch.stage import add_rematch_stage
+    from otc_ray.rematch.trigger import PropagateConfig
     from otc_ray.rematch.weights import publish, weight_store
-
-    import torch
 
     torch.manual_seed(cfg.rematch.seed)
     store = weight_store(f"scale-{out.name}")
     publish(store, build_model(cfg.model).model.state_dict(), active=True)
     journal = out / "flags.txt"
-    from otc_ray.rematch.flags import flag_store
-    from otc_ray.rematch.trigger import PropagateConfig
-
     flags = flag_store(journal=str(journal), reference=cfg.rematch.propagate_reference,
                        propagate=PropagateConfig.from_rematch(cfg.rematch))
     ds = add_rematch_stage(load_samples(path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store, flags=flags)
