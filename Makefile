@@ -9,7 +9,7 @@ FASHION_LOCAL := .data/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.g
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: setup data test test-fast demo bench results clean
+.PHONY: setup data test test-fast demo bench results gpu-check clean
 
 setup: $(STAMP) data
 
@@ -52,6 +52,11 @@ bench: setup
 	$(PY) benchmarks/ot_bench.py
 	$(PY) benchmarks/rematch_bench.py --quick
 	$(PY) benchmarks/defense_bench.py run --datasets fashion --seeds 0 --attacks patch+targeted,blended
+
+# On one CUDA GPU: OTCCLIP in bf16 on the GPU, the re-match stage on a GPU actor, OT us/pair GPU vs CPU (< 5 min).
+# `make gpu-check GPU_CHECK_ARGS=--cpu` is the dry run of the same parts on the CPU.
+gpu-check:
+	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

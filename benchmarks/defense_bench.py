@@ -6,6 +6,8 @@ files are the one results store, and `report` rebuilds docs/results.md (every ta
         --attacks patch+targeted,blended                                       # train the cells a sitting affords
     python benchmarks/defense_bench.py run --attacks patch+targeted --defenses otcclip \\
         --variants no-propagate                                                # a variant: benchmarks/variants/*.yaml
+    python benchmarks/defense_bench.py run --attacks patch+targeted --defenses none \\
+        --variants fast-model                                                  # the fast experiment model (fast_model.md)
 
 Every cell is one `otc-ray train` run: jobs/configs/defense-bench.yaml, the cell's data set / attack / defense /
 seed, and the overrides of its variant file (none for the default configuration), in the MLflow experiment

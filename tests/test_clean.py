@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 160
 # an untrained checkpoint: a loose gate threshold so that the round trip has re-captioned samples to account for
 REMATCH = {"block_size": 40, "k": 4, "neighbours": 8, "bank_size": 80, "min_actors": 1,
-           "max_actors": 2, "actor_num_cpus": 0.5, "gate_threshold": -1.0, "gate_reference": 16}
+           "max_actors": 1, "actor_num_cpus": 0.5, "gate_threshold": -1.0, "gate_reference": 16}
 
 
 def _cfg(**sections) -> Config:
@@ -199,30 +199,40 @@ def _fresh_copy(src: Path, dst: Path) -> str:
     return str(dst)
 
 
-def test_two_clean_jobs_racing_on_one_out_cannot_both_write(ray_local, poisoned, tmp_path):
-    """Two jobs start together on one --out: exactly one takes the output's lock and finishes with exact
-    accounting; the other is refused before it reads or deletes anything, naming the job that holds the folder."""
+@pytest.fixture(scope="module")
+def raced(ray_local, poisoned, tmp_path_factory) -> dict:
+    """Two jobs (the second with action drop) started together on one --out: {"in", "out", "outcomes" (job name ->
+    CleanSummary or the exception it raised), "cfgs" (job name -> its Config)}. The winner's finished output is
+    also the interrupted test's starting point (one clean job fewer)."""
     import threading
 
-    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLocked
-
-    in_path, out_path = _fresh_copy(poisoned / "train", tmp_path / "in"), str(tmp_path / "out")
+    root = tmp_path_factory.mktemp("raced")
+    in_path, out_path = _fresh_copy(poisoned / "train", root / "in"), str(root / "out")
+    cfgs = {"a": _cfg(), "b": _cfg(rematch={"action": "drop"})}
     outcomes: dict[str, object] = {}
     barrier = threading.Barrier(2)
 
-    def job(name: str, cfg) -> None:
+    def job(name: str) -> None:
         barrier.wait()
         try:
-            outcomes[name] = clean_shards(in_path, out_path, cfg)
+            outcomes[name] = clean_shards(in_path, out_path, cfgs[name])
         except Exception as e:                               # noqa: BLE001 - the loser's error is the result
             outcomes[name] = e
 
-    threads = [threading.Thread(target=job, args=("a", _cfg())),
-               threading.Thread(target=job, args=("b", _cfg(rematch={"action": "drop"})))]
+    threads = [threading.Thread(target=job, args=(name,)) for name in cfgs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=900)
+    return {"in": in_path, "out": out_path, "outcomes": outcomes, "cfgs": cfgs}
+
+
+def test_two_clean_jobs_racing_on_one_out_cannot_both_write(raced):
+    """Two jobs start together on one --out: exactly one takes the output's lock and finishes with exact
+    accounting; the other is refused before it reads or deletes anything, naming the job that holds the folder."""
+    from otc_ray.pipelines.output_lock import LOCK_FILE, OutputLocked
+
+    in_path, out_path, outcomes = raced["in"], raced["out"], raced["outcomes"]
     errors = [v for v in outcomes.values() if isinstance(v, Exception)]
     done = [v for v in outcomes.values() if not isinstance(v, Exception)]
     assert len(errors) == 1 and len(done) == 1, outcomes
@@ -288,7 +298,7 @@ def test_racing_acquirers_on_local_disk_always_name_the_winner(tmp_path):
     assert not (tmp_path / "out" / LOCK_FILE).exists()
 
 
-def test_interrupted_clean_resumes_from_its_committed_shards(ray_local, poisoned, tmp_path):
+def test_interrupted_clean_resumes_from_its_committed_shards(raced, tmp_path):
     """A job killed after committing some shards and their report parts (its lock left behind by a dead process of
     this host): readers refuse the folder; a rerun with other settings is refused; a rerun with the same settings
     takes over the lock, keeps the committed shards untouched, cleans only the rest, and accounts for every row."""
@@ -301,8 +311,10 @@ def test_interrupted_clean_resumes_from_its_committed_shards(ray_local, poisoned
     from otc_ray.pipelines.clean import PART_PREFIX, _commit_part
     from otc_ray.pipelines.output_lock import LOCK_FILE
 
-    in_path, out_path = _fresh_copy(poisoned / "train", tmp_path / "in"), str(tmp_path / "out")
-    first = clean_shards(in_path, out_path, _cfg())
+    # the race's finished output (a copy: the race's own test reads it too) is the first, complete run
+    [(winner, first)] = [(k, v) for k, v in raced["outcomes"].items() if not isinstance(v, Exception)]
+    cfg = raced["cfgs"][winner]
+    in_path, out_path = raced["in"], _fresh_copy(Path(raced["out"]), tmp_path / "out")
     out = Path(out_path)
     report = pq.read_table(out / REPORT_FILE)
     # the state a kill leaves: marker, report and info not yet written; parts for the first two shards only
@@ -325,7 +337,7 @@ def test_interrupted_clean_resumes_from_its_committed_shards(ray_local, poisoned
     with pytest.raises(ValueError, match="interrupted cleaning with other settings.*rematch"):
         clean_shards(in_path, out_path, _cfg(rematch={"k": 3}))
 
-    second = clean_shards(in_path, out_path, _cfg())
+    second = clean_shards(in_path, out_path, cfg)
     assert second.resumed == resumed_rows > 0 and second.total == first.total == N + 2
     assert {s: (out / s).stat().st_mtime_ns for s in kept} == stamps, "a committed shard was written again"
     final = pq.read_table(out / REPORT_FILE).to_pydict()

@@ -169,3 +169,26 @@ def test_gradient_reaches_both_towers_through_tokens(batch):
     assert bundle.model.visual.proj.grad.abs().sum() > 0
     assert bundle.model.text.text_projection.grad.abs().sum() > 0
     assert bundle.model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_the_fast_experiment_model_takes_the_tiny_ones_inputs_at_a_third_of_its_flops():
+    """otc-fast-vit-32 (benchmarks/results/fast_model.md): the same 32 px images, and captions of the built-in sets
+    fit its 16 tokens; one training step (forward + backward) costs at most a third of otc-tiny-vit-32's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from otc_ray.losses import clip_loss
+    from otc_ray.model import model_input_size
+
+    def step_flops(arch: str) -> int:
+        bundle = build_model(ModelConfig(arch=arch))
+        images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+        ids = bundle.tokenizer(["a photo of a large red circle in the top left"] * 4)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            f = features(bundle.model, images_to_tensor(images, bundle.image_size), ids)
+            clip_loss(f.image, f.text, f.logit_scale).backward()
+        assert f.patches.shape[1] > 1 and int(f.word_mask.sum(1).min()) > 1
+        return counter.get_total_flops()
+
+    assert model_input_size("otc-fast-vit-32") == model_input_size("otc-tiny-vit-32") == 32
+    assert step_flops("otc-fast-vit-32") * 3 <= step_flops("otc-tiny-vit-32")
