@@ -21,7 +21,7 @@ def init_ray(cfg: RayConfig) -> None:
         on_sigterm = signal.getsignal(signal.SIGTERM)    # ray.init replaces it in the driver (sys.exit(15))
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=cfg.worker_logs)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # no token file in ~/.ray for a private instance
             # worker_logs=False keeps the console to the driver's own lines (the demo): worker output is Ray's and
