@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..model import unwrap
+from ..model_checkpoint import MODEL_FILE
 
 STATE_FILE = "state.pt"
-MODEL_FILE = "model.pt"
 
 
 @dataclass
