@@ -32,11 +32,15 @@ def _config(args: argparse.Namespace, **flag_overrides) -> Config:
     return move_secrets_to_env(load_config(args.config, flags + list(args.overrides)))
 
 
+SHARD_SET_INPUTS = ("data.train", "data.test", "--in", "--data", "--train", "--target-source", "shard set")
+
+
 def _check_inputs(cfg: Config, paths: dict[str, str | None]) -> None:
-    """ValueError for the first input path that names nothing (before Ray or a model is loaded)."""
+    """ValueError for the first input path that names nothing, or a shard set input without shards (before Ray or
+    a model is loaded)."""
     from .data.input_paths import check_inputs
 
-    check_inputs(paths, cfg.data.s3)
+    check_inputs(paths, cfg.data.s3, shard_sets=SHARD_SET_INPUTS)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -43,12 +43,20 @@ def _s3_problem(path: str, s3: S3Config) -> str | None:
         return None
 
 
-def check_inputs(paths: dict[str, str | None], s3: S3Config) -> None:
+def check_inputs(paths: dict[str, str | None], s3: S3Config, shard_sets: tuple[str, ...] = ()) -> None:
     """ValueError naming the first input path that names nothing: `paths` maps how the user gave it (a flag such as
-    "--in", or a config key such as "data.train") to the path; empty or None entries are not given and skipped."""
+    "--in", or a config key such as "data.train") to the path; empty or None entries are not given and skipped.
+    The paths labelled in `shard_sets` must also hold shards (one listing: `shards.list_shards`)."""
     for label, path in paths.items():
         if not path:
             continue
         problem = _s3_problem(path, s3) if is_s3(path) else _local_problem(path)
         if problem:
             raise ValueError(f"{label} {path}: {problem}")
+        if label in shard_sets and not is_s3(path):
+            from .shards import ShardSetError, list_shards
+
+            try:
+                list_shards(path, "auto", s3)
+            except ShardSetError as e:
+                raise ValueError(f"{label} {path} is not a shard set ({e})") from None
