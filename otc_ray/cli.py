@@ -8,6 +8,7 @@ one line and exit 2. Results go to stdout, status lines (Ray starting, the MLflo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -45,13 +46,11 @@ def _check_inputs(cfg: Config, paths: dict[str, str | None]) -> None:
 
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_make(args: argparse.Namespace) -> int:
-    from .data.make import make_shards
+    from .data.make import make_shards, prepare_output
 
     cfg = _config(args, **{"data.dataset": args.dataset, "data.seed": args.seed, "data.image_size": args.image_size,
                            "data.samples_per_shard": args.shard_size, "data.tint": args.tint,
                            "data.image_format": args.image_format})
-    from .data.make import prepare_output
-
     prepare_output(args.out, cfg.data.s3, overwrite=args.overwrite)
     report = make_shards(cfg.data, args.split, args.num, args.out, args.format, progress=not args.quiet)
     print(f"wrote {report.num_samples} samples in {report.num_shards} shards to {report.out} "
@@ -90,13 +89,12 @@ def _run_name(cfg: Config, resume: str | bool | None) -> Config:
             raise ValueError(f"--resume {name}: no run of that name under {Path(folder).parent}"
                              + (f" (runs there: {', '.join(earlier[-5:])})" if earlier else ""))
         return named
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name, n = f"{current}-{stamp}", 1
-    while "://" not in run_folder(replace(cfg, name=name, tracking__run_name="")) and \
-            Path(run_folder(replace(cfg, name=name, tracking__run_name=""))).exists():
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    named = replace(cfg, name=f"{current}-{stamp}", tracking__run_name="")
+    while "://" not in run_folder(named) and Path(run_folder(named)).exists():     # two runs in one second
         n += 1
-        name = f"{current}-{stamp}-{n}"
-    return replace(cfg, name=name, tracking__run_name="")
+        named = replace(cfg, name=f"{current}-{stamp}-{n}", tracking__run_name="")
+    return named
 
 
 def _link_latest(cfg: Config, checkpoint: str | None) -> str | None:
@@ -117,8 +115,11 @@ def final_table(metrics: dict[str, float]) -> str:
 
     rows = [(label, metrics[key]) for label, key in METRICS if key in metrics]
     width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join(f"{label:<{width}}  {value:.4g}" if abs(value) < 1000 else f"{label:<{width}}  {value:.0f}"
-                     for label, value in rows)
+
+    def shown(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+    return "\n".join(f"{label:<{width}}  {shown(value)}" for label, value in rows)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

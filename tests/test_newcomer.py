@@ -204,9 +204,10 @@ def test_final_metrics_table_is_short():
     from otc_ray.track import metric_names as N
 
     table = final_table({N.FINAL_ZEROSHOT_TOP1: 0.5, N.FINAL_BACKDOOR_ASR: 0.0625, N.REMATCH_DETECT_PRECISION: 0.25,
-                         N.RUN_SECONDS: 1234.5, "final/eval_count": 128.0, "eval/zeroshot_top1": 0.4})
+                         N.REMATCH_DETECT_RECALL: float("nan"), N.RUN_SECONDS: 1234.5, "final/eval_count": 128.0,
+                         "eval/zeroshot_top1": 0.4})
     assert table.splitlines() == ["zero-shot     0.5", "backdoor ASR  0.0625", "det P         0.25",
-                                  "time s        1234"]
+                                  "det R         -", "time s        1234"]
 
 
 # ----------------------------------------------------------------------------------------- CLI

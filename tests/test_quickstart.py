@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -100,8 +101,10 @@ def test_quickstart_runs_as_written(tmp_path):
     assert "already carries" not in err and "Traceback" not in err
     assert re.search(r"^run tiny-\d{8}-\d{6} \(new", err, re.M), err
     assert re.search(r"^MLflow run tiny-\S+ \(\w+\): mlflow ui --backend-store-uri sqlite:", err, re.M), err
-    table = dict(re.findall(r"^(zero-shot|backdoor ASR|det P|det R)\s+([\d.]+)$", out, re.M))
-    assert set(table) == {"zero-shot", "backdoor ASR", "det P", "det R"}, out
+    table = dict(re.findall(r"^(zero-shot|backdoor ASR|det P|det R)\s+(\S+)$", out, re.M))
+    assert set(table) == {"zero-shot", "backdoor ASR", "det P", "det R"}, out       # detection: from the manifest
+    assert all(re.fullmatch(r"[\d.]+", table[k]) for k in ("zero-shot", "backdoor ASR", "det R")), out
+    assert re.fullmatch(r"[\d.]+|-", table["det P"]), out                        # "-": nothing flagged
     assert (tmp_path / "runs" / "latest-checkpoint" / "model.pt").is_file()
     assert f"checkpoint  {tmp_path}" in out or "checkpoint  /" in out
 
@@ -116,7 +119,7 @@ def test_quickstart_runs_as_written(tmp_path):
     rows = [line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith("plot:")]
     (row,) = [r for r in rows if r[:5] == ["shapes", "otcclip", "backdoor", "patch", "16"]]
     det_p = len(GROUP_PARAMS) + 1 + [label for label, _ in METRICS].index("det P")   # single seed: one word a cell
-    assert re.fullmatch(r"[\d.]+", row[det_p]) and re.fullmatch(r"[\d.]+", row[det_p + 1]), out
+    assert re.fullmatch(r"[\d.]+|-", row[det_p]) and re.fullmatch(r"[\d.]+", row[det_p + 1]), out
 
     # the UI line as written serves the MLflow page
     port = int(re.search(r"--port (\d+)", ui).group(1))
@@ -133,7 +136,14 @@ def test_quickstart_runs_as_written(tmp_path):
                     break
             except OSError:
                 time.sleep(1)
-        assert "MLflow" in page, f"no MLflow page at port {port} (server exit code {server.poll()})"
+        assert "<title>MLflow" in page, f"no MLflow page at port {port} (server exit code {server.poll()})"
+        url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=otc-ray"
+        with urllib.request.urlopen(url, timeout=30) as r:        # the UI reads the store the commands wrote
+            assert r.status == 200 and '"name": "otc-ray"' in r.read().decode().replace('":"', '": "')
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)             # uvicorn's workers may outlive a SIGTERM
+            server.wait(timeout=15)
