@@ -4,6 +4,7 @@
         python jobs/train.py --config jobs/configs/tiny.yaml train.epochs=1
 
 Takes every flag and override of `otc-ray train`; exits like it (0 on success, 2 for a bad request, 1 on a failure).
+Each submission is a new run (`name` plus its start time); a resubmission continues one with `--resume NAME`.
 """
 import sys
 

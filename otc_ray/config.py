@@ -265,7 +265,7 @@ class RayConfig:
     num_cpus: int = 4               # local instance only: logical CPUs (more than cores avoids deadlock)
     object_store_mb: int = 2048     # local instance only: object store size in MiB
     progress_bars: bool = True      # Ray Data's progress bars on the console
-    worker_logs: bool = True        # local instance: stream Ray's worker/actor output to the console
+    worker_logs: bool = False       # stream Ray's worker/actor output to the console (off: progress lines only)
 
 
 @dataclass(frozen=True)
@@ -360,7 +360,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     kwargs = {}
     for k, v in values.items():
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_did_you_mean(str(k), names, prefix)}")
         parse = fields[k].metadata.get("parse")          # a field's written form, e.g. poison.attack "a+b"
         try:
             kwargs[k] = _coerce(parse(v) if parse else v, hints[k], f"{prefix}{k}")
@@ -371,6 +371,16 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     obj = cls(**kwargs)
     _check_ranges(obj, prefix)
     return obj
+
+
+def _did_you_mean(key: str, names: set[str], prefix: str) -> str:
+    """' (did you mean 'train.epochs'?)' for a near miss, else the section's known keys."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (known in this section: {', '.join(sorted(names))})"
 
 
 # ----------------------------------------------------------------------------------------- ranges
@@ -499,19 +509,41 @@ def config_from_dict(values: dict | None, overrides: list[str] | tuple[str, ...]
     return _build(Config, tree)
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"      # otc_ray/configs/*.yaml (package data)
+
+
+def config_path(name: str | Path) -> Path:
+    """The config file `name` names: a file path, or the name of a packaged config ("demo", "tiny" ->
+    otc_ray/configs/tiny.yaml); ConfigError listing the packaged ones when neither exists."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / f"{p.name.removesuffix('.yaml')}.yaml"
+    if p.parent == Path(".") and packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {p} (a YAML file, or a packaged config: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config file (or only defaults when `path` is None) and apply overrides."""
+    """Load a YAML config file (a path, or a packaged config's name: `config_path`; only defaults when `path` is
+    None) and apply overrides. Errors in the file name it (and the line, for YAML syntax)."""
     values: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = config_path(path)
         try:
             values = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}")
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({problem})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections at the top level")
+        try:
+            config_from_dict(values)
+        except ConfigError as e:
+            raise ConfigError(f"config file {p}: {e}") from None
     return config_from_dict(values, overrides)
 
 

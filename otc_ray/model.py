@@ -13,6 +13,8 @@ final norm applied), so they work for `CLIP` and `CustomTextCLIP` alike and leav
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -87,6 +89,24 @@ class ClipFeatures:
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _RandomInitNote(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning: a random start is what
+    build_model asks for (weights, when wanted, are loaded afterwards by otc_ray.model_checkpoint)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    root, note = logging.getLogger(), _RandomInitNote()
+    root.addFilter(note)
+    try:
+        yield
+    finally:
+        root.removeFilter(note)
+
+
 def build_model(cfg: ModelConfig) -> ClipBundle:
     """A randomly initialised open_clip model for `cfg.arch` (a registered name; never downloads)."""
     register_model_configs()
@@ -99,8 +119,9 @@ def build_model(cfg: ModelConfig) -> ClipBundle:
     if arch_cfg.get("text_cfg", {}).get("hf_model_name") or arch_cfg.get("vision_cfg", {}).get("timm_model_name"):
         raise ValueError(f"arch {cfg.arch!r} needs a Hugging Face / timm tower (downloads, no token features); "
                          "use an open_clip ViT architecture")
-    model = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False, precision="fp32",
-                                   pretrained_image=False, pretrained_text=False)
+    with _quiet_random_init():
+        model = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False, precision="fp32",
+                                       pretrained_image=False, pretrained_text=False)
     size = model.visual.image_size
     return ClipBundle(
         model=model,

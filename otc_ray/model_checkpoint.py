@@ -27,11 +27,38 @@ from .model import ClipBundle, build_model
 MODEL_FILE = "model.pt"         # the model's weights inside a training checkpoint folder (`otc_ray.train.checkpoint`)
 
 
+MODEL_FILE = "model.pt"          # the bare open_clip state dict in each checkpoint folder the trainer writes
+
+
+def shorten(text: str, width: int = 200) -> str:
+    """`text` on one line, cut at a word boundary to at most `width` characters (marked "...")."""
+    import textwrap
+
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")
+
+
+def _model_file(fs, root: str, path: str) -> str:
+    """The state dict file that `path` names: the file itself; in a checkpoint folder (what `otc-ray train` prints),
+    its MODEL_FILE; in a Ray Train run folder, the newest `checkpoint_*` folder's. ValueError when none."""
+    if fs.isfile(root):
+        return root
+    if not fs.isdir(root):
+        raise ValueError(f"no checkpoint file or folder at {path}")
+    inside = f"{root.rstrip('/')}/{MODEL_FILE}"
+    if fs.isfile(inside):
+        return inside
+    newest = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+    if newest and fs.isfile(f"{newest[-1].rstrip('/')}/{MODEL_FILE}"):
+        return f"{newest[-1].rstrip('/')}/{MODEL_FILE}"
+    raise ValueError(f"{path} is a folder without {MODEL_FILE} (give a checkpoint folder that `otc-ray train` "
+                     "printed, a run folder holding checkpoint_* folders, or a state dict file)")
+
+
 def read_state_dict(path: str, s3: S3Config | None = None) -> dict[str, torch.Tensor]:
-    """{parameter name: tensor} of the checkpoint file at `path`; ValueError when missing or not weights."""
-    fs, file = resolve(path, s3 or S3Config())
-    if not fs.isfile(file):
-        raise ValueError(f"no checkpoint file at {path}")
+    """{parameter name: tensor} of the checkpoint at `path` (a state dict file, a checkpoint folder or a Ray Train
+    run folder: `_model_file`); ValueError when missing or not weights."""
+    fs, root = resolve(path, s3 or S3Config())
+    file = _model_file(fs, root, path)
     with fs.open(file, "rb") as f:
         data = f.read()
     try:
@@ -42,7 +69,7 @@ def read_state_dict(path: str, s3: S3Config | None = None) -> dict[str, torch.Te
         else:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:   # pickle.UnpicklingError for anything but tensors and plain containers
-        detail = f"{type(e).__name__}: {str(e)[:120]}"
+        detail = f"{type(e).__name__}: {shorten(e, 120)}"
         raise ValueError(f"{path} is not a weights-only torch state dict ({detail})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]              # open_clip's training checkpoint: epoch, name, state_dict, optimizer
@@ -57,9 +84,7 @@ def load_weights(model: nn.Module, path: str, arch: str, s3: S3Config | None = N
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise ValueError(f"{path} does not fit model arch {arch!r}: "
-                         f"{detail[:200]}{'...' if len(detail) > 200 else ''}") from None
+        raise ValueError(f"{path} does not fit model arch {arch!r}: {shorten(e, 200)}") from None
 
 
 def load_checkpoint_model(path: str, model_cfg: ModelConfig, s3: S3Config | None = None) -> ClipBundle:

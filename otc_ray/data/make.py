@@ -1,6 +1,12 @@
-"""`otc-ray data make`: write a built-in data set as a shard set (local or s3://), with `_info.json`."""
+"""`otc-ray data make`: write a built-in data set as a shard set (local or s3://), with `_info.json`.
+
+    prepare_output("data/train", s3, overwrite=False)   # ValueError when the folder already holds anything
+    make_shards(cfg, "train", 1000, "data/train", "wds")
+"""
 from __future__ import annotations
 
+import posixpath
+import re
 import time
 from dataclasses import dataclass
 
@@ -9,6 +15,34 @@ from tqdm import tqdm
 from ..config import DataConfig
 from .builtin import dataset_info, generate
 from .shards import ShardWriter, encode_image
+from .storage import display, resolve
+
+# what a shard set written by this package consists of: numbered or cleaned shards, side files, unfinished temps
+_SHARD_SET_FILE = re.compile(r"^(\d{5}|clean-[0-9a-f]{16})\.(tar|parquet)(\.tmp-[0-9a-f]{8})?$|^_[a-z_]+\.(json|parquet)$")
+
+
+def prepare_output(out: str, s3, overwrite: bool = False) -> None:
+    """Make sure `out` (local or s3://) can take a new shard set: absent or empty is fine; a shard set there is
+    removed with `overwrite` (its shards and side files only); anything else is refused. ValueError says why.
+
+    Writing over an old set would mix the two (its extra shards stay and are read, `_info.json` counts the new)."""
+    fs, root = resolve(out, s3)
+    if not fs.exists(root):
+        return
+    if fs.isfile(root):
+        raise ValueError(f"--out {out} is a file; give a folder (or s3:// prefix) for the shard set")
+    files = [f for f in fs.find(root) if f != root]
+    if not files:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty ({len(files)} files, e.g. {display(fs, files[0])}): choose a new "
+                         "folder, or pass --overwrite to replace the shard set there")
+    foreign = [f for f in files if posixpath.dirname(f) != root or not _SHARD_SET_FILE.match(posixpath.basename(f))]
+    if foreign:
+        raise ValueError(f"--overwrite replaces only a shard set, and {out} also holds other files (e.g. "
+                         f"{display(fs, foreign[0])}); nothing was removed: choose a new folder")
+    for f in files:
+        fs.rm_file(f)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 `data.train` / `data.test` shard sets are used as they are (a user's own: classes from `eval.classes`); otherwise the
 built-in data set `data.dataset` is generated once under `<output_dir>/data/`. With `poison.attack` the training set
 is poisoned, each attack of the tuple in turn, one transform each, also once: folders are named by a digest of their
-settings and reused by later runs.
+settings and reused by later runs. A `data.train` that `otc-ray poison` wrote carries its attacks already: its
+`_info.json` poison history decides the run's `poison.*` (`carried_poison`), and its manifest the detection truth.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..config import Config, content_digest, replace, to_dict
 from ..data.make import make_shards
 from ..data.ray_io import count_outcomes, load_samples
 from ..data.shards import read_info
-from ..poison.transform import poison_shards
+from ..poison.transform import poison_shards, prior_attacks
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
 
     train = d.train or built_in("train", d.num_train)
     test = d.test or built_in("test", d.num_test)
+    if d.train and prior_attacks(read_info(d.train, d.s3) or {}):
+        return TrainData(train, test, train)         # poisoned by the user: `carried_poison` made cfg.poison match
     if not cfg.poison.attack:
         return TrainData(train, test, None)
     source = train
@@ -56,6 +59,43 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
             poison_shards(source, str(out), step, d, target_source=test, progress=progress, classes=cfg.eval.classes)
         source = str(out)
     return TrainData(source, test, source)
+
+
+def _recorded_poison(record: dict) -> dict:
+    """`poison.*` values of one attack as `otc-ray poison` recorded it in `_info.json` (its `poison` section)."""
+    out = {"seed": record.get("seed", 0)}
+    if record.get("attack") == "backdoor":
+        trigger = record.get("trigger") or {}
+        out |= {"target": record.get("target", ""), "count": record.get("count", 0), "rate": record.get("rate", 0.0),
+                "label_consistent": bool(record.get("label_consistent", False))}
+        out |= {k: trigger[t] for k, t in (("trigger", "kind"), ("trigger_size", "size"),
+                                           ("trigger_location", "location"), ("blend_alpha", "alpha"),
+                                           ("sig_delta", "delta"), ("sig_frequency", "frequency")) if t in trigger}
+    elif record.get("attack") == "targeted":
+        out |= {k: record[k] for k in ("targets", "per_target", "caption_source") if k in record}
+        out["adversarial"] = record.get("target", "")
+    return out
+
+
+def carried_poison(cfg: Config) -> tuple[Config, list[str]]:
+    """(cfg, notes): when `data.train` is a set poisoned by `otc-ray poison`, cfg with `poison.*` set from the set's
+    poison history (the attacks it carries, their target, count and trigger), so that the run's tags, parameters,
+    compare row and detection metrics describe the data it trains on; the config's own `poison.*` would describe
+    an attack that is not there (and poisoning the set again fails: it already carries the attack). The notes say
+    what was taken over, for the console. A clean or a built-in training set leaves cfg as it is."""
+    if not cfg.data.train:
+        return cfg, []
+    history = prior_attacks(read_info(cfg.data.train, cfg.data.s3) or {})
+    if not history:
+        return cfg, []
+    values: dict = {}
+    for record in history:                            # a composed set: one record per attack (seeds alike)
+        values |= _recorded_poison(record)
+    attacks = tuple(r.get("attack") for r in history)
+    carried = replace(cfg, poison__attack=attacks, **{f"poison__{k}": v for k, v in values.items()})
+    notes = [] if cfg.poison == carried.poison else \
+        [f"data.train carries {carried.poison.attack_name} (its _info.json): poison.* set from it"]
+    return carried, notes
 
 
 def data_name(cfg: Config, classes_name: str) -> str:

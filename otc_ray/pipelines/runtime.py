@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import threading
+import warnings
 
 import ray
 
@@ -17,11 +18,14 @@ def init_ray(cfg: RayConfig) -> None:
     A local instance gets `cfg.num_cpus` logical CPUs (default 4, more than a 2-core laptop has): Ray Data's
     file listing always holds one CPU, so actor pools and train workers need logical room to avoid a deadlock.
     """
+    # Ray's own deprecation notices about arguments its libraries pass internally (Train's exclude_resources): the
+    # user can do nothing about them
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     if not ray.is_initialized():
         on_sigterm = signal.getsignal(signal.SIGTERM)    # ray.init replaces it in the driver (sys.exit(15))
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=cfg.worker_logs)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # no token file in ~/.ray for a private instance
             # worker_logs=False keeps the console to the driver's own lines (the demo): worker output is Ray's and
@@ -37,3 +41,5 @@ def init_ray(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = cfg.progress_bars
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ..." is Ray Data's answer to the setting just made: not news
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

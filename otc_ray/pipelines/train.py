@@ -6,10 +6,13 @@
 Joins the stages: `prepare_data` (make / poison the shard sets), the read + re-match stream the workers consume
 (`training_datasets`), the held-out evaluation inputs (`pipelines.evaluate`), the MLflow run (`track`) and the
 TorchTrainer (`train.trainer.build_trainer`). A rerun with the same `name` resumes: Ray Train restores the
-newest checkpoint of that run name and the same MLflow run continues.
+newest checkpoint of that run name and the same MLflow run continues (`otc-ray train` gives each new run a new name
+unless asked to `--resume`). A training set poisoned by `otc-ray poison` sets the run's `poison.*` from its own
+history (`prepare.carried_poison`). Status lines (Ray starting, the MLflow run and its UI link) go to stderr.
 """
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from ..data.ray_io import load_samples
 from ..model import check_image_size
 from ..track import metric_names
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
-from ..track.run_context import PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development
+from ..track.run_context import (PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development,
+                                  run_link)
 from ..train.chaos import chaos_spec
 from ..train.defenses import get_defense
 from ..train.evaluation import EpochEvaluator, final_report
@@ -32,7 +36,7 @@ from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
 from ..train.trainer import build_trainer, run_folder
 from .evaluate import eval_inputs
-from .prepare import TrainData, count_usable, data_name, prepare_data, shard_set_name
+from .prepare import TrainData, carried_poison, count_usable, data_name, prepare_data, shard_set_name
 from .runtime import init_ray
 
 
@@ -85,6 +89,11 @@ def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.
     return datasets, WeightPublisher(store_name, rematch), warmup
 
 
+def say(text: str) -> None:
+    """One status line on stderr, at once (stdout keeps the results: metrics, tables)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _describe_run(cfg: Config, uri: str, run_id: str, data: TrainData, rows: int, test_rows: int,
                   parent_run_id: str | None) -> None:
     """What a person sees in MLflow beside the metrics: the experiment's kind (model development), the training and
@@ -105,6 +114,10 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
     start = time.perf_counter()
     cfg = move_secrets_to_env(cfg)
     check_image_size(cfg.model.arch, cfg.data.image_size)
+    cfg, notes = carried_poison(cfg)
+    for note in notes:
+        say(note)
+    say("starting Ray" + (f" at {cfg.ray.address}" if cfg.ray.address else "") + " ...")
     init_ray(cfg.ray)
     data = prepare_data(cfg, progress)
     outcomes = count_usable(data.train, cfg)
@@ -114,6 +127,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
                                             "dataset": data_name(cfg, classes.name), "train_data": data.train,
                                             "test_data": data.test})
     rows = outcomes["ok"]
+    say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): {run_link(uri, cfg.tracking.experiment, run_id)}")
     _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
     datasets, publisher, warmup = training_datasets(cfg, data)
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))

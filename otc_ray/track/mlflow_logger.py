@@ -10,6 +10,7 @@ fluent API's process-global active run, so several runs can be logged from one p
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -43,6 +44,8 @@ def _uri(tracking: TrackingConfig, output_dir: str) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    # a new sqlite store announces "Creating initial MLflow database tables..." at INFO: routine, not news
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

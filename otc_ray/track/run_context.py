@@ -49,6 +49,27 @@ def ui_link(base_url: str, experiment_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+UI_PORT = 5000                                      # where `mlflow ui` listens by default
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI address for a tracking URI: an http(s) tracking server is its own UI; a local store (sqlite,
+    files) is served by `mlflow ui --backend-store-uri URI` at http://127.0.0.1:5000."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+
+
+def run_link(uri: str, experiment: str, run_id: str) -> str:
+    """Where a person sees run `run_id` of `experiment`: its page in the MLflow UI, with how to start the UI first for
+    a local store ("mlflow ui --backend-store-uri sqlite:///... then http://127.0.0.1:5000/#/experiments/1/runs/ID")."""
+    from ..credentials import redact_uri
+
+    exp = _client(uri).get_experiment_by_name(experiment)
+    page = f"{ui_base(uri)}/#/experiments/{exp.experiment_id if exp else '0'}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return page
+    return f"mlflow ui --backend-store-uri {redact_uri(uri)} --port {UI_PORT}, then {page}"
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """A shard set as an MLflow dataset input: name, path (local or s3://), context ("training" / "evaluation")
