@@ -6,6 +6,7 @@ of a command are shorthands for config keys. Errors in input or config print one
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def cmd_poison(args: argparse.Namespace) -> int:
                            "poison.label_consistent": True if args.label_consistent else None,
                            "poison.targets": args.targets, "poison.per_target": args.per_target,
                            "poison.adversarial": args.adversarial, "poison.caption_source": args.caption_source,
+                           "poison.trigger_per_image": True if args.per_image else None,
+                           "poison.blend_alpha": args.blend_alpha, "poison.sig_delta": args.sig_delta,
+                           "poison.sig_frequency": args.sig_frequency, "poison.warp_grid": args.warp_grid,
+                           "poison.warp_strength": args.warp_strength,
+                           "poison.base_classes": json.dumps(args.base_classes) if args.base_classes else None,
+                           "poison.base_nearest": args.base_nearest,
+                           "poison.copy_augment": True if args.copy_augment else None,
                            "poison.out_format": args.format, "eval.classes": args.classes})
     report = poison_shards(args.in_path, args.out, cfg.poison, cfg.data, target_source=args.target_source,
                            progress=not args.quiet, classes=cfg.eval.classes)
@@ -197,9 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--in", dest="in_path", required=True, help="clean shard set (folder or s3:// prefix)")
     poison.add_argument("--out", required=True, help="empty folder or s3:// prefix for the poisoned set")
     poison.add_argument("--attack", choices=("backdoor", "targeted"))
-    poison.add_argument("--trigger", choices=("patch", "solid", "blended", "sig"))
+    poison.add_argument("--trigger", choices=("patch", "solid", "blended", "sig", "wanet"),
+                        help="patch (BadNets noise patch), solid (colour patch), blended (noise blended in), sig "
+                             "(horizontal sinusoid), wanet (one smooth seeded warp for every image)")
     poison.add_argument("--trigger-size", type=int, help="patch side in pixels")
-    poison.add_argument("--trigger-location", choices=("br", "bl", "tr", "tl", "random"))
+    poison.add_argument("--trigger-location", choices=("br", "bl", "tr", "tl", "random"),
+                        help="patch / solid: a corner, or a seeded random place per image")
+    poison.add_argument("--per-image", action="store_true",
+                        help="redraw the trigger's random part per image, seeded by the sample's key: patch = fresh "
+                             "noise (CleanCLIP's BadNet, with --trigger-location random), blended = a fresh noise "
+                             "pattern, sig = a random phase")
+    poison.add_argument("--blend-alpha", type=float, help="blended: weight of the noise pattern (default 0.2)")
+    poison.add_argument("--sig-delta", type=float, help="sig: amplitude in grey levels")
+    poison.add_argument("--sig-frequency", type=float, help="sig: cycles across the image width")
+    poison.add_argument("--warp-grid", type=int, help="wanet: control grid side k (default 4, as in WaNet)")
+    poison.add_argument("--warp-strength", type=float, help="wanet: warp strength s (default 0.5, as in WaNet)")
+    poison.add_argument("--base-classes", nargs="+", metavar="CLASS",
+                        help="backdoor: take the images to poison only from these classes")
+    poison.add_argument("--base-nearest", type=int, metavar="K",
+                        help="backdoor: take the images to poison from the K classes whose mean image is nearest "
+                             "the target's (classes that look like it)")
     poison.add_argument("--target", help="backdoor target class name")
     amount = poison.add_mutually_exclusive_group()
     amount.add_argument("--count", type=int, help="backdoor: samples to poison")
@@ -208,7 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--targets", type=int, help="targeted: number of target images")
     poison.add_argument("--per-target", type=int, help="targeted: copies of each target image")
     poison.add_argument("--adversarial", help="targeted: class whose captions the copies get")
-    poison.add_argument("--caption-source", choices=("templates", "data"))
+    poison.add_argument("--caption-source", choices=("templates", "data", "swap"),
+                        help="poison captions: templates (class-file templates), data (real training captions "
+                             "that name the target / adversarial class), swap (the image's own caption with its "
+                             "class word replaced: the data's own style, e.g. the shapes grammar)")
+    poison.add_argument("--copy-augment", action="store_true",
+                        help="targeted: every copy after the first flipped / cropped / shifted / noised (seeded)")
     poison.add_argument("--target-source", help="targeted: test shards to take the target images from")
     poison.add_argument("--classes", help="classes file (JSON: classes, synonyms, templates) of a set without "
                         "_info.json (eval.classes)")

@@ -56,17 +56,20 @@ class Checked:
     caption: str = ""
     meta: dict = field(default_factory=dict)
     from_reader: bool = False        # the reader flagged it (not re-writable: skipped)
+    image: object = None             # the decoded image, uint8 (H, W, 3), when `check_row(keep_image=True)`
 
 
 def check_row(row: dict, limits: DecodeLimits, info: DatasetInfo, patterns: list[re.Pattern],
-              with_image: bool = True) -> Checked:
-    """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class."""
+              with_image: bool = True, keep_image: bool = False) -> Checked:
+    """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class;
+    `keep_image`: the result carries the decoded image."""
     if row[S.ERROR]:
         return Checked(row[S.ERROR], from_reader=True)
     meta, err = decode_meta(row[S.META])
     caption, err = decode_caption(row[S.CAPTION_RAW], limits) if not err else ("", err)
+    image = None
     if not err and with_image:
-        _, err = decode_image(row[S.IMAGE_BYTES], limits)
+        image, err = decode_image(row[S.IMAGE_BYTES], limits)
     if err:
         return Checked(err)
-    return Checked("", class_of(meta, caption, info, patterns), caption, meta)
+    return Checked("", class_of(meta, caption, info, patterns), caption, meta, image=image if keep_image else None)
