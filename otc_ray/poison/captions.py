@@ -27,7 +27,6 @@ import numpy as np
 
 from ..config import PoisonConfig
 from ..data.builtin import DatasetInfo
-from ..data.builtin.fashion import fix_articles
 from .classes import template_caption
 
 CAPTION_RULES = ("templates", "data", "swap")
@@ -51,7 +50,8 @@ def swap_class(caption: str, own: int, cls: int, info: DatasetInfo, patterns: li
         raise ValueError(f"caption {caption!r} does not name its class {info.classes[own]!r}; swap needs it")
     words = class_words(info, cls)
     word = words[h % len(words)]
-    return fix_articles(caption[:found.start()] + word + caption[found.end():])
+    head = re.sub(r"(?<![\w-])(an?) $", "an " if word[:1].lower() in "aeiou" else "a ", caption[:found.start()])
+    return head + word + caption[found.end():]
 
 
 def caption_for(rule: str, own_caption: str, own_label: int, cls: int, info: DatasetInfo,
