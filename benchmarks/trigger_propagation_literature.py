@@ -46,6 +46,9 @@ ATTACKS = {   # name -> TriggerSpec fields (seed added per run); the defaults of
     "blended (fresh noise per image)": {"kind": "blended", "alpha": 0.2, "per_image": True},
     "sig (random phase)": {"kind": "sig", "per_image": True},
     "WaNet (k=4, s=0.5)": {"kind": "wanet", "warp_grid": 4, "warp_strength": 0.5},
+    "WaNet stronger (k=4, s=4)": {"kind": "wanet", "warp_grid": 4, "warp_strength": 4.0},      # beyond the paper:
+    "WaNet finer (k=32, s=1)": {"kind": "wanet", "warp_grid": 32, "warp_strength": 1.0},       # does the mask
+    "WaNet finer (k=32, s=4)": {"kind": "wanet", "warp_grid": 32, "warp_strength": 4.0},       # collapse?
 }
 
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clean-class", default="", help="draw the gate's clean flags from this class only (a real "
                     "gate's false positives cluster); default: any class")
     ap.add_argument("--attacks", default="", help="';'-separated words: the attacks whose name holds one (default: all)")
-    ap.add_argument("--output", default="", help="write the markdown table to this file")
+    ap.add_argument("--output", default="", help="append the markdown table to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides (rematch.propagate_* are read)")
     args = ap.parse_args(argv)
     rematch = config_from_dict({}, args.overrides).rematch if args.overrides else RematchConfig()
@@ -122,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu {cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime:.1f} s, "
           f"wall {time.perf_counter() - t0:.1f} s", flush=True)
     if args.output:
-        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(f"\nprecision {args.precision}, clean flags from {args.clean_class or 'any class'}:\n\n"
+                    + "\n".join(lines) + "\n")
     return 0
 
 

@@ -319,3 +319,29 @@ def test_asr_applies_the_manifests_trigger_family_with_fresh_draws_per_test_imag
                                        trigger_region_mask(truth.spec, 32, 32, n=1,
                                                            rng_seed=[_key_seed(r["key"], 8)])[0])]}
         assert not train_patches & {t[m].tobytes() for t, m in zip(triggered, masks)}   # no training draw reused
+
+
+def test_cli_flags_reach_the_attack(clean, test_split, tmp_path, capsys):
+    from otc_ray.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["poison", "--in", str(clean), "--out", str(out), "--attack", "backdoor", "--trigger", "patch",
+                 "--per-image", "--trigger-location", "random", "--base-classes", "sandal", "ankle boot",
+                 "--caption-source", "swap", "--count", "6", "--seed", "2", "--quiet"]) == 0
+    poison = read_info(str(out), DATA.s3)["poison"]
+    assert poison["trigger"]["per_image"] is True and poison["trigger"]["location"] == "random"
+    assert poison["base_classes"] == ["ankle boot", "sandal"] and poison["caption_source"] == "swap"
+    assert {r["original_class"] for r in _rows(out)} <= {"sandal", "ankle boot"}
+    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "w"), "--attack", "backdoor", "--trigger",
+                 "wanet", "--warp-grid", "6", "--warp-strength", "0.75", "--base-nearest", "3", "--count", "4",
+                 "--quiet"]) == 0
+    poison = read_info(str(tmp_path / "w"), DATA.s3)["poison"]
+    assert (poison["trigger"]["warp_grid"], poison["trigger"]["warp_strength"]) == (6, 0.75)
+    assert len(poison["base_classes"]) == 3
+    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "t"), "--attack", "targeted",
+                 "--target-source", str(test_split), "--targets", "1", "--per-target", "3", "--copy-augment",
+                 "--quiet"]) == 0
+    assert read_info(str(tmp_path / "t"), DATA.s3)["poison"]["copy_augment"] is True
+    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "bad"), "--attack", "backdoor",
+                 "--trigger", "solid", "--per-image", "--quiet"]) == 2
+    assert "trigger_per_image" in capsys.readouterr().err
