@@ -94,7 +94,10 @@ LATER_KEYS = {"rematch.gate_high_signals": "()", "rematch.gate_high_threshold": 
               "rematch.propagate": "False", "rematch.propagate_floor": "0.5", "rematch.propagate_min_gap": "0.15",
               "rematch.propagate_max_share": "0.1",
               "rematch.propagate_min_weight": "10.0", "rematch.propagate_reference": "4096",
-              "rematch.propagate_centred": "False"}
+              "rematch.propagate_centred": "False",
+              # the literature's attacks (issue 33): absent from earlier runs' configs
+              "poison.trigger_per_image": "False", "poison.warp_grid": "4", "poison.warp_strength": "0.5",
+              "poison.base_classes": "()", "poison.base_nearest": "0", "poison.copy_augment": "False"}
 
 
 def training_digest(cfg: Config) -> str:
