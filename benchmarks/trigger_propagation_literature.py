@@ -46,9 +46,10 @@ ATTACKS = {   # name -> TriggerSpec fields (seed added per run); the defaults of
     "blended (fresh noise per image)": {"kind": "blended", "alpha": 0.2, "per_image": True},
     "sig (random phase)": {"kind": "sig", "per_image": True},
     "WaNet (k=4, s=0.5)": {"kind": "wanet", "warp_grid": 4, "warp_strength": 0.5},
-    "WaNet stronger (k=4, s=4)": {"kind": "wanet", "warp_grid": 4, "warp_strength": 4.0},      # beyond the paper:
-    "WaNet finer (k=32, s=1)": {"kind": "wanet", "warp_grid": 32, "warp_strength": 1.0},       # does the mask
-    "WaNet finer (k=32, s=4)": {"kind": "wanet", "warp_grid": 32, "warp_strength": 4.0},       # collapse?
+    # beyond the paper: does the mask collapse on a stronger or finer warp?
+    **{f"WaNet stronger (k=4, s={s:g})": {"kind": "wanet", "warp_grid": 4, "warp_strength": s} for s in (1.0, 2.0, 4.0)},
+    **{f"WaNet finer (k={k}, s={s:g})": {"kind": "wanet", "warp_grid": k, "warp_strength": s}
+       for k, s in ((8, 1.0), (32, 1.0), (32, 4.0))},
 }
 
 
