@@ -125,7 +125,7 @@ class TriggerSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TriggerSpec":
-        """The spec of `to_dict` (a manifest's `trigger` column); fields a older manifest lacks take defaults."""
+        """The spec of `to_dict` (a manifest's `trigger` column); fields an older manifest lacks take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
