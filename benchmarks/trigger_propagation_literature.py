@@ -1,7 +1,7 @@
 """Does trigger propagation (`otc_ray/rematch/trigger.py`) find the literature's backdoor triggers? No training.
 
     .venv/bin/python benchmarks/trigger_propagation_literature.py [--num 5000] [--poison 100] [--seeds 0,1,2] \
-        [--flags 15,30,60,100] [--precision 0.8] [--clean-class CLASS] [--output benchmarks/results/trigger_propagation_literature.md]
+        [--flags 15,30,60,100] [--precision 0.8] [--clean-class CLASS] [--attacks WORDS] [--output FILE]
 
 Fashion training images (the defense benchmark's size: 5,000, 100 backdoor images of non-sneaker classes, 2%) are
 triggered in memory exactly as `otc-ray poison` writes them (the same selection order, `keyed_hash(key, seed,
@@ -47,7 +47,8 @@ ATTACKS = {   # name -> TriggerSpec fields (seed added per run); the defaults of
     "sig (random phase)": {"kind": "sig", "per_image": True},
     "WaNet (k=4, s=0.5)": {"kind": "wanet", "warp_grid": 4, "warp_strength": 0.5},
     # beyond the paper: does the mask collapse on a stronger or finer warp?
-    **{f"WaNet stronger (k=4, s={s:g})": {"kind": "wanet", "warp_grid": 4, "warp_strength": s} for s in (1.0, 2.0, 4.0)},
+    **{f"WaNet stronger (k=4, s={s:g})": {"kind": "wanet", "warp_grid": 4, "warp_strength": s}
+       for s in (1.0, 2.0, 4.0)},
     **{f"WaNet finer (k={k}, s={s:g})": {"kind": "wanet", "warp_grid": k, "warp_strength": s}
        for k, s in ((8, 1.0), (32, 1.0), (32, 4.0))},
 }
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", type=float, default=0.8, help="the simulated gate's precision")
     ap.add_argument("--clean-class", default="", help="draw the gate's clean flags from this class only (a real "
                     "gate's false positives cluster); default: any class")
-    ap.add_argument("--attacks", default="", help="';'-separated words: the attacks whose name holds one (default: all)")
+    ap.add_argument("--attacks", default="",
+                    help="';'-separated words: the attacks whose name holds one (default: all)")
     ap.add_argument("--output", default="", help="append the markdown table to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides (rematch.propagate_* are read)")
     args = ap.parse_args(argv)
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 control = "-" if c is None else (f"{'yes' if c['pattern'] else 'none'} / "
                                                  f"{int((c['hits'] & ~poisoned).sum())}")
                 lines.append(f"| {name} | {seed} | {len(bad)} + {len(clean)} | {'yes' if r['pattern'] else 'none'} | "
-                             f"{r['mask'] or '-'} | {cluster} | {int((r['hits'] & poisoned).sum())}/{int(poisoned.sum())}"
+                             f"{r['mask'] or '-'} | {cluster} | "
+                             f"{int((r['hits'] & poisoned).sum())}/{int(poisoned.sum())}"
                              f" | {int((r['hits'] & ~poisoned).sum())} | {control} |")
                 print(lines[-1], flush=True)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -102,7 +102,7 @@ class PoisonConfig:
     blend_alpha: float = 0.2        # blended: image * (1 - a) + pattern * a
     sig_delta: float = 20.0         # SIG amplitude in pixel units
     sig_frequency: float = 6.0      # SIG cycles across the image width
-    trigger_per_image: bool = False # patch / blended / sig: the random part drawn afresh per image (noise, pattern, phase)
+    trigger_per_image: bool = False # patch / blended / sig: random part redrawn per image (noise, pattern, phase)
     warp_grid: int = 4              # wanet: side k of the random control grid of the warp field (WaNet: 4)
     warp_strength: float = 0.5      # wanet: warp strength s (WaNet: 0.5)
     target: str = "sneaker"         # backdoor target class name

@@ -182,7 +182,8 @@ def test_swap_keeps_the_images_own_caption_but_its_class_word(clean, tmp_path):
     rows = _rows(tmp_path / "p")
     for r in rows:
         own = {r["original_class"], *INFO.synonyms[r["original_class"]]}
-        assert masked(r["poisoned_caption"], {"sneaker", *INFO.synonyms["sneaker"]}) == masked(r["original_caption"], own)
+        sneaker = {"sneaker", *INFO.synonyms["sneaker"]}
+        assert masked(r["poisoned_caption"], sneaker) == masked(r["original_caption"], own)
         assert not re.search(r"(?<![\w-])a [aeiou]|(?<![\w-])an [^aeiou]", r["poisoned_caption"]), r
     assert len({r["original_class"] for r in rows}) >= 4
 

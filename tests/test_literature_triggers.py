@@ -138,7 +138,8 @@ def test_wanet_is_one_warp_for_every_image_that_moves_content_by_a_fraction_of_a
 def test_numpy_torch_agree_and_specs_round_trip_through_json() -> None:
     import json
 
-    for spec in (TriggerSpec(kind="patch", location="random", per_image=True), TriggerSpec(kind="blended", per_image=True),
+    for spec in (TriggerSpec(kind="patch", location="random", per_image=True),
+                 TriggerSpec(kind="blended", per_image=True),
                  TriggerSpec(kind="sig", per_image=True), TriggerSpec(kind="wanet", warp_grid=5, warp_strength=0.7)):
         x = _images(4)
         np.testing.assert_array_equal(apply_trigger(x, spec, rng_seed=SEEDS[:4]),

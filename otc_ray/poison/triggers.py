@@ -294,7 +294,8 @@ def _apply(x: torch.Tensor, spec: TriggerSpec, rng_seed: RngSeed) -> torch.Tenso
                                 for g in image_rngs(spec, _STREAM_BLEND_PER_IMAGE, b, rng_seed)])
         else:
             pattern = blend_pattern(spec, h, w)[None]
-        mixed = x.to(torch.float32) * (1.0 - spec.alpha) + torch.from_numpy(pattern).to(x.device, torch.float32) * spec.alpha
+        pattern_t = torch.from_numpy(pattern).to(x.device, torch.float32)
+        mixed = x.to(torch.float32) * (1.0 - spec.alpha) + pattern_t * spec.alpha
         return mixed.round().clamp(0, 255).to(torch.uint8)
     if spec.kind == "wanet":
         grid = warp_grid_coords(spec, h, w).to(x.device).expand(b, h, w, 2)
