@@ -28,6 +28,11 @@ class TrainData:
     manifest: str | None
 
 
+# poison keys added after poisoned sets were cached, at the value that poisons as before: left out of the folder
+# digest there, so an existing cache keeps its name (the output is byte-identical)
+LATER_POISON_KEYS = {"trigger_per_image": False, "warp_grid": 4, "warp_strength": 0.5, "base_classes": (),
+                     "base_nearest": 0, "copy_augment": False}
+
 def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     """Resolve (and generate / poison once, cached by content hash) the shard sets the run needs."""
     d, root = cfg.data, Path(cfg.output_dir).resolve() / "data"
@@ -48,7 +53,8 @@ def prepare_data(cfg: Config, progress: bool = True) -> TrainData:
     for attack in cfg.poison.attack:                 # ("backdoor", "targeted") composes two transforms
         step = replace(cfg, poison__attack=(attack,)).poison
         # the folder digest spells the step's attack as one name, as the cache has always been keyed
-        key = {"in": source, **to_dict(step), "attack": attack}
+        key = {"in": source, **{k: v for k, v in to_dict(step).items() if LATER_POISON_KEYS.get(k, ...) != v},
+               "attack": attack}
         if cfg.eval.classes:                          # a user's classes file decides which samples are eligible
             key["classes"] = cfg.eval.classes
         out = root / f"poisoned-{attack}-{content_digest(key)}"
