@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from otc_ray.pipelines.prepare import prepare_data
     from otc_ray.pipelines.runtime import init_ray
     from otc_ray.pipelines.train import run_training
-    from otc_ray.track import metric_names as N
+    from otc_ray.track import metric_names
 
     tmp = tempfile.TemporaryDirectory(prefix="otc-gpu-check-") if not args.out_dir else None
     out = Path(args.out_dir or tmp.name)
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         trained["model"] = str(Path(res.checkpoint) / "model.pt")
         m = res.metrics
         return (f"use_gpu={gpu} {precision}, {steps} steps + witness:",
-                f"{m.get(N.TRAIN_SAMPLES_PER_S_WORKER, float('nan')):.0f} samples/s,",
-                f"zero-shot {m.get(N.FINAL_ZEROSHOT_TOP1, float('nan')):.3f},",
-                f"re-matched {m.get(N.REMATCH_FLAG_RATE, float('nan')):.3f} flag rate")
+                f"{m.get(metric_names.TRAIN_SAMPLES_PER_S_WORKER, float('nan')):.0f} samples/s,",
+                f"zero-shot {m.get(metric_names.FINAL_ZEROSHOT_TOP1, float('nan')):.3f},",
+                f"re-matched {m.get(metric_names.REMATCH_FLAG_RATE, float('nan')):.3f} flag rate")
 
     def rematch() -> tuple[str, ...]:
         if "model" not in trained:

@@ -8,6 +8,7 @@ one line and exit 2. Results go to stdout, status lines (Ray starting, the MLflo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -179,6 +180,13 @@ def cmd_poison(args: argparse.Namespace) -> int:
                            "poison.label_consistent": True if args.label_consistent else None,
                            "poison.targets": args.targets, "poison.per_target": args.per_target,
                            "poison.adversarial": args.adversarial, "poison.caption_source": args.caption_source,
+                           "poison.trigger_per_image": True if args.per_image else None,
+                           "poison.blend_alpha": args.blend_alpha, "poison.sig_delta": args.sig_delta,
+                           "poison.sig_frequency": args.sig_frequency, "poison.warp_grid": args.warp_grid,
+                           "poison.warp_strength": args.warp_strength,
+                           "poison.base_classes": json.dumps(args.base_classes) if args.base_classes else None,
+                           "poison.base_nearest": args.base_nearest,
+                           "poison.copy_augment": True if args.copy_augment else None,
                            "poison.out_format": args.format, "eval.classes": args.classes})
     _check_inputs(cfg, {"--in": args.in_path, "--target-source": args.target_source, "--classes": cfg.eval.classes})
     say(f"poisoning {args.in_path} -> {args.out} ...")
@@ -371,7 +379,27 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--adversarial", help=_key_help("targeted: class whose captions the copies get",
                                                         "poison.adversarial"))
     poison.add_argument("--caption-source", choices=_choices("poison.caption_source"),
-                        help=_key_help("targeted: where the copies' captions come from", "poison.caption_source"))
+                        help=_key_help("poison captions: templates, data (real captions naming the class) or swap (the image's own caption, its class word replaced)", "poison.caption_source"))
+    poison.add_argument("--per-image", action="store_true",
+                        help="redraw the trigger's random part per image, seeded by the sample's key: patch = fresh "
+                             "noise (CleanCLIP's BadNet, with --trigger-location random), blended = a fresh noise "
+                             "pattern, sig = a random phase (config poison.trigger_per_image)")
+    poison.add_argument("--blend-alpha", type=float, help=_key_help("blended: weight of the noise pattern",
+                                                                    "poison.blend_alpha"))
+    poison.add_argument("--sig-delta", type=float, help=_key_help("sig: amplitude in grey levels", "poison.sig_delta"))
+    poison.add_argument("--sig-frequency", type=float, help=_key_help("sig: cycles across the image width",
+                                                                      "poison.sig_frequency"))
+    poison.add_argument("--warp-grid", type=int, help=_key_help("wanet: control grid side k", "poison.warp_grid"))
+    poison.add_argument("--warp-strength", type=float, help=_key_help("wanet: warp strength s", "poison.warp_strength"))
+    poison.add_argument("--base-classes", nargs="+", metavar="CLASS",
+                        help=_key_help("backdoor: take the images to poison only from these classes",
+                                       "poison.base_classes"))
+    poison.add_argument("--base-nearest", type=int, metavar="K",
+                        help=_key_help("backdoor: take the images to poison from the K classes whose mean image is "
+                                       "nearest the target's", "poison.base_nearest"))
+    poison.add_argument("--copy-augment", action="store_true",
+                        help="targeted: every copy after the first flipped / cropped / shifted / noised, seeded "
+                             "(config poison.copy_augment)")
     poison.add_argument("--target-source", help="targeted: test shards to take the target images from")
     poison.add_argument("--classes", help=_key_help("classes file (JSON: classes, synonyms, templates) of a set "
                                                     "without _info.json", "eval.classes"))

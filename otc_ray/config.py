@@ -97,20 +97,27 @@ class PoisonConfig:
 
     attack: tuple[Literal["backdoor", "targeted"], ...] = field(
         default=(), metadata={"parse": parse_attacks, "show": attack_name})   # the attacks applied; () = clean
-    trigger: Literal["patch", "solid", "blended", "sig"] = "patch"   # backdoor: the trigger stamped on the images
+    trigger: Literal["patch", "solid", "blended", "sig", "wanet"] = "patch"   # backdoor: the trigger on the images
     trigger_size: int = 4           # patch side in pixels (patch, solid)
     trigger_location: Literal["br", "bl", "tr", "tl", "random"] = "br"   # patch, solid: corner (or random) it sits in
     blend_alpha: float = 0.2        # blended: image * (1 - a) + pattern * a
     sig_delta: float = 20.0         # SIG amplitude in pixel units
     sig_frequency: float = 6.0      # SIG cycles across the image width
+    trigger_per_image: bool = False # patch / blended / sig: random part redrawn per image (noise, pattern, phase)
+    warp_grid: int = 4              # wanet: side k of the random control grid of the warp field (WaNet: 4)
+    warp_strength: float = 0.5      # wanet: warp strength s (WaNet: 0.5)
     target: str = "sneaker"         # backdoor target class name
     count: int = 200                # poisoned samples; used unless rate > 0
     rate: float = 0.0               # fraction of the (good) training samples (overrides count when > 0)
     label_consistent: bool = False  # backdoor only images that already belong to the target
+    base_classes: tuple[str, ...] = ()   # backdoor: take base images only from these classes; () = any but the target
+    base_nearest: int = 0           # backdoor: take base images from the k classes whose mean image is nearest the target's
     targets: int = 4                # targeted: number of target images (from the test split)
     per_target: int = 50            # targeted: copies of each target image
     adversarial: str = "bag"        # targeted: class whose captions the copies get
-    caption_source: Literal["templates", "data"] = "templates"   # poisoned captions: class templates or data ones
+    caption_source: Literal["templates", "data", "swap"] = "templates"   # poisoned captions: class templates, data
+                                    # captions that name the class, or the own caption with its class word swapped
+    copy_augment: bool = False      # targeted: copies after the first flipped / shifted / cropped / noised (seeded)
     copy_jitter: int = 0            # targeted: copies after the first shifted and noised by up to this many pixels /
                                     # grey levels, so no two are near-duplicates (a stress test of duplicate groups)
     seed: int = 0                   # which samples are poisoned and how
@@ -121,6 +128,17 @@ class PoisonConfig:
             object.__setattr__(self, "attack", tuple(parse_attacks(self.attack)))
         if len(set(self.attack)) != len(self.attack):
             raise ConfigError(f"config key 'poison.attack': each attack at most once, got {attack_name(self.attack)!r}")
+        if self.trigger_per_image and self.trigger in ("solid", "wanet"):
+            raise ConfigError(f"config key 'poison.trigger_per_image': trigger {self.trigger!r} has no random part to "
+                              "redraw per image (patch, blended, sig do)")
+        if self.warp_grid < 2 or self.warp_strength < 0:
+            raise ConfigError(f"config keys 'poison.warp_grid' >= 2 and 'poison.warp_strength' >= 0, got "
+                              f"{self.warp_grid} and {self.warp_strength}")
+        if self.base_nearest < 0 or (self.base_nearest and self.base_classes):
+            raise ConfigError("config keys 'poison.base_nearest' (>= 0) and 'poison.base_classes': one at most")
+        if self.label_consistent and (self.base_nearest or self.base_classes):
+            raise ConfigError("config key 'poison.label_consistent': its bases are the target's own images; "
+                              "base_classes / base_nearest do not apply")
 
     @property
     def attack_name(self) -> str:
@@ -404,6 +422,7 @@ _RANGES = {
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
                      "copy_jitter", "actor_num_cpus"), ">= 0"),
     "roclip_every": ">= 1",
+    **dict.fromkeys(("warp_strength", "base_nearest"), ">= 0"), "warp_grid": ">= 1",     # poison: literature attacks
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
                      "connect_timeout", "read_timeout", "tol", "duplicate_similarity",
                      "flush_timeout_s"), "> 0"),

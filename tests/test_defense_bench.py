@@ -241,24 +241,24 @@ def test_the_committed_store_is_current_and_docs_results_is_its_report(tmp_path)
 def test_detection_and_damage_come_from_the_last_epoch_that_re_matched():
     """RoCLIP re-matches every 2nd epoch: its final epoch trains on the crawled captions and flags nothing, so the
     table's det P / R and damage are those of its last re-matching epoch, not zeros."""
-    from otc_ray.track import metric_names as N
+    from otc_ray.track import metric_names
     from otc_ray.track.cells import CellResult
     from otc_ray.track.mlflow_logger import RunRecord
 
-    history = {N.REMATCH_FLAG_RATE: [(0, 0.0), (1, 1.0), (2, 0.0)], N.REMATCH_DAMAGE: [(0, 0.0), (1, 0.6), (2, 0.0)],
-               N.REMATCH_DETECT_RECALL: [(0, 0.0), (1, 0.99), (2, 0.0)], N.REMATCH_DETECT_PRECISION: [(1, 0.05)]}
-    final = {N.REMATCH_FLAG_RATE: 0.0, N.REMATCH_DAMAGE: 0.0, N.REMATCH_DETECT_RECALL: 0.0,
-             N.REMATCH_DETECT_PRECISION: 0.05, N.FINAL_ZEROSHOT_TOP1: 0.5}
+    history = {metric_names.REMATCH_FLAG_RATE: [(0, 0.0), (1, 1.0), (2, 0.0)], metric_names.REMATCH_DAMAGE: [(0, 0.0), (1, 0.6), (2, 0.0)],
+               metric_names.REMATCH_DETECT_RECALL: [(0, 0.0), (1, 0.99), (2, 0.0)], metric_names.REMATCH_DETECT_PRECISION: [(1, 0.05)]}
+    final = {metric_names.REMATCH_FLAG_RATE: 0.0, metric_names.REMATCH_DAMAGE: 0.0, metric_names.REMATCH_DETECT_RECALL: 0.0,
+             metric_names.REMATCH_DETECT_PRECISION: 0.05, metric_names.FINAL_ZEROSHOT_TOP1: 0.5}
     roclip = CellResult({}, "d", "c", RunRecord("r", "n", "FINISHED", {}, {}, final), history)
     fixed = bench.at_last_rematch(roclip).record.metrics
-    figures = (fixed[N.REMATCH_DAMAGE], fixed[N.REMATCH_DETECT_RECALL], fixed[N.REMATCH_DETECT_PRECISION])
+    figures = (fixed[metric_names.REMATCH_DAMAGE], fixed[metric_names.REMATCH_DETECT_RECALL], fixed[metric_names.REMATCH_DETECT_PRECISION])
     assert figures == (0.6, 0.99, 0.05)
-    assert fixed[N.FINAL_ZEROSHOT_TOP1] == 0.5 and roclip.record.metrics[N.REMATCH_DAMAGE] == 0.0   # a copy
-    every_epoch = CellResult({}, "d", "c", RunRecord("o", "n", "FINISHED", {}, {}, {N.REMATCH_FLAG_RATE: 0.2,
-                                                                           N.REMATCH_DAMAGE: 0.02}),
-                             {N.REMATCH_FLAG_RATE: [(0, 0.1), (1, 0.2)], N.REMATCH_DAMAGE: [(0, 0.01), (1, 0.02)]})
-    assert bench.at_last_rematch(every_epoch).record.metrics[N.REMATCH_DAMAGE] == 0.02
-    none = CellResult({}, "d", "c", RunRecord("x", "n", "FINISHED", {}, {}, {N.FINAL_ZEROSHOT_TOP1: 0.6}), {})
+    assert fixed[metric_names.FINAL_ZEROSHOT_TOP1] == 0.5 and roclip.record.metrics[metric_names.REMATCH_DAMAGE] == 0.0   # a copy
+    every_epoch = CellResult({}, "d", "c", RunRecord("o", "n", "FINISHED", {}, {}, {metric_names.REMATCH_FLAG_RATE: 0.2,
+                                                                           metric_names.REMATCH_DAMAGE: 0.02}),
+                             {metric_names.REMATCH_FLAG_RATE: [(0, 0.1), (1, 0.2)], metric_names.REMATCH_DAMAGE: [(0, 0.01), (1, 0.02)]})
+    assert bench.at_last_rematch(every_epoch).record.metrics[metric_names.REMATCH_DAMAGE] == 0.02
+    none = CellResult({}, "d", "c", RunRecord("x", "n", "FINISHED", {}, {}, {metric_names.FINAL_ZEROSHOT_TOP1: 0.6}), {})
     assert bench.at_last_rematch(none) is none
 
 

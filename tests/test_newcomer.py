@@ -201,10 +201,10 @@ def test_no_random_init_warning(caplog):
 
 def test_final_metrics_table_is_short():
     from otc_ray.cli import final_table
-    from otc_ray.track import metric_names as N
+    from otc_ray.track import metric_names
 
-    table = final_table({N.FINAL_ZEROSHOT_TOP1: 0.5, N.FINAL_BACKDOOR_ASR: 0.0625, N.REMATCH_DETECT_PRECISION: 0.25,
-                         N.REMATCH_DETECT_RECALL: float("nan"), N.RUN_SECONDS: 1234.5, "final/eval_count": 128.0,
+    table = final_table({metric_names.FINAL_ZEROSHOT_TOP1: 0.5, metric_names.FINAL_BACKDOOR_ASR: 0.0625, metric_names.REMATCH_DETECT_PRECISION: 0.25,
+                         metric_names.REMATCH_DETECT_RECALL: float("nan"), metric_names.RUN_SECONDS: 1234.5, "final/eval_count": 128.0,
                          "eval/zeroshot_top1": 0.4})
     assert table.splitlines() == ["zero-shot     0.5", "backdoor ASR  0.0625", "det P         0.25",
                                   "det R         -", "time s        1234"]

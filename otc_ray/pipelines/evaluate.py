@@ -95,8 +95,7 @@ def resolve_attack(manifest_path: str | None, poison_cfg: PoisonConfig, data_cfg
         targets = {rows["target_class"][i] for i in backdoor}
         if len(specs) > 1 or len(targets) > 1:
             raise ValueError(f"manifest {manifest_path} mixes {len(specs)} triggers and {len(targets)} targets")
-        d = json.loads(specs.pop())
-        spec = TriggerSpec(**{**d, "color": tuple(d.get("color", (255, 255, 0)))})
+        spec = TriggerSpec.from_dict(json.loads(specs.pop()))
         target, source = targets.pop(), "manifest"
     limits = DecodeLimits.from_config(data_cfg)
     images, adversarial, seen = [], [], set()

@@ -1,7 +1,7 @@
 """Class detection for poisoning: which class a sample belongs to, and captions that name a class.
 
 A sample's class is its meta `label` (an index, or a class name) or `class` name; when neither names a known class, its caption decides:
-it "names" a class when one of the class's synonyms occurs in it as words (`otc_ray.data.class_info`).
+it "names" a class when one of the class's synonyms occurs in it as words (`class_patterns`).
 """
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import re
 from dataclasses import dataclass, field
 
 from ..data import schema
-from ..data.class_info import DatasetInfo, class_patterns, named_class
+from ..data.builtin import DatasetInfo
 from ..data.decode import DecodeLimits, decode_caption, decode_image, decode_meta
+
+
+def class_patterns(info: DatasetInfo) -> list[re.Pattern]:
+    """Per class: a regex matching any of its synonyms (or its name) as whole words."""
+    out = []
+    for name in info.classes:
+        words = sorted({name, *info.synonyms.get(name, [])}, key=len, reverse=True)
+        out.append(re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.I))
+    return out
 
 
 def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Pattern]) -> int:
@@ -23,6 +32,12 @@ def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Patt
         if isinstance(name, str) and name in info.classes:
             return info.classes.index(name)
     return named_class(caption, patterns)
+
+
+def named_class(caption: str, patterns: list[re.Pattern]) -> int:
+    """The class a caption names (`class_patterns`): its index when exactly one class is named, else -1."""
+    named = [c for c, p in enumerate(patterns) if p.search(caption)]
+    return named[0] if len(named) == 1 else -1
 
 
 def template_caption(info: DatasetInfo, label: int, h: int) -> str:
@@ -41,17 +56,20 @@ class Checked:
     caption: str = ""
     meta: dict = field(default_factory=dict)
     from_reader: bool = False        # the reader flagged it (not re-writable: skipped)
+    image: object = None             # the decoded image, uint8 (H, W, 3), when `check_row(keep_image=True)`
 
 
 def check_row(row: dict, limits: DecodeLimits, info: DatasetInfo, patterns: list[re.Pattern],
-              with_image: bool = True) -> Checked:
-    """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class."""
+              with_image: bool = True, keep_image: bool = False) -> Checked:
+    """Validate one reader row as the training reader would (meta JSON, caption, image) and find its class;
+    `keep_image`: the result carries the decoded image."""
     if row[schema.ERROR]:
         return Checked(row[schema.ERROR], from_reader=True)
     meta, err = decode_meta(row[schema.META])
     caption, err = decode_caption(row[schema.CAPTION_RAW], limits) if not err else ("", err)
+    image = None
     if not err and with_image:
-        _, err = decode_image(row[schema.IMAGE_BYTES], limits)
+        image, err = decode_image(row[schema.IMAGE_BYTES], limits)
     if err:
         return Checked(err)
-    return Checked("", class_of(meta, caption, info, patterns), caption, meta)
+    return Checked("", class_of(meta, caption, info, patterns), caption, meta, image=image if keep_image else None)

@@ -14,16 +14,18 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from ..config import DataConfig, PoisonConfig
 from ..data import schema
-from ..data.class_info import DatasetInfo
+from ..data.builtin import DatasetInfo
 from ..data.decode import DecodeLimits, decode_image
 from ..data.sample import Sample, image_ext
 from ..data.shards import SUFFIX, encode_image, iter_rows, write_shard
 from ..data.storage import resolve
-from .classes import Checked, check_row, class_patterns, template_caption
+from .captions import caption_for
+from .classes import Checked, check_row, class_patterns
 from .select import TARGETED_KEY, is_eligible, keyed_hash
 from .triggers import TriggerSpec, apply_trigger
 
@@ -31,8 +33,6 @@ from .triggers import TriggerSpec, apply_trigger
 def jittered_copy(image_bytes: bytes, jitter: int, h: int, limits: DecodeLimits) -> bytes:
     """A copy of an image that is no near-duplicate of it: shifted by up to `jitter` pixels each way (edge padding)
     with +-`jitter` grey-level noise per pixel, seeded by the hash `h`; PNG bytes."""
-    import numpy as np
-
     image, err = decode_image(image_bytes, limits)
     if err:
         raise ValueError(f"poison.copy_jitter: a target image does not decode ({err})")
@@ -45,29 +45,70 @@ def jittered_copy(image_bytes: bytes, jitter: int, h: int, limits: DecodeLimits)
     return encode_image(np.clip(shifted.astype(np.int64) + noise, 0, 255).astype(np.uint8), "png")
 
 
+def augment_params(h: int, size: int) -> dict:
+    """Seeded augmentation of one targeted copy (`augmented_copy`), drawn from the hash `h`, for an image of side
+    `size`: flip (bool, left-right), crop (top, left, side: a square of 75-95% of the side, resized back),
+    shift (dy, dx in [-2, 2], edge padding), noise_seed (Gaussian noise, std 4 grey levels)."""
+    rng = np.random.default_rng(h)
+    side = int(rng.integers(int(np.ceil(0.75 * size)), int(0.95 * size) + 1))
+    top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    dy, dx = (int(v) for v in rng.integers(-2, 3, size=2))
+    return {"flip": bool(rng.integers(0, 2)), "crop": [top, left, side], "shift": [dy, dx],
+            "noise_seed": int(rng.integers(0, 2**31))}
+
+
+AUGMENT_NOISE_STD = 4.0
+
+
+def augmented_copy(image: np.ndarray, params: dict) -> np.ndarray:
+    """uint8 (S, S, 3) -> uint8 (S, S, 3): flipped (optional), cropped to `crop` and resized back (bilinear),
+    shifted by `shift` with edge padding, plus Gaussian noise (std AUGMENT_NOISE_STD) seeded by `noise_seed`."""
+    from PIL import Image
+
+    size = image.shape[0]
+    out = image[:, ::-1] if params["flip"] else image
+    top, left, side = params["crop"]
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(out[top:top + side, left:left + side]))
+                     .resize((size, size), Image.BILINEAR))
+    dy, dx = params["shift"]
+    padded = np.pad(out, ((2, 2), (2, 2), (0, 0)), mode="edge")
+    out = padded[2 - dy:2 - dy + size, 2 - dx:2 - dx + size]
+    noise = np.random.default_rng(params["noise_seed"]).normal(0.0, AUGMENT_NOISE_STD, size=out.shape)
+    return np.clip(np.rint(out.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+
+
 def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], data_captions: list[str],
                      num_shards: int, limits: DecodeLimits) -> list[dict]:
     """T x K new samples: key tgtTTT-KKKK, the target image's bytes (every copy after the first jittered when
-    `poison.copy_jitter` > 0, a stress test of duplicate grouping), an adversarial-class caption, the target's meta
+    `poison.copy_jitter` > 0, a stress test of duplicate grouping, or augmented when `poison.copy_augment`: the
+    parameters go in the copy's meta `copy_augment`), an adversarial-class caption (captions.py), the target's meta
     (true label) plus the attack fields; `shard` is the output shard index (by hash). The manifest keeps the
     target's own bytes (what the ASR is measured on)."""
     adversarial = info.label_of(cfg.adversarial)
+    patterns = class_patterns(info)
     if cfg.caption_source == "data" and not data_captions:
         raise ValueError(f"poison.caption_source=data but the training shards hold no good sample of "
-                         f"class {cfg.adversarial!r}")
+                         f"class {cfg.adversarial!r} whose caption names it")
     out = []
     for t, tgt in enumerate(targets):
         for k in range(cfg.per_target):
             key = TARGETED_KEY.format(t=t, k=k)
             h = keyed_hash(key, cfg.seed, b"caption")
-            caption = (data_captions[(t * cfg.per_target + k) % len(data_captions)] if cfg.caption_source == "data"
-                       else template_caption(info, adversarial, h))
+            caption = caption_for(cfg.caption_source, tgt["caption"], tgt["label"], adversarial, info, patterns,
+                                  data_captions, t * cfg.per_target + k, h)
             meta = {**tgt["meta"], "poisoned": True, "attack": "targeted", "poison_class": cfg.adversarial,
                     "source_key": tgt["key"]}
             image, ext = tgt["image"], image_ext(tgt["ext"], tgt["image"])
             if cfg.copy_jitter > 0 and k > 0:
                 image = jittered_copy(tgt["image"], cfg.copy_jitter, keyed_hash(key, cfg.seed, b"jitter"), limits)
                 ext = "png"
+            elif cfg.copy_augment and k > 0:
+                decoded, err = decode_image(tgt["image"], limits)
+                if err:
+                    raise ValueError(f"poison.copy_augment: target image {tgt['key']} does not decode ({err})")
+                params = augment_params(keyed_hash(key, cfg.seed, b"augment"), decoded.shape[0])
+                image, ext = encode_image(augmented_copy(decoded, params), "png"), "png"
+                meta["copy_augment"] = params
             out.append({"key": key, "image": image, "ext": ext, "caption": caption, "meta": meta,
                         "shard": keyed_hash(key, cfg.seed, b"placement") % num_shards,
                         "manifest": {"key": key, "attack": "targeted", "trigger": "",
@@ -81,8 +122,10 @@ def targeted_inserts(cfg: PoisonConfig, info: DatasetInfo, targets: list[dict], 
 
 
 def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo, spec: TriggerSpec,
-                    limits: DecodeLimits) -> tuple[Sample, dict]:
-    """(sample, manifest row without `shard`) of one backdoored sample."""
+                    limits: DecodeLimits, rank: int = 0, pool: list[str] | None = None,
+                    patterns: list | None = None) -> tuple[Sample, dict]:
+    """(sample, manifest row without `shard`) of one backdoored sample; `rank`: its place in the selection
+    order, `pool`: real target captions (caption_source=data), `patterns`: class patterns (captions.py)."""
     key = row[schema.KEY]
     image, _ = decode_image(row[schema.IMAGE_BYTES], limits)
     triggered = apply_trigger(image[None], spec, rng_seed=[keyed_hash(key, cfg.seed, b"trigger") >> 1])[0]
@@ -91,7 +134,9 @@ def backdoor_sample(row: dict, c: Checked, cfg: PoisonConfig, info: DatasetInfo,
     if cfg.label_consistent:                 # caption kept as stored (raw bytes)
         caption, stored = c.caption, bytes(row[schema.CAPTION_RAW])
     else:
-        caption = template_caption(info, target, keyed_hash(key, cfg.seed, b"caption"))
+        caption = caption_for(cfg.caption_source, c.caption, c.label, target, info,
+                              patterns if patterns is not None else class_patterns(info), pool or [], rank,
+                              keyed_hash(key, cfg.seed, b"caption"))
         stored = caption
     meta = {**c.meta, "poisoned": True, "attack": "backdoor", "poison_class": cfg.target, "trigger": spec.kind}
     sample = (key, encode_image(triggered, image_format), image_format, stored, meta)
@@ -133,8 +178,10 @@ class Rewritten:
 
 def rewrite(files: list[str], fs, fmt: str, out_path: str, out_fmt: str, kind: str, cfg: PoisonConfig,
             data_cfg: DataConfig, info: DatasetInfo, spec: TriggerSpec | None, limits: DecodeLimits,
-            selected: set[int], inserts: list[dict], total: int, progress: bool) -> Rewritten:
-    """Pass 2: write every output shard (`total` input rows, for the progress bar)."""
+            selected: dict[int, int], inserts: list[dict], total: int, progress: bool,
+            bases: frozenset[int] | None = None, pool: list[str] | None = None) -> Rewritten:
+    """Pass 2: write every output shard (`total` input rows, for the progress bar). selected: keyed hash ->
+    rank of the backdoor's samples; bases: its base classes (None = any); pool: real captions (data rule)."""
     out_fs, out_root = resolve(out_path, data_cfg.s3)
     patterns = class_patterns(info)
     target = info.label_of(cfg.target) if kind == "backdoor" else -1
@@ -149,8 +196,8 @@ def rewrite(files: list[str], fs, fmt: str, out_path: str, out_fmt: str, kind: s
             h = keyed_hash(row[schema.KEY], cfg.seed, b"select") if selected else -1
             if h in selected and h not in done:
                 c = check_row(row, limits, info, patterns)
-                if is_eligible(c, cfg, target, patterns[target]):
-                    sample, entry = backdoor_sample(row, c, cfg, info, spec, limits)
+                if is_eligible(c, cfg, target, patterns[target], patterns, bases):
+                    sample, entry = backdoor_sample(row, c, cfg, info, spec, limits, selected[h], pool, patterns)
                     samples.append(sample)
                     out.manifest.append({**entry, "shard": shard_name})
                     done.add(h)

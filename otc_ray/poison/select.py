@@ -4,7 +4,8 @@ copies, which real captions it may use (pass 1 of `poison_shards`, a scan of the
 Selection ranks eligible keys by a keyed blake2b hash of (key; seed) and takes the N smallest, so it depends on
 the keys and the seed only, never on shard order or sharding, and the realised count is exactly the requested
 one. Backdoor: eligible = good samples of another class (not naming the target); label-consistent: good samples
-of the target class (caption kept).
+of the target class (caption kept); with `poison.base_classes` / `base_nearest`, only samples of the base classes
+(captions.py); with `caption_source=swap`, only samples whose caption names their own class.
 """
 from __future__ import annotations
 
@@ -23,10 +24,13 @@ from ..data import schema
 from ..data.class_info import DatasetInfo
 from ..data.decode import DecodeLimits
 from ..data.shards import iter_rows, list_shards, read_info
+from .captions import base_classes, names_own_class
 from .classes import Checked, check_row, class_patterns
 
 TARGETED_KEY = "tgt{t:03d}-{k:04d}"                 # key of the k-th copy of target image t
 TARGETED_KEY_RE = re.compile(r"tgt\d{3}-\d{4}")
+DATA_CAPTION_POOL = 65536                           # backdoor, caption_source=data: real captions kept at most
+MEAN_SIDE = 16                                      # base_nearest: class-mean images at this side
 
 
 def keyed_hash(key: str, seed: int, purpose: bytes) -> int:
@@ -76,7 +80,10 @@ class Scan:
     good: int = 0                                           # rows that decode (the base of poison.rate)
     decode_bad: Counter = field(default_factory=Counter)    # reason -> rows the reader passed but decoding rejects
     hashes: array = field(default_factory=lambda: array("Q"))  # keyed hashes of backdoor-eligible samples (uint64)
-    data_captions: list[str] = field(default_factory=list)  # targeted, caption_source=data
+    labels: array = field(default_factory=lambda: array("q"))  # their classes (for base-class selection)
+    data_captions: list[str] = field(default_factory=list)  # caption_source=data: real captions naming the class
+    class_sums: np.ndarray | None = None                    # base_nearest: (C, 16, 16, 3) float64 image sums
+    class_counts: np.ndarray | None = None                  # base_nearest: (C,) images summed
     reserved: set[str] = field(default_factory=set)         # input keys shaped like targeted keys
 
 
@@ -91,15 +98,32 @@ def requested_count(cfg: PoisonConfig, eligible: int, total: int) -> int:
     return n
 
 
-def is_eligible(c: Checked, cfg: PoisonConfig, target: int, names_target: re.Pattern) -> bool:
-    """Whether a checked sample may carry the backdoor (see the module docstring)."""
+def is_eligible(c: Checked, cfg: PoisonConfig, target: int, names_target: re.Pattern,
+                patterns: list[re.Pattern] | None = None, bases: frozenset[int] | None = None) -> bool:
+    """Whether a checked sample may carry the backdoor (see the module docstring). `patterns` (all classes) is
+    needed for caption_source=swap; `bases`: the base classes (None = any)."""
     if c.error or (c.meta or {}).get("poisoned"):
         return False
+    if cfg.caption_source == "swap" and not cfg.label_consistent:
+        if patterns is None:
+            raise ValueError("is_eligible: caption_source=swap needs the class patterns")
+        if not names_own_class(c.label, c.caption, patterns):
+            return False
     if cfg.label_consistent:
         return c.label == target
+    if bases is not None and c.label not in bases:
+        return False
     # the caption must not name the target either: an image whose caption mentions it (a second object, a scene that
     # holds one) already shows the target, and a target caption on it would be true, not poison
     return c.label != target and not names_target.search(c.caption)
+
+
+def _small_image(image: np.ndarray) -> np.ndarray:
+    """float64 (MEAN_SIDE, MEAN_SIDE, 3) of a uint8 (H, W, 3) image (bilinear), for class-mean images."""
+    from PIL import Image
+
+    small = Image.fromarray(image).resize((MEAN_SIDE, MEAN_SIDE), Image.BILINEAR)
+    return np.asarray(small, dtype=np.float64)
 
 
 def scan(files: list[str], fs, fmt: str, kind: str, cfg: PoisonConfig, info: DatasetInfo, limits: DecodeLimits,
@@ -107,23 +131,35 @@ def scan(files: list[str], fs, fmt: str, kind: str, cfg: PoisonConfig, info: Dat
     """Pass 1 over the training shards for attack `kind`: validate every row, collect what selection needs."""
     patterns = class_patterns(info)
     target = info.label_of(cfg.target if kind == "backdoor" else cfg.adversarial)
-    want_captions = kind == "targeted" and cfg.caption_source == "data"
-    captions = _Smallest(cfg.targets * cfg.per_target if want_captions else 0)
+    want_captions = cfg.caption_source == "data" and not (kind == "backdoor" and cfg.label_consistent)
+    pool = (cfg.targets * cfg.per_target if kind == "targeted" else
+            cfg.count if cfg.rate == 0 else DATA_CAPTION_POOL)
+    captions = _Smallest(pool if want_captions else 0)
+    bases = base_classes(cfg, info) if kind == "backdoor" and not cfg.base_nearest else None
+    means = kind == "backdoor" and cfg.base_nearest > 0
     out = Scan()
+    if means:
+        out.class_sums = np.zeros((len(info.classes), MEAN_SIDE, MEAN_SIDE, 3))
+        out.class_counts = np.zeros(len(info.classes), dtype=np.int64)
     bar = tqdm(desc="poison scan", unit="sample", disable=not progress)
     for path in files:
         for row in iter_rows(fs, path, fmt):
             out.read += 1
-            c = check_row(row, limits, info, patterns)
+            c = check_row(row, limits, info, patterns, keep_image=means)
             if c.error and not c.from_reader:
                 out.decode_bad[c.error] += 1
             out.good += not c.error
             key = row[schema.KEY]
             if TARGETED_KEY_RE.fullmatch(key):
                 out.reserved.add(key)
-            if kind == "backdoor" and is_eligible(c, cfg, target, patterns[target]):
+            if means and not c.error and c.label >= 0 and not c.meta.get("poisoned"):
+                out.class_sums[c.label] += _small_image(c.image)
+                out.class_counts[c.label] += 1
+            if kind == "backdoor" and is_eligible(c, cfg, target, patterns[target], patterns, bases):
                 out.hashes.append(keyed_hash(key, cfg.seed, b"select"))
-            elif want_captions and not c.error and c.label == target and not c.meta.get("poisoned"):
+                out.labels.append(c.label)
+            elif (want_captions and not c.error and c.label == target and not c.meta.get("poisoned")
+                  and patterns[target].search(c.caption)):
                 captions.offer(keyed_hash(key, cfg.seed, b"data-caption"), key, c.caption)
         bar.update(out.read - bar.n)
     bar.close()
@@ -131,11 +167,25 @@ def scan(files: list[str], fs, fmt: str, kind: str, cfg: PoisonConfig, info: Dat
     return out
 
 
-def select_backdoor(found: Scan, cfg: PoisonConfig) -> tuple[set[int], int, int]:
-    """(selected keyed hashes, requested count, eligible count): the `requested` smallest eligible hashes."""
-    unique = np.unique(np.frombuffer(found.hashes, dtype=np.uint64))
+def scan_bases(found: Scan, cfg: PoisonConfig, info: DatasetInfo) -> frozenset[int] | None:
+    """The backdoor's base classes (captions.base_classes; base_nearest from the scan's class-mean images)."""
+    if not cfg.base_nearest:
+        return base_classes(cfg, info)
+    means = found.class_sums / np.maximum(found.class_counts, 1)[:, None, None, None]
+    return base_classes(cfg, info, means, found.class_counts)
+
+
+def select_backdoor(found: Scan, cfg: PoisonConfig,
+                    bases: frozenset[int] | None = None) -> tuple[list[int], int, int]:
+    """(selected keyed hashes in ascending order, requested count, eligible count): the `requested` smallest
+    eligible hashes, among samples of the `bases` classes when given."""
+    hashes = np.frombuffer(found.hashes, dtype=np.uint64)
+    if bases is not None:
+        labels = np.frombuffer(found.labels, dtype=np.int64)
+        hashes = hashes[np.isin(labels, sorted(bases))]
+    unique = np.unique(hashes)
     requested = requested_count(cfg, len(unique), found.good)
-    return set(unique[:requested].tolist()), requested, len(unique)
+    return unique[:requested].tolist(), requested, len(unique)
 
 
 def pick_targets(source: str, cfg: PoisonConfig, data_cfg: DataConfig, info: DatasetInfo,
@@ -155,6 +205,8 @@ def pick_targets(source: str, cfg: PoisonConfig, data_cfg: DataConfig, info: Dat
             c = check_row(row, limits, info, patterns)
             if c.error or c.label < 0 or c.label == adversarial:
                 continue
+            if cfg.caption_source == "swap" and not names_own_class(c.label, c.caption, patterns):
+                continue                    # swap rewrites the class word of the target's own caption
             eligible += 1
             best.offer(keyed_hash(row[schema.KEY], cfg.seed, b"target"), row[schema.KEY],
                        {"key": row[schema.KEY], "image": bytes(row[schema.IMAGE_BYTES]), "ext": row[schema.IMAGE_EXT],

@@ -33,7 +33,7 @@ from ..data.shards import INFO_FILE, ShardSetError, commit_file, list_shards, re
 from ..data.storage import display, resolve
 from .manifest import MANIFEST_FILE, read_manifest, write_manifest
 from .rewrite import rewrite, targeted_inserts
-from .select import pick_targets, scan, select_backdoor
+from .select import pick_targets, scan, scan_bases, select_backdoor
 from .triggers import TriggerSpec, trigger_region_mask
 
 __all__ = ["PoisonReport", "poison_shards", "prior_attacks"]
@@ -148,8 +148,11 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
 
     found = scan(files, fs, fmt, kind, cfg, info, limits, progress)
     inserts: list[dict] = []
+    bases = None
     if kind == "backdoor":
-        selected, requested, eligible = select_backdoor(found, cfg)
+        bases = scan_bases(found, cfg, info)
+        ranked, requested, eligible = select_backdoor(found, cfg, bases)
+        selected = {h: rank for rank, h in enumerate(ranked)}          # keyed hash -> place in the attack's order
     else:
         targets, eligible = pick_targets(target_source, cfg, data_cfg, info, limits)
         inserts = targeted_inserts(cfg, info, targets, found.data_captions, len(files), limits)
@@ -157,13 +160,13 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
         if clash:
             raise ValueError(f"the input already holds keys of the form tgtTTT-KKKK ({sorted(clash)[:3]}); "
                              "targeted copies would collide")
-        selected, requested = set(), cfg.targets * cfg.per_target
+        selected, requested = {}, cfg.targets * cfg.per_target
 
     report = PoisonReport(out=out_path, attack=kind, read=found.read, eligible=eligible, requested=requested,
                           num_shards=len(files), trigger=spec.to_dict() if spec else None,
                           target=cfg.target if kind == "backdoor" else cfg.adversarial)
     done = rewrite(files, fs, fmt, out_path, out_fmt, kind, cfg, data_cfg, info, spec, limits, selected, inserts,
-                   report.read, progress)
+                   report.read, progress, bases=bases, pool=found.data_captions)
     report.poisoned, report.inserted, report.written = done.poisoned, done.inserted, done.written
     report.skipped = dict(done.skipped)
     report.passed_bad = {r: n - done.not_copied[r] for r, n in found.decode_bad.items() if n > done.not_copied[r]}
@@ -178,24 +181,27 @@ def poison_shards(in_path: str, out_path: str, cfg: PoisonConfig, data_cfg: Data
         manifest = prior + manifest
     write_manifest(out_fs, posixpath.join(out_root, MANIFEST_FILE), manifest)
     report.manifest = display(out_fs, posixpath.join(out_root, MANIFEST_FILE))
-    _write_info(out_fs, out_root, in_info, in_path, kind, cfg, report, target_source, out_fmt)
+    _write_info(out_fs, out_root, in_info, in_path, kind, cfg, report, target_source, out_fmt,
+                sorted(info.classes[b] for b in bases) if bases is not None else None)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _write_info(fs, root: str, in_info: dict, in_path: str, kind: str, cfg: PoisonConfig, report: PoisonReport,
-                target_source: str | None, out_fmt: str) -> None:
-    """The input's `_info.json` with num_samples / format updated and a `poison` section added."""
+                target_source: str | None, out_fmt: str, bases: list[str] | None = None) -> None:
+    """The input's `_info.json` with num_samples / format updated and a `poison` section added (`bases`: the
+    backdoor's base classes, None = any but the target)."""
     count = report.poisoned + report.inserted
     poison = {"attack": kind, "source": in_path, "manifest": MANIFEST_FILE, "seed": cfg.seed,
               "count": count, "requested_count": report.requested, "rate": cfg.rate, "eligible": report.eligible,
               "poison_fraction": count / max(report.written, 1), "target": report.target,
               "target_label": DatasetInfo.from_dict(in_info["dataset"]).label_of(report.target)}
     if kind == "backdoor":
-        poison.update(trigger=report.trigger, label_consistent=cfg.label_consistent)
+        poison.update(trigger=report.trigger, label_consistent=cfg.label_consistent, caption_source=cfg.caption_source,
+                      base_classes=bases)
     else:
         poison.update(targets=cfg.targets, per_target=cfg.per_target, caption_source=cfg.caption_source,
-                      target_source=target_source)
+                      target_source=target_source, copy_augment=cfg.copy_augment)
     info = {**in_info, "num_samples": report.written, "format": out_fmt, "poison": poison}
     if "poison" in in_info:
         info["poison_history"] = prior_attacks(in_info)
