@@ -12,7 +12,8 @@ open_clip_train. otc-ray also evaluates on the held-out set every epoch and at t
 open_clip_train has no evaluation data. Time to first step: from starting the command to the end of the first
 optimizer step (otc-ray: its `time/worker/first_step_unix_s`; open_clip_train: the timestamp of its first
 "Train Epoch" log line, 1 s resolution). The open_clip_train package is imported from this interpreter (it is in
-the project's environment); `--python` picks another.
+the project's environment); its data dependencies are installed under `--out` when missing (`open_clip_deps`);
+`--python` picks another interpreter.
 Results: benchmarks/results/vs_open_clip.md and .json.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -66,6 +68,21 @@ def run_otc(args, env, data: dict) -> dict:
             "zeroshot_top1": m.get("final/zeroshot_top1")}
 
 
+def open_clip_deps(args) -> str:
+    """A folder holding open_clip_train's data dependencies when `--python` lacks them (the project's environment
+    has open_clip_train but not braceexpand / webdataset): installed once with pip --target, without their
+    dependencies, so nothing of the project's environment is shadowed. webdataset is pinned to 0.2.86: from 0.2.100
+    on its samples lack the "fname" key open_clip_train's grouping reads. Returns "" when nothing is needed."""
+    check = subprocess.run([args.python, "-c", "import braceexpand, webdataset"], capture_output=True)
+    if check.returncode == 0:
+        return ""
+    target = Path(args.out) / "open_clip_deps"
+    if not (target / "webdataset").exists():
+        subprocess.run([args.python, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        "braceexpand", "webdataset==0.2.86"], check=True)
+    return str(target)
+
+
 def run_open_clip(args, env, data: dict) -> dict:
     from proc_cpu import run_tree
 
@@ -78,7 +95,9 @@ def run_open_clip(args, env, data: dict) -> dict:
            "--train-num-samples", str(args.samples), "--batch-size", str(BATCH), "--epochs", str(args.epochs),
            "--model", ARCH, "--precision", "fp32", "--workers", "1", "--device", "cpu", "--seed", "0",
            "--warmup", "40", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name, "--report-to", ""]
-    t = run_tree(cmd, args.timeout, env={**env, "OMP_NUM_THREADS": str(THREADS)})
+    deps = open_clip_deps(args)
+    path = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH", "")) if p)
+    t = run_tree(cmd, args.timeout, env={**env, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": path})
     if t.returncode:
         raise SystemExit(f"open_clip_train failed (rc {t.returncode}):\n{t.stdout[-3000:]}")
     batches = len(re.findall(r"Train Epoch: \d+ \[", t.stdout))
