@@ -40,12 +40,13 @@ _OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1
 _FIRST_STEP = re.compile(r"^(\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d) \| INFO \| Train Epoch: 0 \[", re.M)
 
 
-def prepare(out: str) -> dict:
-    """The demo's clean train / test shard sets (built once, cached under `out`)."""
+def prepare(out: str, samples: int) -> dict:
+    """The demo's clean train / test shard sets, `samples` training pairs (built once, cached under `out`)."""
     from otc_ray.config import load_config
     from otc_ray.pipelines.prepare import prepare_data
 
-    data = prepare_data(load_config(str(CONFIG), ["poison.attack=none", f"output_dir={out}"]), progress=False)
+    cfg = load_config(str(CONFIG), ["poison.attack=none", f"output_dir={out}", f"data.num_train={samples}"])
+    data = prepare_data(cfg, progress=False)
     return {"train": data.train, "test": data.test}
 
 
@@ -122,7 +123,7 @@ def main() -> None:
     args.epochs = args.epochs or (1 if args.quick else 2)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    data = prepare(args.out)
+    data = prepare(args.out, args.samples)
     res = {"open_clip_train": run_open_clip(args, env, data), "otc-ray none": run_otc(args, env, data)}
     for r in res.values():
         r["cpu_ms_per_sample"] = 1e3 * r["cpu_s"] / r["trained"]
