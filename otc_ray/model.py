@@ -24,7 +24,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import TextTransformer, VisionTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import Tensor, nn
 
 from otc_ray.config import ModelConfig
@@ -232,10 +232,42 @@ def word_token_mask(ids: Tensor, special_tokens: bool = False) -> Tensor:
     return torch.where(words.any(dim=1, keepdim=True), words, real)
 
 
-def _text_part(m: nn.Module, out: dict, ids: Tensor, special_tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _, proj = _text_tower(m)
-    words = _project(out["text_intermediates"][-1], proj)
-    return out["text_features"], F.normalize(words, dim=-1), word_token_mask(ids, special_tokens)
+def trim_ids(ids: Tensor) -> Tensor:
+    """ids (B, L) -> (B, L'): without the trailing columns that are padding in every row (L' >= 1)."""
+    used = (ids != PAD_ID).any(dim=0).nonzero()
+    return ids[:, :int(used.max()) + 1] if len(used) else ids[:, :1]
+
+
+def _trimmable(tower: nn.Module) -> bool:
+    """A causal TextTransformer without a pad mask or class token: a token's output depends on earlier tokens
+    only, so trailing padding can be left out without changing any output at the positions kept."""
+    return (isinstance(tower, TextTransformer) and tower.cls_emb is None and not tower.use_pad_mask
+            and tower.attn_mask is not None and tower.pool_type in ("argmax", "eos", "first"))
+
+
+def _text_tokens(m: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(text features (B, d) L2-normalized, projected last-block tokens (B, L', d) before normalizing, ids (B, L'))
+    of caption ids (B, L). A causal text tower runs on `trim_ids(ids)` only (open_clip's own forward always runs
+    all L = context_length positions: about 2.5x the text tower's work for 8-13-token captions); its outputs at
+    the kept positions are the full forward's."""
+    tower, proj = _text_tower(m)
+    if not _trimmable(tower):
+        out = m.forward_intermediates(text=ids, text_indices=1, normalize=True, normalize_intermediates=True)
+        return out["text_features"], _project(out["text_intermediates"][-1], proj), ids
+    ids = trim_ids(ids)
+    L = ids.shape[1]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(ids).to(cast) + tower.positional_embedding[:L].to(cast)
+    x, _ = tower.transformer.forward_intermediates(x, attn_mask=tower.attn_mask[:L, :L], indices=1)
+    x = tower.ln_final(x)          # the last block's output: the tokens and, pooled, the caption's feature
+    pooled = _project(text_global_pool(x, ids, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None)),
+                      proj)
+    return F.normalize(pooled, dim=-1), _project(x, proj), ids
+
+
+def _text_part(m: nn.Module, ids: Tensor, special_tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
+    t, words, ids = _text_tokens(m, ids)
+    return t, F.normalize(words, dim=-1), word_token_mask(ids, special_tokens)
 
 
 def encode_image_tokens(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -248,12 +280,9 @@ def encode_image_tokens(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tenso
 
 
 def encode_text_tokens(model: nn.Module, ids: Tensor, special_tokens: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """ids (B, L) -> (t (B, d), words (B, L, d), mask (B, L) bool (`word_token_mask`)); L2-normalized, words use
-    the text projection."""
-    m = unwrap(model)
-    _text_tower(m)
-    out = m.forward_intermediates(text=ids, text_indices=1, normalize=True, normalize_intermediates=True)
-    return _text_part(m, out, ids, special_tokens)
+    """ids (B, L) -> (t (B, d), words (B, L', d), mask (B, L') bool (`word_token_mask`)); L2-normalized, words use
+    the text projection; L' <= L leaves out trailing padding columns (`trim_ids`) for a causal text tower."""
+    return _text_part(unwrap(model), ids, special_tokens)
 
 
 def _pooled(out: Union[Tensor, tuple]) -> Tensor:
@@ -268,6 +297,8 @@ def encode_image(model: nn.Module, pixels: Tensor) -> Tensor:
 def encode_text(model: nn.Module, ids: Tensor) -> Tensor:
     """ids (B, L) -> normalized global caption embeddings (B, d) (no token work)."""
     m = unwrap(model)
+    if _trimmable(_text_tower(m)[0]):
+        return _text_tokens(m, ids)[0]
     return F.normalize(_pooled(m.text(ids)) if hasattr(m, "text") else m.encode_text(ids), dim=-1)
 
 
@@ -276,11 +307,10 @@ def features(model: nn.Module, pixels: Tensor, ids: Tensor, special_tokens: bool
     the word set (`word_token_mask`, config `ot.special_tokens`)."""
     m = unwrap(model)
     _check_visual(m)
-    _text_tower(m)
-    out = m.forward_intermediates(image=pixels, text=ids, image_indices=1, text_indices=1, normalize=True,
-                                  normalize_intermediates=True, image_output_fmt="NLC")
+    out = m.forward_intermediates(image=pixels, image_indices=1, normalize=True, normalize_intermediates=True,
+                                  image_output_fmt="NLC")
     g, patches = _image_part(m, out)
-    t, words, mask = _text_part(m, out, ids, special_tokens)
+    t, words, mask = _text_part(m, ids, special_tokens)
     return ClipFeatures(image=g, text=t, patches=patches, words=words, word_mask=mask,
                         logit_scale=m.logit_scale.exp())
 

@@ -145,3 +145,17 @@ def test_member_size_limit_skips_without_reading():
     rows = list(iter_tar_samples(io.BytesIO(data), "m.tar", max_member_bytes=4096))
     assert [r[schema.ERROR] for r in rows] == ["", schema.IMAGE_TOO_LARGE]
     assert json.loads(rows[0][schema.META]) == {"label": 1}
+
+
+def test_header_screen_counts_every_sample_and_defers_only_corrupt_image_bodies(tmp_path):
+    """The run's start-up count (`data.count.screen_outcomes`, no pixel decode) gives every sample of the hostile
+    shard its reason, as the decode does, except a truncated PNG body, whose header is sound: the stream finds it."""
+    from otc_ray.data.count import screen_outcomes
+
+    (tmp_path / "00000.tar").write_bytes(_hostile_tar())
+    counts = screen_outcomes(str(tmp_path), DataConfig(max_caption_chars=200))
+    expected = Counter(reason or "ok" for _, reason in CASES.values()) + Counter({schema.DUPLICATE_KEY: 1})
+    expected[schema.CORRUPT_IMAGE] -= 1          # 000000003: half a PNG, header intact
+    expected["ok"] += 1
+    assert counts == dict(expected)
+    assert sum(counts.values()) == len(CASES) + 1

@@ -82,14 +82,26 @@ def test_features_shapes_norms_and_mask(tiny, batch):
     pixels, ids = batch
     f = features(tiny.model, pixels, ids)
     assert f.image.shape == (3, 128) and f.text.shape == (3, 128)
-    assert f.patches.shape == (3, 64, 128) and f.words.shape == (3, 32, 128)
+    L = int((ids != 0).sum(1).max())                      # trailing all-padding columns are left out
+    assert f.patches.shape == (3, 64, 128) and f.words.shape == (3, L, 128) and L < ids.shape[1]
     for t in (f.image, f.text, f.patches, f.words):
         torch.testing.assert_close(t.norm(dim=-1), torch.ones(t.shape[:-1]))
     # the OT word set: the words only (SOT, EOT and padding out), unless special tokens are asked for
     assert f.word_mask.sum(1).tolist() == [(row != 0).sum().item() - 2 for row in ids]
     assert f.word_mask[0].tolist()[:8] == [False] + [True] * 5 + [False, False]     # SOT, 5 words, EOT, padding
-    assert torch.equal(features(tiny.model, pixels, ids, special_tokens=True).word_mask, ids != 0)
+    assert torch.equal(features(tiny.model, pixels, ids, special_tokens=True).word_mask, ids[:, :L] != 0)
     torch.testing.assert_close(f.logit_scale, tiny.model.logit_scale.exp())
+
+
+def test_trimmed_text_forward_equals_open_clips_full_forward(tiny, batch):
+    """The causal text tower runs on the captions' real length only; every output it keeps is the full forward's."""
+    pixels, ids = batch
+    f = features(tiny.model, pixels, ids)
+    out = tiny.model.forward_intermediates(text=ids, text_indices=1, normalize=True, normalize_intermediates=True)
+    words = torch.nn.functional.normalize(out["text_intermediates"][-1] @ tiny.model.text.text_projection, dim=-1)
+    torch.testing.assert_close(f.text, out["text_features"])
+    torch.testing.assert_close(f.words, words[:, :f.words.shape[1]])
+    torch.testing.assert_close(encode_text(tiny.model, ids), out["text_features"])
 
 
 def test_shared_template_prefix_does_not_hide_the_class_word(tiny):
@@ -135,12 +147,16 @@ def test_tokens_equal_open_clip_token_outputs_with_projection(tiny, batch):
     finally:
         m.visual.output_tokens = m.text.output_tokens = False
     torch.testing.assert_close(patches, torch.nn.functional.normalize(tok_i @ m.visual.proj, dim=-1))
-    torch.testing.assert_close(words, torch.nn.functional.normalize(tok_t @ m.text.text_projection, dim=-1))
+    L = words.shape[1]                    # trailing all-padding columns left out (causal tower: same outputs)
+    torch.testing.assert_close(words, torch.nn.functional.normalize(tok_t @ m.text.text_projection, dim=-1)[:, :L])
+    torch.testing.assert_close(mask, mask_of := word_token_mask(ids)[:, :L])
+    assert not word_token_mask(ids)[:, L:].any() and mask_of.any()
     torch.testing.assert_close(g, torch.nn.functional.normalize(pooled_i, dim=-1))
     torch.testing.assert_close(t, torch.nn.functional.normalize(pooled_t, dim=-1))
     torch.testing.assert_close(encode_image(m, pixels), m.encode_image(pixels, normalize=True))
     torch.testing.assert_close(encode_text(m, ids), m.encode_text(ids, normalize=True))
-    assert torch.equal(mask, word_token_mask(ids)) and torch.equal(encode_text_tokens(m, ids, True)[2], ids != 0)
+    assert torch.equal(mask, word_token_mask(ids)[:, :L]) and torch.equal(encode_text_tokens(m, ids, True)[2],
+                                                                          ids[:, :L] != 0)
 
 
 def test_the_64px_arch_has_64_patches():

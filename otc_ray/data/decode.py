@@ -84,6 +84,32 @@ def decode_meta(raw) -> tuple[dict, str]:
     return (meta, "") if isinstance(meta, dict) else ({}, schema.BAD_META)
 
 
+def screen_image(data: bytes, limits: DecodeLimits) -> str:
+    """The reason an image is skipped that its header shows (missing, too large, not an image), or "": the
+    checks of `decode_image` short of decoding the pixels (a corrupt body is found when the stream decodes it)."""
+    if not data:
+        return schema.MISSING_IMAGE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError:
+        return schema.IMAGE_TOO_LARGE
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError):
+        return schema.CORRUPT_IMAGE
+    return schema.IMAGE_TOO_LARGE if width * height > limits.max_pixels else ""
+
+
+def screen_row(row: dict, limits: DecodeLimits) -> str:
+    """A reader row's skip reason from its metadata, caption and image header, or "" (see `screen_image`); the
+    same reasons, in the same order, as `decode_batch` gives."""
+    if row.get(schema.ERROR):
+        return str(row[schema.ERROR])
+    err = decode_meta(row.get(schema.META))[1]
+    err = err or decode_caption(row.get(schema.CAPTION_RAW), limits)[1]
+    return err or screen_image(row.get(schema.IMAGE_BYTES), limits)
+
+
 def decode_batch(batch: dict[str, np.ndarray], limits: DecodeLimits) -> dict[str, np.ndarray]:
     """Reader batch (n rows) -> decoded batch (n rows); see module docstring."""
     n = len(batch[schema.KEY])

@@ -12,6 +12,13 @@ import ray
 from ..config import RayConfig
 
 
+# A local instance's workers share a few cores: the Train worker's intra-op threads, the re-match actors and Ray
+# Data's decode tasks. OpenMP's default spin-wait between parallel regions then burns the cores the others need
+# (a training step measured 3x the CPU at the same wall time on a loaded 2-core machine); passive waiting sleeps
+# instead. An exported value wins.
+LOCAL_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Start or join Ray once per process; quiet Ray Data's per-operator logging unless progress bars are on.
 
@@ -28,6 +35,8 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(address=address, log_to_driver=cfg.worker_logs)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # no token file in ~/.ray for a private instance
+            for name, value in LOCAL_WORKER_ENV.items():         # inherited by the raylet and every worker
+                os.environ.setdefault(name, value)
             # worker_logs=False keeps the console to the driver's own lines (the demo): worker output is Ray's and
             # open_clip's INFO chatter plus, without a dashboard, the Train placement-group cleaner's State API
             # warnings; errors still surface as exceptions of fit(), and the logs stay in the session folder

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -34,6 +34,7 @@ from ..train.defenses import get_defense
 from ..train.evaluation import EpochEvaluator, final_report
 from ..train.progress import EpochProgress
 from ..train.loop import LoopConfig
+from ..train.phases import PhaseTimer
 from ..train.trainer import build_trainer, run_folder
 from .evaluate import eval_inputs
 from .prepare import TrainData, carried_poison, count_usable, data_name, prepare_data, shard_set_name
@@ -47,6 +48,7 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint: str | None
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)   # the driver's phase timers (metric_names.TIME_DRIVER/...)
 
 
 def _poison_keys(cfg: Config, data: TrainData):
@@ -112,32 +114,42 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
     (`credentials.move_secrets_to_env`): what the workers, the MLflow params and `TrainResult.tracking_uri` get
     carries none."""
     start = time.perf_counter()
+    timer = PhaseTimer()
     cfg = move_secrets_to_env(cfg)
     check_image_size(cfg.model.arch, cfg.data.image_size)
     cfg, notes = carried_poison(cfg)
     for note in notes:
         say(note)
     say("starting Ray" + (f" at {cfg.ray.address}" if cfg.ray.address else "") + " ...")
-    init_ray(cfg.ray)
-    data = prepare_data(cfg, progress)
-    outcomes = count_usable(data.train, cfg)
+    with timer("ray_init"):
+        init_ray(cfg.ray)
+    with timer("prepare_data"):
+        data = prepare_data(cfg, progress)
+    with timer("count_rows"):
+        outcomes = count_usable(data.train, cfg)
     uri = tracking_uri(cfg)
-    test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
-    run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
-                                            "dataset": data_name(cfg, classes.name), "train_data": data.train,
-                                            "test_data": data.test})
-    rows = outcomes["ok"]
-    say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): {run_link(uri, cfg.tracking.experiment, run_id)}")
-    _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
-    datasets, publisher, warmup = training_datasets(cfg, data)
-    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
-    evaluator = EpochEvaluator.create(cfg, test, classes, attack)
-    loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
-                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
+    with timer("eval_inputs"):
+        test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
+    with timer("mlflow_setup"):
+        run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
+                                                "dataset": data_name(cfg, classes.name), "train_data": data.train,
+                                                "test_data": data.test})
+        rows = outcomes["ok"]
+        say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): "
+            f"{run_link(uri, cfg.tracking.experiment, run_id)}")
+        _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
+    with timer("streams"):
+        datasets, publisher, warmup = training_datasets(cfg, data)
+        steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
+        evaluator = EpochEvaluator.create(cfg, test, classes, attack)
+        loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
+                          poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id, cfg.tracking.flush_timeout_s)
-    logger.metrics({metric_names.DATA_OK: rows} | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
+    logger.metrics({metric_names.DATA_OK: rows}
+                   | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
+    timer.marks[f"{metric_names.TIME_DRIVER}/fit_start_unix_s"] = time.time()
     try:
-        with EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
+        with timer("fit"), EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
     except (KeyboardInterrupt, SystemExit):        # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
         logger.finish("KILLED", timeout_s=min(30.0, cfg.tracking.flush_timeout_s))
@@ -151,11 +163,13 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
         checkpoint = result.checkpoint.path
         if cfg.train.storage_path.startswith("s3://") and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"
-        with result.checkpoint.as_directory() as local:       # downloads when storage is remote
+        with timer("final_report"), result.checkpoint.as_directory() as local:     # downloads when storage is remote
             metrics |= final_report(cfg, local, evaluator, logger)
     elapsed = time.perf_counter() - start
-    logger.metrics({metric_names.RUN_SECONDS: elapsed, metric_names.RUN_SAMPLES_PER_S: rows * cfg.train.epochs / max(elapsed, 1e-9)},
+    phases = timer.metrics(metric_names.TIME_DRIVER) | timer.marks
+    logger.metrics({metric_names.RUN_SECONDS: elapsed,
+                    metric_names.RUN_SAMPLES_PER_S: rows * cfg.train.epochs / max(elapsed, 1e-9)} | phases,
                    step=cfg.train.epochs)
     logger.tags({"checkpoint": checkpoint or ""})
     logger.finish()
-    return TrainResult(run_id, uri, metrics, checkpoint, elapsed)
+    return TrainResult(run_id, uri, metrics, checkpoint, elapsed, phases)

@@ -63,6 +63,10 @@ FINAL_TARGETED_ASR = FINAL + TARGETED_ASR
 FINAL_LINEAR_PROBE_SPLIT_ACC = FINAL + LINEAR_PROBE_SPLIT_ACC
 RUN_SECONDS = RUN + "seconds"
 RUN_SAMPLES_PER_S = RUN + "samples_per_s"
+TIME_WORKER = "time/worker"             # + /<phase>_wall_s, _cpu_s: rank 0's phase timers (train.phases)
+TIME_FIRST_STEP = "time/worker/first_step_unix_s"   # unix time at the end of the run's first optimizer step
+TIME_WORKER_START = "time/worker/start_unix_s"   # unix time when the train function started
+TIME_DRIVER = "time/driver"             # + /<phase>_wall_s, _cpu_s: the driver's start-up phases
 
 
 def prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:

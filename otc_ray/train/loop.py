@@ -36,6 +36,7 @@ from ..track.mlflow_logger import RunLogger
 from .chaos import maybe_die
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .defenses import get_defense
+from .phases import PhaseTimer
 from .schedule import warmup_cosine
 from .tally import RematchTally
 
@@ -152,6 +153,9 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     `cfg.train.epochs` epochs from the newest checkpoint, reporting each epoch's metrics (and, on rank 0, its
     checkpoint) to Ray Train."""
     cfg = loop.config
+    timer = PhaseTimer()
+    timer.marks[metric_names.TIME_WORKER_START] = time.time()
+    setup_start = (time.perf_counter(), time.process_time())
     defense = get_defense(cfg.train.defense)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -180,28 +184,43 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
     poisoned = dict(ray.get(loop.poison_keys)) if loop.poison_keys is not None else {}
     patterns = class_patterns(loop.classes) if loop.classes is not None else []
     published = 0
+    timer.add("setup", time.perf_counter() - setup_start[0], time.process_time() - setup_start[1])
+
+    def timed(batches, phase: str = "data_wait"):
+        """The batches of an iterator, the time spent waiting for each counted as `phase`."""
+        it = iter(batches)
+        while True:
+            with timer(phase):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
 
     def train_step(batch: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step on a numpy batch (re-matched or raw); returns the loss terms."""
-        pixels = images_to_tensor(batch[schema.IMAGE], bundle.image_size, device)
-        captions = [str(c) for c in (batch[CAPTION_USED] if CAPTION_USED in batch else batch[schema.CAPTION])]
-        ids = bundle.tokenizer(captions).to(device)
-        weights = _pair_weights(batch, device)
-        content = torch.stack([identity.text_ids(captions), identity.image_ids(batch[schema.IMAGE])], dim=1).to(device)
-        with bundle.autocast(device):
+        with timer("batch_to_tensors"):
+            pixels = images_to_tensor(batch[schema.IMAGE], bundle.image_size, device)
+            captions = [str(c) for c in (batch[CAPTION_USED] if CAPTION_USED in batch else batch[schema.CAPTION])]
+            ids = bundle.tokenizer(captions).to(device)
+            weights = _pair_weights(batch, device)
+            content = torch.stack([identity.text_ids(captions), identity.image_ids(batch[schema.IMAGE])],
+                                  dim=1).to(device)
+        with timer("forward_loss"), bundle.autocast(device):
             loss, terms = defense.batch_loss(feature_model, clip_model, pixels, ids, cfg, epoch, generator, weights,
                                              content_ids=content)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(clip_model.parameters(), cfg.train.grad_clip)
-        scale = defense.lr_scale(cfg, epoch)          # e.g. SafeCLIP's low-LR CLIP epoch
-        for group in optimizer.param_groups:
-            group["lr"] *= scale
-        optimizer.step()
-        scheduler.step()                               # sets the scheduled LR again
-        with torch.no_grad():
-            clip_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        with timer("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer("optimizer"):
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(clip_model.parameters(), cfg.train.grad_clip)
+            scale = defense.lr_scale(cfg, epoch)          # e.g. SafeCLIP's low-LR CLIP epoch
+            for group in optimizer.param_groups:
+                group["lr"] *= scale
+            optimizer.step()
+            scheduler.step()                               # sets the scheduled LR again
+            with torch.no_grad():
+                clip_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         state.step += 1
         return terms
 
@@ -209,9 +228,11 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         """Rank 0, every `train.log_every` steps: the loss terms, the LR in force and (inside an epoch) its progress."""
         if logger and state.step % cfg.train.log_every == 0:
             lr = scheduler.get_last_lr()[0] * defense.lr_scale(cfg, epoch)
-            logger.metrics(metric_names.prefixed(metric_names.TRAIN, terms) | {metric_names.TRAIN_LR: lr} | (progress or {}), step=state.step)
+            with timer("logging"):
+                logger.metrics(metric_names.prefixed(metric_names.TRAIN, terms) | {metric_names.TRAIN_LR: lr} | (progress or {}), step=state.step)
 
     judged_by_witness = False
+    witness_start = (time.perf_counter(), time.process_time())
     if state.step == 0 and loop.warmup_steps > 0:
         # the re-match gate needs a model that has learnt something before it screens epoch 0: steps on the raw
         # stream's first rows (these rows are seen again, screened, in epoch 0)
@@ -219,8 +240,9 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         feature_model.train()
         warm = ray.train.get_dataset_shard("warmup").iter_batches(batch_size=cfg.train.batch_size, drop_last=True,
                                                                    batch_format="numpy")
-        for batch in warm:
+        for batch in timed(warm):
             log_step(train_step(batch, 0), 0)
+            timer.marks.setdefault(metric_names.TIME_FIRST_STEP, time.time())
             if state.step >= loop.warmup_steps:
                 break
         if initial is not None:     # the warmed-up model is the witness: it judges epoch 0, then the model restarts
@@ -228,6 +250,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
                 published = publish(clip_model, 0, state.step)
             _reset(initial, clip_model, optimizer, scheduler)
             state.step, judged_by_witness = 0, True
+        timer.add("witness_total", time.perf_counter() - witness_start[0], time.process_time() - witness_start[1])
 
     for epoch in range(state.epoch, cfg.train.epochs):
         feature_model.train()
@@ -235,17 +258,21 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         tally = RematchTally(poisoned, patterns)
         publishing = rank == 0 and publish is not None and not (judged_by_witness and epoch == 0)
         if publishing:
-            published = publish(clip_model, epoch, state.step)         # before the epoch's stream starts
+            with timer("publish"):
+                published = publish(clip_model, epoch, state.step)         # before the epoch's stream starts
         received = RowCount()
-        for step_in_epoch, batch in enumerate(shard.iter_batches(**_batches(cfg, epoch, rank))):
+        epoch_cpu = time.process_time()
+        for step_in_epoch, batch in enumerate(timed(shard.iter_batches(**_batches(cfg, epoch, rank)))):
             received.add(batch[schema.KEY])
             if len(batch[schema.KEY]) < cfg.train.batch_size:
                 continue                    # the short tail: every rank trains equal full batches (DDP)
             maybe_die(chaos, rank, epoch, step_in_epoch)
             if publishing and step_in_epoch > 0 and publish.due(step_in_epoch):
-                published = publish(clip_model, epoch, state.step)
+                with timer("publish"):
+                    published = publish(clip_model, epoch, state.step)
             tally.add(batch)
             terms = train_step(batch, epoch)
+            timer.marks.setdefault(metric_names.TIME_FIRST_STEP, time.time())     # time to first step (benchmarks/)
             seen += len(batch[schema.KEY])
             n_batches += 1
             rate = seen * world / max(time.perf_counter() - start, 1e-9)       # every rank trains equal batches
@@ -254,6 +281,7 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
         elapsed = time.perf_counter() - start
+        timer.add("epochs_total", elapsed, time.process_time() - epoch_cpu)
         state.epoch = epoch + 1
         metrics = {metric_names.EPOCH: float(epoch), metric_names.TRAIN_SAMPLES_PER_S_WORKER: seen / max(elapsed, 1e-9),
                    metric_names.TRAIN_EPOCH_SECONDS: elapsed, metric_names.TRAIN_BATCHES: float(n_batches), **received.metrics()}
@@ -261,12 +289,15 @@ def train_loop_per_worker(loop: LoopConfig) -> None:
         metrics |= tally.metrics(published)     # this worker's share of the stream
         if rank == 0:
             if evaluate is not None and (cfg.eval.every_epoch or state.epoch == cfg.train.epochs):
-                metrics |= metric_names.prefixed(metric_names.EVAL, evaluate(bundle, clip_model, device))
-            logger.metrics(metrics, step=epoch)
-            with tempfile.TemporaryDirectory() as folder:
+                with timer("evaluate"):
+                    metrics |= metric_names.prefixed(metric_names.EVAL, evaluate(bundle, clip_model, device))
+            metrics |= timer.metrics(metric_names.TIME_WORKER) | timer.marks        # cumulative over the run so far
+            with timer("logging"):
+                logger.metrics(metrics, step=epoch)
+            with timer("checkpoint"), tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(folder, clip_model, optimizer, scheduler, state, rng)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
-            ray.train.report(metrics, checkpoint=None)
+            ray.train.report(metrics | timer.metrics(metric_names.TIME_WORKER) | timer.marks, checkpoint=None)
     if logger is not None:
         logger.close()                  # what an outage buffered is delivered before the worker ends
