@@ -11,6 +11,7 @@ train workers on small machines (see README: Ray on 2 cores).
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Iterator
 
@@ -25,7 +26,7 @@ from ..credentials import without_keys
 from . import schema as S
 from .decode import DecodeLimits, decode_batch
 from .parquet_format import iter_parquet_samples
-from .shards import list_shards
+from .shards import decompressed, list_shards
 from .tar_format import iter_tar_samples
 
 ROWS_PER_BLOCK = 256
@@ -50,20 +51,54 @@ class ShardDatasource(FileBasedDatasource):
         self.fmt, self.max_member_bytes, self.display_prefix, self.fs = fmt, max_member_bytes, display_prefix, fs
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        return self.fs.open(path, "rb")
+        try:
+            return self.fs.open(path, "rb")
+        except Exception as e:              # noqa: BLE001 - counted as a file-level skip by _read_stream
+            return _Unreadable(e)
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
-        source = self.display_prefix + path
-        rows = (iter_tar_samples(stream, source, self.max_member_bytes) if self.fmt == "wds"
+        yield from read_file_rows(stream, self.display_prefix + path, self.fmt, self.max_member_bytes, path)
+
+
+class _Unreadable:
+    """Stands in for a file that could not be opened (a context manager, as Ray's read task wants)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __enter__(self) -> "_Unreadable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def unreadable_row(source: str, error: BaseException) -> dict:
+    """The marker row `{source}#unreadable` of a file that could not be opened or read."""
+    detail = f"{type(error).__name__}: {error}"[:200]
+    return {S.KEY: f"{source}#unreadable", S.IMAGE_BYTES: b"", S.IMAGE_EXT: "", S.CAPTION_RAW: None,
+            S.META: json.dumps({"detail": detail}).encode(), S.SOURCE: source, S.ERROR: S.UNREADABLE_FILE}
+
+
+def read_file_rows(stream, source: str, fmt: str, max_member_bytes: int, path: str) -> Iterator[pa.Table]:
+    """Blocks of reader rows of one file. No file can stop the read: one that cannot be opened, or that raises
+    while being read (a permission error, a decompression error, a bug), ends with a counted `unreadable_file`
+    marker row naming it, after the rows read before the fault."""
+    block: list[dict] = []
+    try:
+        if isinstance(stream, _Unreadable):
+            raise stream.error
+        rows = (iter_tar_samples(decompressed(stream, path), source, max_member_bytes) if fmt == "wds"
                 else iter_parquet_samples(stream, source))
-        block: list[dict] = []
         for row in rows:
             block.append(row)
             if len(block) >= ROWS_PER_BLOCK:
                 yield _to_block(block)
                 block = []
-        if block:
-            yield _to_block(block)
+    except Exception as e:                  # noqa: BLE001 - see docstring
+        block.append(unreadable_row(source, e))
+    if block:
+        yield _to_block(block)
 
 
 def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data.Dataset:

@@ -181,7 +181,11 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
             yield row
     except _Corrupt as e:
         if key is not None:
-            yield _row(key, parts, source, e.reason)
+            # a bad header after a sample's three standard members (image, txt, json) leaves that sample whole: it is
+            # read as it is; a sample cut short (truncation, or a part missing) is counted out with the marker
+            whole = e.reason == S.CORRUPT_SHARD and not error and {"txt", "json"} <= set(parts) \
+                and any(ext in parts for ext in S.IMAGE_EXTENSIONS)
+            yield _row(key, parts, source, (S.DUPLICATE_KEY if key in seen else "") if whole else e.reason)
         yield _row(f"{source}#{'truncated' if e.reason == S.TRUNCATED_SHARD else 'corrupt'}", {}, source, e.reason)
 
 

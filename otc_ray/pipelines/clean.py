@@ -15,11 +15,19 @@ changed), then the batch's report rows as its commit record, and returns those r
     _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
     _info.json                  the input's, plus a `clean` section
     _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
+    _pending-<hash>.json        this job's ledger: written before the shard of that name, so the job only ever
+                                deletes a file that it named here first
 Nothing is lost: every input row is in the report exactly once, and input keys = output keys + dropped keys.
 An interrupted job, rerun with the same settings, resumes: rows whose batch has a committed part are not cleaned
-again (their shards are kept); a rerun with other settings is refused. Before the marker, shards of this naming that
-no part references (a write cut between shard and part) are deleted, by the lock holder only. A folder that already
-holds the marker, or foreign shards, is refused; readers refuse a folder with clean shards and no marker
+again (their shards are kept); a rerun with other settings is refused. Before the marker, shards that a pending record
+names and no part references (a write cut between shard and part) are deleted, by the lock holder only.
+
+Nothing outside --out is ever touched, and inside it only this job's files: every listing, sweep and clean-up looks
+at the top level of --out only (never into a subfolder), and deletes only files named in a `_pending-` record, its
+stray temp files, and its parts once the report holds them. `--out` is refused up front (`check_output`) when it
+is, contains or is contained in `--in`; when it lies inside another cleaning job's output; when it holds that
+job's finished marker, shards that are not this job's, a subfolder with shards or another job's files, or clean
+shards without this job's `_clean_job.json`. Readers refuse a folder with clean shards and no marker
 (`data.shards.list_shards`).
 """
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tempfile
 import time
@@ -40,12 +49,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from otc_ray.config import Config, S3Config, content_digest, replace, validate
 from otc_ray.credentials import move_secrets_to_env
 from otc_ray.data import schema as S
 from otc_ray.data.ray_io import decode, read_shards
-from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
+from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, COMPRESSED_SUFFIXES, INFO_FILE, SUFFIX, commit_file,
+                                 list_shards, read_info,
                                  write_shard)
 from otc_ray.data.storage import display, resolve
 from otc_ray.model import check_image_size
@@ -58,7 +69,9 @@ REPORT_FILE = "_clean_report.parquet"
 SUMMARY_FILE = CLEAN_MARKER
 JOB_FILE = "_clean_job.json"
 PART_PREFIX = "_part-"
+PENDING_PREFIX = "_pending-"
 SHARD_RE = CLEAN_SHARD_RE
+SHARD_SUFFIXES = tuple(SUFFIX.values()) + COMPRESSED_SUFFIXES
 KEPT, RECAPTIONED, DROPPED = "kept", "recaptioned", "dropped"
 FLAGGED_REASON = "flagged"
 
@@ -171,7 +184,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
                         str(batch[S.CAPTION_USED][i]), meta))
     name = shard_name(keys, fmt)
     fs, root = resolve(out, s3)
-    if samples:
+    if samples:                 # the ledger first: the sweep deletes only a shard that a pending record names
+        commit_file(fs, posixpath.join(root, f"{PENDING_PREFIX}{name.rsplit('.', 1)[0]}.json"), b"{}")
         write_shard(fs, posixpath.join(root, name), fmt, samples)
     shard_of = {sample[0]: name for sample in samples}
     rows = _report_rows(batch, keys, outcomes, reasons, shard_of)
@@ -199,19 +213,62 @@ def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarr
 
 
 # ----------------------------------------------------------------------------------------- driver steps
-def _check_output(in_path: str, out_path: str, s3: S3Config):
-    """(fs, root) of the output; refuses the input folder, a finished output and foreign shards."""
+def _inside(outer: str, inner: str) -> bool:
+    """`inner` is `outer` or lies below it (posix paths without a trailing slash)."""
+    outer, inner = outer.rstrip("/"), inner.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _real(fs, path: str) -> str:
+    """The path with symlinks resolved on local disk (so that a link cannot hide a nesting); S3 keys as they are."""
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path
+
+
+def _top_level(fs, root: str) -> list[str]:
+    """The files directly in `root` (never a subfolder's); [] when it does not exist."""
+    if not fs.isdir(root):
+        return []
+    return sorted(p for p in fs.ls(root, detail=False) if fs.isfile(p))
+
+
+def check_output(in_path: str, out_path: str, s3: S3Config):
+    """(fs, root) of the output after the refusals of the module docstring (ValueError, one line naming the path)."""
     in_fs, in_root = resolve(in_path, s3)
     fs, root = resolve(out_path, s3)
-    if type(in_fs) is type(fs) and in_root.rstrip("/") == root.rstrip("/"):
-        raise ValueError(f"--out must differ from --in ({out_path})")
+    if type(in_fs) is type(fs):
+        a, b = _real(in_fs, in_root), _real(fs, root)
+        if _inside(a, b) and a.rstrip("/") == b.rstrip("/"):
+            raise ValueError(f"--out must differ from --in ({out_path})")
+        if _inside(b, a):
+            raise ValueError(f"--out {out_path} contains --in {in_path}; choose an --out outside the input")
+        if _inside(a, b):
+            raise ValueError(f"--out {out_path} is inside --in {in_path}; choose an --out outside the input")
+    parent = posixpath.dirname(root.rstrip("/"))
+    while parent and parent not in ("/", root):
+        if any(fs.exists(posixpath.join(parent, f)) for f in (JOB_FILE, SUMMARY_FILE)):
+            raise ValueError(f"--out {out_path} is inside another cleaning job's output ({display(fs, parent)}); "
+                             "choose an --out outside it")
+        parent, before = posixpath.dirname(parent), parent
+        if parent == before:
+            break
     if fs.exists(posixpath.join(root, SUMMARY_FILE)):
         raise ValueError(f"{out_path} already holds a finished cleaning ({SUMMARY_FILE}); choose another --out")
-    if fs.isdir(root):
-        foreign = [p for p in fs.find(root) if p.endswith(tuple(SUFFIX.values()))
-                   and not SHARD_RE.match(posixpath.basename(p)) and not posixpath.basename(p).startswith(("_", "."))]
-        if foreign:
-            raise ValueError(f"{out_path} already holds shards that are not this job's ({foreign[0]}); choose an empty --out")
+    if not fs.isdir(root):
+        return fs, root
+    ours = fs.exists(posixpath.join(root, JOB_FILE))
+    top = set(_top_level(fs, root))
+    for path in sorted(fs.find(root)):
+        base = posixpath.basename(path)
+        if path not in top:
+            if base.endswith(SHARD_SUFFIXES) or base in (JOB_FILE, SUMMARY_FILE):
+                raise ValueError(f"{out_path} holds shards or another job's files in a subfolder ({display(fs, path)}); "
+                                 "choose an empty --out")
+            continue
+        if base.startswith(("_", ".")) or not base.endswith(SHARD_SUFFIXES):
+            continue
+        if not SHARD_RE.match(base) or not ours:
+            raise ValueError(f"{out_path} already holds shards that are not this job's ({display(fs, path)}); "
+                             "choose an empty --out")
     return fs, root
 
 
@@ -237,13 +294,11 @@ def _checked_report(tables: list[pa.Table]) -> pa.Table:
 
 def _committed_parts(fs, root: str) -> list[pa.Table]:
     """The report parts an interrupted run of this job committed (each: a shard and its rows), or []."""
-    if not fs.isdir(root):
-        return []
     tables = []
-    for path in sorted(p for p in fs.find(root) if posixpath.basename(p).startswith(PART_PREFIX)
-                       and p.endswith(".parquet")):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())).cast(REPORT_SCHEMA))
+    for path in _top_level(fs, root):
+        if posixpath.basename(path).startswith(PART_PREFIX) and path.endswith(".parquet"):
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(io.BytesIO(f.read())).cast(REPORT_SCHEMA))
     return tables
 
 
@@ -275,13 +330,22 @@ def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.nda
 
 
 def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
-    """Delete this job's shard files (and temp files) in `root` that the report does not reference (a write cut
-    between its shard and its part, or a retried batch's first attempt). Only the lock holder calls this."""
+    """Delete the shards this job's ledger names (`_pending-` records) that the report does not reference (a write
+    cut between its shard and its part), and this job's stray temp files; top level of `root` only. Returns the
+    number of shards and temp files removed. Only the lock holder calls this."""
     removed = 0
-    for path in fs.find(root) if fs.isdir(root) else []:
+    files = _top_level(fs, root)
+    present = {posixpath.basename(p) for p in files}
+    for path in files:
         base = posixpath.basename(path)
-        stray_tmp = (base.startswith("clean-") or base.startswith(PART_PREFIX)) and ".tmp-" in base
-        if stray_tmp or (SHARD_RE.match(base) and base not in referenced):
+        if base.startswith(PENDING_PREFIX) and base.endswith(".json") and ".tmp-" not in base:
+            stem = base[len(PENDING_PREFIX):-len(".json")]
+            for suffix in SHARD_SUFFIXES:
+                shard = stem + suffix
+                if SHARD_RE.match(shard) and shard in present and shard not in referenced:
+                    fs.rm(posixpath.join(root, shard))
+                    removed += 1
+        elif base.startswith(("clean-", PART_PREFIX, PENDING_PREFIX)) and ".tmp-" in base:
             fs.rm(path)
             removed += 1
     return removed
@@ -332,7 +396,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     checkpoint = checkpoint or cfg.model.pretrained or None
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
-    fs, root = _check_output(in_path, out_path, s3)
+    fs, root = check_output(in_path, out_path, s3)
     lock = OutputLock(fs, root, "clean")
     lock.acquire(out_path)
     try:
@@ -400,8 +464,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     commit_file(fs, posixpath.join(root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True, default=str).encode())
     summary.seconds = time.perf_counter() - start
     commit_file(fs, posixpath.join(root, SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2, sort_keys=True).encode())
-    for path in fs.find(root):                          # the parts are in the report now
-        if posixpath.basename(path).startswith(PART_PREFIX):
+    for path in _top_level(fs, root):                   # the parts are in the report now; the ledger is done
+        if posixpath.basename(path).startswith((PART_PREFIX, PENDING_PREFIX)):
             fs.rm(path)
     return summary
 
