@@ -160,6 +160,7 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
              S.IMAGE_BYTES: np.asarray([png] * n, dtype=object), S.IMAGE_EXT: np.asarray(["png"] * n, dtype=object),
              S.CAPTION: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
              S.META: np.asarray([b"{}"] * n, dtype=object), S.ERROR: np.asarray([""] * n, dtype=object),
+             S.SOURCE: np.asarray(["in/00000.tar"] * n, dtype=object), S.ROW: np.arange(n),
              S.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
              S.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
              S.RECAPTIONED: np.zeros(n, bool), S.FLAGGED: np.zeros(n, bool), S.WEIGHT: np.ones(n, np.float32),
@@ -167,7 +168,7 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
     first = write_batch(batch, str(tmp_path), "wds", S3Config())
     batch[S.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
     second = write_batch(batch, str(tmp_path), "wds", S3Config())
-    shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_part-"))
+    shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("_part-")) == [
         "_part-" + shards[0].replace(".tar", ".parquet")]                  # its report rows, committed after it
     assert len(shards) == 1 and set(first["shard"]) == {shards[0]}

@@ -157,7 +157,8 @@ def decode_batch(batch: dict[str, np.ndarray], limits: DecodeLimits) -> dict[str
             S.LABEL: labels, S.IMAGE_BYTES: np.asarray(batch[S.IMAGE_BYTES], dtype=object),
             S.IMAGE_EXT: np.asarray(batch[S.IMAGE_EXT], dtype=object),
             S.META: np.asarray([m if isinstance(m, (bytes, str)) else b"{}" for m in batch[S.META]], dtype=object),
-            S.SOURCE: np.asarray(batch[S.SOURCE], dtype=object), S.ERROR: errors}
+            S.SOURCE: np.asarray(batch[S.SOURCE], dtype=object), S.ERROR: errors,
+            **({S.ROW: batch[S.ROW]} if S.ROW in batch else {})}
 
 
 def good_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -34,13 +34,35 @@ def _scalar_meta(row: dict, skip: set[str]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
+def row_key(raw_key, default_key: str) -> tuple[str, bool]:
+    """(key, wrong type) of a `key` cell: a string or an integer as it is, else `default_key`."""
+    wrong = not (raw_key is None or isinstance(raw_key, str)
+                 or (isinstance(raw_key, int) and not isinstance(raw_key, bool)))
+    return (default_key if wrong or raw_key is None or raw_key == "" else str(raw_key)), wrong
+
+
+def parquet_keys(stream: BinaryIO, source: str) -> Iterator[str]:
+    """The keys `iter_parquet_samples` gives the rows of one file, reading only its `key` column."""
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(stream.read()))
+        stem = posixpath.basename(source).partition(".")[0]
+        n = pf.metadata.num_rows
+        if "key" not in pf.schema_arrow.names:
+            yield from (f"{stem}-{i:09d}" for i in range(n))
+            return
+        index = 0
+        for batch in pf.iter_batches(batch_size=8192, columns=["key"]):
+            for raw in batch.column(0).to_pylist():
+                yield row_key(raw, f"{stem}-{index:09d}")[0]
+                index += 1
+    except Exception:                       # noqa: BLE001 - the reader gives such a file one marker row
+        yield f"{source}#corrupt"
+
+
 def _parquet_row(row: dict, names: list[str], image_col, caption_col, used: set, default_key: str, source: str,
                  seen: set[str]) -> dict:
     """One reader row from one parquet row; wrong column types are `wrong_type` (module docstring)."""
-    raw_key = row.get("key")
-    wrong = not (raw_key is None or isinstance(raw_key, str)
-                 or (isinstance(raw_key, int) and not isinstance(raw_key, bool)))
-    key = default_key if wrong or raw_key is None or raw_key == "" else str(raw_key)
+    key, wrong = row_key(row.get("key"), default_key)
     image = row.get(image_col) if image_col else None
     caption = row.get(caption_col) if caption_col else None
     meta = row.get("json") if "json" in names else _scalar_meta(row, used)

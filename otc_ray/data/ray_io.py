@@ -5,12 +5,18 @@
     good = ds.map_batches(good_rows)                        # what training consumes
     counts = count_outcomes(ds)                             # {"ok": n, "corrupt_image": m, ...}
 
-Every sample of every shard is a row, so counts of good and bad rows add up to the input. Reads run
+Every sample of every shard is a row, so counts of good and bad rows add up to the input. A key met in more than
+one file is read once: before the read, a key pass (one task per file, keys only: tar headers seeked over, the
+parquet `key` column) finds every key's first file in sorted path order, and the read marks its copies in later
+files `duplicate_key` (first wins, whatever order the read tasks run in; copies inside one file are the readers'
+own `duplicate_key`). Each row carries (SOURCE, ROW), its file and index there, which names it even when its key
+repeats. Reads run
 as Ray tasks with `data.read_num_cpus` logical CPUs each, which leaves room for actor pools and
 train workers on small machines (see README: Ray on 2 cores).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from typing import Iterator
@@ -25,14 +31,19 @@ from ..config import DataConfig
 from ..credentials import without_keys
 from . import schema as S
 from .decode import DecodeLimits, decode_batch
-from .parquet_format import iter_parquet_samples
+from .parquet_format import iter_parquet_samples, parquet_keys
 from .shards import decompressed, list_shards
 from .tar_format import iter_tar_samples
 
 ROWS_PER_BLOCK = 256
 _READER_SCHEMA = pa.schema([(S.KEY, pa.string()), (S.IMAGE_BYTES, pa.binary()), (S.IMAGE_EXT, pa.string()),
                             (S.CAPTION_RAW, pa.binary()), (S.META, pa.binary()), (S.SOURCE, pa.string()),
-                            (S.ERROR, pa.string())])
+                            (S.ERROR, pa.string()), (S.ROW, pa.int64())])
+
+
+def key_digest(key: str) -> bytes:
+    """16 bytes naming a key in the duplicate search (collisions: about 1 in 2**64 for 10**9 keys)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _to_block(rows: list[dict]) -> pa.Table:
@@ -46,9 +57,11 @@ class ShardDatasource(FileBasedDatasource):
     task), not through pyarrow's wrapper, which checks `isfile` first and turns any error of that check (an
     unreachable endpoint, a 503) into a misleading FileNotFoundError."""
 
-    def __init__(self, paths: list[str], fmt: str, max_member_bytes: int, display_prefix: str, fs, **kwargs):
+    def __init__(self, paths: list[str], fmt: str, max_member_bytes: int, display_prefix: str, fs,
+                 copies: dict[str, frozenset] | None = None, **kwargs):
         super().__init__(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), **kwargs)
         self.fmt, self.max_member_bytes, self.display_prefix, self.fs = fmt, max_member_bytes, display_prefix, fs
+        self.copies = copies or {}          # path -> digests of keys whose first file is an earlier one
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         try:
@@ -57,7 +70,8 @@ class ShardDatasource(FileBasedDatasource):
             return _Unreadable(e)
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
-        yield from read_file_rows(stream, self.display_prefix + path, self.fmt, self.max_member_bytes, path)
+        yield from read_file_rows(stream, self.display_prefix + path, self.fmt, self.max_member_bytes, path,
+                                  self.copies.get(path, frozenset()))
 
 
 class _Unreadable:
@@ -80,34 +94,71 @@ def unreadable_row(source: str, error: BaseException) -> dict:
             S.META: json.dumps({"detail": detail}).encode(), S.SOURCE: source, S.ERROR: S.UNREADABLE_FILE}
 
 
-def read_file_rows(stream, source: str, fmt: str, max_member_bytes: int, path: str) -> Iterator[pa.Table]:
+def read_file_rows(stream, source: str, fmt: str, max_member_bytes: int, path: str,
+                   copies: frozenset = frozenset()) -> Iterator[pa.Table]:
     """Blocks of reader rows of one file. No file can stop the read: one that cannot be opened, or that raises
     while being read (a permission error, a decompression error, a bug), ends with a counted `unreadable_file`
-    marker row naming it, after the rows read before the fault."""
+    marker row naming it, after the rows read before the fault. A row whose key digest is in `copies` (its key's
+    first file is an earlier one) is `duplicate_key` unless it already has a reason."""
     block: list[dict] = []
+    index = 0
     try:
         if isinstance(stream, _Unreadable):
             raise stream.error
         rows = (iter_tar_samples(decompressed(stream, path), source, max_member_bytes) if fmt == "wds"
                 else iter_parquet_samples(stream, source))
         for row in rows:
+            if copies and not row[S.ERROR] and key_digest(row[S.KEY]) in copies:
+                row[S.ERROR] = S.DUPLICATE_KEY
+            row[S.ROW] = index
+            index += 1
             block.append(row)
             if len(block) >= ROWS_PER_BLOCK:
                 yield _to_block(block)
                 block = []
     except Exception as e:                  # noqa: BLE001 - see docstring
-        block.append(unreadable_row(source, e))
+        block.append({**unreadable_row(source, e), S.ROW: index})
     if block:
         yield _to_block(block)
 
 
+def file_keys(fs, path: str, fmt: str) -> list[bytes]:
+    """Digests of the keys of one file's rows, in row order (the keys its read gives them; no image is read)."""
+    try:
+        with fs.open(path, "rb") as f:
+            if fmt == "wds":
+                return [key_digest(r[S.KEY]) for r in iter_tar_samples(decompressed(f, path), path, -1)]
+            return [key_digest(k) for k in parquet_keys(f, path)]
+    except Exception:                       # noqa: BLE001 - the read counts this file as unreadable
+        return []
+
+
+def find_copies(fs, files: list[str], fmt: str, num_cpus: float) -> dict[str, frozenset]:
+    """{path: digests of its keys whose first file (sorted path order) is an earlier one}; one Ray task per file.
+    Marker keys (`{file}#corrupt`, ...) name their file, so they never repeat."""
+    if len(files) < 2:
+        return {}
+    task = ray.remote(num_cpus=num_cpus, max_retries=3)(file_keys)
+    per_file = ray.get([task.remote(fs, f, fmt) for f in files])
+    first: dict[bytes, int] = {}
+    copies: dict[str, set] = {}
+    for i, (path, digests) in enumerate(zip(files, per_file)):
+        for d in digests:
+            owner = first.setdefault(d, i)
+            if owner != i:
+                copies.setdefault(path, set()).add(d)
+    return {p: frozenset(d) for p, d in copies.items()}
+
+
 def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data.Dataset:
-    """Reader rows of every shard under `path` (local or s3://); one read task per shard file. The read tasks get
-    an S3 filesystem without access keys (`credentials.without_keys`): they, and the driver's listing, take them
-    from the environment (`credentials.move_secrets_to_env`) or the node's credential chain."""
+    """Reader rows of every shard under `path` (local or s3://); one read task per shard file, after the key pass
+    (module docstring). The read tasks get an S3 filesystem without access keys (`credentials.without_keys`): they,
+    and the driver's listing, take them from the environment (`credentials.move_secrets_to_env`) or the node's
+    credential chain."""
     fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
     prefix = "s3://" if path.startswith("s3://") else ""
-    source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs)
+    source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs,
+                             copies=find_copies(fs, files, fmt, cfg.read_num_cpus))
     return ray.data.read_datasource(source, override_num_blocks=len(files), num_cpus=cfg.read_num_cpus)
 
 

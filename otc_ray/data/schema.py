@@ -8,6 +8,7 @@ Reader rows (one per sample, good or bad):
     META         str     JSON metadata ("{}" when absent)
     SOURCE       str     shard path the sample came from
     ERROR        str     "" for a good sample, else one of SKIP_REASONS
+    ROW          int64   the row's index in its file: (SOURCE, ROW) names every row, duplicate keys included
 Decoded rows add:
     CAPTION      str     validated caption
     IMAGE        uint8   (H, W, 3) image resized to the configured size
@@ -37,6 +38,7 @@ META = "meta"
 SOURCE = "source"
 ERROR = "error"
 IMAGE = "image"
+ROW = "row"
 LABEL = "label"
 
 READER_COLUMNS = (KEY, IMAGE_BYTES, IMAGE_EXT, CAPTION_RAW, META, SOURCE, ERROR)

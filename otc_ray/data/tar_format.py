@@ -51,7 +51,14 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def _skip(stream: BinaryIO, n: int) -> bool:
-    """Discard n bytes; False when the stream ends first."""
+    """Discard n bytes; False when the stream ends first. A seekable stream seeks over large runs (a seek past the
+    end is seen at the next header read, which then reports the same truncation)."""
+    if n > (64 << 10) and getattr(stream, "seekable", lambda: False)():
+        try:
+            stream.seek(n, 1)
+            return True
+        except (OSError, ValueError):
+            pass
     while n > 0:
         chunk = stream.read(min(n, 1 << 20))
         if not chunk:

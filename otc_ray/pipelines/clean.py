@@ -12,12 +12,15 @@ changed), then the batch's report rows as its commit record, and returns those r
     _clean_job.json             the job's settings (input, checkpoint, re-match config), written first
     clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
     _part-clean-<hash>.parquet  the report rows of that batch, committed after its shard: the shard is accounted for
-    _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
+    _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores,
+                                its input file and row there (source, row: a duplicated key's copies each have one)
     _info.json                  the input's, plus a `clean` section
     _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
     _pending-<hash>.json        this job's ledger: written before the shard of that name, so the job only ever
                                 deletes a file that it named here first
-Nothing is lost: every input row is in the report exactly once, and input keys = output keys + dropped keys.
+Nothing is lost: every input row (its file and row there) is in the report exactly once, and input rows = output
+keys + dropped rows; a key met in more than one file is written once (its first file's copy), its other copies are
+dropped as `duplicate_key` (`data.ray_io`).
 An interrupted job, rerun with the same settings, resumes: rows whose batch has a committed part are not cleaned
 again (their shards are kept); a rerun with other settings is refused. Before the marker, shards that a pending record
 names and no part references (a write cut between shard and part) are deleted, by the lock holder only.
@@ -79,7 +82,7 @@ REPORT_SCHEMA = pa.schema([
     ("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()), ("caption_used", pa.string()),
     ("caption", pa.string()), ("source_key", pa.string()), ("own_score", pa.float32()),
     ("best_score", pa.float32()), ("suspicion", pa.float32()), ("gate_z", pa.float32()), ("flagged", pa.bool_()),
-    ("weight", pa.float32()), ("shard", pa.string()),
+    ("weight", pa.float32()), ("shard", pa.string()), ("source", pa.string()), ("row", pa.int64()),
 ])
 
 
@@ -209,7 +212,10 @@ def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarr
             "source_key": np.asarray([str(c) for c in batch[S.SOURCE_KEY]], dtype=object),
             **{c: np.asarray(batch[c], dtype=np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)},
             "flagged": np.asarray(batch[S.FLAGGED], dtype=bool), "weight": np.asarray(batch[S.WEIGHT], np.float32),
-            "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
+            "shard": np.asarray([shard_of.get(k, "") if o != DROPPED else "" for k, o in zip(keys, outcomes)],
+                                dtype=object),
+            "source": np.asarray([str(s) for s in batch[S.SOURCE]], dtype=object),
+            "row": np.asarray(batch[S.ROW], dtype=np.int64)}
 
 
 # ----------------------------------------------------------------------------------------- driver steps
@@ -283,13 +289,19 @@ def _collect(ds: "ray.data.Dataset") -> pa.Table:
 
 
 def _checked_report(tables: list[pa.Table]) -> pa.Table:
-    """The report rows sorted by key; raises when a key occurs twice (an accounting failure)."""
+    """The report rows sorted by (key, source, row); raises when an input row (source, row) occurs twice, or a key
+    is in the output twice (an accounting failure)."""
     table = pa.concat_tables(tables) if tables else REPORT_SCHEMA.empty_table()
-    keys = table.column("key").to_pylist()
-    if len(set(keys)) != len(keys):
-        dup = [k for k, n in Counter(keys).items() if n > 1]
-        raise RuntimeError(f"{len(dup)} keys reached the report more than once (e.g. {dup[:3]}): accounting failed")
-    return table.sort_by("key")
+    rows = list(zip(table.column("source").to_pylist(), table.column("row").to_pylist()))
+    if len(set(rows)) != len(rows):
+        dup = [r for r, n in Counter(rows).items() if n > 1]
+        raise RuntimeError(f"{len(dup)} input rows reached the report more than once (e.g. {dup[:3]}): "
+                           "accounting failed")
+    out = [k for k, o in zip(table.column("key").to_pylist(), table.column("outcome").to_pylist()) if o != DROPPED]
+    if len(set(out)) != len(out):
+        dup = [k for k, n in Counter(out).items() if n > 1]
+        raise RuntimeError(f"{len(dup)} keys were written more than once (e.g. {dup[:3]}): accounting failed")
+    return table.sort_by([("key", "ascending"), ("source", "ascending"), ("row", "ascending")])
 
 
 def _committed_parts(fs, root: str) -> list[pa.Table]:
@@ -324,8 +336,8 @@ def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Ta
 
 
 def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
-    """The reader rows whose key no committed part accounts for."""
-    keep = np.asarray([str(k) not in done for k in batch[S.KEY]], dtype=bool)
+    """The reader rows (source, row) that no committed part accounts for."""
+    keep = np.asarray([(str(s), int(r)) not in done for s, r in zip(batch[S.SOURCE], batch[S.ROW])], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
 
 
@@ -418,7 +430,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     """The job itself, under the output's lock: clean the rows no committed part accounts for, then sweep, report,
     and commit the marker."""
     s3 = cfg.data.s3
-    done = frozenset(k for t in committed for k in t.column("key").to_pylist())
+    done = frozenset((s, r) for t in committed
+                     for s, r in zip(t.column("source").to_pylist(), t.column("row").to_pylist()))
     state = _load_weights(checkpoint, cfg)
     store = None
     if state is not None:
