@@ -64,10 +64,7 @@ class ShardDatasource(FileBasedDatasource):
         self.copies = copies or {}          # path -> digests of keys whose first file is an earlier one
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        try:
-            return self.fs.open(path, "rb")
-        except Exception as e:              # noqa: BLE001 - counted as a file-level skip by _read_stream
-            return _Unreadable(e)
+        return open_or_unreadable(self.fs, path)
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
         yield from read_file_rows(stream, self.display_prefix + path, self.fmt, self.max_member_bytes, path,
@@ -85,6 +82,14 @@ class _Unreadable:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def open_or_unreadable(fs, path: str):
+    """The open file, or an `_Unreadable` holding why it could not be opened (counted by `read_file_rows`)."""
+    try:
+        return fs.open(path, "rb")
+    except Exception as e:                  # noqa: BLE001 - a file-level skip, never the end of the job
+        return _Unreadable(e)
 
 
 def unreadable_row(source: str, error: BaseException) -> dict:
@@ -157,9 +162,16 @@ def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data
     credential chain."""
     fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
     prefix = "s3://" if path.startswith("s3://") else ""
+    gone = [f for f in files if not fs.exists(f)]       # listed, then gone, or a broken link: Ray's listing would raise
+    files = [f for f in files if f not in gone]
+    markers = [{**unreadable_row(prefix + f, FileNotFoundError(f"{prefix + f} is listed but cannot be opened")),
+                S.ROW: 0} for f in gone]
+    if not files:
+        return ray.data.from_arrow(_to_block(markers))
     source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs,
                              copies=find_copies(fs, files, fmt, cfg.read_num_cpus))
-    return ray.data.read_datasource(source, override_num_blocks=len(files), num_cpus=cfg.read_num_cpus)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(files), num_cpus=cfg.read_num_cpus)
+    return ds.union(ray.data.from_arrow(_to_block(markers))) if markers else ds
 
 
 def decode(ds: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
