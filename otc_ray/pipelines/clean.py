@@ -21,8 +21,15 @@ changed), then the batch's report rows as its commit record, and returns those r
 Nothing is lost: every input row (its file and row there) is in the report exactly once, and input rows = output
 keys + dropped rows; a key met in more than one file is written once (its first file's copy), its other copies are
 dropped as `duplicate_key` (`data.ray_io`).
-An interrupted job, rerun with the same settings, resumes: rows whose batch has a committed part are not cleaned
-again (their shards are kept); a rerun with other settings is refused. Before the marker, shards that a pending record
+Deterministic: the same input, checkpoint and settings give byte-identical shards, report and `_info.json`, run
+once, interrupted and resumed, or with any number of actors. Blocks are formed in one fixed order (Ray Data's
+`preserve_order`: sorted files, rows in file order), and each block is judged against the same fixed reference
+(the first `rematch.bank_size` good rows of the input, `Matcher.set_reference`), never a bank filled in the order
+blocks happen to reach an actor; sticky flags and trigger propagation, whose state is that arrival order, are not
+used by this one-pass job (they are training's). An interrupted job, rerun with the same settings, resumes: the
+same batches come again, and one whose shard has a committed part is not written again (its shard is kept; the
+re-matching itself is recomputed, as a block's decisions depend on the whole block); a rerun with other settings
+is refused. Before the marker, shards that a pending record
 names and no part references (a write cut between shard and part) are deleted, by the lock holder only.
 
 Nothing outside --out is ever touched, and inside it only this job's files: every listing, sweep and clean-up looks
@@ -35,6 +42,7 @@ shards without this job's `_clean_job.json`. Readers refuse a folder with clean 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,6 +65,7 @@ from fsspec.implementations.local import LocalFileSystem
 from otc_ray.config import Config, S3Config, content_digest, replace, validate
 from otc_ray.credentials import move_secrets_to_env
 from otc_ray.data import schema as S
+from otc_ray.data.decode import good_rows
 from otc_ray.data.ray_io import decode, read_shards
 from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, COMPRESSED_SUFFIXES, INFO_FILE, SUFFIX, commit_file,
                                  list_shards, read_info,
@@ -105,7 +114,7 @@ class CleanSummary:
     downweighted: int = 0
     shards: int = 0
     orphans_removed: int = 0
-    resumed: int = 0                # rows accounted for by an interrupted run of this job, not cleaned again
+    resumed: int = 0                # rows accounted for by an interrupted run of this job, not written again
     seconds: float = 0.0
     detection: Optional[dict[str, float]] = None
 
@@ -171,11 +180,15 @@ def shard_name(keys: list[str], fmt: str) -> str:
     return f"clean-{digest}{SUFFIX[fmt]}"
 
 
-def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) -> dict[str, np.ndarray]:
+def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config,
+                done: frozenset = frozenset()) -> dict[str, np.ndarray]:
     """Commit the kept and re-captioned rows of a re-matched batch as one shard (any mix of image formats, the
-    original bytes); return the batch's report rows."""
+    original bytes); return the batch's report rows. A batch whose shard name is in `done` (an interrupted run of
+    this job committed its part) is not written again and returns no rows: the driver has them from the part."""
     outcomes, reasons = _outcomes(batch)
     keys = [str(k) for k in batch[S.KEY]]
+    if shard_name(keys, fmt).rsplit(".", 1)[0] in done:
+        return {f.name: np.zeros(0, dtype=_NUMPY.get(f.name, object)) for f in REPORT_SCHEMA}
     samples = []
     for i, outcome in enumerate(outcomes):
         if outcome == DROPPED:
@@ -194,6 +207,16 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
     rows = _report_rows(batch, keys, outcomes, reasons, shard_of)
     _commit_part(fs, root, name, rows)
     return rows
+
+
+_NUMPY = {"own_score": np.float32, "best_score": np.float32, "suspicion": np.float32, "gate_z": np.float32,
+          "flagged": bool, "weight": np.float32, "row": np.int64}
+
+
+def _part_stems(fs, root: str) -> list[str]:
+    """The shard stems (clean-<hash>) whose report part an interrupted run of this job committed."""
+    return [posixpath.basename(p)[len(PART_PREFIX):-len(".parquet")] for p in _top_level(fs, root)
+            if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet") and ".tmp-" not in p]
 
 
 def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None:
@@ -335,10 +358,14 @@ def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Ta
     return []
 
 
-def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
-    """The reader rows (source, row) that no committed part accounts for."""
-    keep = np.asarray([(str(s), int(r)) not in done for s, r in zip(batch[S.SOURCE], batch[S.ROW])], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+def _reference(in_path: str, cfg: Config) -> Optional[dict]:
+    """The fixed bank every re-matching actor judges each block against: the first `rematch.bank_size` good rows of
+    the input in its deterministic order (sorted files, rows in file order); None without a bank."""
+    if cfg.rematch.pool != "bank" or cfg.rematch.method == "none":
+        return None
+    good = decode(read_shards(in_path, cfg.data), cfg.data).map_batches(good_rows, batch_format="numpy")
+    batch = good.take_batch(cfg.rematch.bank_size, batch_format="numpy")
+    return {c: batch[c] for c in (S.KEY, S.IMAGE, S.CAPTION, S.LABEL)}
 
 
 def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
@@ -430,26 +457,27 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     """The job itself, under the output's lock: clean the rows no committed part accounts for, then sweep, report,
     and commit the marker."""
     s3 = cfg.data.s3
-    done = frozenset((s, r) for t in committed
-                     for s, r in zip(t.column("source").to_pylist(), t.column("row").to_pylist()))
+    resumed = sum(t.num_rows for t in committed)
     state = _load_weights(checkpoint, cfg)
     store = None
     if state is not None:
         store = weight_store(f"otc-clean-{uuid.uuid4().hex[:12]}")
         publish(store, state)
         del state
+    context = ray.data.DataContext.get_current()
+    order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True     # the same blocks, in the same order, every run
     try:
-        rows = read_shards(in_path, cfg.data)
-        if done:
-            rows = rows.map_batches(_not_done, fn_kwargs={"done": done}, batch_format="numpy",
-                                    num_cpus=cfg.data.read_num_cpus)
-        ds = add_rematch_stage(decode(rows, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
-                               ray_remote_args=ray_remote_args)
-        ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3},
+        rematch = dataclasses.replace(cfg.rematch, sticky=False, propagate=False)
+        ds = add_rematch_stage(decode(read_shards(in_path, cfg.data), cfg.data), rematch, cfg.model, cfg.ot,
+                               weights=store, ray_remote_args=ray_remote_args, reference=_reference(in_path, cfg))
+        ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3,
+                                                    "done": frozenset(_part_stems(fs, root))},
                             batch_size=cfg.data.samples_per_shard, batch_format="numpy",
                             num_cpus=cfg.data.read_num_cpus)
         report = _checked_report(committed + [_collect(ds)])
     finally:
+        context.execution_options.preserve_order = order
         if store is not None:
             ray.kill(store)
     shards = {s for s in report.column("shard").to_pylist() if s}
@@ -468,7 +496,7 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
         dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
         flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
         downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),
-        shards=len(shards), orphans_removed=orphans, resumed=len(done),
+        shards=len(shards), orphans_removed=orphans, resumed=resumed,
         detection=_detection(report, manifest, s3) if manifest else None)
     info = read_info(in_path, s3) or {}
     info["clean"] = {"from": in_path, "checkpoint": checkpoint or "", "rematch": asdict(cfg.rematch),
