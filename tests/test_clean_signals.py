@@ -85,3 +85,23 @@ def test_sigint_and_sigkill_then_resume_give_the_uninterrupted_bytes(tmp_path):
         assert again.returncode == 0, err
         assert "resumed" in out
         assert _files(tmp_path / name) == _files(tmp_path / "whole"), f"the {name} run resumed to other bytes"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_racing_clean_processes_one_loses_with_exit_2_and_a_message(tmp_path):
+    """Processes, not threads: the second starts while the first holds the output's lock; it exits 2 naming the
+    holder, writes nothing, and the first finishes with every row accounted for."""
+    in_path, out = _input(tmp_path), tmp_path / "out"
+    first = _clean(in_path, out, tmp_path / "runs")
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not (out / LOCK_FILE).exists():
+        time.sleep(0.02)
+    before = sorted(p.name for p in out.iterdir())
+    second = _clean(in_path, out, tmp_path / "runs2")
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2, err
+    assert "is being written by job" in err and "Traceback" not in err
+    assert first.wait(timeout=600) == 0, first.communicate()
+    assert (out / SUMMARY_FILE).exists() and not (out / LOCK_FILE).exists()
+    assert set(before) <= {p.name for p in out.iterdir()} | {LOCK_FILE}

@@ -364,8 +364,11 @@ def _reference(in_path: str, cfg: Config) -> Optional[dict]:
     if cfg.rematch.pool != "bank" or cfg.rematch.method == "none":
         return None
     good = decode(read_shards(in_path, cfg.data), cfg.data).map_batches(good_rows, batch_format="numpy")
-    batch = good.take_batch(cfg.rematch.bank_size, batch_format="numpy")
-    return {c: batch[c] for c in (S.KEY, S.IMAGE, S.CAPTION, S.LABEL)}
+    rows = good.take(cfg.rematch.bank_size)
+    if not rows:
+        return None
+    return {S.KEY: [str(r[S.KEY]) for r in rows], S.IMAGE: np.stack([r[S.IMAGE] for r in rows]),
+            S.CAPTION: [str(r[S.CAPTION]) for r in rows], S.LABEL: [int(r[S.LABEL]) for r in rows]}
 
 
 def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
