@@ -109,3 +109,34 @@ def test_duplicates_and_byte_identical_output_with_1_or_2_actors_and_after_resum
     assert 0 < resumed.resumed < resumed.total == one.total
     assert _files(outs[2]) == _files(outs[0]), "a resumed run differs from an uninterrupted one"
     assert _outside(shards, outs) == before, "a run changed a file outside its --out"
+
+
+def test_a_block_s_decisions_do_not_depend_on_the_order_blocks_come_in():
+    """With a fixed reference (what the cleaning job gives every actor), a block's flags, gate z and chosen captions
+    are the same whichever blocks a matcher saw before it; with the FIFO bank they are not (the bug of issue 34)."""
+    import torch
+
+    from otc_ray.model import build_model
+    from otc_ray.rematch.matcher import Matcher
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    bundle = build_model(cfg.model)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    captions = [f"a {COLOURS[i % 4]} {SHAPES[i % 3]} {i % 5}" for i in range(60)]
+    keys = [f"k{i:02d}" for i in range(60)]
+
+    def decisions(order: list[int], reference: bool) -> dict:
+        matcher = Matcher(bundle, cfg.rematch, cfg.ot)
+        if reference:
+            matcher.set_reference(images[:24], captions[:24], keys[:24], [-1] * 24)
+        out = {}
+        for b in order:
+            rows = slice(b * 12, b * 12 + 12)
+            r = matcher.match(images[rows], captions[rows], keys[rows]).result
+            out[b] = (r.flagged.tolist(), np.round(r.gate_z.numpy(), 5).tolist(), r.source.tolist())
+        return out
+
+    assert decisions([0, 1, 2, 3, 4], True) == decisions([4, 2, 0, 3, 1], True)
+    assert decisions([0, 1, 2, 3, 4], False) != decisions([4, 2, 0, 3, 1], False)

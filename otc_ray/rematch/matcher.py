@@ -600,8 +600,12 @@ class Matcher:
         if self.reference is None or self.frozen or self.bank is None:
             return
         self.bank.clear()
-        if len(self.reference[1]):
-            self.match(*self.reference[:3], labels=self.reference[3])     # bank := the matched reference
+        reference, self.reference = self.reference, None                 # matched as a plain block, once
+        try:
+            if len(reference[1]):
+                self.match(*reference[:3], labels=reference[3])          # bank := the matched reference
+        finally:
+            self.reference = reference
         self.frozen = True
 
     def load_state_dict(self, state: dict) -> None:
