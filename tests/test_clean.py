@@ -133,12 +133,15 @@ def test_s3_round_trip_parquet_with_drop_survives_an_actor_death(ray_local, s3_b
     in_path, out_path = f"s3://{bucket}/train", f"s3://{bucket}/clean"
     make_shards(cfg.data, "train", N, in_path, "parquet", progress=False)
     fs = s3_filesystem(s3)
-    fs.pipe_file(f"{bucket}/clean/clean-0123456789abcdef.parquet", b"left by a crashed run")   # an orphan
+    fs.pipe_file(f"{bucket}/clean/clean-0123456789abcdef.parquet", b"not this job's")   # no _clean_job.json beside it
+    with pytest.raises(ValueError, match="not this job's"):
+        clean_shards(in_path, out_path, cfg)
+    fs.rm(f"{bucket}/clean/clean-0123456789abcdef.parquet")
     marker = tmp_path / "actor-died"
     env = {"runtime_env": {"env_vars": {FAULT_BATCH_ENV: "2", FAULT_MARKER_ENV: str(marker)}}}
     summary = clean_shards(in_path, out_path, cfg, ray_remote_args=env)
     assert marker.exists(), "the fault hook must have killed an actor during the run"
-    assert summary.orphans_removed == 1 and not fs.exists(f"{bucket}/clean/clean-0123456789abcdef.parquet")
+    assert summary.orphans_removed == 0
     with fs.open(f"{bucket}/clean/{REPORT_FILE}", "rb") as f:
         report = pq.read_table(f).to_pydict()
     keys = _check_accounting(in_path, out_path, cfg, report)
