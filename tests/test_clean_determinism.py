@@ -97,14 +97,19 @@ def test_duplicates_and_byte_identical_output_with_1_or_2_actors_and_after_resum
     assert first.total == one.total
     for name in (SUMMARY_FILE, REPORT_FILE, "_info.json"):
         (outs[2] / name).unlink()
+    import pyarrow as pa
+
+    from otc_ray.pipelines.clean import REPORT_SCHEMA
+
     stems = sorted(p.stem for p in outs[2].glob("clean-*.tar"))
     assert len(stems) >= 3
-    for stem in stems[: len(stems) // 2]:
-        (outs[2] / f"{PART_PREFIX}{stem}.parquet").unlink()
-        (outs[2] / f"{PENDING_PREFIX}{stem}.json").write_text("{}")
+    for stem in stems[: len(stems) // 2]:                              # never committed: gone
         (outs[2] / f"{stem}.tar").unlink()
-    (outs[2] / f"{PENDING_PREFIX}{stems[-1]}.json").write_text("{}")
-    (outs[2] / f"{PART_PREFIX}{stems[-1]}.parquet").unlink()          # shard written, part not: swept, rewritten
+    (outs[2] / f"{PENDING_PREFIX}{stems[-1]}.json").write_text("{}")   # shard written, part not: rewritten
+    for stem in stems[len(stems) // 2:-1]:                             # committed: shard, its ledger record, its part
+        (outs[2] / f"{PENDING_PREFIX}{stem}.json").write_text("{}")
+        part = [r for r in rows if r["shard"] == f"{stem}.tar"]
+        pq.write_table(pa.Table.from_pylist(part, schema=REPORT_SCHEMA), outs[2] / f"{PART_PREFIX}{stem}.parquet")
     resumed = clean_shards(in_path, str(outs[2]), _cfg())
     assert 0 < resumed.resumed < resumed.total == one.total
     assert _files(outs[2]) == _files(outs[0]), "a resumed run differs from an uninterrupted one"

@@ -13,6 +13,7 @@ changed), then the batch's report rows as its commit record, and returns those r
     clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
     _part-clean-<hash>.parquet  the report rows of that batch, committed after its shard: the shard is accounted for
     _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores,
+                                shard (the shard of the row's batch: its sample is there unless dropped),
                                 its input file and row there (source, row: a duplicated key's copies each have one)
     _info.json                  the input's, plus a `clean` section
     _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
@@ -203,8 +204,7 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config,
     if samples:                 # the ledger first: the sweep deletes only a shard that a pending record names
         commit_file(fs, posixpath.join(root, f"{PENDING_PREFIX}{name.rsplit('.', 1)[0]}.json"), b"{}")
         write_shard(fs, posixpath.join(root, name), fmt, samples)
-    shard_of = {sample[0]: name for sample in samples}
-    rows = _report_rows(batch, keys, outcomes, reasons, shard_of)
+    rows = _report_rows(batch, keys, outcomes, reasons, name)
     _commit_part(fs, root, name, rows)
     return rows
 
@@ -227,7 +227,7 @@ def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None
     commit_file(fs, posixpath.join(root, f"{PART_PREFIX}{shard.rsplit('.', 1)[0]}.parquet"), buf.getvalue())
 
 
-def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarray]:
+def _report_rows(batch, keys, outcomes, reasons, shard: str) -> dict[str, np.ndarray]:
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
             "caption_used": np.asarray([str(c) for c in batch[S.CAPTION_USED]], dtype=object),
@@ -235,8 +235,7 @@ def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarr
             "source_key": np.asarray([str(c) for c in batch[S.SOURCE_KEY]], dtype=object),
             **{c: np.asarray(batch[c], dtype=np.float32) for c in (S.OWN_SCORE, S.BEST_SCORE, S.SUSPICION, S.GATE_Z)},
             "flagged": np.asarray(batch[S.FLAGGED], dtype=bool), "weight": np.asarray(batch[S.WEIGHT], np.float32),
-            "shard": np.asarray([shard_of.get(k, "") if o != DROPPED else "" for k, o in zip(keys, outcomes)],
-                                dtype=object),
+            "shard": np.asarray([shard] * len(keys), dtype=object),
             "source": np.asarray([str(s) for s in batch[S.SOURCE]], dtype=object),
             "row": np.asarray(batch[S.ROW], dtype=np.int64)}
 
@@ -483,7 +482,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
         context.execution_options.preserve_order = order
         if store is not None:
             ray.kill(store)
-    shards = {s for s in report.column("shard").to_pylist() if s}
+    shards = {s for s, o in zip(report.column("shard").to_pylist(), report.column("outcome").to_pylist())
+              if s and o != DROPPED}
     orphans = _remove_orphans(fs, root, shards)
     buf = io.BytesIO()
     pq.write_table(report, buf, compression="zstd")
