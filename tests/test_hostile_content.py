@@ -12,7 +12,6 @@ import io
 import json
 import tarfile
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
