@@ -501,7 +501,7 @@ def entry(argv: list[str] | None = None) -> None:
     """The console script, `python -m otc_ray` and the `jobs/` entry points: `main(argv)`, then an ordered shutdown
     and exit with its status (`otc_ray.process_exit`: a command that succeeded exits 0, not 134 from a native
     pool's teardown)."""
-    from .process_exit import exit_process, raise_on_sigterm
+    from .process_exit import exit_process, raise_on_sigterm, stopped_by_signal
 
     raise_on_sigterm()
     status = 1
@@ -512,9 +512,13 @@ def entry(argv: list[str] | None = None) -> None:
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)          # sys.exit("message"): Python shows it, status 1
     except BaseException:                           # noqa: BLE001 - shown, then the same ordered exit
-        import traceback
+        if not stopped_by_signal():                 # Ctrl-C: status 130 and the line below, no traceback
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
+    if stopped_by_signal():
+        print("otc-ray: stopped by a signal (Ctrl-C or SIGTERM); an interrupted clean or train resumes when rerun "
+              "with the same settings", file=sys.stderr)
     exit_process(status)
 
 

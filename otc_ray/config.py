@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -430,6 +431,24 @@ _RANGES = {
                      "gmm_safe_probability", "gmm_max_safe", "safeclip_lr_scale"), "[0, 1]"),
 }
 _UNBOUNDED = frozenset({"gate_threshold"})       # a z-score threshold: any real number
+# Upper bounds of resource and size fields: a value past these is a typo or an attack (1e300 logical CPUs per read
+# task hangs the scheduler; 1e20 samples per shard holds a shard in memory forever), refused before anything runs.
+_MAX_CPUS, _MAX_ROWS, _MAX_COUNT = 1024.0, 10_000_000, 1_000_000_000
+_UPPER = {
+    **dict.fromkeys(("read_num_cpus", "actor_num_cpus", "cpus_per_worker", "num_cpus", "torch_threads"), _MAX_CPUS),
+    **dict.fromkeys(("actor_num_gpus",), 64.0),
+    **dict.fromkeys(("num_workers", "min_actors", "max_actors"), 4096),
+    **dict.fromkeys(("samples_per_shard", "block_size", "batch_size", "shuffle_buffer", "chunk_pairs"), _MAX_ROWS),
+    **dict.fromkeys(("k", "neighbours", "candidate_neighbours", "targets", "per_target"), 65_536),
+    **dict.fromkeys(("bank_size", "gate_reference", "propagate_reference", "num_eval"), _MAX_ROWS),
+    **dict.fromkeys(("num_train", "num_test", "count", "linear_probe_train", "warmup_steps"), _MAX_COUNT),
+    **dict.fromkeys(("iters", "train_iters", "epochs", "start_epoch", "every_epochs", "log_every", "warp_grid",
+                     "roclip_every", "publish_every", "keep_checkpoints", "safeclip_warmup", "intra_samples",
+                     "train_negatives"), 10_000_000),
+    "image_size": 8192, "trigger_size": 8192, "max_pixels": 1 << 31, "max_caption_chars": 10_000_000,
+    "object_store_mb": 1 << 24, "retries": 100, "max_failures": 10_000,
+    **dict.fromkeys(("connect_timeout", "read_timeout", "flush_timeout_s"), 86_400.0),
+}
 _NOTES = {"duplicate_similarity": " (> 1 counts copies as witnesses)", "tol": " (or null for a fixed iteration count)"}
 
 
@@ -442,6 +461,11 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         ok, text = _RULES[_RANGES[f.name]]
         if not ok(v):
             raise ConfigError(f"config key '{key}': {text}{_NOTES.get(f.name, '')}, got {v}")
+        if f.name in _UPPER and not v <= _UPPER[f.name]:
+            raise ConfigError(f"config key '{key}': must be <= {_UPPER[f.name]:g}, got {v:g}")
+    for f in dataclasses.fields(obj):
+        if f.name in _PATH_FIELDS and isinstance(getattr(obj, f.name), str):
+            _check_climb(getattr(obj, f.name), f"{prefix}{f.name}")
     if isinstance(obj, RematchConfig) and obj.min_actors > obj.max_actors:
         raise ConfigError(f"config key '{prefix}min_actors': {obj.min_actors} exceeds max_actors {obj.max_actors}")
     if isinstance(obj, RematchConfig) and obj.propagate and not obj.sticky:
@@ -453,6 +477,57 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         if bad or not obj.gate_signals:
             raise ConfigError(f"config key '{prefix}gate_signals': must name some of {', '.join(known)}, "
                               f"got {list(obj.gate_signals)}")
+
+
+_PATH_FIELDS = frozenset({"output_dir", "storage_path"})
+
+
+def _check_climb(value: str, key: str) -> None:
+    """ConfigError for a relative path whose `..` parts climb above where it starts (`a/../../x`): it would write
+    outside the folder it seems to name. An absolute path, or one that stays below its start, is taken as given."""
+    if not value or "://" in value or os.path.isabs(value):
+        return
+    parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            resolved = os.path.normpath(os.path.join(os.getcwd(), value))
+            raise ConfigError(f"config key '{key}': {value!r} climbs out of the working folder with '..' "
+                              f"(it resolves to {resolved}); give that absolute path if you mean it")
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000          # values in a config once its aliases (*name) are expanded
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """How many values `value` holds with every shared (aliased) part counted each time it is used; each shared
+    object is measured once (memo by id), so a "billion laughs" costs as many steps as it has lines."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in memo:
+        return memo[id(value)]
+    memo[id(value)] = MAX_CONFIG_NODES + 1          # a cycle (a recursive alias) counts as too large
+    items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, memo)
+        if total > MAX_CONFIG_NODES:
+            break
+    memo[id(value)] = total
+    return total
+
+
+def safe_yaml(text: str) -> Any:
+    """`yaml.safe_load` bounded: at most MAX_CONFIG_BYTES characters and MAX_CONFIG_NODES values after alias
+    expansion (a 500-byte alias bomb would otherwise keep the loader busy for minutes); yaml.YAMLError past them."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise yaml.YAMLError(f"{len(text)} characters: over the {MAX_CONFIG_BYTES} a config may hold")
+    value = yaml.safe_load(text)
+    if _expanded_size(value, {}) > MAX_CONFIG_NODES:
+        raise yaml.YAMLError(f"over {MAX_CONFIG_NODES} values once its aliases (*name) are expanded (an alias bomb?)")
+    return value
 
 
 def _section_prefixes() -> dict[type, str]:
@@ -508,7 +583,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         shown = "(value not shown: secret)" if key.strip().rpartition(".")[2] in SECRET_FIELDS else repr(raw)
         raise ConfigError(f"config key '{key.strip()}': cannot parse value {shown} ({e.__class__.__name__})") from None
@@ -551,11 +626,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = config_path(path)
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = safe_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or type(e).__name__
+            problem = getattr(e, "problem", None) or str(e) or type(e).__name__
             raise ConfigError(f"config file {p}{where}: not valid YAML ({problem})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections at the top level")

@@ -13,8 +13,10 @@ reads such an exit as a failed step. So `exit_process` ends the process in this 
   5. every Python atexit hook and finaliser runs (temporary folders, logging), and stdout / stderr are flushed;
   6. `os._exit(status)`: the C++ teardown of the native pools, the step that aborts, is skipped.
 
-SIGTERM becomes SystemExit(143) in the main thread (`raise_on_sigterm`), so a terminated command runs its handlers
-(an MLflow run marked KILLED, an output lock released) and then ends the same way, with status 143.
+SIGTERM becomes SystemExit(143) and Ctrl-C (SIGINT) KeyboardInterrupt in the main thread (`raise_on_sigterm`), so
+a stopped command runs its handlers (an MLflow run marked KILLED, an output lock released) and then ends the same
+way, with status 143 or 130 and a one-line message, never a traceback (`stopped_by_signal`), whatever the exception
+became on its way up.
 
 Used by the console entry point (`otc_ray.cli.entry`, `python -m otc_ray`) and the `ray job submit` entry points;
 never by library code or in-process tests (it ends the process).
@@ -85,17 +87,35 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(SIGTERM_STATUS)
 
 
+SIGINT_STATUS = 128 + 2
+interrupted = threading.Event()             # set once Ctrl-C arrived: the status is then 130
+
+
+def _interrupted(signum, frame) -> None:
+    interrupted.set()
+    raise KeyboardInterrupt
+
+
+def stopped_by_signal() -> bool:
+    """Whether SIGTERM or Ctrl-C stopped this process (its exit is then 143 / 130 with a message, no traceback)."""
+    return terminated.is_set() or interrupted.is_set()
+
+
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit(143) in the main thread, so that `finally` blocks and handlers run (an MLflow
-    run is marked KILLED, an output lock released) before the ordered exit."""
+    """Turn SIGTERM into SystemExit(143) and SIGINT into KeyboardInterrupt (status 130) in the main thread, so that
+    `finally` blocks and handlers run (an MLflow run is marked KILLED, an output lock released) before the ordered
+    exit."""
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _interrupted)
 
 
 def exit_process(status: int) -> NoReturn:
-    """End the process with `status` (143 after SIGTERM) after `shutdown_runtime`, the atexit hooks and a flush
+    """End the process with `status` (143 after SIGTERM, 130 after Ctrl-C) after `shutdown_runtime`, the atexit hooks and a flush
     (steps 1-6)."""
     if terminated.is_set():
         status = SIGTERM_STATUS
+    elif interrupted.is_set():
+        status = SIGINT_STATUS
     shutdown_runtime()
     atexit._run_exitfuncs()
     logging.shutdown()

@@ -133,12 +133,15 @@ def test_s3_round_trip_parquet_with_drop_survives_an_actor_death(ray_local, s3_b
     in_path, out_path = f"s3://{bucket}/train", f"s3://{bucket}/clean"
     make_shards(cfg.data, "train", N, in_path, "parquet", progress=False)
     fs = s3_filesystem(s3)
-    fs.pipe_file(f"{bucket}/clean/clean-0123456789abcdef.parquet", b"left by a crashed run")   # an orphan
+    fs.pipe_file(f"{bucket}/clean/clean-0123456789abcdef.parquet", b"not this job's")   # no _clean_job.json beside it
+    with pytest.raises(ValueError, match="not this job's"):
+        clean_shards(in_path, out_path, cfg)
+    fs.rm(f"{bucket}/clean/clean-0123456789abcdef.parquet")
     marker = tmp_path / "actor-died"
     env = {"runtime_env": {"env_vars": {FAULT_BATCH_ENV: "2", FAULT_MARKER_ENV: str(marker)}}}
     summary = clean_shards(in_path, out_path, cfg, ray_remote_args=env)
     assert marker.exists(), "the fault hook must have killed an actor during the run"
-    assert summary.orphans_removed == 1 and not fs.exists(f"{bucket}/clean/clean-0123456789abcdef.parquet")
+    assert summary.orphans_removed == 0
     with fs.open(f"{bucket}/clean/{REPORT_FILE}", "rb") as f:
         report = pq.read_table(f).to_pydict()
     keys = _check_accounting(in_path, out_path, cfg, report)
@@ -160,6 +163,7 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
              schema.IMAGE_BYTES: np.asarray([png] * n, dtype=object), schema.IMAGE_EXT: np.asarray(["png"] * n, dtype=object),
              schema.CAPTION: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
              schema.META: np.asarray([b"{}"] * n, dtype=object), schema.ERROR: np.asarray([""] * n, dtype=object),
+             schema.SOURCE: np.asarray(["in/00000.tar"] * n, dtype=object), schema.ROW: np.arange(n),
              schema.CAPTION_USED: np.asarray([f"caption {i}" for i in range(n)], dtype=object),
              schema.SOURCE_KEY: np.asarray([f"k{i}" for i in range(n)], dtype=object),
              schema.RECAPTIONED: np.zeros(n, bool), schema.FLAGGED: np.zeros(n, bool), schema.WEIGHT: np.ones(n, np.float32),
@@ -167,7 +171,7 @@ def test_a_retried_write_overwrites_its_shard_whatever_it_keeps(tmp_path):
     first = write_batch(batch, str(tmp_path), "wds", S3Config())
     batch[schema.WEIGHT] = np.asarray([1, 0, 1, 0], np.float32)                # the retry drops two rows
     second = write_batch(batch, str(tmp_path), "wds", S3Config())
-    shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_part-"))
+    shards = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("_part-")) == [
         "_part-" + shards[0].replace(".tar", ".parquet")]                  # its report rows, committed after it
     assert len(shards) == 1 and set(first["shard"]) == {shards[0]}

@@ -126,7 +126,7 @@ def test_long_name_and_pax_headers_have_a_size_cap(kind, cap):
         good = good[:last.offset_data + -(-last.size // 512) * 512]     # cut before the end-of-archive blocks
     stream = _Recording(good + _extended_header(kind, 8 << 30) + b"\0" * 4096)
     rows = list(iter_tar_samples(stream, "big.tar"))
-    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("000000000", ""), ("000000001", schema.CORRUPT_SHARD),
+    assert [(r[schema.KEY], r[schema.ERROR]) for r in rows] == [("000000000", ""), ("000000001", ""),
                                                       ("big.tar#corrupt", schema.CORRUPT_SHARD)]
     assert stream.largest <= 1 << 20, f"the reader asked for {stream.largest} bytes of a header"
 

@@ -3,11 +3,19 @@
 `decode_batch` maps a reader batch to a decoded batch of the same length: good rows get their image
 (S,S,3) uint8, caption and label; a bad row keeps a zero image and gets its skip reason in `error`.
 Nothing is dropped here, so every sample stays counted; `good_rows` filters afterwards.
+
+No sample can stop a job: JSON nested too deep (RecursionError) or not an object, a label that is not an int64
+(10**23, a string) -> `bad_meta`; any other exception while decoding one sample -> `decode_error` (the row keeps
+its key and source file, so the skip names both). Images of every mode Pillow opens become RGB: 16-bit and 32-bit
+grey (I;16*, I) are scaled to 8 bits (65535 -> 255), float (F) in [0, 1] is scaled and otherwise clipped to
+[0, 255], alpha (RGBA, LA, PA, palette transparency) is composited on white, CMYK / YCbCr / LAB / 1-bit / palette
+are converted; an animated GIF / multi-page TIFF gives its first frame.
 """
 from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -52,6 +60,25 @@ def decode_caption(raw, limits: DecodeLimits) -> tuple[str, str]:
     return text, ""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (see module docstring): wide grey scaled, not clipped; alpha on white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        wide = img.mode != "I" or a.max(initial=0) > 255 or a.min(initial=0) < 0
+        a = np.clip(a / 257.0 if wide else a, 0, 255)
+        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray | None, str]:
     """((S,S,3) uint8 or None, error). The pixel limit is checked from the header, before decoding."""
     if not data:
@@ -59,15 +86,17 @@ def decode_image(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray | None, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore", UserWarning)         # palette transparency notes, TIFF tags
+            img = Image.open(io.BytesIO(bytes(data)))
             width, height = img.size
             if width * height > limits.max_pixels:
                 return None, schema.IMAGE_TOO_LARGE
             img.load()
-            img = img.convert("RGB")
+            img = to_rgb(img)
     except Image.DecompressionBombError:
         return None, schema.IMAGE_TOO_LARGE
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError):
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError, TypeError, KeyError,
+            IndexError, MemoryError, struct.error, ZeroDivisionError):
         return None, schema.CORRUPT_IMAGE
     side = limits.image_size
     if img.size != (side, side):
@@ -79,9 +108,28 @@ def decode_meta(raw) -> tuple[dict, str]:
     """(metadata dict, error) from JSON bytes; a JSON value that is not an object is bad metadata."""
     try:
         meta = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
         return {}, schema.BAD_META
-    return (meta, "") if isinstance(meta, dict) else ({}, schema.BAD_META)
+    if not isinstance(meta, dict):
+        return {}, schema.BAD_META
+    label = meta.get("label", -1)
+    if isinstance(label, int) and not isinstance(label, bool) and not INT64_MIN <= label <= INT64_MAX:
+        return {}, schema.BAD_META
+    return meta, ""
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def decode_row(raw: dict, limits: DecodeLimits) -> tuple[np.ndarray | None, str, int, str]:
+    """(image, caption, label, error) of one reader row whose reader `error` is ""."""
+    meta, err = decode_meta(raw[schema.META])
+    caption, err = (decode_caption(raw[schema.CAPTION_RAW], limits) if not err else ("", err))
+    image, err = (decode_image(raw[schema.IMAGE_BYTES], limits) if not err else (None, err))
+    if err:
+        return None, "", -1, err
+    label = meta.get("label", -1)
+    return image, caption, (label if isinstance(label, int) and not isinstance(label, bool) else -1), ""
 
 
 def screen_image(data: bytes, limits: DecodeLimits) -> str:
@@ -95,7 +143,8 @@ def screen_image(data: bytes, limits: DecodeLimits) -> str:
             width, height = Image.open(io.BytesIO(data)).size
     except Image.DecompressionBombError:
         return schema.IMAGE_TOO_LARGE
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError):
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError, TypeError, KeyError,
+            IndexError, MemoryError, struct.error, ZeroDivisionError):
         return schema.CORRUPT_IMAGE
     return schema.IMAGE_TOO_LARGE if width * height > limits.max_pixels else ""
 
@@ -122,20 +171,21 @@ def decode_batch(batch: dict[str, np.ndarray], limits: DecodeLimits) -> dict[str
         captions[i] = ""
         if errors[i]:
             continue
-        meta, err = decode_meta(batch[schema.META][i])
-        caption, err = (decode_caption(batch[schema.CAPTION_RAW][i], limits) if not err else ("", err))
-        image, err = (decode_image(batch[schema.IMAGE_BYTES][i], limits) if not err else (None, err))
+        try:
+            image, caption, label, err = decode_row({c: batch[c][i] for c in (schema.META, schema.CAPTION_RAW, schema.IMAGE_BYTES)},
+                                                    limits)
+            if not err:
+                images[i], captions[i], labels[i] = image, caption, label
+        except Exception:                   # noqa: BLE001 - one sample never stops a job: a counted skip
+            err = schema.DECODE_ERROR
         if err:
-            errors[i] = err
-            continue
-        images[i], captions[i] = image, caption
-        label = meta.get("label", -1)
-        labels[i] = label if isinstance(label, int) and not isinstance(label, bool) else -1
+            errors[i], captions[i] = err, ""
     return {schema.KEY: np.asarray(batch[schema.KEY], dtype=object), schema.IMAGE: images, schema.CAPTION: captions,
             schema.LABEL: labels, schema.IMAGE_BYTES: np.asarray(batch[schema.IMAGE_BYTES], dtype=object),
             schema.IMAGE_EXT: np.asarray(batch[schema.IMAGE_EXT], dtype=object),
             schema.META: np.asarray([m if isinstance(m, (bytes, str)) else b"{}" for m in batch[schema.META]], dtype=object),
-            schema.SOURCE: np.asarray(batch[schema.SOURCE], dtype=object), schema.ERROR: errors}
+            schema.SOURCE: np.asarray(batch[schema.SOURCE], dtype=object), schema.ERROR: errors,
+            **({schema.ROW: batch[schema.ROW]} if schema.ROW in batch else {})}
 
 
 def good_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ class InspectReport:
             out.append(f"data set       {self.info.get('dataset', {}).get('name', '?')} / {self.info.get('split', '?')}")
         for reason, n in sorted(self.skipped.items()):
             out.append(f"  skipped      {reason:<18} {n}")
-        out.append(f"duplicate keys across shards  {self.duplicate_keys}")
+        out.append(f"duplicate keys {self.duplicate_keys} (copies skipped; the first file's is kept)")
         for name, stats in (("caption chars", self.caption_chars), ("caption words", self.caption_words)):
             out.append(f"{name:<14} " + "  ".join(f"{k} {v:.1f}" for k, v in stats.items()))
         if self.sheet:
@@ -105,15 +105,12 @@ def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sh
     poisoned_first: the contact sheet shows samples whose meta has `"poisoned": true` first (marked [P])."""
     ds = load_samples(path, cfg)
     outcomes: Counter = Counter()
-    chars, words, keys_seen, duplicates = [], [], set(), 0
+    chars, words = [], []
     for batch in ds.map_batches(_length_columns, batch_format="numpy").iter_batches(batch_format="numpy"):
         ok = np.array([not e for e in batch[schema.ERROR]])
         outcomes.update(str(e) or "ok" for e in batch[schema.ERROR])
         chars.append(batch["chars"][ok])
         words.append(batch["words"][ok])
-        for key in batch[schema.KEY][ok]:
-            duplicates += key in keys_seen
-            keys_seen.add(key)
     total = sum(outcomes.values())
     sheet = None
     if sheet_path and outcomes.get("ok", 0):
@@ -121,6 +118,7 @@ def inspect_shards(path: str, cfg: DataConfig, sheet_path: str | None = None, sh
         sheet = contact_sheet(sample[schema.IMAGE], list(sample[schema.CAPTION]), sheet_path)
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     return InspectReport(path, total, outcomes.get("ok", 0), {k: v for k, v in outcomes.items() if k != "ok"},
-                         _stats(cat(chars)), _stats(cat(words)), duplicates, sheet, read_info(path, cfg.s3))
+                         _stats(cat(chars)), _stats(cat(words)), outcomes.get(schema.DUPLICATE_KEY, 0), sheet,
+                         read_info(path, cfg.s3))
 
 

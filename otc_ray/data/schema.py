@@ -8,6 +8,7 @@ Reader rows (one per sample, good or bad):
     META         str     JSON metadata ("{}" when absent)
     SOURCE       str     shard path the sample came from
     ERROR        str     "" for a good sample, else one of SKIP_REASONS
+    ROW          int64   the row's index in its file: (SOURCE, ROW) names every row, duplicate keys included
 Decoded rows add:
     CAPTION      str     validated caption
     IMAGE        uint8   (H, W, 3) image resized to the configured size
@@ -37,6 +38,7 @@ META = "meta"
 SOURCE = "source"
 ERROR = "error"
 IMAGE = "image"
+ROW = "row"
 LABEL = "label"
 
 READER_COLUMNS = (KEY, IMAGE_BYTES, IMAGE_EXT, CAPTION_RAW, META, SOURCE, ERROR)
@@ -60,7 +62,7 @@ GROUP_SIZE = "group_size"
 OUTPUT_COLUMNS = (CAPTION_USED, RECAPTIONED, SOURCE_KEY, SOURCE_LABEL, OWN_SCORE, BEST_SCORE, SUSPICION, GATE_Z,
                   FLAGGED, GATE_FLAGGED, SCREENED, GROUP_SIZE, WEIGHT, WEIGHTS_VERSION)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
 CAPTION_EXTENSIONS = ("txt",)
 META_EXTENSIONS = ("json",)
 
@@ -76,7 +78,11 @@ UNSAFE_PATH = "unsafe_path"
 DUPLICATE_KEY = "duplicate_key"
 TRUNCATED_SHARD = "truncated_shard"
 CORRUPT_SHARD = "corrupt_shard"
-BAD_META = "bad_meta"
+BAD_META = "bad_meta"                   # not a JSON object, nested too deep, or a label outside int64
+WRONG_TYPE = "wrong_type"               # a parquet column of the wrong type (an int caption, a list image)
+DECODE_ERROR = "decode_error"           # any other exception while reading or decoding this one sample
+UNREADABLE_FILE = "unreadable_file"     # a whole file that could not be opened or read: marker `{file}#unreadable`
 
 SKIP_REASONS = (CORRUPT_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_UTF8,
-                CAPTION_TOO_LONG, UNSAFE_PATH, DUPLICATE_KEY, TRUNCATED_SHARD, CORRUPT_SHARD, BAD_META)
+                CAPTION_TOO_LONG, UNSAFE_PATH, DUPLICATE_KEY, TRUNCATED_SHARD, CORRUPT_SHARD, BAD_META, WRONG_TYPE,
+                DECODE_ERROR, UNREADABLE_FILE)

@@ -1,18 +1,23 @@
 """Shard sets on disk or S3: listing (format detection), reading one shard's rows, the one shard writer
 (`write_shard`, and `ShardWriter` rolling over it), the `_info.json` side file.
 
-A shard set is a folder (or prefix) of `NNNNN.tar` or `NNNNN.parquet` files. Files whose name starts
+A shard set is a folder (or prefix) of `NNNNN.tar` or `NNNNN.parquet` files; tar shards may be compressed
+(`.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`); any other compressed file beside them is named in a warning. Files whose name starts
 with `_` or `.` are side files (`_info.json`, img2dataset's `_stats.json`); in a folder holding tar
 shards, `.parquet` files are img2dataset's per-shard metadata and are not read as samples.
 Each shard is committed atomically: written whole, then renamed (local) or put in one request (S3).
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import posixpath
 import re
 import uuid
+import warnings
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
@@ -26,6 +31,10 @@ from .storage import display, resolve
 from .tar_format import iter_tar_samples, write_tar_shard
 
 SUFFIX = {"wds": ".tar", "parquet": ".parquet"}
+TAR_COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")     # read through the standard library's decompressors
+UNREADABLE_COMPRESSED = (".tar.zst", ".tar.zstd", ".tar.lz4", ".parquet.gz", ".parquet.zst", ".zip", ".gz", ".bz2",
+                         ".xz", ".zst", ".7z")                   # named in a warning, never skipped silently
+COMPRESSED_SUFFIXES = TAR_COMPRESSED + UNREADABLE_COMPRESSED
 CLEAN_MARKER = "_clean_summary.json"        # written last by the cleaning job (otc_ray.pipelines.clean)
 CLEAN_SHARD_RE = re.compile(r"^clean-[0-9a-f]{16}\.(tar|parquet)$")
 _WRITERS = {"wds": write_tar_shard, "parquet": write_parquet_shard}
@@ -54,7 +63,13 @@ def list_shards(path: str, fmt: str, s3: S3Config):
         raise ShardSetError(f"no shard set at {path}")
     files = sorted(f for f in files if not _is_side_file(f))
     _refuse_unfinished_clean(fs, files, path)
-    by_format = {f: [p for p in files if p.endswith(s)] for f, s in SUFFIX.items()}
+    by_format = {"wds": [p for p in files if p.endswith((".tar",) + TAR_COMPRESSED)],
+                 "parquet": [p for p in files if p.endswith(".parquet")]}
+    unread = [p for p in files if p.endswith(UNREADABLE_COMPRESSED) and not p.endswith(TAR_COMPRESSED)]
+    if unread:
+        warnings.warn(f"{len(unread)} compressed file(s) under {path} are not read (only .tar, "
+                      f"{', '.join(TAR_COMPRESSED)} and .parquet are): {', '.join(display(fs, p) for p in unread[:5])}"
+                      + (" ..." if len(unread) > 5 else ""), stacklevel=2)
     if fmt == "auto":
         fmt = "wds" if by_format["wds"] else "parquet"
     if not by_format[fmt]:
@@ -101,7 +116,19 @@ def iter_rows(fs, path: str, fmt: str) -> Iterator[dict]:
     parquet read whole."""
     with fs.open(path, "rb") as f:
         source = display(fs, path)
-        yield from (iter_tar_samples(f, source) if fmt == "wds" else iter_parquet_samples(f, source))
+        yield from (iter_tar_samples(decompressed(f, path), source) if fmt == "wds"
+                    else iter_parquet_samples(f, source))
+
+
+def decompressed(stream, path: str):
+    """The stream of a tar shard, through gzip / bz2 / xz when its name says it is compressed."""
+    if path.endswith((".tar.gz", ".tgz")):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if path.endswith(".tar.bz2"):
+        return bz2.BZ2File(stream, "rb")
+    if path.endswith(".tar.xz"):
+        return lzma.LZMAFile(stream, "rb")
+    return stream
 
 
 def write_shard(fs, path: str, fmt: Format, samples: Iterable[Sample]) -> int:

@@ -51,7 +51,14 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def _skip(stream: BinaryIO, n: int) -> bool:
-    """Discard n bytes; False when the stream ends first."""
+    """Discard n bytes; False when the stream ends first. A seekable stream seeks over large runs (a seek past the
+    end is seen at the next header read, which then reports the same truncation)."""
+    if n > (64 << 10) and getattr(stream, "seekable", lambda: False)():
+        try:
+            stream.seek(n, 1)
+            return True
+        except (OSError, ValueError):
+            pass
     while n > 0:
         chunk = stream.read(min(n, 1 << 20))
         if not chunk:
@@ -181,7 +188,11 @@ def iter_tar_samples(stream: BinaryIO, source: str, max_member_bytes: int = 64 <
             yield row
     except _Corrupt as e:
         if key is not None:
-            yield _row(key, parts, source, e.reason)
+            # a bad header after a sample's three standard members (image, txt, json) leaves that sample whole: it is
+            # read as it is; a sample cut short (truncation, or a part missing) is counted out with the marker
+            whole = e.reason == schema.CORRUPT_SHARD and not error and {"txt", "json"} <= set(parts) \
+                and any(ext in parts for ext in schema.IMAGE_EXTENSIONS)
+            yield _row(key, parts, source, (schema.DUPLICATE_KEY if key in seen else "") if whole else e.reason)
         yield _row(f"{source}#{'truncated' if e.reason == schema.TRUNCATED_SHARD else 'corrupt'}", {}, source, e.reason)
 
 

@@ -12,21 +12,42 @@ changed), then the batch's report rows as its commit record, and returns those r
     _clean_job.json             the job's settings (input, checkpoint, re-match config), written first
     clean-<hash>.tar|.parquet   shards, named by a hash of their batch's keys: a retried write overwrites
     _part-clean-<hash>.parquet  the report rows of that batch, committed after its shard: the shard is accounted for
-    _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores
+    _clean_report.parquet       one row per input row: key, outcome kept|recaptioned|dropped, reason, captions, scores,
+                                shard (the shard of the row's batch: its sample is there unless dropped),
+                                its input file and row there (source, row: a duplicated key's copies each have one)
     _info.json                  the input's, plus a `clean` section
     _clean_summary.json         counts (and detection quality with a manifest); written last = the completion marker
-Nothing is lost: every input row is in the report exactly once, and input keys = output keys + dropped keys.
-An interrupted job, rerun with the same settings, resumes: rows whose batch has a committed part are not cleaned
-again (their shards are kept); a rerun with other settings is refused. Before the marker, shards of this naming that
-no part references (a write cut between shard and part) are deleted, by the lock holder only. A folder that already
-holds the marker, or foreign shards, is refused; readers refuse a folder with clean shards and no marker
+    _pending-<hash>.json        this job's ledger: written before the shard of that name, so the job only ever
+                                deletes a file that it named here first
+Nothing is lost: every input row (its file and row there) is in the report exactly once, and input rows = output
+keys + dropped rows; a key met in more than one file is written once (its first file's copy), its other copies are
+dropped as `duplicate_key` (`data.ray_io`).
+Deterministic: the same input, checkpoint and settings give byte-identical shards, report and `_info.json`, run
+once, interrupted and resumed, or with any number of actors. Blocks are formed in one fixed order (Ray Data's
+`preserve_order`: sorted files, rows in file order), and each block is judged against the same fixed reference
+(the first `rematch.bank_size` good rows of the input, `Matcher.set_reference`), never a bank filled in the order
+blocks happen to reach an actor; sticky flags and trigger propagation, whose state is that arrival order, are not
+used by this one-pass job (they are training's). An interrupted job, rerun with the same settings, resumes: the
+same batches come again, and one whose shard has a committed part is not written again (its shard is kept; the
+re-matching itself is recomputed, as a block's decisions depend on the whole block); a rerun with other settings
+is refused. Before the marker, shards that a pending record
+names and no part references (a write cut between shard and part) are deleted, by the lock holder only.
+
+Nothing outside --out is ever touched, and inside it only this job's files: every listing, sweep and clean-up looks
+at the top level of --out only (never into a subfolder), and deletes only files named in a `_pending-` record, its
+stray temp files, and its parts once the report holds them. `--out` is refused up front (`check_output`) when it
+is, contains or is contained in `--in`; when it lies inside another cleaning job's output; when it holds that
+job's finished marker, shards that are not this job's, a subfolder with shards or another job's files, or clean
+shards without this job's `_clean_job.json`. Readers refuse a folder with clean shards and no marker
 (`data.shards.list_shards`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tempfile
 import time
@@ -40,12 +61,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from otc_ray.config import Config, S3Config, content_digest, replace, validate
 from otc_ray.credentials import move_secrets_to_env
 from otc_ray.data import schema
+from otc_ray.data.decode import good_rows
 from otc_ray.data.ray_io import decode, read_shards
-from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, INFO_FILE, SUFFIX, commit_file, list_shards, read_info,
+from otc_ray.data.shards import (CLEAN_MARKER, CLEAN_SHARD_RE, COMPRESSED_SUFFIXES, INFO_FILE, SUFFIX, commit_file,
+                                 list_shards, read_info,
                                  write_shard)
 from otc_ray.data.storage import display, resolve
 from otc_ray.model import check_image_size
@@ -58,7 +82,9 @@ REPORT_FILE = "_clean_report.parquet"
 SUMMARY_FILE = CLEAN_MARKER
 JOB_FILE = "_clean_job.json"
 PART_PREFIX = "_part-"
+PENDING_PREFIX = "_pending-"
 SHARD_RE = CLEAN_SHARD_RE
+SHARD_SUFFIXES = tuple(SUFFIX.values()) + COMPRESSED_SUFFIXES
 KEPT, RECAPTIONED, DROPPED = "kept", "recaptioned", "dropped"
 FLAGGED_REASON = "flagged"
 
@@ -66,7 +92,7 @@ REPORT_SCHEMA = pa.schema([
     ("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()), ("caption_used", pa.string()),
     ("caption", pa.string()), ("source_key", pa.string()), ("own_score", pa.float32()),
     ("best_score", pa.float32()), ("suspicion", pa.float32()), ("gate_z", pa.float32()), ("flagged", pa.bool_()),
-    ("weight", pa.float32()), ("shard", pa.string()),
+    ("weight", pa.float32()), ("shard", pa.string()), ("source", pa.string()), ("row", pa.int64()),
 ])
 
 
@@ -89,7 +115,7 @@ class CleanSummary:
     downweighted: int = 0
     shards: int = 0
     orphans_removed: int = 0
-    resumed: int = 0                # rows accounted for by an interrupted run of this job, not cleaned again
+    resumed: int = 0                # rows accounted for by an interrupted run of this job, not written again
     seconds: float = 0.0
     detection: Optional[dict[str, float]] = None
 
@@ -155,11 +181,15 @@ def shard_name(keys: list[str], fmt: str) -> str:
     return f"clean-{digest}{SUFFIX[fmt]}"
 
 
-def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) -> dict[str, np.ndarray]:
+def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config,
+                done: frozenset = frozenset()) -> dict[str, np.ndarray]:
     """Commit the kept and re-captioned rows of a re-matched batch as one shard (any mix of image formats, the
-    original bytes); return the batch's report rows."""
+    original bytes); return the batch's report rows. A batch whose shard name is in `done` (an interrupted run of
+    this job committed its part) is not written again and returns no rows: the driver has them from the part."""
     outcomes, reasons = _outcomes(batch)
     keys = [str(k) for k in batch[schema.KEY]]
+    if shard_name(keys, fmt).rsplit(".", 1)[0] in done:
+        return {f.name: np.zeros(0, dtype=_NUMPY.get(f.name, object)) for f in REPORT_SCHEMA}
     samples = []
     for i, outcome in enumerate(outcomes):
         if outcome == DROPPED:
@@ -171,12 +201,22 @@ def write_batch(batch: dict[str, np.ndarray], out: str, fmt: str, s3: S3Config) 
                         str(batch[schema.CAPTION_USED][i]), meta))
     name = shard_name(keys, fmt)
     fs, root = resolve(out, s3)
-    if samples:
+    if samples:                 # the ledger first: the sweep deletes only a shard that a pending record names
+        commit_file(fs, posixpath.join(root, f"{PENDING_PREFIX}{name.rsplit('.', 1)[0]}.json"), b"{}")
         write_shard(fs, posixpath.join(root, name), fmt, samples)
-    shard_of = {sample[0]: name for sample in samples}
-    rows = _report_rows(batch, keys, outcomes, reasons, shard_of)
+    rows = _report_rows(batch, keys, outcomes, reasons, name)
     _commit_part(fs, root, name, rows)
     return rows
+
+
+_NUMPY = {"own_score": np.float32, "best_score": np.float32, "suspicion": np.float32, "gate_z": np.float32,
+          "flagged": bool, "weight": np.float32, "row": np.int64}
+
+
+def _part_stems(fs, root: str) -> list[str]:
+    """The shard stems (clean-<hash>) whose report part an interrupted run of this job committed."""
+    return [posixpath.basename(p)[len(PART_PREFIX):-len(".parquet")] for p in _top_level(fs, root)
+            if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet") and ".tmp-" not in p]
 
 
 def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None:
@@ -187,7 +227,7 @@ def _commit_part(fs, root: str, shard: str, rows: dict[str, np.ndarray]) -> None
     commit_file(fs, posixpath.join(root, f"{PART_PREFIX}{shard.rsplit('.', 1)[0]}.parquet"), buf.getvalue())
 
 
-def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarray]:
+def _report_rows(batch, keys, outcomes, reasons, shard: str) -> dict[str, np.ndarray]:
     return {"key": np.asarray(keys, dtype=object), "outcome": np.asarray(outcomes, dtype=object),
             "reason": np.asarray(reasons, dtype=object),
             "caption_used": np.asarray([str(c) for c in batch[schema.CAPTION_USED]], dtype=object),
@@ -195,23 +235,68 @@ def _report_rows(batch, keys, outcomes, reasons, shard_of) -> dict[str, np.ndarr
             "source_key": np.asarray([str(c) for c in batch[schema.SOURCE_KEY]], dtype=object),
             **{c: np.asarray(batch[c], dtype=np.float32) for c in (schema.OWN_SCORE, schema.BEST_SCORE, schema.SUSPICION, schema.GATE_Z)},
             "flagged": np.asarray(batch[schema.FLAGGED], dtype=bool), "weight": np.asarray(batch[schema.WEIGHT], np.float32),
-            "shard": np.asarray([shard_of.get(k, "") for k in keys], dtype=object)}
+            "shard": np.asarray([shard] * len(keys), dtype=object),
+            "source": np.asarray([str(s) for s in batch[schema.SOURCE]], dtype=object),
+            "row": np.asarray(batch[schema.ROW], dtype=np.int64)}
 
 
 # ----------------------------------------------------------------------------------------- driver steps
-def _check_output(in_path: str, out_path: str, s3: S3Config):
-    """(fs, root) of the output; refuses the input folder, a finished output and foreign shards."""
+def _inside(outer: str, inner: str) -> bool:
+    """`inner` is `outer` or lies below it (posix paths without a trailing slash)."""
+    outer, inner = outer.rstrip("/"), inner.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _real(fs, path: str) -> str:
+    """The path with symlinks resolved on local disk (so that a link cannot hide a nesting); S3 keys as they are."""
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path
+
+
+def _top_level(fs, root: str) -> list[str]:
+    """The files directly in `root` (never a subfolder's); [] when it does not exist."""
+    if not fs.isdir(root):
+        return []
+    return sorted(p for p in fs.ls(root, detail=False) if fs.isfile(p))
+
+
+def check_output(in_path: str, out_path: str, s3: S3Config):
+    """(fs, root) of the output after the refusals of the module docstring (ValueError, one line naming the path)."""
     in_fs, in_root = resolve(in_path, s3)
     fs, root = resolve(out_path, s3)
-    if type(in_fs) is type(fs) and in_root.rstrip("/") == root.rstrip("/"):
-        raise ValueError(f"--out must differ from --in ({out_path})")
+    if type(in_fs) is type(fs):
+        a, b = _real(in_fs, in_root), _real(fs, root)
+        if _inside(a, b) and a.rstrip("/") == b.rstrip("/"):
+            raise ValueError(f"--out must differ from --in ({out_path})")
+        if _inside(b, a):
+            raise ValueError(f"--out {out_path} contains --in {in_path}; choose an --out outside the input")
+        if _inside(a, b):
+            raise ValueError(f"--out {out_path} is inside --in {in_path}; choose an --out outside the input")
+    parent = posixpath.dirname(root.rstrip("/"))
+    while parent and parent not in ("/", root):
+        if any(fs.exists(posixpath.join(parent, f)) for f in (JOB_FILE, SUMMARY_FILE)):
+            raise ValueError(f"--out {out_path} is inside another cleaning job's output ({display(fs, parent)}); "
+                             "choose an --out outside it")
+        parent, before = posixpath.dirname(parent), parent
+        if parent == before:
+            break
     if fs.exists(posixpath.join(root, SUMMARY_FILE)):
         raise ValueError(f"{out_path} already holds a finished cleaning ({SUMMARY_FILE}); choose another --out")
-    if fs.isdir(root):
-        foreign = [p for p in fs.find(root) if p.endswith(tuple(SUFFIX.values()))
-                   and not SHARD_RE.match(posixpath.basename(p)) and not posixpath.basename(p).startswith(("_", "."))]
-        if foreign:
-            raise ValueError(f"{out_path} already holds shards that are not this job's ({foreign[0]}); choose an empty --out")
+    if not fs.isdir(root):
+        return fs, root
+    ours = fs.exists(posixpath.join(root, JOB_FILE))
+    top = set(_top_level(fs, root))
+    for path in sorted(fs.find(root)):
+        base = posixpath.basename(path)
+        if path not in top:
+            if base.endswith(SHARD_SUFFIXES) or base in (JOB_FILE, SUMMARY_FILE):
+                raise ValueError(f"{out_path} holds shards or another job's files in a subfolder ({display(fs, path)}); "
+                                 "choose an empty --out")
+            continue
+        if base.startswith(("_", ".")) or not base.endswith(SHARD_SUFFIXES):
+            continue
+        if not SHARD_RE.match(base) or not ours:
+            raise ValueError(f"{out_path} already holds shards that are not this job's ({display(fs, path)}); "
+                             "choose an empty --out")
     return fs, root
 
 
@@ -226,24 +311,28 @@ def _collect(ds: "ray.data.Dataset") -> pa.Table:
 
 
 def _checked_report(tables: list[pa.Table]) -> pa.Table:
-    """The report rows sorted by key; raises when a key occurs twice (an accounting failure)."""
+    """The report rows sorted by (key, source, row); raises when an input row (source, row) occurs twice, or a key
+    is in the output twice (an accounting failure)."""
     table = pa.concat_tables(tables) if tables else REPORT_SCHEMA.empty_table()
-    keys = table.column("key").to_pylist()
-    if len(set(keys)) != len(keys):
-        dup = [k for k, n in Counter(keys).items() if n > 1]
-        raise RuntimeError(f"{len(dup)} keys reached the report more than once (e.g. {dup[:3]}): accounting failed")
-    return table.sort_by("key")
+    rows = list(zip(table.column("source").to_pylist(), table.column("row").to_pylist()))
+    if len(set(rows)) != len(rows):
+        dup = [r for r, n in Counter(rows).items() if n > 1]
+        raise RuntimeError(f"{len(dup)} input rows reached the report more than once (e.g. {dup[:3]}): "
+                           "accounting failed")
+    out = [k for k, o in zip(table.column("key").to_pylist(), table.column("outcome").to_pylist()) if o != DROPPED]
+    if len(set(out)) != len(out):
+        dup = [k for k, n in Counter(out).items() if n > 1]
+        raise RuntimeError(f"{len(dup)} keys were written more than once (e.g. {dup[:3]}): accounting failed")
+    return table.sort_by([("key", "ascending"), ("source", "ascending"), ("row", "ascending")])
 
 
 def _committed_parts(fs, root: str) -> list[pa.Table]:
     """The report parts an interrupted run of this job committed (each: a shard and its rows), or []."""
-    if not fs.isdir(root):
-        return []
     tables = []
-    for path in sorted(p for p in fs.find(root) if posixpath.basename(p).startswith(PART_PREFIX)
-                       and p.endswith(".parquet")):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())).cast(REPORT_SCHEMA))
+    for path in _top_level(fs, root):
+        if posixpath.basename(path).startswith(PART_PREFIX) and path.endswith(".parquet"):
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(io.BytesIO(f.read())).cast(REPORT_SCHEMA))
     return tables
 
 
@@ -268,20 +357,36 @@ def _start_or_resume(fs, root: str, out_path: str, settings: dict) -> list[pa.Ta
     return []
 
 
-def _not_done(batch: dict[str, np.ndarray], done: frozenset) -> dict[str, np.ndarray]:
-    """The reader rows whose key no committed part accounts for."""
-    keep = np.asarray([str(k) not in done for k in batch[schema.KEY]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+def _reference(in_path: str, cfg: Config) -> Optional[dict]:
+    """The fixed bank every re-matching actor judges each block against: the first `rematch.bank_size` good rows of
+    the input in its deterministic order (sorted files, rows in file order); None without a bank."""
+    if not cfg.rematch.enabled:
+        return None
+    good = decode(read_shards(in_path, cfg.data), cfg.data).map_batches(good_rows, batch_format="numpy")
+    rows = good.take(cfg.rematch.bank_size)
+    if not rows:
+        return None
+    return {schema.KEY: [str(r[schema.KEY]) for r in rows], schema.IMAGE: np.stack([r[schema.IMAGE] for r in rows]),
+            schema.CAPTION: [str(r[schema.CAPTION]) for r in rows], schema.LABEL: [int(r[schema.LABEL]) for r in rows]}
 
 
 def _remove_orphans(fs, root: str, referenced: set[str]) -> int:
-    """Delete this job's shard files (and temp files) in `root` that the report does not reference (a write cut
-    between its shard and its part, or a retried batch's first attempt). Only the lock holder calls this."""
+    """Delete the shards this job's ledger names (`_pending-` records) that the report does not reference (a write
+    cut between its shard and its part), and this job's stray temp files; top level of `root` only. Returns the
+    number of shards and temp files removed. Only the lock holder calls this."""
     removed = 0
-    for path in fs.find(root) if fs.isdir(root) else []:
+    files = _top_level(fs, root)
+    present = {posixpath.basename(p) for p in files}
+    for path in files:
         base = posixpath.basename(path)
-        stray_tmp = (base.startswith("clean-") or base.startswith(PART_PREFIX)) and ".tmp-" in base
-        if stray_tmp or (SHARD_RE.match(base) and base not in referenced):
+        if base.startswith(PENDING_PREFIX) and base.endswith(".json") and ".tmp-" not in base:
+            stem = base[len(PENDING_PREFIX):-len(".json")]
+            for suffix in SHARD_SUFFIXES:
+                shard = stem + suffix
+                if SHARD_RE.match(shard) and shard in present and shard not in referenced:
+                    fs.rm(posixpath.join(root, shard))
+                    removed += 1
+        elif base.startswith(("clean-", PART_PREFIX, PENDING_PREFIX)) and ".tmp-" in base:
             fs.rm(path)
             removed += 1
     return removed
@@ -332,7 +437,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     checkpoint = checkpoint or cfg.model.pretrained or None
     s3 = cfg.data.s3
     _, _, fmt = list_shards(in_path, cfg.data.format, s3)
-    fs, root = _check_output(in_path, out_path, s3)
+    fs, root = check_output(in_path, out_path, s3)
     lock = OutputLock(fs, root, "clean")
     lock.acquire(out_path)
     try:
@@ -354,28 +459,31 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     """The job itself, under the output's lock: clean the rows no committed part accounts for, then sweep, report,
     and commit the marker."""
     s3 = cfg.data.s3
-    done = frozenset(k for t in committed for k in t.column("key").to_pylist())
+    resumed = sum(t.num_rows for t in committed)
     state = _load_weights(checkpoint, cfg)
     store = None
     if state is not None:
         store = weight_store(f"otc-clean-{uuid.uuid4().hex[:12]}")
         publish(store, state)
         del state
+    context = ray.data.DataContext.get_current()
+    order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True     # the same blocks, in the same order, every run
     try:
-        rows = read_shards(in_path, cfg.data)
-        if done:
-            rows = rows.map_batches(_not_done, fn_kwargs={"done": done}, batch_format="numpy",
-                                    num_cpus=cfg.data.read_num_cpus)
-        ds = add_rematch_stage(decode(rows, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store,
-                               ray_remote_args=ray_remote_args)
-        ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3},
+        rematch = dataclasses.replace(cfg.rematch, sticky=False, propagate=False)
+        ds = add_rematch_stage(decode(read_shards(in_path, cfg.data), cfg.data), rematch, cfg.model, cfg.ot,
+                               weights=store, ray_remote_args=ray_remote_args, reference=_reference(in_path, cfg))
+        ds = ds.map_batches(write_batch, fn_kwargs={"out": display(fs, root), "fmt": fmt, "s3": s3,
+                                                    "done": frozenset(_part_stems(fs, root))},
                             batch_size=cfg.data.samples_per_shard, batch_format="numpy",
                             num_cpus=cfg.data.read_num_cpus)
         report = _checked_report(committed + [_collect(ds)])
     finally:
+        context.execution_options.preserve_order = order
         if store is not None:
             ray.kill(store)
-    shards = {s for s in report.column("shard").to_pylist() if s}
+    shards = {s for s, o in zip(report.column("shard").to_pylist(), report.column("outcome").to_pylist())
+              if s and o != DROPPED}
     orphans = _remove_orphans(fs, root, shards)
     buf = io.BytesIO()
     pq.write_table(report, buf, compression="zstd")
@@ -391,7 +499,7 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
         dropped=counts[DROPPED], dropped_by_reason=dict(Counter(r for o, r in zip(outcomes, reasons) if o == DROPPED)),
         flagged=int(np.sum(report.column("flagged").to_numpy(zero_copy_only=False))),
         downweighted=int(sum(1 for o, w in zip(outcomes, weights) if o != DROPPED and w < 1.0)),
-        shards=len(shards), orphans_removed=orphans, resumed=len(done),
+        shards=len(shards), orphans_removed=orphans, resumed=resumed,
         detection=_detection(report, manifest, s3) if manifest else None)
     info = read_info(in_path, s3) or {}
     info["clean"] = {"from": in_path, "checkpoint": checkpoint or "", "rematch": asdict(cfg.rematch),
@@ -400,8 +508,8 @@ def _clean_locked(in_path: str, out_path: str, cfg: Config, fmt: str, fs, root: 
     commit_file(fs, posixpath.join(root, INFO_FILE), json.dumps(info, indent=2, sort_keys=True, default=str).encode())
     summary.seconds = time.perf_counter() - start
     commit_file(fs, posixpath.join(root, SUMMARY_FILE), json.dumps(summary.to_dict(), indent=2, sort_keys=True).encode())
-    for path in fs.find(root):                          # the parts are in the report now
-        if posixpath.basename(path).startswith(PART_PREFIX):
+    for path in _top_level(fs, root):                   # the parts are in the report now; the ledger is done
+        if posixpath.basename(path).startswith((PART_PREFIX, PENDING_PREFIX)):
             fs.rm(path)
     return summary
 

@@ -9,8 +9,8 @@
 
 The lock `_lock.json` names its holder (job id, host, pid, start time). It is created with an exclusive create: a hard
 link of a fully written file locally, a conditional PUT (`If-None-Match: *`) on S3, so of two jobs that start together
-exactly one gets it. It is removed when the job ends, also on an error or Ctrl-C / SIGTERM (the CLI turns SIGTERM into
-an exception). A job killed outright leaves it behind: a lock whose holder ran on this host under a pid that is no
+exactly one gets it. It is removed when the job ends, also on an error or Ctrl-C / SIGTERM (the CLI turns both into
+exceptions: exit 130 / 143, `process_exit`); the loser of a race exits 2 with the holder named (`OutputLocked`). A job killed outright leaves it behind: a lock whose holder ran on this host under a pid that is no
 longer alive is stale and taken over; any other lock is reported with its holder, and removing it is the user's call.
 """
 from __future__ import annotations

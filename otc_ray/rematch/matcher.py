@@ -530,10 +530,36 @@ class Matcher:
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
         self.bank = CaptionBank(cfg.bank_size)
+        self.reference: Optional[tuple] = None      # (images, captions, keys, labels): a fixed bank, see set_reference
+        self.frozen = False
+
+    def set_reference(self, images: np.ndarray, captions: Sequence[str], keys: Sequence[str],
+                      labels: Sequence[int]) -> None:
+        """Use a fixed reference instead of the FIFO bank: before the next block, the reference (R rows: images
+        (R, H, W, 3) uint8, captions, keys, labels) is matched as one block and becomes the bank, which then stays
+        as it is. Every block is then judged against the same bank, whatever order blocks come in and whichever
+        matcher gets them: decisions are a function of the block, the reference and the weights (the cleaning job
+        relies on it for reproducible output)."""
+        self.reference = (np.asarray(images), list(captions), list(keys), [int(x) for x in labels])
+        self.frozen = False
+        self.bank.clear()
+
+    def _fill_reference(self) -> None:
+        if self.reference is None or self.frozen:
+            return
+        self.bank.clear()
+        reference, self.reference = self.reference, None                 # matched as a plain block, once
+        try:
+            if len(reference[1]):
+                self.match(*reference[:3], labels=reference[3])          # bank := the matched reference
+        finally:
+            self.reference = reference
+        self.frozen = True
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
         self.bank.clear()
+        self.frozen = False                         # a fixed reference is matched again with the new weights
 
     def _needs_tokens(self) -> bool:
         """Token features are needed for OT: the fused scores (alpha < 1) or the evidence gate's concentration."""
@@ -569,6 +595,7 @@ class Matcher:
                              f"{len(keys)}, {len(labels)}")
         if not self.cfg.enabled or B == 0:
             return _passthrough(captions, keys, labels)
+        self._fill_reference()
         img, own = self.encode(images, captions)
         ids = key_ids_of(keys).to(self.device)
         pool = build_pool(own, img, ids, self.bank)
@@ -581,8 +608,9 @@ class Matcher:
         same_text = torch.tensor([pool_caps[s] == c for s, c in zip(src, captions)], dtype=torch.bool)
         res.source = torch.where(same_text, torch.arange(B), res.source)              # a copy of the same words
         res.recaptioned = res.source != torch.arange(B)
-        self.bank.push(own, img.image, ids, ~res.flagged.to(self.device), captions, keys, labels, img.ids,
-                       img.signature, None if res.signals is None else res.signals.to(self.device))
+        if not self.frozen:
+            self.bank.push(own, img.image, ids, ~res.flagged.to(self.device), captions, keys, labels, img.ids,
+                           img.signature, None if res.signals is None else res.signals.to(self.device))
         src = res.source.tolist()
         return BlockMatch(res, [pool_caps[s] for s in src], [pool_keys[s] for s in src], [pool_labels[s] for s in src])
 

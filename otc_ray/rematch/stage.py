@@ -61,7 +61,7 @@ class RematchActor:
 
     def __init__(self, cfg: RematchConfig, model_cfg: ModelConfig, ot_cfg: OTConfig,
                  weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
-                 flags: Optional["ray.actor.ActorHandle"] = None):
+                 flags: Optional["ray.actor.ActorHandle"] = None, reference: Optional[dict] = None):
         validate(cfg)
         torch.set_num_threads(max(1, round(cfg.actor_num_cpus)))
         self.cfg = cfg
@@ -69,6 +69,9 @@ class RematchActor:
         if cfg.enabled:
             torch.manual_seed(cfg.seed)
             self.matcher = Matcher(build_model(model_cfg), cfg, ot_cfg, device=_device(cfg))
+            if reference is not None:
+                self.matcher.set_reference(reference[schema.IMAGE], reference[schema.CAPTION], reference[schema.KEY],
+                                           reference[schema.LABEL])
         self.follower = WeightFollower(weights, namespace) if weights is not None else None
         self.flags = flags if cfg.sticky else None
         self.batches = 0
@@ -172,14 +175,16 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
                       weights: Optional[StoreRef] = None, namespace: Optional[str] = None,
                       ray_remote_args: Optional[dict[str, Any]] = None,
                       flags: Optional["ray.actor.ActorHandle"] = None,
-                      flag_journal: Optional[str] = None, resume_flags: bool = False) -> "ray.data.Dataset":
+                      flag_journal: Optional[str] = None, resume_flags: bool = False,
+                      reference: Optional[dict] = None) -> "ray.data.Dataset":
     """`ds.map_batches(RematchActor, compute=ActorPoolStrategy(min_actors, max_actors), batch_size=block_size)`.
 
     weights: a WeightStore handle or name (got or created here; None = the seeded random init); ray_remote_args: extra actor options
     (runtime_env, accelerator_type, ...); flags: a FlagStore for sticky flags (with cfg.sticky and None, one is
     created here, owned by this driver, shared by every execution of the returned dataset, journalled to
     `flag_journal` when given so that a restarted store keeps its flags, and reading it back at once with
-    `resume_flags`: a resumed run). `cfg.actor_resource` places the actors on
+    `resume_flags`: a resumed run); reference: decoded rows {key, image, caption, label} that every actor uses as a
+    fixed bank (`Matcher.set_reference`; None = the FIFO bank). `cfg.actor_resource` places the actors on
     the nodes that declare that custom resource.
     Output rows = input rows, in blocks of at most block_size.
     """
@@ -202,7 +207,7 @@ def add_rematch_stage(ds: "ray.data.Dataset", cfg: RematchConfig, model_cfg: Mod
         batch_size=cfg.block_size,
         batch_format="numpy",
         fn_constructor_kwargs={"cfg": cfg, "model_cfg": model_cfg, "ot_cfg": ot_cfg, "weights": weights,
-                               "namespace": namespace, "flags": flags},
+                               "namespace": namespace, "flags": flags, "reference": reference},
         **resources,
         **(ray_remote_args or {}),
     )
