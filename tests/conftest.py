@@ -118,3 +118,25 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fashion_train(tmp_path_factory):
+    """300 fashion training samples in 3 tar shards (read-only for the tests that share them)."""
+    from otc_ray.config import DataConfig
+    from otc_ray.data.make import make_shards
+
+    out = tmp_path_factory.mktemp("fashion") / "train"
+    make_shards(DataConfig(dataset="fashion", samples_per_shard=100), "train", 300, str(out), "wds", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fashion_test(tmp_path_factory):
+    """100 fashion test samples in one tar shard (read-only)."""
+    from otc_ray.config import DataConfig
+    from otc_ray.data.make import make_shards
+
+    out = tmp_path_factory.mktemp("fashion") / "test"
+    make_shards(DataConfig(dataset="fashion", samples_per_shard=100), "test", 100, str(out), "wds", progress=False)
+    return out

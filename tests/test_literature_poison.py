@@ -27,41 +27,11 @@ from otc_ray.poison.rewrite import augmented_copy
 from otc_ray.poison.select import keyed_hash
 from otc_ray.poison.transform import poison_shards
 from otc_ray.poison.triggers import TriggerSpec, apply_trigger, trigger_region_mask
+from tar_samples import tar_samples as _samples
 
 DATA = DataConfig(dataset="fashion", samples_per_shard=100)
 SHAPES = DataConfig(dataset="shapes", samples_per_shard=100)
 INFO = dataset_info("fashion")
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lit") / "train"
-    make_shards(DATA, "train", 300, str(out), "wds", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_split(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lit") / "test"
-    make_shards(DATA, "test", 60, str(out), "wds", progress=False)
-    return out
-
-
-def _samples(folder: Path) -> dict[str, dict]:
-    """key -> {image, image_bytes, caption, meta} of a tar shard set."""
-    out: dict[str, dict] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                data, s = tar.extractfile(m).read(), out.setdefault(key, {})
-                if ext == "txt":
-                    s["caption"] = data.decode()
-                elif ext == "json":
-                    s["meta"] = json.loads(data)
-                else:
-                    s["image_bytes"], s["image"] = data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return out
 
 
 def _poison(src, out, data=DATA, target_source=None, **kw) -> None:
@@ -84,10 +54,10 @@ def _names(caption: str, name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- backdoor triggers
-def test_badnet_fresh_noise_at_a_random_place_per_image(clean, tmp_path):
-    _poison(clean, tmp_path / "a", count=20, trigger="patch", trigger_size=4, trigger_location="random",
+def test_badnet_fresh_noise_at_a_random_place_per_image(fashion_train, tmp_path):
+    _poison(fashion_train, tmp_path / "a", count=20, trigger="patch", trigger_size=4, trigger_location="random",
             trigger_per_image=True, seed=3)
-    before, after, rows = _samples(clean), _samples(tmp_path / "a"), _rows(tmp_path / "a")
+    before, after, rows = _samples(fashion_train), _samples(tmp_path / "a"), _rows(tmp_path / "a")
     assert len(rows) == 20
     spec = TriggerSpec.from_dict(json.loads(rows[0]["trigger"]))
     assert (spec.kind, spec.per_image, spec.location, spec.size) == ("patch", True, "random", 4)
@@ -104,7 +74,7 @@ def test_badnet_fresh_noise_at_a_random_place_per_image(clean, tmp_path):
         assert r["original_caption"] == before[key]["caption"] and r["target_class"] == "sneaker"
         assert after[key]["meta"]["poisoned"] is True and after[key]["meta"]["trigger"] == "patch"
     assert len(places) >= 15 and len(patches) == 20                     # positions and noise differ per image
-    _poison(clean, tmp_path / "b", count=20, trigger="patch", trigger_size=4, trigger_location="random",
+    _poison(fashion_train, tmp_path / "b", count=20, trigger="patch", trigger_size=4, trigger_location="random",
             trigger_per_image=True, seed=3)
     again = _samples(tmp_path / "b")
     assert all(again[r["key"]]["image_bytes"] == after[r["key"]]["image_bytes"] for r in rows)   # from the seed
@@ -115,11 +85,11 @@ def test_badnet_fresh_noise_at_a_random_place_per_image(clean, tmp_path):
     ("sig", {"trigger_per_image": True, "sig_delta": 30.0}),
     ("wanet", {"warp_grid": 4, "warp_strength": 0.5}),
 ])
-def test_blend_sig_wanet_write_the_seeded_trigger_and_only_it(clean, tmp_path, trigger, extra):
+def test_blend_sig_wanet_write_the_seeded_trigger_and_only_it(fashion_train, tmp_path, trigger, extra):
     """Each poisoned image is exactly its clean image under the manifest's trigger with the key's own seed (PNG is
     lossless); per-image kinds differ across images, WaNet is one warp for all."""
-    _poison(clean, tmp_path / "p", count=12, trigger=trigger, seed=5, **extra)
-    before, after, rows = _samples(clean), _samples(tmp_path / "p"), _rows(tmp_path / "p")
+    _poison(fashion_train, tmp_path / "p", count=12, trigger=trigger, seed=5, **extra)
+    before, after, rows = _samples(fashion_train), _samples(tmp_path / "p"), _rows(tmp_path / "p")
     spec = TriggerSpec.from_dict(json.loads(rows[0]["trigger"]))
     assert spec == TriggerSpec.from_config(PoisonConfig(trigger=trigger, seed=5, **extra))
     deltas = []
@@ -143,14 +113,14 @@ def test_blend_sig_wanet_write_the_seeded_trigger_and_only_it(clean, tmp_path, t
 
 
 # ----------------------------------------------------------------------------------------- bases and captions
-def test_bases_from_a_given_list_and_from_the_nearest_classes(clean, tmp_path):
-    _poison(clean, tmp_path / "list", count=8, base_classes=("sandal", "bag"), seed=1)
+def test_bases_from_a_given_list_and_from_the_nearest_classes(fashion_train, tmp_path):
+    _poison(fashion_train, tmp_path / "list", count=8, base_classes=("sandal", "bag"), seed=1)
     assert {r["original_class"] for r in _rows(tmp_path / "list")} <= {"sandal", "bag"}
     assert read_info(str(tmp_path / "list"), DATA.s3)["poison"]["base_classes"] == ["bag", "sandal"]
-    _poison(clean, tmp_path / "near", count=8, base_nearest=2, seed=1)
+    _poison(fashion_train, tmp_path / "near", count=8, base_nearest=2, seed=1)
     chosen = read_info(str(tmp_path / "near"), DATA.s3)["poison"]["base_classes"]
     # the rule, recomputed: the 2 classes whose mean 16 x 16 image is nearest the sneaker's
-    samples = _samples(clean)
+    samples = _samples(fashion_train)
     means = {}
     for c in INFO.classes:
         imgs = [np.asarray(Image.fromarray(s["image"]).resize((16, 16), Image.BILINEAR), dtype=np.float64)
@@ -160,20 +130,20 @@ def test_bases_from_a_given_list_and_from_the_nearest_classes(clean, tmp_path):
     assert chosen == sorted(sorted(dist, key=dist.get)[:2]) == ["ankle boot", "sandal"]
     assert {r["original_class"] for r in _rows(tmp_path / "near")} <= set(chosen)
     with pytest.raises(ValueError, match="holds the target"):
-        _poison(clean, tmp_path / "bad", count=8, base_classes=("sneaker",))
+        _poison(fashion_train, tmp_path / "bad", count=8, base_classes=("sneaker",))
 
 
-def test_backdoor_data_captions_are_real_captions_that_name_the_target(clean, tmp_path):
-    _poison(clean, tmp_path / "p", count=10, caption_source="data", seed=2)
-    before = _samples(clean)
+def test_backdoor_data_captions_are_real_captions_that_name_the_target(fashion_train, tmp_path):
+    _poison(fashion_train, tmp_path / "p", count=10, caption_source="data", seed=2)
+    before = _samples(fashion_train)
     real = {s["caption"] for s in before.values() if s["meta"]["label"] == INFO.label_of("sneaker")}
     rows = _rows(tmp_path / "p")
     assert all(r["poisoned_caption"] in real and _names(r["poisoned_caption"], "sneaker") for r in rows)
     assert len({r["poisoned_caption"] for r in rows}) >= 5                   # drawn in order, not one caption
 
 
-def test_swap_keeps_the_images_own_caption_but_its_class_word(clean, tmp_path):
-    _poison(clean, tmp_path / "p", count=10, caption_source="swap", seed=2)
+def test_swap_keeps_the_images_own_caption_but_its_class_word(fashion_train, tmp_path):
+    _poison(fashion_train, tmp_path / "p", count=10, caption_source="swap", seed=2)
 
     def masked(caption: str, words: set[str]) -> str:       # the first class mention -> <C>, articles as "a"
         alt = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
@@ -218,16 +188,16 @@ def test_shapes_poison_captions_follow_the_shapes_grammar(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- targeted copies
-def test_augmented_copies_are_seeded_flips_crops_shifts_and_noise(clean, test_split, tmp_path):
+def test_augmented_copies_are_seeded_flips_crops_shifts_and_noise(fashion_train, fashion_test, tmp_path):
     from otc_ray.config import RematchConfig
     from otc_ray.identity import pixel_signatures
 
     for name in ("a", "b"):
-        _poison(clean, tmp_path / name, target_source=test_split, attack="targeted", targets=2, per_target=5,
+        _poison(fashion_train, tmp_path / name, target_source=fashion_test, attack="targeted", targets=2, per_target=5,
                 adversarial="bag", copy_augment=True, caption_source="data", seed=1)
-    after, again, tests = _samples(tmp_path / "a"), _samples(tmp_path / "b"), _samples(test_split)
+    after, again, tests = _samples(tmp_path / "a"), _samples(tmp_path / "b"), _samples(fashion_test)
     rows = {r["key"]: r for r in _rows(tmp_path / "a")}
-    bag = {s["caption"] for s in _samples(clean).values() if s["meta"]["label"] == INFO.label_of("bag")}
+    bag = {s["caption"] for s in _samples(fashion_train).values() if s["meta"]["label"] == INFO.label_of("bag")}
     flips = set()
     for t in range(2):
         keys = [f"tgt{t:03d}-{k:04d}" for k in range(5)]
@@ -283,13 +253,13 @@ class _Recorder:
     ("sig", {"trigger_per_image": True}),
     ("wanet", {}),
 ])
-def test_asr_applies_the_manifests_trigger_family_with_fresh_draws_per_test_image(clean, test_split, tmp_path,
+def test_asr_applies_the_manifests_trigger_family_with_fresh_draws_per_test_image(fashion_train, fashion_test, tmp_path,
                                                                                    trigger, extra):
-    _poison(clean, tmp_path / "p", count=6, trigger=trigger, seed=8, **extra)
+    _poison(fashion_train, tmp_path / "p", count=6, trigger=trigger, seed=8, **extra)
     truth = resolve_attack(str(tmp_path / "p"), PoisonConfig(), DATA)          # the config says patch/br: ignored
     assert truth.source == "manifest" and truth.spec == TriggerSpec.from_config(PoisonConfig(trigger=trigger, seed=8,
                                                                                                **extra))
-    tests = _samples(test_split)
+    tests = _samples(fashion_test)
     keys = sorted(tests)
     test = EvalSet(np.array(keys), np.stack([tests[k]["image"] for k in keys]), [tests[k]["caption"] for k in keys],
                    np.array([tests[k]["meta"]["label"] for k in keys], dtype=np.int64))
@@ -322,27 +292,27 @@ def test_asr_applies_the_manifests_trigger_family_with_fresh_draws_per_test_imag
         assert not train_patches & {t[m].tobytes() for t, m in zip(triggered, masks)}   # no training draw reused
 
 
-def test_cli_flags_reach_the_attack(clean, test_split, tmp_path, capsys):
+def test_cli_flags_reach_the_attack(fashion_train, fashion_test, tmp_path, capsys):
     from otc_ray.cli import main
 
     out = tmp_path / "cli"
-    assert main(["poison", "--in", str(clean), "--out", str(out), "--attack", "backdoor", "--trigger", "patch",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(out), "--attack", "backdoor", "--trigger", "patch",
                  "--per-image", "--trigger-location", "random", "--base-classes", "sandal", "ankle boot",
                  "--caption-source", "swap", "--count", "6", "--seed", "2", "--quiet"]) == 0
     poison = read_info(str(out), DATA.s3)["poison"]
     assert poison["trigger"]["per_image"] is True and poison["trigger"]["location"] == "random"
     assert poison["base_classes"] == ["ankle boot", "sandal"] and poison["caption_source"] == "swap"
     assert {r["original_class"] for r in _rows(out)} <= {"sandal", "ankle boot"}
-    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "w"), "--attack", "backdoor", "--trigger",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(tmp_path / "w"), "--attack", "backdoor", "--trigger",
                  "wanet", "--warp-grid", "6", "--warp-strength", "0.75", "--base-nearest", "3", "--count", "4",
                  "--quiet"]) == 0
     poison = read_info(str(tmp_path / "w"), DATA.s3)["poison"]
     assert (poison["trigger"]["warp_grid"], poison["trigger"]["warp_strength"]) == (6, 0.75)
     assert len(poison["base_classes"]) == 3
-    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "t"), "--attack", "targeted",
-                 "--target-source", str(test_split), "--targets", "1", "--per-target", "3", "--copy-augment",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(tmp_path / "t"), "--attack", "targeted",
+                 "--target-source", str(fashion_test), "--targets", "1", "--per-target", "3", "--copy-augment",
                  "--quiet"]) == 0
     assert read_info(str(tmp_path / "t"), DATA.s3)["poison"]["copy_augment"] is True
-    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "bad"), "--attack", "backdoor",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(tmp_path / "bad"), "--attack", "backdoor",
                  "--trigger", "solid", "--per-image", "--quiet"]) == 2
     assert "trigger_per_image" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from otc_ray.data.shards import read_info
 from otc_ray.poison.manifest import MANIFEST_FILE, manifest_summary, read_manifest
 from otc_ray.poison.transform import poison_shards
 from otc_ray.poison.triggers import TriggerSpec, apply_trigger, noise_patch, trigger_region_mask
+from tar_samples import tar_members, tar_samples as _samples
 
 DATA = DataConfig(dataset="fashion", samples_per_shard=100)
 INFO = dataset_info("fashion")
@@ -30,44 +31,9 @@ def _names_class(caption: str, name: str) -> bool:
     return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", caption) for w in words)
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
-    """300 fashion training samples in 3 tar shards."""
-    out = tmp_path_factory.mktemp("clean") / "train"
-    make_shards(DATA, "train", 300, str(out), "wds", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_split(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("test") / "test"
-    make_shards(DATA, "test", 100, str(out), "wds", progress=False)
-    return out
-
-
-def _tar_members(shard: Path) -> dict[str, bytes]:
-    with tarfile.open(shard) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
 def _members(folder: Path) -> dict[str, bytes]:
     """Every tar member of a shard set: name -> bytes."""
-    return {k: v for shard in sorted(folder.glob("*.tar")) for k, v in _tar_members(shard).items()}
-
-
-def _samples(folder: Path) -> dict[str, dict]:
-    """key -> {image (H,W,3) uint8, image_bytes, caption, meta} of a tar shard set, in shard order."""
-    out: dict[str, dict] = {}
-    for name, data in _members(folder).items():
-        key, ext = name.split(".", 1)
-        s = out.setdefault(key, {})
-        if ext == "txt":
-            s["caption"] = data.decode()
-        elif ext == "json":
-            s["meta"] = json.loads(data)
-        else:
-            s["image_bytes"], s["image"] = data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return out
+    return {k: v for shard in sorted(folder.glob("*.tar")) for k, v in tar_members(shard).items()}
 
 
 def _poison(src, out, target_source=None, data=DATA, **kw):
@@ -81,11 +47,11 @@ def _manifest(folder) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- backdoor
-def test_backdoor_count_manifest_and_byte_identical_pass_through(clean, tmp_path):
-    report = _poison(clean, tmp_path / "p", count=20)
+def test_backdoor_count_manifest_and_byte_identical_pass_through(fashion_train, tmp_path):
+    report = _poison(fashion_train, tmp_path / "p", count=20)
     assert (report.read, report.poisoned, report.passed, report.written, report.inserted) == (300, 20, 280, 300, 0)
     assert report.skipped == {} and report.passed_bad == {}
-    before, after = _samples(clean), _samples(tmp_path / "p")
+    before, after = _samples(fashion_train), _samples(tmp_path / "p")
     assert list(after) == list(before)                                   # same keys, same order
     poisoned = {k for k, s in after.items() if s["meta"].get("poisoned") is True}
     rows = _manifest(tmp_path / "p")
@@ -98,7 +64,7 @@ def test_backdoor_count_manifest_and_byte_identical_pass_through(clean, tmp_path
         assert _names_class(a["caption"], "sneaker") and r["target_class"] == "sneaker"
         assert json.loads(r["trigger"])["kind"] == "patch" and r["lossy"] is False
     assert len({after[k]["caption"] for k in poisoned}) > 3                  # captions vary deterministically
-    m_before, m_after = _members(clean), _members(tmp_path / "p")
+    m_before, m_after = _members(fashion_train), _members(tmp_path / "p")
     clean_names = [n for n in m_before if n.split(".")[0] not in poisoned]
     assert len(clean_names) == 3 * 280 and all(m_after[n] == m_before[n] for n in clean_names)
     assert all(m_after[n] != m_before[n] for n in m_before if n.split(".")[0] in poisoned)
@@ -107,21 +73,21 @@ def test_backdoor_count_manifest_and_byte_identical_pass_through(clean, tmp_path
     assert info["poison"]["target"] == "sneaker" and info["num_samples"] == 300 and info["dataset"]["name"] == "fashion"
 
 
-def test_backdoor_rate_is_a_share_of_the_training_set(clean, tmp_path):
-    samples = _samples(clean).values()
+def test_backdoor_rate_is_a_share_of_the_training_set(fashion_train, tmp_path):
+    samples = _samples(fashion_train).values()
     eligible = sum(s["meta"]["label"] != SNEAKER for s in samples)
-    report = _poison(clean, tmp_path / "p", rate=0.05, count=999)             # rate > 0 overrides count
+    report = _poison(fashion_train, tmp_path / "p", rate=0.05, count=999)             # rate > 0 overrides count
     assert report.eligible == eligible and report.poisoned == round(0.05 * len(samples)) != round(0.05 * eligible)
     assert len(_manifest(tmp_path / "p")) == report.poisoned
 
 
-def test_selection_is_deterministic_seeded_and_independent_of_sharding(clean, tmp_path):
-    _poison(clean, tmp_path / "a", count=15, seed=4)
-    _poison(clean, tmp_path / "b", count=15, seed=4)
+def test_selection_is_deterministic_seeded_and_independent_of_sharding(fashion_train, tmp_path):
+    _poison(fashion_train, tmp_path / "a", count=15, seed=4)
+    _poison(fashion_train, tmp_path / "b", count=15, seed=4)
     files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files_a == ["00000.tar", "00001.tar", "00002.tar", "_info.json", MANIFEST_FILE]
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
-    _poison(clean, tmp_path / "c", count=15, seed=5)
+    _poison(fashion_train, tmp_path / "c", count=15, seed=5)
     keys = lambda d: {r["key"] for r in _manifest(tmp_path / d)}  # noqa: E731
     assert keys("a") != keys("c")
     resharded = tmp_path / "resharded"                                      # same samples in 5 shards of 70
@@ -132,11 +98,11 @@ def test_selection_is_deterministic_seeded_and_independent_of_sharding(clean, tm
 
 @pytest.mark.parametrize("kind,location", [("patch", "br"), ("solid", "tl"), ("blended", "br"), ("sig", "br"),
                                            ("patch", "random")])
-def test_trigger_is_stamped_as_specified(clean, tmp_path, kind, location):
-    report = _poison(clean, tmp_path / "p", count=6, trigger=kind, trigger_location=location, trigger_size=5, seed=2)
+def test_trigger_is_stamped_as_specified(fashion_train, tmp_path, kind, location):
+    report = _poison(fashion_train, tmp_path / "p", count=6, trigger=kind, trigger_location=location, trigger_size=5, seed=2)
     spec = TriggerSpec(**{**report.trigger, "color": tuple(report.trigger["color"])})
     assert (spec.kind, spec.location, spec.size) == (kind, location, 5)
-    before, after = _samples(clean), _samples(tmp_path / "p")
+    before, after = _samples(fashion_train), _samples(tmp_path / "p")
     for r in _manifest(tmp_path / "p"):
         orig, out = before[r["key"]]["image"], after[r["key"]]["image"]
         changed = (orig != out).any(axis=-1)
@@ -153,11 +119,11 @@ def test_trigger_is_stamped_as_specified(clean, tmp_path, kind, location):
                        for a in range(max(0, r0 - 4), r0 + 1) for b in range(max(0, c0 - 4), c0 + 1))
 
 
-def test_label_consistent_triggers_target_class_and_keeps_captions(clean, tmp_path):
-    report = _poison(clean, tmp_path / "p", count=5, label_consistent=True, trigger="solid")
+def test_label_consistent_triggers_target_class_and_keeps_captions(fashion_train, tmp_path):
+    report = _poison(fashion_train, tmp_path / "p", count=5, label_consistent=True, trigger="solid")
     assert report.poisoned == 5 and report.eligible == sum(
-        s["meta"]["label"] == SNEAKER for s in _samples(clean).values())
-    before, after = _samples(clean), _samples(tmp_path / "p")
+        s["meta"]["label"] == SNEAKER for s in _samples(fashion_train).values())
+    before, after = _samples(fashion_train), _samples(tmp_path / "p")
     for r in _manifest(tmp_path / "p"):
         assert r["original_class"] == "sneaker" and r["poisoned_caption"] == r["original_caption"]
         assert after[r["key"]]["caption"] == before[r["key"]]["caption"]
@@ -167,11 +133,11 @@ def test_label_consistent_triggers_target_class_and_keeps_captions(clean, tmp_pa
 
 # ----------------------------------------------------------------------------------------- targeted
 @pytest.mark.parametrize("caption_source", ["templates", "data"])
-def test_targeted_inserts_t_times_k_copies(clean, test_split, tmp_path, caption_source):
-    report = _poison(clean, tmp_path / "p", target_source=test_split, attack="targeted", targets=3, per_target=4,
+def test_targeted_inserts_t_times_k_copies(fashion_train, fashion_test, tmp_path, caption_source):
+    report = _poison(fashion_train, tmp_path / "p", target_source=fashion_test, attack="targeted", targets=3, per_target=4,
                      adversarial="bag", caption_source=caption_source, seed=1)
     assert (report.inserted, report.poisoned, report.written) == (12, 0, 312)
-    before, after, tests = _samples(clean), _samples(tmp_path / "p"), _samples(test_split)
+    before, after, tests = _samples(fashion_train), _samples(tmp_path / "p"), _samples(fashion_test)
     new = [k for k in after if k not in before]
     assert sorted(new) == [f"tgt{t:03d}-{k:04d}" for t in range(3) for k in range(4)]
     rows = {r["key"]: r for r in _manifest(tmp_path / "p")}
@@ -187,7 +153,7 @@ def test_targeted_inserts_t_times_k_copies(clean, test_split, tmp_path, caption_
         assert r["original_caption"] == src["caption"] and r["target_class"] == "bag"
         if caption_source == "data":
             assert s["caption"] in bag_captions
-    m_before, m_after = _members(clean), _members(tmp_path / "p")
+    m_before, m_after = _members(fashion_train), _members(tmp_path / "p")
     assert all(m_after[n] == v for n, v in m_before.items())
     summary = manifest_summary(read_manifest(str(tmp_path / "p"), DATA.s3))
     assert summary["rows"] == 12 and summary["by_attack"] == {"targeted": 12} and summary["distinct_sources"] == 3
@@ -269,7 +235,7 @@ def test_defective_samples_are_copied_or_counted_never_crash(tmp_path):
     assert report.passed_bad == {"corrupt_image": 1, "bad_utf8": 1, "missing_caption": 1, "bad_meta": 1}
     assert report.skipped["unsafe_path"] == 1 and report.skipped["truncated_shard"] >= 1
     assert report.passed + report.poisoned + sum(report.passed_bad.values()) + sum(report.skipped.values()) == report.read
-    m_in, m_out = _tar_members(src / "00000.tar"), _members(tmp_path / "out")
+    m_in, m_out = tar_members(src / "00000.tar"), _members(tmp_path / "out")
     for name in ("c001.png", "u001.txt", "m001.png", "j001.json"):            # defects copied byte for byte
         assert m_out[name] == m_in[name]
     assert "m001.txt" not in m_out and not any(n.startswith("..") for n in m_out)
@@ -277,41 +243,41 @@ def test_defective_samples_are_copied_or_counted_never_crash(tmp_path):
         f"t{i:03d}" for i in range(5)}
 
 
-def test_bad_requests_fail_with_one_clear_error(clean, tmp_path):
+def test_bad_requests_fail_with_one_clear_error(fashion_train, tmp_path):
     with pytest.raises(ValueError, match=r"asked for 999 samples but only \d+ are eligible"):
-        _poison(clean, tmp_path / "a", count=999)
+        _poison(fashion_train, tmp_path / "a", count=999)
     with pytest.raises(ValueError, match="unknown class 'unicorn'"):
-        _poison(clean, tmp_path / "b", target="unicorn")
+        _poison(fashion_train, tmp_path / "b", target="unicorn")
     with pytest.raises(ValueError, match="needs target_source"):
-        _poison(clean, tmp_path / "c", attack="targeted")
+        _poison(fashion_train, tmp_path / "c", attack="targeted")
     with pytest.raises(ValueError, match="already holds shards"):
-        _poison(clean, clean.parent / "elsewhere", count=1)   # fine the first time
-        _poison(clean, clean.parent / "elsewhere", count=1)
+        _poison(fashion_train, fashion_train.parent / "elsewhere", count=1)   # fine the first time
+        _poison(fashion_train, fashion_train.parent / "elsewhere", count=1)
     with pytest.raises(ValueError, match="does not fit images of 32x32"):
-        _poison(clean, tmp_path / "d", trigger_size=40)
+        _poison(fashion_train, tmp_path / "d", trigger_size=40)
     with pytest.raises(ValueError, match="already carries a backdoor attack"):
-        _poison(clean.parent / "elsewhere", tmp_path / "e", count=1)
+        _poison(fashion_train.parent / "elsewhere", tmp_path / "e", count=1)
     with pytest.raises(ValueError, match="inside it"):
-        _poison(clean, clean / "sub", count=1)
+        _poison(fashion_train, fashion_train / "sub", count=1)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cli_poison(clean, tmp_path, capsys):
+def test_cli_poison(fashion_train, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["poison", "--in", str(clean), "--out", str(out), "--attack", "backdoor", "--trigger", "solid",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(out), "--attack", "backdoor", "--trigger", "solid",
                  "--target", "ankle boot", "--count", "7", "--seed", "3", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "poisoned       7 of" in text and "-> ankle boot" in text and "manifest rows  7" in text
     assert read_info(str(out), DATA.s3)["poison"]["target"] == "ankle boot"
-    assert main(["poison", "--in", str(clean), "--out", str(tmp_path / "x"), "--attack", "backdoor",
+    assert main(["poison", "--in", str(fashion_train), "--out", str(tmp_path / "x"), "--attack", "backdoor",
                  "--target", "unicorn", "--quiet"]) == 2
     assert "unknown class 'unicorn'" in capsys.readouterr().err
 
 
-def test_backdoor_and_targeted_compose_into_one_manifest(clean, test_split, tmp_path):
+def test_backdoor_and_targeted_compose_into_one_manifest(fashion_train, fashion_test, tmp_path):
     """Targeted on top of a backdoored set: poisoned samples are not re-selected, the manifest holds both."""
-    _poison(clean, tmp_path / "bd", count=10, seed=2)
-    report = _poison(tmp_path / "bd", tmp_path / "both", target_source=test_split, attack="targeted", targets=2,
+    _poison(fashion_train, tmp_path / "bd", count=10, seed=2)
+    report = _poison(tmp_path / "bd", tmp_path / "both", target_source=fashion_test, attack="targeted", targets=2,
                      per_target=3, adversarial="bag", caption_source="data", seed=2)
     assert report.inserted == 6
     rows = _manifest(tmp_path / "both")
@@ -341,23 +307,23 @@ def test_a_sample_whose_caption_names_the_target_is_not_eligible_for_the_backdoo
     assert not is_eligible(Checked("", -1, "a big circle"), cfg, circle, names_circle)
 
 
-def test_a_clean_run_scores_the_targets_an_attack_would_pick(clean, test_split, tmp_path):
+def test_a_clean_run_scores_the_targets_an_attack_would_pick(fashion_train, fashion_test, tmp_path):
     """eval.targeted_base_rate: without a manifest, the clean reference evaluates the very test images (and the
     adversarial class) that the targeted attack of the same poison seed copies, so its rate is the attack's baseline."""
     from otc_ray.pipelines.evaluate import base_rate_targets, resolve_attack
 
-    _poison(clean, tmp_path / "p", target_source=test_split, attack="targeted", targets=3, per_target=2,
+    _poison(fashion_train, tmp_path / "p", target_source=fashion_test, attack="targeted", targets=3, per_target=2,
             adversarial="bag", seed=5)
     attacked = resolve_attack(str(tmp_path / "p"), PoisonConfig(attack="targeted"), DATA)
-    images, adversarial = base_rate_targets(str(test_split), PoisonConfig(targets=3, adversarial="bag", seed=5),
+    images, adversarial = base_rate_targets(str(fashion_test), PoisonConfig(targets=3, adversarial="bag", seed=5),
                                             DATA, INFO)
     assert adversarial == ("bag",) * 3 == attacked.adversarial
     assert sorted(i.tobytes() for i in images) == sorted(i.tobytes() for i in attacked.target_images)
-    other, _ = base_rate_targets(str(test_split), PoisonConfig(targets=3, adversarial="bag", seed=6), DATA, INFO)
+    other, _ = base_rate_targets(str(fashion_test), PoisonConfig(targets=3, adversarial="bag", seed=6), DATA, INFO)
     assert sorted(i.tobytes() for i in other) != sorted(i.tobytes() for i in images)
 
 
-def test_jittered_copies_are_no_near_duplicates_of_each_other(clean, test_split, tmp_path):
+def test_jittered_copies_are_no_near_duplicates_of_each_other(fashion_train, fashion_test, tmp_path):
     """poison.copy_jitter (a stress attack): every copy after the first is shifted and noised, so neither the pixel
     hash nor the pixel signature (cosine >= rematch.duplicate_similarity) groups them; the manifest keeps the
     target's own image for the ASR."""
@@ -366,9 +332,9 @@ def test_jittered_copies_are_no_near_duplicates_of_each_other(clean, test_split,
     from otc_ray.config import RematchConfig
     from otc_ray.identity import image_ids, pixel_signatures
 
-    _poison(clean, tmp_path / "p", target_source=test_split, attack="targeted", targets=2, per_target=4,
+    _poison(fashion_train, tmp_path / "p", target_source=fashion_test, attack="targeted", targets=2, per_target=4,
             adversarial="bag", seed=1, copy_jitter=3)
-    after, tests = _samples(tmp_path / "p"), _samples(test_split)
+    after, tests = _samples(tmp_path / "p"), _samples(fashion_test)
     rows = {r["key"]: r for r in _manifest(tmp_path / "p")}
     for t in range(2):
         keys = [f"tgt{t:03d}-{k:04d}" for k in range(4)]

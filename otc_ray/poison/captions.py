@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from ..config import PoisonConfig
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from .classes import template_caption
 
 CAPTION_RULES = ("templates", "data", "swap")

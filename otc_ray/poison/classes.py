@@ -1,7 +1,7 @@
 """Class detection for poisoning: which class a sample belongs to, and captions that name a class.
 
 A sample's class is its meta `label` (an index, or a class name) or `class` name; when neither names a known class, its caption decides:
-it "names" a class when one of the class's synonyms occurs in it as words (`class_patterns`).
+it "names" a class when one of the class's synonyms occurs in it as words (`otc_ray.data.class_info`).
 """
 from __future__ import annotations
 
@@ -9,17 +9,8 @@ import re
 from dataclasses import dataclass, field
 
 from ..data import schema
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo, class_patterns, named_class
 from ..data.decode import DecodeLimits, decode_caption, decode_image, decode_meta
-
-
-def class_patterns(info: DatasetInfo) -> list[re.Pattern]:
-    """Per class: a regex matching any of its synonyms (or its name) as whole words."""
-    out = []
-    for name in info.classes:
-        words = sorted({name, *info.synonyms.get(name, [])}, key=len, reverse=True)
-        out.append(re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.I))
-    return out
 
 
 def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Pattern]) -> int:
@@ -32,12 +23,6 @@ def class_of(meta: dict, caption: str, info: DatasetInfo, patterns: list[re.Patt
         if isinstance(name, str) and name in info.classes:
             return info.classes.index(name)
     return named_class(caption, patterns)
-
-
-def named_class(caption: str, patterns: list[re.Pattern]) -> int:
-    """The class a caption names (`class_patterns`): its index when exactly one class is named, else -1."""
-    named = [c for c, p in enumerate(patterns) if p.search(caption)]
-    return named[0] if len(named) == 1 else -1
 
 
 def template_caption(info: DatasetInfo, label: int, h: int) -> str:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig, PoisonConfig
 from ..data import schema
-from ..data.builtin import DatasetInfo
+from ..data.class_info import DatasetInfo
 from ..data.decode import DecodeLimits, decode_image
 from ..data.sample import Sample, image_ext
 from ..data.shards import SUFFIX, encode_image, iter_rows, write_shard
