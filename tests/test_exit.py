@@ -178,7 +178,8 @@ def _check_interrupted(result, name: str) -> None:
 @pytest.mark.ray
 def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
     """A real SIGINT to `data make` while it writes, to `train` and to `demo` once a training step is logged: 130,
-    the one line, no traceback, nothing left running (clean's Ctrl-C is tested with its resume)."""
+    the one line, no traceback, nothing left running, the training's MLflow run KILLED (clean's Ctrl-C is tested
+    with its resume)."""
     from test_tracking_outage import _first_step_logged
 
     big = tmp_path / "big"
@@ -191,6 +192,10 @@ def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
                                         f"output_dir={runs}", "train.defense=none", "train.epochs=50",
                                         "train.log_every=1", "--quiet"], tmp_path,
                                        lambda: _first_step_logged(runs / "mlflow.db")), "train")
+    from mlflow.tracking import MlflowClient
+
+    run_id = _first_step_logged(runs / "mlflow.db")
+    assert MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
     demo = tmp_path / "demo"
     _check_interrupted(_interrupt_when(["demo", "--defenses", "none", *TINY, f"output_dir={demo}", "train.epochs=50",
                                         "train.log_every=1", "poison.attack=backdoor", "poison.count=8"], tmp_path,
