@@ -141,3 +141,56 @@ def test_no_secret_reaches_ray_mlflow_or_the_console(ray_local, mlflow_server, s
 
     out = capfd.readouterr()
     assert not _found(CANARIES, (out.out + out.err).encode()), "a secret was printed"
+
+
+@pytest.mark.slow
+def test_clean_write_tasks_and_actors_get_no_secret(ray_local, s3_endpoint, tmp_path, monkeypatch):
+    """A cleaning job whose config carries canary S3 keys (input and output on a loopback S3): every function and
+    argument the job hands Ray Data for its tasks and actors (read, decode, re-matching actors, write tasks), and
+    what Ray keeps of them (its actor and job tables, its session folder's logs) hold no canary; the shards are still
+    written, with the keys the job moved to this process's environment."""
+    import numpy as np
+    import ray
+
+    from otc_ray.config import S3Config
+    from otc_ray.data.storage import s3_filesystem
+    from otc_ray.pipelines.clean import clean_shards
+
+    from test_clean_determinism import _cfg, _sample, _write_tar
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))   # the job moves the canaries here; restored afterwards
+    s3 = S3Config(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+    bucket = f"clean-secrets-{uuid.uuid4().hex[:8]}"
+    fs = s3_filesystem(s3)
+    fs.mkdir(bucket)
+    rng = np.random.default_rng(5)
+    for s in range(2):
+        local = tmp_path / f"{s:05d}.tar"
+        _write_tar(local, [m for i in range(12) for m in _sample(rng, f"s{s}-{i:02d}", f"a red thing {i % 4}")])
+        fs.put(str(local), f"{bucket}/in/{local.name}")
+    cfg = dataclasses.replace(_cfg(), data=dataclasses.replace(
+        _cfg().data, s3=dataclasses.replace(s3, access_key_id=KEY_ID, secret_access_key=SECRET)))
+
+    shipped: list[bytes] = []                               # what the job hands Ray Data for its tasks and actors
+    for method in ("map_batches", "map", "flat_map", "filter"):
+        original = getattr(ray.data.Dataset, method)
+
+        def tap(self, *args, _original=original, **kwargs):
+            shipped.append(ray.cloudpickle.dumps((args, kwargs)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ray.data.Dataset, method, tap)
+    assert _found(CANARIES[:2], ray.cloudpickle.dumps(cfg.data.s3)) == list(CANARIES[:2])  # the scan sees keys
+
+    summary = clean_shards(f"s3://{bucket}/in", f"s3://{bucket}/out", cfg)
+    written = [p for p in fs.ls(f"{bucket}/out") if p.rsplit("/", 1)[-1].startswith("clean-")]
+    assert summary.kept + summary.recaptioned == 24 and written, fs.ls(f"{bucket}/out")
+    assert shipped, "the tap saw nothing handed to Ray Data"
+    assert not any(_found(CANARIES, blob) for blob in shipped), "a secret is in a task's or actor's arguments"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET     # the keys went to the environment instead
+    actors = ray._private.state.actors()                     # the GCS actor table: the job's actors, their specs
+    assert actors and not _found(CANARIES, repr(actors).encode()), "a secret is in Ray's actor table"
+    jobs = repr(ray._private.state.jobs()).encode()
+    assert jobs and not _found(CANARIES, jobs), "a secret is in Ray's job table (its runtime env)"
+    assert not _found(CANARIES, _session_files()), "a secret is in Ray's session folder (logs, worker output)"

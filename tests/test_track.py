@@ -29,6 +29,38 @@ def test_resume_by_name_refuses_other_training_settings(tmp_path):
     assert training_digest(cfg) != training_digest(replace(cfg, train__seed=1))
 
 
+
+def test_artifacts_go_beside_the_store_not_to_the_folder_that_created_the_experiment(tmp_path, monkeypatch, capfd):
+    """Issue 34, item 7: two jobs with different output_dir logging to one sqlite store (tracking.uri): the second
+    job's artifacts land beside the store (the experiment's artifact location is the store's, whoever created it),
+    not in the first job's folder; with the default store (under output_dir) they land under output_dir. Nothing is
+    written to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    shared = f"tracking.uri=sqlite:///{store / 'mlflow.db'}"
+    report = tmp_path / "report.parquet"
+    report.write_bytes(b"the clean job's report")
+
+    def job(output_dir: Path, *overrides: str) -> Path:
+        cfg = _cfg(output_dir, f"name=clean-{output_dir.name}", *overrides)
+        run_id = start_or_resume_run(cfg, tags={"job": "clean"})
+        log = RunLogger(tracking_uri(cfg), run_id)
+        log.artifact(str(report), "clean")
+        log.finish()
+        [landed] = [p for p in tmp_path.rglob("report.parquet") if run_id in str(p)]
+        return landed
+
+    store.mkdir()
+    first = job(tmp_path / "first", shared)
+    second = job(tmp_path / "second", shared)
+    assert store / "mlartifacts" in first.parents and store / "mlartifacts" in second.parents, (first, second)
+    assert not (tmp_path / "first" / "mlartifacts").exists(), "artifacts went to the folder that created the experiment"
+    alone = job(tmp_path / "alone")
+    assert tmp_path / "alone" / "mlartifacts" in alone.parents
+    assert {p.name for p in tmp_path.iterdir()} <= {"alone", "first", "report.parquet", "second", "store"}
+    assert "keeps its artifacts" not in capfd.readouterr().err
+
+
 def _fake_run(cfg, defense: str, seed: int, zeroshot: float, asr: list[float]) -> str:
     run_cfg = replace(cfg, train__defense=defense, train__seed=seed, name=f"{defense}-{seed}")
     uri = tracking_uri(run_cfg)

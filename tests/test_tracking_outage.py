@@ -133,3 +133,37 @@ def test_sigterm_marks_the_run_killed(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, out[-3000:]                 # 128 + SIGTERM
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_server_stopped_for_good_ends_with_an_error_naming_the_undelivered_after_flush_timeout(mlflow_server):
+    """The run's logger (what training and clean end their runs with) against a real server that is stopped and not
+    started again: `finish` gives up after about `tracking.flush_timeout_s`, raising TrackingUnavailable that names
+    the calls not delivered (the metrics logged in the outage and the run's final status)."""
+    from mlflow.tracking import MlflowClient
+
+    from otc_ray.track.mlflow_logger import RunLogger, TrackingUnavailable
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("outage-for-good") or client.get_experiment(
+        client.create_experiment("outage-for-good"))
+    run_id = client.create_run(exp.experiment_id, run_name="gone").info.run_id
+    flush_timeout_s = 6.0
+    logger = RunLogger(mlflow_server.url, run_id, flush_timeout_s=flush_timeout_s)
+    logger.metrics({"train/loss": 1.0}, step=1)
+    assert logger.flush(60), "the server was up: step 1 should have been delivered"
+    mlflow_server.stop()
+    try:
+        logger.metrics({"train/loss": 0.5}, step=2)
+        started = time.monotonic()
+        with pytest.raises(TrackingUnavailable) as raised:
+            logger.finish()
+        waited = time.monotonic() - started
+    finally:
+        mlflow_server.start()                               # the session's server, for the tests after this one
+    message = str(raised.value)
+    assert run_id in message and f"{flush_timeout_s:.0f} s" in message, message
+    assert "metrics at step 2" in message and "status FINISHED" in message, message
+    assert flush_timeout_s - 0.5 <= waited <= flush_timeout_s + 30, f"gave up after {waited:.1f} s"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
+    assert client.get_run(run_id).info.status == "RUNNING"   # nothing claimed that was not delivered

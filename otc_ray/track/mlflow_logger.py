@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where the experiments of a local sqlite store keep their runs' artifacts: `mlartifacts` beside the database
+    file, fixed by the store (not by the output_dir of whichever job created the experiment first); None for a
+    tracking server or a file store (each keeps artifacts where it is configured to)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 def experiment_id(uri: str, name: str, artifact_root: str | None) -> str:
+    """Id of experiment `name`, created with `artifact_root` if new; an experiment created elsewhere (an older
+    version kept artifacts under the creating job's output_dir) is named with where its artifacts go."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    if artifact_root and exp.artifact_location.rstrip("/") != artifact_root.rstrip("/"):
+        print(f"otc-ray: experiment {name!r} at {_shown(uri)} keeps its artifacts at {exp.artifact_location} (set when "
+              f"it was created), not beside the store; use another tracking.experiment to keep them there",
+              file=sys.stderr, flush=True)
+    return exp.experiment_id
 
 
 def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
@@ -73,9 +89,7 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     A rerun with the same name continues the same MLflow run (matching Ray Train's resume by run name).
     """
     uri = tracking_uri(cfg)
-    local_artifacts = None if "://" in uri and not uri.startswith("sqlite") else \
-        (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
-    exp_id = experiment_id(uri, cfg.tracking.experiment, local_artifacts)
+    exp_id = experiment_id(uri, cfg.tracking.experiment, artifact_root(uri))
     client = _client(uri)
     run_name = cfg.tracking.run_name or cfg.name
     found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",

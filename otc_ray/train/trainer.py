@@ -34,6 +34,16 @@ def run_folder(cfg: Config) -> str:
     return f"{storage.rstrip('/')}/{cfg.tracking.run_name or cfg.name}"
 
 
+class _KeepCtrlC(TorchTrainer):
+    """A TorchTrainer that leaves Ctrl-C to the process: Ray Train's own SIGINT handler (installed by `fit`) aborts
+    the run and the command ends with status 1, the MLflow run left RUNNING. Without it, SIGINT is the process's
+    KeyboardInterrupt (`otc_ray.process_exit`): the run is marked KILLED, Ray is shut down and the command exits
+    130, as after SIGTERM."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        return None
+
+
 def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> TorchTrainer:
     """TorchTrainer for `loop.config`: workers, CPUs/GPUs, storage, checkpoints kept, failures tolerated; every
     worker runs `train_loop_per_worker(loop)` on its share of `datasets` ("train": the stream; "warmup": raw rows
@@ -42,7 +52,7 @@ def build_trainer(datasets: dict[str, ray.data.Dataset], loop: LoopConfig) -> To
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     storage, name = run_folder(cfg).rsplit("/", 1)
-    return TorchTrainer(
+    return _KeepCtrlC(
         partial(train_loop_per_worker, loop),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
