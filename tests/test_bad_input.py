@@ -112,8 +112,10 @@ def test_truncated_and_corrupt_shards(ray_local, tmp_path):
     rows = load_samples(str(tmp_path), DataConfig()).take_all()
     got = Counter((r[schema.SOURCE].rsplit("/", 1)[1], r[schema.ERROR]) for r in rows)
     assert got[("00000.tar", "")] == 1 and got[("00000.tar", schema.TRUNCATED_SHARD)] == 2   # the sample + marker
-    # the sample in progress when the bad header comes cannot be known complete: counted out with the marker
-    assert got[("00001.tar", "")] == 0 and got[("00001.tar", schema.CORRUPT_SHARD)] == 2
+    # the sample before the bad header is complete and read (a copy of 00000.tar's key: the first file wins), the
+    # bad header ends the shard with its marker
+    assert got[("00001.tar", schema.DUPLICATE_KEY)] == 1 and got[("00001.tar", schema.CORRUPT_SHARD)] == 1
+    assert got[("00001.tar", "")] == 0
     assert got[("00002.tar", schema.TRUNCATED_SHARD)] >= 1
     assert any(r[schema.KEY].endswith("00000.tar#truncated") for r in rows)
 
