@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import warnings
+from typing import Any, Callable
 
 import ray
 
@@ -52,3 +53,27 @@ def init_ray(cfg: RayConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # "Progress bars disabled. To enable, set ..." is Ray Data's answer to the setting just made: not news
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def side_by_side(*tasks: Callable[[], Any]) -> list[Any]:
+    """The results of `tasks` (callables without arguments), run at once on daemon threads: for set-up steps that
+    mostly wait (on Ray tasks, a tracking store). The first task's error, in order, is raised once all have ended;
+    Ctrl-C interrupts the wait at once (a daemon thread does not hold the process open)."""
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException | None] = [None] * len(tasks)
+
+    def run(i: int, task: Callable[[], Any]) -> None:
+        try:
+            results[i] = task()
+        except BaseException as e:          # handed to the caller's thread below
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, task), daemon=True) for i, task in enumerate(tasks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

@@ -38,7 +38,10 @@ from ..train.phases import PhaseTimer
 from ..train.trainer import build_trainer, run_folder
 from .evaluate import eval_inputs
 from .prepare import TrainData, carried_poison, count_usable, data_name, prepare_data, shard_set_name
-from .runtime import init_ray
+from .runtime import init_ray, side_by_side
+
+
+ROW_OVERHEAD_BYTES = 256        # a decoded row's caption, key and metadata columns, roughly
 
 
 @dataclass
@@ -61,15 +64,27 @@ def _poison_keys(cfg: Config, data: TrainData):
     return ray.put(dict(zip(manifest.column("key").to_pylist(), manifest.column("attack").to_pylist())))
 
 
-def training_datasets(cfg: Config, data: TrainData) -> tuple[dict[str, ray.data.Dataset], object, int]:
-    """The streams workers consume: "train", decoded good rows through the re-match stage when the defense needs
-    it, and, when the stage screens epoch 0, "warmup": the raw rows of the `rematch.warmup_steps` steps trained
-    before epoch 0 so that the gate does not screen with an untrained model.
+def fits_cache(rows: int, cfg: Config) -> bool:
+    """Whether `rows` decoded training rows ((S, S, 3) uint8 images plus caption and key) fit `data.cache_mb` and
+    half of the object store Ray has: read and decoded once, they are then every epoch's input (a 5,000-pair
+    epoch otherwise re-reads its shards in a dozen short-lived read tasks next to the training step)."""
+    size = rows * (cfg.data.image_size ** 2 * 3 + ROW_OVERHEAD_BYTES)
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    return size <= min(cfg.data.cache_mb << 20, store / 2)
+
+
+def training_datasets(cfg: Config, data: TrainData, rows: int) -> tuple[dict[str, ray.data.Dataset], object, int]:
+    """The streams workers consume: "train", decoded good rows (of `rows` usable ones; held in the object store when
+    they `fits_cache`) through the re-match stage when the defense needs it, and, when the stage screens epoch 0,
+    "warmup": the raw rows of the `rematch.warmup_steps` steps trained before epoch 0 so that the gate does not
+    screen with an untrained model.
 
     Returns (datasets, publisher, warmup steps): the publisher (or None) is called by rank 0 at epoch starts and
     every `rematch.publish_every` steps with the current model, for the re-match actors.
     """
     ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
+    if fits_cache(rows, cfg):
+        ds = ds.materialize()
     rematch = get_defense(cfg.train.defense).rematch(cfg)
     if rematch is None:
         return {"train": ds}, None, 0
@@ -114,7 +129,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
     (`credentials.move_secrets_to_env`): what the workers, the MLflow params and `TrainResult.tracking_uri` get
     carries none."""
     start = time.perf_counter()
-    timer = PhaseTimer()
+    timer = PhaseTimer(cpu_clock=time.thread_time)     # driver phases run on two threads at once
     cfg = move_secrets_to_env(cfg)
     check_image_size(cfg.model.arch, cfg.data.image_size)
     cfg, notes = carried_poison(cfg)
@@ -127,23 +142,32 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
         data = prepare_data(cfg, progress)
     with timer("count_rows"):
         outcomes = count_usable(data.train, cfg)
+    rows = outcomes["ok"]
     uri = tracking_uri(cfg)
-    with timer("eval_inputs"):
-        test, classes, attack = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
-    with timer("mlflow_setup"):
-        run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
-                                                "dataset": data_name(cfg, classes.name), "train_data": data.train,
-                                                "test_data": data.test})
-        rows = outcomes["ok"]
-        say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): "
-            f"{run_link(uri, cfg.tracking.experiment, run_id)}")
-        _describe_run(cfg, uri, run_id, data, rows, len(test.keys), parent_run_id)
-    with timer("streams"):
-        datasets, publisher, warmup = training_datasets(cfg, data)
-        steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
-        evaluator = EpochEvaluator.create(cfg, test, classes, attack)
-        loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
-                          poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
+
+    def open_run():
+        with timer("eval_inputs"):
+            inputs = eval_inputs(data.test, data.manifest, cfg.data, cfg.poison, cfg.eval)
+        with timer("mlflow_setup"):
+            run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
+                                                    "dataset": data_name(cfg, inputs[1].name),
+                                                    "train_data": data.train, "test_data": data.test})
+            say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): "
+                f"{run_link(uri, cfg.tracking.experiment, run_id)}")
+            _describe_run(cfg, uri, run_id, data, rows, len(inputs[0].keys), parent_run_id)
+        return inputs, run_id
+
+    def streams():
+        with timer("streams"):
+            return training_datasets(cfg, data, rows)
+
+    # the held-out inputs and the MLflow run beside the training stream (read into the object store when it fits):
+    # both mostly wait, on Ray's read tasks and on the tracking store
+    ((test, classes, attack), run_id), (datasets, publisher, warmup) = side_by_side(open_run, streams)
+    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
+    evaluator = EpochEvaluator.create(cfg, test, classes, attack)
+    loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
+                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id, cfg.tracking.flush_timeout_s)
     logger.metrics({metric_names.DATA_OK: rows}
                    | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)

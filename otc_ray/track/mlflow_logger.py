@@ -26,7 +26,7 @@ MAX_PARAM_CHARS = 6000
 # settings a resumed run may change: where things run and are logged, not what is trained
 RESUMABLE_PREFIXES = ("ray.", "tracking.", "output_dir", "train.max_failures", "train.keep_checkpoints",
                       "train.log_every", "train.torch_threads", "train.storage_path", "rematch.min_actors",
-                      "rematch.max_actors", "rematch.actor_resource", "data.s3.")
+                      "rematch.max_actors", "rematch.actor_resource", "data.s3.", "data.cache_mb")
 
 
 def tracking_uri(cfg: Config) -> str:
