@@ -23,8 +23,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"     
 
 
 def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
-    """Train every defense in turn, grouped under one parent run (progress and ETA on stdout); returns the
-    comparison table."""
+    """Train every defense in turn, grouped under one parent run (progress and ETA on stdout; the parent ends
+    FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM); returns the comparison table."""
     start, times, run_ids = time.perf_counter(), [], []
     parent_name = f"{cfg.name}-{content_digest([training_digest(cfg), defenses])}"
     parent = start_parent_run(cfg, parent_name, "demo")
