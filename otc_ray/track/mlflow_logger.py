@@ -184,9 +184,9 @@ class RunLogger:
     def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         """Deliver everything, then mark the run `status` (FINISHED, FAILED, KILLED)."""
         self.delivery.submit(f"status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
-        left = self.close(timeout_s)
+        waited = self.flush_timeout_s if timeout_s is None else timeout_s
+        left = self.delivery.close(waited, say_left=False)          # the error below says it
         if left:
-            waited = self.flush_timeout_s if timeout_s is None else timeout_s
             raise TrackingUnavailable(
                 f"the MLflow tracking server at {_shown(self.uri)} did not come back within {waited:.0f} s: {len(left)} "
                 f"calls to run {self.run_id} not delivered ({', '.join(left[:8])}{' ...' if len(left) > 8 else ''}); "
