@@ -171,7 +171,7 @@ def test_train_and_clean_failing_after_ray_started_leave_no_ray_behind(tmp_path)
     ray_tmp = tempfile.mkdtemp(prefix="otc-ray-", dir="/tmp")       # short: Ray's socket paths live under it
     try:
         results = _run_together(commands, tmp_path, env={"RAY_TMPDIR": ray_tmp})
-        sessions = list(Path(ray_tmp).glob("session_2*"))
+        sessions = list(Path(ray_tmp).glob("ray/session_2*"))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert len(sessions) == 2, f"both commands should have started Ray: {sessions}"

@@ -30,6 +30,12 @@ def _run_of(client, experiment: str, name: str):
     return runs[0] if runs else None
 
 
+def _newest_run(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
+    return runs[0] if runs else None
+
+
 class Outage(threading.Thread):
     """Stops the server as soon as the run has logged its first training step, and starts it again `down_s` later."""
 
@@ -190,7 +196,7 @@ def test_train_cli_with_server_gone_for_good_exits_3_with_one_line(mlflow_server
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            run = run or _run_of(client, "gone", "gone")
+            run = run or _newest_run(client, "gone")            # named gone-<start time> by `train`
             if run and client.get_metric_history(run.info.run_id, "train/lr"):
                 mlflow_server.stop()
                 break
