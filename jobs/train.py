@@ -3,7 +3,8 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/train.py --config jobs/configs/tiny.yaml train.epochs=1
 
-Takes every flag and override of `otc-ray train`; exits like it (0 on success, 2 for a bad request, 1 on a failure).
+Takes every flag and override of `otc-ray train`; exits like it (0 on success, 2 for a bad request, 1 on a failure,
+3 when the tracking server stayed away).
 Each submission is a new run (`name` plus its start time); a resubmission continues one with `--resume NAME`.
 """
 import sys

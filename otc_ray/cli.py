@@ -3,7 +3,8 @@
 Every command takes `--config FILE` (or a packaged config's name: `demo`, `tiny`) and trailing `key.sub=value`
 overrides (see otc_ray.config; `otc-ray config` lists every key with its meaning); flags of a command are
 shorthands for config keys. Input paths are checked before anything heavy starts. Errors in input or config print
-one line and exit 2. Results go to stdout, status lines (Ray starting, the MLflow run) to stderr.
+one line and exit 2; a tracking server that stays away past `tracking.flush_timeout_s` one line and exit 3 (what was
+computed is kept). Results go to stdout, status lines (Ray starting, the MLflow run) to stderr.
 """
 from __future__ import annotations
 
@@ -480,10 +481,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
-        if not isinstance(e, _user_errors()):
+        status = _error_status(e)
+        if status is None:
             raise
         print(f"otc-ray: error: {e}", file=sys.stderr)
-        return 2
+        return status
+
+
+TRACKING_STATUS = 3         # the tracking server did not take a run's record (what was computed is kept)
+
+
+def _error_status(e: Exception) -> int | None:
+    """The exit status of an error shown as one line: 2 for bad input or config, TRACKING_STATUS when the tracking
+    server stayed away past tracking.flush_timeout_s (and nothing else went wrong first); None for a traceback."""
+    tracking = sys.modules.get("otc_ray.track.mlflow_logger")
+    if tracking is not None and isinstance(e, tracking.TrackingUnavailable) and e.__context__ is None:
+        return TRACKING_STATUS
+    return 2 if isinstance(e, _user_errors()) else None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

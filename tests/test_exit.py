@@ -2,10 +2,12 @@
 the other's load) exit 0 after success, print no native abort or traceback, and leave no process of theirs behind
 (a local Ray instance, an MLflow or moto server included): data make / inspect, poison, train, eval, compare, clean
 and a seconds-long demo. A real Ctrl-C (SIGINT to the command's process) mid-work exits 130 with one line and no
-traceback, nothing of it left running. `exit_process` itself runs the atexit hooks and keeps the status it is
-given."""
+traceback, nothing of it left running; SIGTERM likewise with 143. A command that fails after its local Ray started
+exits 2 with one line and leaves no Ray process behind. `exit_process` itself runs the atexit hooks and keeps the
+status it is given."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -41,10 +43,13 @@ def _survivors(session: int) -> list[str]:
     return out
 
 
-def _run_together(commands: list[list[str]], cwd: Path, timeout_s: float = 600) -> list[tuple[int, str, list[str]]]:
-    """Start every command at once (each in its own session); (status, stderr, survivors) per command."""
-    procs = [subprocess.Popen([sys.executable, "-m", "otc_ray", *cmd], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, start_new_session=True) for cmd in commands]
+def _run_together(commands: list[list[str]], cwd: Path, timeout_s: float = 600,
+                  env: dict | None = None) -> list[tuple[int, str, list[str]]]:
+    """Start every command at once (each in its own session, `env` added to its environment); (status, stderr,
+    survivors) per command."""
+    procs = [subprocess.Popen([sys.executable, "-m", "otc_ray", *cmd], cwd=cwd, env=_env() | (env or {}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+             for cmd in commands]
     results = []
     for proc in procs:
         _, err = proc.communicate(timeout=timeout_s)
@@ -140,6 +145,43 @@ def test_train_eval_compare_clean_and_demo_exit_0_and_leave_nothing_behind(tmp_p
     assert (tmp_path / "cleaned" / SUMMARY_FILE).is_file() and list((tmp_path / "cleaned").glob("clean-*.tar"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_and_clean_failing_after_ray_started_leave_no_ray_behind(tmp_path):
+    """`train` on a shard set without one usable sample and `clean` with a checkpoint that is not a state dict fail
+    after their local Ray instance started (its session folder exists under RAY_TMPDIR): one line, exit 2, no
+    traceback, no raylet, GCS or worker of it left."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    train, test = _tiny_shards(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "shard-00000.tar", "w") as tar:
+        for name, data in (("k0.png", b"not an image"), ("k0.txt", b"a circle")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    (tmp_path / "broken.pt").write_bytes(b"not a state dict")
+    commands = [["train", *TINY, f"data.train={bad}", f"data.test={test}", f"output_dir={tmp_path / 'runs'}",
+                 "train.defense=none", "--quiet"],
+                ["clean", "--in", str(train), "--out", str(tmp_path / "cleaned"), "--checkpoint",
+                 str(tmp_path / "broken.pt"), *TINY, f"output_dir={tmp_path / 'runs'}"]]
+    ray_tmp = tempfile.mkdtemp(prefix="otc-ray-", dir="/tmp")       # short: Ray's socket paths live under it
+    try:
+        results = _run_together(commands, tmp_path, env={"RAY_TMPDIR": ray_tmp})
+        sessions = list(Path(ray_tmp).glob("ray/session_2*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert len(sessions) == 2, f"both commands should have started Ray: {sessions}"
+    for (status, err, survivors), expected in zip(results, ("no usable samples in", "is not a weights-only")):
+        lines = err.strip().splitlines()
+        assert status == 2 and lines[-1].startswith("otc-ray: error: ") and expected in lines[-1], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert not survivors, f"left behind after a failure: {survivors}"
+
+
 def _started(marker) -> bool:
     try:
         return bool(marker())
@@ -147,8 +189,9 @@ def _started(marker) -> bool:
         return False
 
 
-def _interrupt_when(cmd: list[str], cwd: Path, marker, timeout_s: float = 600) -> tuple[int, str, list[str]]:
-    """Run `otc-ray CMD`, send it one SIGINT (what Ctrl-C sends) once `marker()` is true; (status, stderr,
+def _interrupt_when(cmd: list[str], cwd: Path, marker, timeout_s: float = 600,
+                    signum: int = signal.SIGINT) -> tuple[int, str, list[str]]:
+    """Run `otc-ray CMD`, send it one `signum` (SIGINT: what Ctrl-C sends) once `marker()` is true; (status, stderr,
     survivors)."""
     proc = subprocess.Popen([sys.executable, "-m", "otc_ray", *cmd], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -157,7 +200,7 @@ def _interrupt_when(cmd: list[str], cwd: Path, marker, timeout_s: float = 600) -
         while time.monotonic() < deadline and proc.poll() is None and not _started(marker):
             time.sleep(0.2)
         assert proc.poll() is None, f"{cmd[0]} ended before it could be interrupted: {proc.communicate()[1][-3000:]}"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=300)
         time.sleep(1.0)
         return proc.returncode, err.decode(errors="replace"), _survivors(proc.pid)
@@ -166,20 +209,21 @@ def _interrupt_when(cmd: list[str], cwd: Path, marker, timeout_s: float = 600) -
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _check_interrupted(result, name: str) -> None:
+def _check_interrupted(result, name: str, expected: int = 130) -> None:
     status, err, survivors = result
-    assert status == 130, f"{name} exited {status} after Ctrl-C: {err[-3000:]}"
+    assert status == expected, f"{name} exited {status} after a signal: {err[-3000:]}"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, f"{name}: {err[-3000:]}"
     assert err.count("otc-ray: stopped by a signal") == 1, f"{name}: {err[-3000:]}"
-    assert not survivors, f"{name} left processes behind after Ctrl-C: {survivors}"
+    assert not survivors, f"{name} left processes behind after a signal: {survivors}"
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
     """A real SIGINT to `data make` while it writes, to `train` and to `demo` once a training step is logged: 130,
-    the one line, no traceback, nothing left running, the training's MLflow run KILLED (clean's Ctrl-C is tested
-    with its resume)."""
+    the one line, no traceback, nothing left running, the training's MLflow run KILLED, the demo's parent run and
+    child run too; SIGTERM to `demo` as soon as its first child run exists: 143, the parent run KILLED (clean's
+    Ctrl-C is tested with its resume)."""
     from test_tracking_outage import _first_step_logged
 
     big = tmp_path / "big"
@@ -196,7 +240,39 @@ def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
 
     run_id = _first_step_logged(runs / "mlflow.db")
     assert MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+    demo_cmd = ["demo", "--defenses", "none", *TINY, "train.epochs=50", "train.log_every=1", "poison.attack=backdoor",
+                "poison.count=8"]
     demo = tmp_path / "demo"
-    _check_interrupted(_interrupt_when(["demo", "--defenses", "none", *TINY, f"output_dir={demo}", "train.epochs=50",
-                                        "train.log_every=1", "poison.attack=backdoor", "poison.count=8"], tmp_path,
+    _check_interrupted(_interrupt_when([*demo_cmd, f"output_dir={demo}"], tmp_path,
                                        lambda: _first_step_logged(demo / "mlflow.db")), "demo")
+    assert _demo_runs(demo / "mlflow.db") == ("KILLED", ["KILLED"])
+    stopped = tmp_path / "demo-sigterm"
+    _check_interrupted(_interrupt_when([*demo_cmd, f"output_dir={stopped}"], tmp_path,
+                                       lambda: _run_count(stopped / "mlflow.db") >= 2, signum=signal.SIGTERM),
+                       "demo", expected=143)
+    assert _demo_runs(stopped / "mlflow.db")[0] == "KILLED"
+
+
+def _run_count(db: Path) -> int:
+    """How many runs the sqlite store holds (read-only: the command creates the store); 0 before it exists."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _demo_runs(db: Path) -> tuple[str, list[str]]:
+    """(status of the demo's parent run, statuses of its child runs), read once the demo has ended."""
+    from mlflow.tracking import MlflowClient
+
+    from otc_ray.track.run_context import GROUP_TAG, PARENT_RUN_TAG
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [parent] = [r for r in runs if r.data.tags.get(GROUP_TAG) == "demo"]
+    return parent.info.status, [r.info.status for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]

@@ -1,6 +1,7 @@
 """MLflow outages and interruptions with the real thing: a `mlflow server` process on loopback that is stopped during
 a tiny training run and started again later (the run trains on, its metrics are buffered and delivered, and it ends
-FINISHED), and `otc-ray train` sent SIGTERM mid-run (the run ends KILLED, not RUNNING, and the process exits 143)."""
+FINISHED) or not started again (the logger names what it did not deliver; `otc-ray train` ends with one line and exit
+3), and `otc-ray train` sent SIGTERM mid-run (the run ends KILLED, not RUNNING, and the process exits 143)."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,12 @@ def _run_of(client, experiment: str, name: str):
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    return runs[0] if runs else None
+
+
+def _newest_run(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
     return runs[0] if runs else None
 
 
@@ -167,3 +174,48 @@ def test_server_stopped_for_good_ends_with_an_error_naming_the_undelivered_after
     assert flush_timeout_s - 0.5 <= waited <= flush_timeout_s + 30, f"gave up after {waited:.1f} s"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
     assert client.get_run(run_id).info.status == "RUNNING"   # nothing claimed that was not delivered
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_cli_with_server_gone_for_good_exits_3_with_one_line(mlflow_server, tmp_path):
+    """`otc-ray train` whose tracking server is stopped after the first training step and not started again: the
+    run trains to its end, then, after about `tracking.flush_timeout_s`, the command ends with one line naming the
+    server, how many calls were not delivered and what to do, exit 3, no traceback, its Ray instance shut down."""
+    from mlflow.tracking import MlflowClient
+
+    from test_exit import _survivors
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "otc_ray", "train", "--config", str(TINY), "--quiet", f"output_dir={tmp_path}",
+           "name=gone", "train.epochs=1", *FAST, f"tracking.uri={mlflow_server.url}", "tracking.experiment=gone",
+           "tracking.flush_timeout_s=3", "ray.num_cpus=2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    client, run = MlflowClient(mlflow_server.url), None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            run = run or _newest_run(client, "gone")            # named gone-<start time> by `train`
+            if run and client.get_metric_history(run.info.run_id, "train/lr"):
+                mlflow_server.stop()
+                break
+            time.sleep(0.2)
+        assert mlflow_server.process is None, "the run logged no training step while the server was up"
+        err = proc.communicate(timeout=600)[1].decode(errors="replace")
+        time.sleep(1.0)
+        survivors = _survivors(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if mlflow_server.process is None:
+            mlflow_server.start()                           # the session's server, for the tests after this one
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 3, err[-3000:]
+    assert last.startswith(f"otc-ray: error: the MLflow tracking server at {mlflow_server.url} did not come back "
+                           f"within 3 s: "), err[-3000:]
+    assert run.info.run_id in last and "calls to run" in last and "status FINISHED" in last, last
+    assert "Start the server again" in last, last
+    assert "Traceback" not in err, err[-3000:]
+    assert not survivors, f"left behind: {survivors}"
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"   # nothing claimed that was not delivered

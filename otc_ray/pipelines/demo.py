@@ -15,7 +15,7 @@ from ..config import Config, content_digest, replace
 from ..credentials import redact_uri
 from ..track import metric_names
 from ..track.compare import compare
-from ..track.mlflow_logger import tracking_uri, training_digest
+from ..track.mlflow_logger import TrackingUnavailable, tracking_uri, training_digest
 from ..track.run_context import finish_parent_run, mark_model_development, start_parent_run, ui_link
 
 DEFENSES = ("none", "roclip", "otcclip")
@@ -23,16 +23,17 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"     
 
 
 def run_demo(cfg: Config, defenses: tuple[str, ...] = DEFENSES) -> str:
-    """Train every defense in turn, grouped under one parent run (progress and ETA on stdout); returns the
-    comparison table."""
+    """Train every defense in turn, grouped under one parent run (progress and ETA on stdout; the parent ends
+    FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM); returns the comparison table."""
     start, times, run_ids = time.perf_counter(), [], []
     parent_name = f"{cfg.name}-{content_digest([training_digest(cfg), defenses])}"
     parent = start_parent_run(cfg, parent_name, "demo")
     try:
         for i, defense in enumerate(defenses):
             run_ids.append(_train_one(cfg, defense, i, len(defenses), times, parent))
-    except BaseException:
-        finish_parent_run(cfg, parent, "FAILED")
+    except BaseException as e:
+        if not isinstance(e, TrackingUnavailable):     # a server that is gone takes no status either
+            finish_parent_run(cfg, parent, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finish_parent_run(cfg, parent)
     uri = tracking_uri(cfg)

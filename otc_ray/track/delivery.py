@@ -65,15 +65,16 @@ class Delivery:
                 self._cond.wait(min(left, 1.0))
         return True
 
-    def close(self, timeout_s: float) -> list[str]:
-        """`flush`, then stop the sender; returns what is still undelivered (printed too), [] when all went."""
+    def close(self, timeout_s: float, say_left: bool = True) -> list[str]:
+        """`flush`, then stop the sender; returns what is still undelivered (printed too unless not `say_left`), []
+        when all went."""
         self.flush(timeout_s)
         with self._cond:
             self._closing = True
             left = [what for what, _ in self._queue]
             self._queue.clear()
             self._cond.notify_all()
-        if left:
+        if left and say_left:
             _say(f"[{self.name}] tracking server unreachable for {timeout_s:.0f} s at the end: {len(left)} calls not "
                  f"delivered ({', '.join(left[:5])}{' ...' if len(left) > 5 else ''})")
         return left

@@ -184,11 +184,14 @@ class RunLogger:
     def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         """Deliver everything, then mark the run `status` (FINISHED, FAILED, KILLED)."""
         self.delivery.submit(f"status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
-        left = self.close(timeout_s)
+        waited = self.flush_timeout_s if timeout_s is None else timeout_s
+        left = self.delivery.close(waited, say_left=False)          # the error below says it
         if left:
-            raise TrackingUnavailable(f"MLflow run {self.run_id} at {_shown(self.uri)}: the tracking server did not "
-                                      f"come back within {self.flush_timeout_s if timeout_s is None else timeout_s:.0f}"
-                                      f" s; not delivered: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+            raise TrackingUnavailable(
+                f"the MLflow tracking server at {_shown(self.uri)} did not come back within {waited:.0f} s: {len(left)} "
+                f"calls to run {self.run_id} not delivered ({', '.join(left[:8])}{' ...' if len(left) > 8 else ''}); "
+                f"the run is left RUNNING there. Start the server again (or set tracking.uri to one that is up) and "
+                f"rerun; tracking.flush_timeout_s=SECONDS waits longer")
 
 
 def _shown(uri: str) -> str:

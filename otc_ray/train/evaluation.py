@@ -49,7 +49,8 @@ def final_report(cfg: Config, checkpoint: str, evaluator: EpochEvaluator, logger
     bundle = load_checkpoint_model(str(Path(checkpoint) / MODEL_FILE), cfg.model)
     metrics = metric_names.prefixed(metric_names.FINAL, evaluator(bundle, bundle.model, "cpu", linear_probe=True))
     logger.metrics(metrics, step=cfg.train.epochs)
-    logger.flush()                                  # the plots read the run's metric history
+    if not logger.flush():                          # the plots read the run's metric history: the server is away,
+        return metrics                              # and the run's `finish` names what it did not deliver
     with tempfile.TemporaryDirectory() as folder:
         for path in plot_run(logger.uri, logger.run_id, Path(folder)):
             logger.artifact(str(path), "plots")
