@@ -98,13 +98,14 @@ def step_split(reps: int = 5) -> dict:
     from otc_ray.losses import clip_loss, combine_losses, duplicate_pairs, ot_inter_loss, ot_intra_loss
     from otc_ray.model import FeatureModel, build_model, images_to_tensor
     from otc_ray.train.defenses import _view
+    from otc_ray.train.loop import _optimizer
 
     torch.set_num_threads(THREADS)
     cfg = load_config(str(CONFIG), [])
     bundle = build_model(cfg.model)
     model = bundle.model
     fm = FeatureModel(model, cfg.ot.special_tokens)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = _optimizer(model, cfg)                    # the training loop's AdamW
     B, S = cfg.train.batch_size, bundle.image_size
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (B, S, S, 3), dtype=np.uint8)
