@@ -43,6 +43,15 @@ def _survivors(session: int) -> list[str]:
     return out
 
 
+def _lasting_survivors(session: int, grace_s: float = 10.0) -> list[str]:
+    """`_survivors` still alive `grace_s` after the command ended (a Ray worker may take a moment to notice its
+    raylet is gone on a loaded machine; one left behind is alive for good)."""
+    deadline = time.monotonic() + grace_s
+    while (left := _survivors(session)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def _run_together(commands: list[list[str]], cwd: Path, timeout_s: float = 600,
                   env: dict | None = None) -> list[tuple[int, str, list[str]]]:
     """Start every command at once (each in its own session, `env` added to its environment); (status, stderr,
@@ -53,8 +62,7 @@ def _run_together(commands: list[list[str]], cwd: Path, timeout_s: float = 600,
     results = []
     for proc in procs:
         _, err = proc.communicate(timeout=timeout_s)
-        time.sleep(1.0)                                       # what outlives it would still be alive now
-        results.append((proc.returncode, err.decode(errors="replace"), _survivors(proc.pid)))
+        results.append((proc.returncode, err.decode(errors="replace"), _lasting_survivors(proc.pid)))
     return results
 
 
@@ -202,8 +210,7 @@ def _interrupt_when(cmd: list[str], cwd: Path, marker, timeout_s: float = 600,
         assert proc.poll() is None, f"{cmd[0]} ended before it could be interrupted: {proc.communicate()[1][-3000:]}"
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=300)
-        time.sleep(1.0)
-        return proc.returncode, err.decode(errors="replace"), _survivors(proc.pid)
+        return proc.returncode, err.decode(errors="replace"), _lasting_survivors(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
