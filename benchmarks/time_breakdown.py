@@ -36,11 +36,13 @@ CONFIG = ROOT / "otc_ray" / "configs" / "demo.yaml"
 THREADS = 2
 
 
+RUN_STAMP = time.strftime("%Y%m%d-%H%M%S")
 EXTRA: list[str] = []       # --set key=value overrides (smoke tests at a smaller size)
 
 
 def _overrides(defense: str, epochs: int, out: str) -> list[str]:
-    return EXTRA + [f"train.defense={defense}", f"train.epochs={epochs}", f"output_dir={out}", f"name=breakdown-{defense}",
+    return EXTRA + [f"train.defense={defense}", f"train.epochs={epochs}", f"output_dir={out}",
+            f"name=breakdown-{defense}-{RUN_STAMP}",   # a new run each time: the same name would resume the last one
             f"train.torch_threads={THREADS}", "tracking.experiment=time-breakdown"]
 
 
