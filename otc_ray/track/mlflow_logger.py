@@ -177,15 +177,19 @@ class RunLogger:
         passed first."""
         return self.delivery.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
 
-    def close(self, timeout_s: float | None = None) -> list[str]:
-        """Deliver what is buffered (up to the timeout) and stop the sender; returns what was not delivered."""
-        return self.delivery.close(self.flush_timeout_s if timeout_s is None else timeout_s)
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.flush_timeout_s if timeout_s is None else timeout_s
+
+    def close(self, timeout_s: float | None = None, say_left: bool = True) -> list[str]:
+        """Deliver what is buffered (up to the timeout, default flush_timeout_s) and stop the sender; returns what
+        was not delivered (printed too unless not `say_left`)."""
+        return self.delivery.close(self._timeout(timeout_s), say_left)
 
     def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         """Deliver everything, then mark the run `status` (FINISHED, FAILED, KILLED)."""
         self.delivery.submit(f"status {status}", lambda: self.client.set_terminated(self.run_id, status=status))
-        waited = self.flush_timeout_s if timeout_s is None else timeout_s
-        left = self.delivery.close(waited, say_left=False)          # the error below says it
+        waited = self._timeout(timeout_s)
+        left = self.close(waited, say_left=False)          # the error below says it
         if left:
             raise TrackingUnavailable(
                 f"the MLflow tracking server at {_shown(self.uri)} did not come back within {waited:.0f} s: {len(left)} "
