@@ -2,6 +2,9 @@
 
     python benchmarks/time_breakdown.py            # the demo config (5,000 fashion pairs, 5 epochs)
     python benchmarks/time_breakdown.py --quick    # 1 epoch each (< 10 minutes on 2 idle cores)
+    python benchmarks/time_breakdown.py --quick --runs none,otcclip,otcclip:fast-otcclip   # + a variant's run
+
+A run is a defense, or DEFENSE:VARIANT: the defense with the overrides of benchmarks/variants/VARIANT.yaml.
 
 Each defense trains in a child process (`otc_ray.pipelines.train.run_training` on `otc_ray/configs/demo.yaml`,
 2 torch threads) whose whole process tree (Ray's daemons and workers included) is reaped here, so its CPU
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DEFENSES = ("none", "otcclip")
+DEFENSES = ("none", "otcclip")      # the default runs; the ratios are each run's over `none`
 CONFIG = ROOT / "otc_ray" / "configs" / "demo.yaml"
 THREADS = 2
 
@@ -40,10 +43,22 @@ RUN_STAMP = time.strftime("%Y%m%d-%H%M%S")
 EXTRA: list[str] = []       # --set key=value overrides (smoke tests at a smaller size)
 
 
-def _overrides(defense: str, epochs: int, out: str) -> list[str]:
-    return EXTRA + [f"train.defense={defense}", f"train.epochs={epochs}", f"output_dir={out}",
-            f"name=breakdown-{defense}-{RUN_STAMP}",   # a new run each time: the same name would resume the last one
-            f"train.torch_threads={THREADS}", "tracking.experiment=time-breakdown"]
+def _variant_overrides(spec: str) -> list[str]:
+    """DEFENSE or DEFENSE:VARIANT -> key=value overrides: the defense, and the variant file's settings."""
+    defense, _, variant = spec.partition(":")
+    if not variant:
+        return [f"train.defense={defense}"]
+    from defense_bench import load_variant
+
+    return [f"train.defense={defense}"] + [f"{k}={v}" for k, v in load_variant(variant).items()]
+
+
+def _overrides(spec: str, epochs: int, out: str) -> list[str]:
+    name = spec.replace(":", "-")
+    return EXTRA + _variant_overrides(spec) + [
+        f"train.epochs={epochs}", f"output_dir={out}",
+        f"name=breakdown-{name}-{RUN_STAMP}",   # a new run each time: the same name would resume the last one
+        f"train.torch_threads={THREADS}", "tracking.experiment=time-breakdown"]
 
 
 def child_run(defense: str, epochs: int, out: str, result_path: str) -> None:
@@ -88,9 +103,9 @@ def matmul_gflops(threads: int = THREADS, n: int = 1024, reps: int = 20) -> dict
     return {"gflops_per_wall_s": flops / best_wall / 1e9, "gflops_per_cpu_s": flops / best_cpu / 1e9}
 
 
-def step_split(reps: int = 5) -> dict:
-    """Per-sample FLOPs of a training step and, for both defenses, the CPU seconds of one batch's parts (min over
-    `reps` after a warm-up): forward, second view, L_clip, the OT losses, backward, optimizer."""
+def step_split(specs: tuple[str, ...] = DEFENSES, reps: int = 5) -> dict:
+    """Per-sample FLOPs of a training step and, for each run (DEFENSE[:VARIANT]), the CPU seconds of one batch's
+    parts (min over `reps` after a warm-up): forward, second view, L_clip, the OT losses, backward, optimizer."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -103,7 +118,8 @@ def step_split(reps: int = 5) -> dict:
     from otc_ray.train.loop import _optimizer
 
     torch.set_num_threads(THREADS)
-    cfg = load_config(str(CONFIG), [])
+    cfg = load_config(str(CONFIG), EXTRA)          # the runs' --set overrides
+    configs = {spec: load_config(str(CONFIG), EXTRA + _variant_overrides(spec)) for spec in specs}
     bundle = build_model(cfg.model)
     model = bundle.model
     fm = FeatureModel(model, cfg.ot.special_tokens)
@@ -113,9 +129,10 @@ def step_split(reps: int = 5) -> dict:
     images = rng.integers(0, 255, (B, S, S, 3), dtype=np.uint8)
     captions = [f"a photo of a {w} number {i}" for i, w in zip(range(B), ["sneaker", "bag", "shirt", "coat"] * B)]
     gen = torch.Generator().manual_seed(0)
-    tc, oc = cfg.train, cfg.ot
+    def one(spec: str, parts: dict) -> None:
+        cfg = configs[spec]
+        defense, tc, oc = cfg.train.defense, cfg.train, cfg.ot
 
-    def one(defense: str, parts: dict) -> None:
         def timed(name, fn):
             c = time.process_time()
             out = fn()
@@ -144,14 +161,14 @@ def step_split(reps: int = 5) -> dict:
         timed("optimizer", opt.step)
 
     out = {}
-    for defense in DEFENSES:
-        one(defense, {})
+    for spec in specs:
+        one(spec, {})
         runs = []
         for _ in range(reps):
             parts: dict = {}
-            one(defense, parts)
+            one(spec, parts)
             runs.append(parts)
-        out[defense] = {k: min(r[k] for r in runs) / B for k in runs[0]}      # CPU s per sample
+        out[spec] = {k: min(r[k] for r in runs) / B for k in runs[0]}      # CPU s per sample
     px, ids = images_to_tensor(images, S), bundle.tokenizer(captions)
     with FlopCounterMode(display=False) as fwd:
         f = fm(px, ids)
@@ -209,7 +226,8 @@ def _fmt(x) -> str:
 def report(runs: dict, split: dict, mm: dict, args) -> str:
     lines = [f"# Where a training run's time goes ({'--quick, ' if args.quick else ''}{args.epochs} epoch(s), "
              f"demo config, {THREADS} torch threads)", "",
-             f"Command: `python benchmarks/time_breakdown.py{' --quick' if args.quick else ''}`; "
+             f"Command: `python benchmarks/time_breakdown.py{' --quick' if args.quick else ''}"
+             f"{'' if args.runs == ','.join(DEFENSES) else ' --runs ' + args.runs}`; "
              f"{os.cpu_count()} logical CPUs. Wall and CPU seconds; CPU of a phase is its process's "
              "(all threads); the whole run's CPU is the process tree's (Ray's daemons and workers included).", "",
              "| phase | " + " | ".join(f"{d} wall s | {d} CPU s" for d in runs) + " |",
@@ -227,11 +245,14 @@ def report(runs: dict, split: dict, mm: dict, args) -> str:
     for i, label in enumerate(("driver (timed phases)", "train worker (timed)",
                                "rest: Ray daemons, Ray Data decode, re-match actors, imports")):
         lines.append(f"| {label} | " + " | ".join(f"{resid[d][i]:.1f}" for d in runs) + " |")
-    if "none" in resid and "otcclip" in resid:
-        lines.append(f"\nThe re-match stage's CPU, estimated as the otcclip run's rest minus none's: "
-                     f"{resid['otcclip'][2] - resid['none'][2]:.1f} s.")
+    for d in runs:
+        if d != "none" and "none" in resid:
+            lines.append(f"\nThe re-match stage's CPU, estimated as the {d} run's rest minus none's: "
+                         f"{resid[d][2] - resid['none'][2]:.1f} s.")
     # per-epoch figures
-    lines += ["", "| per trained sample | " + " | ".join(runs) + " | otcclip / none |", "|---|" + "---:|" * (len(runs) + 1)]
+    others = [d for d in runs if d != "none"]
+    lines += ["", "| per trained sample | " + " | ".join(runs) + "".join(f" | {d} / none" for d in others) + " |",
+              "|---|" + "---:|" * (len(runs) + len(others))]
     per = {}
     for d, r in runs.items():
         m = r["metrics"]
@@ -242,19 +263,19 @@ def report(runs: dict, split: dict, mm: dict, args) -> str:
                   "samples/s in epochs (worker)": m.get("train/samples_per_s_worker", math.nan)}
     for k in per[next(iter(per))]:
         vals = [per[d][k] for d in runs]
-        ratio = per["otcclip"][k] / per["none"][k] if len(runs) == 2 and per["none"][k] else math.nan
-        lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {ratio:.2f} |")
+        ratios = [per[d][k] / per["none"][k] if "none" in per and per["none"][k] else math.nan for d in others]
+        lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals + ratios) + " |")
     # step parts and floor
     fl = split["flops_per_sample"]
     floor_cpu_ms = 1e3 * fl["train_step"] / (mm["gflops_per_cpu_s"] * 1e9)
     floor_rate = mm["gflops_per_wall_s"] * 1e9 / fl["train_step"]
     lines += ["", "One batch in this process (CPU ms per sample, min of 5):", "",
-              "| part | " + " | ".join(DEFENSES) + " |", "|---|" + "---:|" * len(DEFENSES)]
-    keys = list(dict.fromkeys(k for d in DEFENSES for k in split[d]))
+              "| part | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    keys = list(dict.fromkeys(k for d in runs for k in split[d]))
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(_fmt(1e3 * split[d][k]) if k in split[d] else "-" for d in DEFENSES)
+        lines.append(f"| {k} | " + " | ".join(_fmt(1e3 * split[d][k]) if k in split[d] else "-" for d in runs)
                      + " |")
-    lines.append("| total | " + " | ".join(f"{1e3 * sum(split[d].values()):.2f}" for d in DEFENSES) + " |")
+    lines.append("| total | " + " | ".join(f"{1e3 * sum(split[d].values()):.2f}" for d in runs) + " |")
     none_step = sum(split["none"].values())
     lines += ["", "Compute floor:", "",
               f"- model FLOPs per trained sample (forward + backward, L_clip): {fl['train_step'] / 1e9:.3f} GFLOP "
@@ -274,7 +295,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 epoch per defense")
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--defenses", default=",".join(DEFENSES))
+    ap.add_argument("--runs", default=",".join(DEFENSES), help="comma list of DEFENSE or DEFENSE:VARIANT "
+                    "(benchmarks/variants/VARIANT.yaml); include none: the ratios are over it")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-breakdown"), help="runs folder (data cached)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=float, default=1800)
@@ -295,8 +317,8 @@ def main() -> None:
     if prep.returncode:
         raise SystemExit(f"data preparation failed:\n{prep.stdout[-3000:]}")
     runs = {}
-    for d in args.defenses.split(","):
-        path = Path(args.out) / f"breakdown-{d}.json"
+    for d in args.runs.split(","):
+        path = Path(args.out) / f"breakdown-{d.replace(':', '-')}.json"
         path.unlink(missing_ok=True)
         t = run_tree([sys.executable, __file__, "--child", d, str(args.epochs), str(path), "--out", args.out,
                       *sum((["--set", o] for o in args.set), [])],
@@ -311,12 +333,13 @@ def main() -> None:
     from otc_ray.config import load_config
     args.batch = load_config(str(CONFIG), EXTRA).train.batch_size
     mm = matmul_gflops()
-    split = step_split()
+    split = step_split(tuple(runs))
     text = report(runs, split, mm, args)
     print(text)
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    stem = "time_breakdown" + ("_quick" if args.quick else "")
+    stem = "time_breakdown" + ("_quick" if args.quick else "") + (
+        "" if args.runs == ",".join(DEFENSES) else "_" + args.runs.replace(",", "_").replace(":", "-"))
     (res / f"{stem}.md").write_text(text)
     (res / f"{stem}.json").write_text(json.dumps({"runs": runs, "step_split": split, "matmul": mm,
                                                   "epochs": args.epochs}, indent=1, default=str))

@@ -219,6 +219,8 @@ class RematchConfig:
     actor_resource: str = ""        # a custom resource the actors need (0.01 each): they run only on nodes that
                                     # declare it (`ray start --resources='{"rematch": 1}'`); "" = anywhere
     seed: int = 0                   # random init of the actors' model when no weights are given (all alike)
+    precision: Literal["model", "fp32", "bf16", "fp16"] = "model"   # autocast precision of the actors' encoding;
+                                    # "model" = model.precision (bf16 on a CPU with AVX512-BF16: ~40% less CPU)
 
 
 @dataclass(frozen=True)

@@ -192,3 +192,23 @@ def test_an_unknown_gate_is_refused_and_the_known_ones_are_the_config_s():
     with pytest.raises(ValueError, match="rematch.gate must be one of evidence, gmm, none"):
         match_block(images, pool, keys, dataclasses.replace(_cfg(), gate="margin"), OT)
     assert set(GATES) == set(typing.get_args(typing.get_type_hints(RematchConfig)["gate"]))
+
+
+def test_actors_encode_at_rematch_precision_with_features_close_to_fp32():
+    """rematch.precision bf16: the actor's model autocasts to bfloat16 while training stays at model.precision, and
+    its features are the fp32 ones to within bf16 rounding; "model" (the default) follows model.precision."""
+    from otc_ray.rematch.stage import RematchActor
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    captions = [f"a photo of a {w}" for w in ["sneaker", "bag", "shirt", "coat"] * 4]
+    model_cfg = ModelConfig(arch="otc-tiny-vit-32")
+    actors = {p: RematchActor(RematchConfig(precision=p, sticky=False, propagate=False), model_cfg, OT) for p in ("model", "bf16")}
+    assert actors["model"].matcher.bundle.autocast_dtype is None
+    assert actors["bf16"].matcher.bundle.autocast_dtype is torch.bfloat16
+    (img32, cap32), (img16, cap16) = (actors[p].matcher.encode(images, captions) for p in ("model", "bf16"))
+    assert img16.image.dtype == torch.float32                      # features leave the encoder as float32
+    cos_image = (img32.image * img16.image).sum(-1)
+    cos_words = (cap32.words * cap16.words).sum(-1)[cap32.word_mask]
+    assert float(cos_image.min()) > 0.99 and float(cos_words.min()) > 0.99
+    assert not torch.equal(img32.image, img16.image)               # bf16 really ran

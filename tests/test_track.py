@@ -173,3 +173,14 @@ def test_live_line_refreshes_in_place_on_a_terminal_only(tmp_path, monkeypatch):
     assert piped.getvalue() == "[live] epoch 1/2 20 s 64 samples/s\n"
     monkeypatch.setenv("CI", "true")
     assert not EpochProgress(cfg, uri, run_id, steps_per_epoch=40, stream=_Terminal()).live
+
+
+def test_a_neutral_new_key_leaves_the_digest_as_it_was_and_any_other_value_changes_it():
+    from otc_ray.config import content_digest, flatten
+    from otc_ray.track.mlflow_logger import DIGEST_NEUTRAL, RESUMABLE_PREFIXES
+
+    cfg = load_config(None, [])
+    without = {k: str(v) for k, v in flatten(cfg).items()
+               if not k.startswith(RESUMABLE_PREFIXES) and k not in DIGEST_NEUTRAL}
+    assert training_digest(cfg) == content_digest(without)          # as before the key existed
+    assert training_digest(replace(cfg, rematch__precision="bf16")) != training_digest(cfg)

@@ -22,6 +22,7 @@ batch while <path> does not exist creates <path> and exits the process at once (
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +49,11 @@ def _device(cfg: RematchConfig) -> str:
     return "cuda" if cfg.actor_num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def _encoding_model(cfg: RematchConfig, model_cfg: ModelConfig) -> ModelConfig:
+    """The model config the actors build: `model_cfg` at `rematch.precision` unless that is "model"."""
+    return model_cfg if cfg.precision == "model" else dataclasses.replace(model_cfg, precision=cfg.precision)
+
+
 def _maybe_fault(batches_seen: int) -> None:
     """The test hook described in the module docstring."""
     at, marker = os.environ.get(FAULT_BATCH_ENV), os.environ.get(FAULT_MARKER_ENV)
@@ -68,7 +74,7 @@ class RematchActor:
         self.matcher: Optional[Matcher] = None
         if cfg.enabled:
             torch.manual_seed(cfg.seed)
-            self.matcher = Matcher(build_model(model_cfg), cfg, ot_cfg, device=_device(cfg))
+            self.matcher = Matcher(build_model(_encoding_model(cfg, model_cfg)), cfg, ot_cfg, device=_device(cfg))
             if reference is not None:
                 self.matcher.set_reference(reference[schema.IMAGE], reference[schema.CAPTION], reference[schema.KEY],
                                            reference[schema.LABEL])
