@@ -279,3 +279,17 @@ def test_the_tables_show_no_asr_of_an_attack_the_cell_does_not_carry():
     table = "\n".join(bench.variant_rows(results, ["data-captions", "rate-5%"]))
     assert "| data-captions | (default) | fashion | targeted | none | 1 | 0.600 | - | - | 0.500 |" in table
     assert "| rate-5% | (default) | fashion | patch | none | 1 | 0.600 | - | 0.990 | - |" in table
+
+
+def test_the_validation_table_has_one_row_per_cell_with_its_figures(store):
+    """benchmarks/validation_table.py: each cell file of a folder is one row, its variant named, '-' where a cell
+    has no such metric (none has no detection figures)."""
+    spec_vt = importlib.util.spec_from_file_location("validation_table", ROOT / "benchmarks" / "validation_table.py")
+    table = importlib.util.module_from_spec(spec_vt)
+    spec_vt.loader.exec_module(table)
+    lines = table.rows(store / "cells")
+    assert len(lines) == 2 + 4 and lines[0].startswith("| data | attack | defense | variant | seed | zero-shot")
+    assert any(line.startswith(f"| fashion | patch | otcclip | {VARIANT} | 0 | 0.600 | - | 0.300 | - |")
+               for line in lines)
+    assert any(line.startswith("| fashion | patch | none | (default) | 0 | 0.600 | - | 0.900 | - | - | - | - |")
+               for line in lines)
