@@ -160,7 +160,8 @@ def test_ray_job_submit_trains_and_tracks(ray_head, tmp_path):
     submitted = _ray(env, "job", "submit", "--address", address, "--submission-id", submission,
                      "--working-dir", ".", "--runtime-env", str(env_file), "--",
                      "python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", "--quiet",
-                     "train.defense=none", "train.epochs=1", "poison.attack=none", f"output_dir={out}",
+                     "train.defense=none", "train.epochs=1", "poison.attack=none", "data.num_train=256",
+                     f"output_dir={out}",
                      "eval.num_eval=64", "eval.linear_probe_train=64", "ray.progress_bars=false",
                      timeout=JOB_TIMEOUT_S)
     seconds = time.monotonic() - start
