@@ -3,9 +3,9 @@ resume whose output is compared byte for byte with an uninterrupted run; Ctrl-C 
 traceback, the lock is released and the job's MLflow run is KILLED; a second job started on an output whose lock
 is held exits 2. Subprocesses, not threads: the signals are real.
 
-The jobs run side by side (each process starts its own Ray; on 2 cores a job is mostly start-up, so four at once
-take little longer than one): the uninterrupted job with its rival and the two jobs to stop; the two resumes start
-as soon as the stopped jobs have ended (what they left recorded first), beside the uninterrupted job."""
+The jobs of one phase run side by side (each process starts its own Ray; on 2 cores a job is mostly start-up, so
+four at once take little longer than one): the uninterrupted job with its rival, and the two jobs to stop; then
+the two resumes."""
 from __future__ import annotations
 
 import os
@@ -77,21 +77,10 @@ def _stop_after_first_part(jobs: list[tuple[subprocess.Popen, Path, int]]) -> No
     assert not waiting, "no report part within 600 s"
 
 
-def _run_status(runs: Path) -> str:
-    """The status of the one MLflow run in a job's sqlite store."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("otc-ray").experiment_id])
-    return run.info.status
-
-
 @pytest.fixture(scope="module")
 def first_phase(tmp_path_factory) -> dict:
     """The uninterrupted job (`whole`), a rival started on its output once it holds the lock, and the jobs stopped
-    by Ctrl-C (`int`) and SIGKILL (`kill`) after their first part; all at once. Once the stopped jobs have ended,
-    what they left is recorded (their lock, summary, MLflow run status) and their resumes (`int-again`,
-    `kill-again`) start beside the uninterrupted job. Returns what each left."""
+    by Ctrl-C (`int`) and SIGKILL (`kill`) after their first part; all at once. Returns what each left."""
     root = tmp_path_factory.mktemp("signals")
     in_path = _input(root)
     whole = _clean(in_path, root / "whole", root / "runs-whole")
@@ -105,17 +94,9 @@ def first_phase(tmp_path_factory) -> dict:
         started.append(rival := _clean(in_path, root / "whole", root / "runs-rival"))
         _stop_after_first_part([(stopped["int"], root / "int", signal.SIGINT),
                                 (stopped["kill"], root / "kill", signal.SIGKILL)])
-        done = {"root": root, "in": in_path, "before": before}
+        done = {"root": root, "in": in_path, "before": before, "rival": _finish(rival, 300), "whole": _finish(whole)}
         for name, proc in stopped.items():
             done[name] = _finish(proc, 300)
-            done[f"{name}-left"] = {"lock": (root / name / LOCK_FILE).exists(),
-                                    "summary": (root / name / SUMMARY_FILE).exists()}
-        done["int-left"]["run"] = _run_status(root / "runs-int")
-        again = {name: _clean(in_path, root / name, root / f"runs-{name}") for name in ("int", "kill")}
-        started += again.values()
-        done |= {"rival": _finish(rival, 300), "whole": _finish(whole)}
-        for name, proc in again.items():
-            done[f"{name}-again"] = _finish(proc)
     finally:
         for proc in started:                    # only after a failure: no job of this test outlives it
             if proc.poll() is None:
@@ -137,21 +118,28 @@ def test_two_racing_clean_processes_one_loses_with_exit_2_and_a_message(first_ph
 
 
 def test_sigint_and_sigkill_then_resume_give_the_uninterrupted_bytes(first_phase):
-    root = first_phase["root"]
+    root, in_path = first_phase["root"], first_phase["in"]
     assert first_phase["whole"][0] == 0, first_phase["whole"]
 
     # Ctrl-C: 130, one line, no traceback, lock released, the MLflow run KILLED; the rerun resumes
     rc, _, err = first_phase["int"]
     assert rc == 130, err
     assert "Traceback" not in err and "stopped by a signal" in err
-    assert first_phase["int-left"] == {"lock": False, "summary": False, "run": "KILLED"}, first_phase["int-left"]
+    assert not (root / "int" / LOCK_FILE).exists() and not (root / "int" / SUMMARY_FILE).exists()
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'runs-int' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("otc-ray").experiment_id])
+    assert run.info.status == "KILLED"
 
     # SIGKILL: nothing runs, the lock stays behind (a dead pid of this host: taken over on the rerun)
     rc, _, _ = first_phase["kill"]
-    assert rc == -signal.SIGKILL and first_phase["kill-left"]["lock"], first_phase["kill-left"]
+    assert rc == -signal.SIGKILL and (root / "kill" / LOCK_FILE).exists()
 
-    for name in ("int", "kill"):
-        rc, out, err = first_phase[f"{name}-again"]
+    again = {name: _clean(in_path, root / name, root / f"runs-{name}") for name in ("int", "kill")}
+    for name, proc in again.items():
+        rc, out, err = _finish(proc)
         assert rc == 0, err
         assert "resumed" in out
         assert _files(root / name) == _files(root / "whole"), f"the {name} run resumed to other bytes"
