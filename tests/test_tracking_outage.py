@@ -18,8 +18,8 @@ from otc_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-FAST = ["train.defense=none", "poison.attack=none", "eval.num_eval=64", "eval.linear_probe_train=64",
-        "ray.progress_bars=false", "train.log_every=1"]
+FAST = ["train.defense=none", "poison.attack=none", "data.num_train=256", "eval.num_eval=64",
+        "eval.linear_probe_train=64", "ray.progress_bars=false", "train.log_every=1"]      # 4 steps an epoch
 
 
 def _run_of(client, experiment: str, name: str):
@@ -86,7 +86,7 @@ def test_mlflow_server_outage_mid_run_buffers_and_finishes(ray_local, mlflow_ser
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    steps_per_epoch = 512 // 64
+    steps_per_epoch = cfg.data.num_train // cfg.train.batch_size
     logged = sorted(m.step for m in client.get_metric_history(result.run_id, "train/lr"))
     assert logged == list(range(1, 2 * steps_per_epoch + 1)), f"steps lost in the outage: {logged}"
     assert outage.stopped_at_step < 2 * steps_per_epoch, "the server went away only after training"

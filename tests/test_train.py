@@ -14,7 +14,10 @@ TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(TINY, [f"output_dir={tmp_path}", "eval.num_eval=64", *overrides])
+    """The tiny config on 256 training pairs (4 steps an epoch; its 16 poisoned pairs all kept) and 64 held-out
+    samples for eval and the linear probe: what these tests check does not depend on the number of steps."""
+    return load_config(TINY, [f"output_dir={tmp_path}", "data.num_train=256", "eval.num_eval=64",
+                              "eval.linear_probe_train=64", *overrides])
 
 
 def _check_every_metric_logged(cfg, result) -> None:
@@ -58,7 +61,8 @@ def test_two_workers_and_resume_after_a_killed_worker(ray_local, tmp_path, monke
     checkpoint, finishes, and logs into the same MLflow run."""
     marker = tmp_path / "killed"
     monkeypatch.setenv(ENV, f"{marker}:1:2")
-    cfg = _cfg(tmp_path, "train.defense=none", "train.num_workers=2", "name=two", "train.epochs=2")
+    cfg = _cfg(tmp_path, "train.defense=none", "train.num_workers=2", "name=two", "train.epochs=2",
+               "data.num_train=512")         # 4 steps an epoch on each worker: step 2 of epoch 1 is mid-epoch
     result = run_training(cfg, progress=False)
     assert marker.exists()
     history = metric_history(result.tracking_uri, result.run_id, "epoch")
