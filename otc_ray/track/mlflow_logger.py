@@ -28,7 +28,7 @@ RESUMABLE_PREFIXES = ("ray.", "tracking.", "output_dir", "train.max_failures", "
                       "train.log_every", "train.torch_threads", "train.storage_path", "rematch.min_actors",
                       "rematch.max_actors", "rematch.actor_resource", "data.s3.", "data.cache_mb")
 # keys added after runs were recorded, with the value that trains exactly as the code did before they existed:
-# left out of the training digest while they hold it, so the digests (and benchmark cells) of earlier runs stay
+# left out of the training digest while they hold it, so the digests (and benchmark cells) of earlier runs stay current
 DIGEST_NEUTRAL = {"rematch.precision": "model"}
 
 
