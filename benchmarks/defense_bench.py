@@ -66,6 +66,7 @@ from otc_ray.track.plots import plot_compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "jobs" / "configs" / "defense-bench.yaml"
+LITERATURE_BASE = ROOT / "jobs" / "configs" / "literature-bench.yaml"
 VARIANTS = ROOT / "benchmarks" / "variants"
 CELLS = ROOT / "benchmarks" / "results" / "cells"
 TEMPLATE = ROOT / "benchmarks" / "results_template.md"
@@ -74,6 +75,9 @@ ARCHIVE_TAG = "results-archive-2026-12-07"      # the superseded regimes' cells,
 EXPERIMENT = "otc-ray-defense-bench"
 DEFENSES = ("none", "roclip", "safeclip", "otcclip")
 ATTACKS = ("patch", "blended", "sig", "targeted")
+# the literature's backdoors (CleanCLIP's code, WaNet): a random part per image, no pixel fixed across images; run
+# at the literature's rates on 60,000 pairs (LITERATURE_BASE), not in the default matrix
+LITERATURE_ATTACKS = ("badnet", "blend-noise", "sig-phase", "wanet")
 DATASETS = ("fashion", "shapes")
 # the matrix the targets are set for: each of its rows is listed under Targets, run or not
 MATRIX = {"fashion": ("patch+targeted", "blended", "sig"), "shapes": ("patch+targeted",)}
@@ -82,6 +86,10 @@ ATTACK_OVERRIDES = {
     "blended": {"poison.trigger": "blended", "poison.blend_alpha": 0.3},   # at 0.2 `none` learnt nothing (0.053)
     "sig": {"poison.trigger": "sig", "poison.sig_delta": 80.0},            # at 20-40 `none` learnt nothing (<= 0.08)
     "targeted": {},
+    "badnet": {"poison.trigger": "patch", "poison.trigger_location": "random", "poison.trigger_per_image": True},
+    "blend-noise": {"poison.trigger": "blended", "poison.blend_alpha": 0.2, "poison.trigger_per_image": True},
+    "sig-phase": {"poison.trigger": "sig", "poison.sig_delta": 80.0, "poison.trigger_per_image": True},
+    "wanet": {"poison.trigger": "wanet"},
 }
 # the target class and adversarial class of each data set (class names of otc_ray/data/classes/*.json)
 CLASS_OVERRIDES = {
@@ -635,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--output", default=str(RESULTS), help="the report written (default: %(default)s)")
         p.add_argument("--template", default=str(TEMPLATE), help="its hand-written part (default: %(default)s)")
     run.add_argument("--datasets", default=",".join(DATASETS), help="comma list (default: %(default)s)")
-    run.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B "
+    run.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B, "
+                     f"or the literature's {'|'.join(LITERATURE_ATTACKS)} "
                      "('' = only the clean references; default: %(default)s)")
     run.add_argument("--defenses", default=",".join(DEFENSES), help="comma list (default: %(default)s)")
     run.add_argument("--seeds", default="0,1,2", help="comma list (default: %(default)s)")
@@ -643,19 +652,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--variants", default="", help="comma list of benchmarks/variants/*.yaml names: train those "
                      "variants of the cells instead of the default configuration (no clean references)")
     run.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"), help="runs, data and MLflow store")
+    run.add_argument("--base", default=str(BASE), help="the cells' base config (default: %(default)s; the "
+                     f"literature's scale: {LITERATURE_BASE.relative_to(ROOT)})")
+    run.add_argument("--no-report", action="store_true", help="write the cell files only (a store other than "
+                     "docs/results.md's: e.g. benchmarks/validation_table.py reads it)")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.command == "report":
         parser.error(f"report takes no config overrides: {overrides}")
-    base = load_config(BASE, [f"output_dir={getattr(args, 'out_dir', ROOT / 'runs' / 'defense-bench')}",
-                              f"tracking.experiment={EXPERIMENT}"])
+    out_dir = getattr(args, "out_dir", ROOT / "runs" / "defense-bench")
+    base = load_config(getattr(args, "base", BASE), [f"output_dir={out_dir}", f"tracking.experiment={EXPERIMENT}"])
     if args.command == "run":
         if overrides:            # a changed setting is a variant: a file under benchmarks/variants, named in the cells
             parser.error(f"unknown arguments {overrides}: put config overrides in a benchmarks/variants/*.yaml file "
                          "and pass --variants NAME")
         attacks = [a for a in args.attacks.split(",") if a]
         for a in attacks:
-            if any(p not in ATTACKS for p in a.split("+")):
-                parser.error(f"unknown attack {a!r}; use {', '.join(ATTACKS)} or A+B")
+            if any(p not in ATTACK_OVERRIDES for p in a.split("+")):
+                parser.error(f"unknown attack {a!r}; use {', '.join(ATTACK_OVERRIDES)} or A+B")
         variants = [v for v in args.variants.split(",") if v]
         unknown = [v for v in variants if v not in known_variants()]
         if unknown:
@@ -664,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
                      [int(s) for s in args.seeds.split(",")], variants,
                      [d for d in args.clean_defenses.split(",") if d] if args.clean_defenses is not None else None)
         run_cells(base, todo, Path(args.cells))
+        if args.no_report:
+            print(f"wrote the cell files under {args.cells}", flush=True)
+            return 0
     try:
         _, left_out = report(base, Path(args.cells), Path(args.template), Path(args.output))
     except ValueError as e:               # a template placeholder without a figure, a cell file that is no cell file

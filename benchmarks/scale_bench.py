@@ -162,7 +162,7 @@ def run_stream(path: str, cfg, out: Path) -> dict[str, float]:
     publish(store, build_model(cfg.model).model.state_dict(), active=True)
     journal = out / "flags.txt"
     flags = flag_store(journal=str(journal), reference=cfg.rematch.propagate_reference,
-                       propagate=PropagateConfig.from_rematch(cfg.rematch))
+                       propagate=PropagateConfig())
     ds = add_rematch_stage(load_samples(path, cfg.data), cfg.rematch, cfg.model, cfg.ot, weights=store, flags=flags)
     rows = flagged = 0
     for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):

@@ -45,7 +45,8 @@ def propagate_once(grid: torch.Tensor, ids: torch.Tensor, keys: list[str], flagg
         hits = (pattern_match(grid, pat) >= pat.match).numpy() & keep
     return {"weight": float(w.sum()), "pattern": pat is not None, "mask": 0 if pat is None else int((pat.pattern != 0).sum()),
             "above": None if pat is None else pat.above, "gap": None if pat is None else pat.gap,
-            "match": None if pat is None else pat.match, "hits": hits}
+            "match": None if pat is None else pat.match,
+            "enrichment": None if pat is None else pat.enrichment, "hits": hits}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Does trigger propagation (`otc_ray/rematch/trigger.py`) find the literature's backdoor triggers? No training.
 
     .venv/bin/python benchmarks/trigger_propagation_literature.py [--num 5000] [--poison 100] [--seeds 0,1,2] \
-        [--flags 15,30,60,100] [--precision 0.8] [--clean-class CLASS] [--attacks WORDS] [--output FILE]
+        [--flags 15,30,60,100] [--precision 0.8] [--clean-class CLASS] [--attacks WORDS] [--output FILE] \
+        [--benign 0.05 --benign-bias 3] [--no-guards]
 
 Fashion training images (the defense benchmark's size: 5,000, 100 backdoor images of non-sneaker classes, 2%) are
 triggered in memory exactly as `otc-ray poison` writes them (the same selection order, `keyed_hash(key, seed,
@@ -10,12 +11,17 @@ the pixels are the shard set's). A gate is simulated: it has flagged the first n
 plus clean images at the given precision (n (1 - p) / p of them, drawn the same way); the keys whose CRC-32 is 0
 modulo 8 form the reference sample, as in the stage. `estimate_pattern` decides whether the flagged images share a
 separate pixel pattern; when they do, the images carrying it are counted: backdoor images found, clean images hit.
-Each n also runs with the clean flags alone (a gate that flagged no poison: nothing may be propagated). Knobs:
-`RematchConfig`'s propagate_* defaults (overrides after the flags). Reads and writes nothing else; CPU only.
+Each n also runs with the clean flags alone (a gate that flagged no poison: nothing may be propagated). With
+--benign, that share of the clean images carries a benign pattern of its own (a fixed 4 x 4 logo in the top-left
+corner, any class), and the gate's clean flags come from its carriers --benign-bias times as often as from the rest:
+a benign pattern the gate flags somewhat more often than other images must not be propagated. --no-guards turns off
+the minimum mask and the enrichment test (`PropagateConfig.min_mask`, `min_enrichment`) to show what they stop.
+Reads and writes nothing else; CPU only.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import resource
 import sys
@@ -25,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otc_ray.config import RematchConfig, config_from_dict
 from otc_ray.data.builtin import dataset_info, generate
 from otc_ray.identity import image_ids
 from otc_ray.poison.select import keyed_hash
@@ -66,14 +71,31 @@ def poison_in_memory(keys: list[str], images: np.ndarray, labels: np.ndarray, ta
     return out, poisoned
 
 
+BENIGN_LOGO = TriggerSpec("patch", size=4, location="tl", seed=999)
+
+
+def benign_carriers(keys: list[str], poisoned: np.ndarray, share: float) -> np.ndarray:
+    """bool (N,): the clean images (by keyed hash) that carry the benign logo, `share` of the clean ones."""
+    order = [i for i in sorted(range(len(keys)), key=lambda i: keyed_hash(keys[i], 0, b"benign")) if not poisoned[i]]
+    out = np.zeros(len(keys), bool)
+    out[order[:int(round(share * len(order)))]] = True
+    return out
+
+
 def simulated_flags(keys: list[str], poisoned: np.ndarray, n: int, precision: float, seed: int,
-                    clean_pool: np.ndarray) -> tuple[list, list]:
+                    clean_pool: np.ndarray, carriers: np.ndarray | None = None, bias: float = 1.0) -> tuple[list, list]:
     """(the first n poisoned indices, the clean indices of `clean_pool` (bool (N,)) a gate of this precision flags
-    with them), by keyed hash."""
+    with them), by keyed hash; with `carriers` (bool (N,)), that many more of the clean flags are carriers than
+    their share of the clean pool (`bias` times it)."""
     order = sorted(range(len(keys)), key=lambda i: keyed_hash(keys[i], seed, b"gate"))
     bad = [i for i in order if poisoned[i]][:n]
-    clean = [i for i in order if not poisoned[i] and clean_pool[i]][:int(round(n * (1 - precision) / precision))]
-    return bad, clean
+    m = int(round(n * (1 - precision) / precision))
+    pool = [i for i in order if not poisoned[i] and clean_pool[i]]
+    if carriers is None:
+        return bad, pool[:m]
+    share = float(np.mean([carriers[i] for i in pool]))
+    k = min(int(round(m * min(share * bias, 1.0))), m)
+    return bad, [i for i in pool if carriers[i]][:k] + [i for i in pool if not carriers[i]][:m - k]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default="",
                     help="';'-separated words: the attacks whose name holds one (default: all)")
     ap.add_argument("--output", default="", help="append the markdown table to this file")
-    ap.add_argument("overrides", nargs="*", help="config overrides (rematch.propagate_* are read)")
+    ap.add_argument("--benign", type=float, default=0.0, help="share of the clean images carrying a benign logo")
+    ap.add_argument("--benign-bias", type=float, default=1.0, help="how much more often the gate flags its carriers")
+    ap.add_argument("--no-guards", action="store_true", help="no minimum mask, no enrichment test")
     args = ap.parse_args(argv)
-    rematch = config_from_dict({}, args.overrides).rematch if args.overrides else RematchConfig()
-    pcfg = PropagateConfig.from_rematch(rematch)
+    pcfg = dataclasses.replace(PropagateConfig(), min_mask=0, min_enrichment=0.0) if args.no_guards \
+        else PropagateConfig()
     info = dataset_info("fashion")
     target = info.label_of(args.target)
     chunks = list(generate("fashion", "train", args.num, seed=0))
@@ -100,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_images = np.concatenate([c["images"] for c in chunks])
     labels = np.concatenate([c["labels"] for c in chunks])
     names = [a for a in ATTACKS if not args.attacks or any(w in a for w in args.attacks.split(";"))]
-    head = ["| attack | seed | flagged (poisoned + clean) | pattern | mask px | ref cluster / gap / match | "
+    head = ["| attack | seed | flagged (poisoned + clean) | pattern | mask px | ref cluster / gap / match / enrichment | "
             "backdoor found | clean hit | clean-only flags: pattern / clean hit |",
             "|---|---|---|---|---|---|---|---|---|"]
     lines = list(head)
@@ -110,14 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             spec = TriggerSpec(**ATTACKS[name], seed=seed)
             images, poisoned = poison_in_memory(keys, clean_images, labels, target, args.poison, spec)
+            carriers = benign_carriers(keys, poisoned, args.benign) if args.benign > 0 else None
+            if carriers is not None:
+                images[carriers] = apply_trigger(images[carriers], BENIGN_LOGO)
             grid, ids = pixel_grid(images), image_ids(images)
             everyone = np.ones(len(keys), bool)
             pool = labels == info.label_of(args.clean_class) if args.clean_class else everyone
             for n in (int(x) for x in args.flags.split(",")):
-                bad, clean = simulated_flags(keys, poisoned, n, args.precision, seed, pool)
+                bad, clean = simulated_flags(keys, poisoned, n, args.precision, seed, pool, carriers,
+                                             args.benign_bias)
                 r = trigger_propagation.propagate_once(grid, ids, keys, bad + clean, everyone, pcfg)
                 c = trigger_propagation.propagate_once(grid, ids, keys, clean, ~poisoned, pcfg) if clean else None
-                cluster = "-" if r["above"] is None else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f}"
+                cluster = "-" if r["above"] is None else f"{r['above']} / {r['gap']:.2f} / {r['match']:.2f} / {r['enrichment']:.0f}"
                 control = "-" if c is None else (f"{'yes' if c['pattern'] else 'none'} / "
                                                  f"{int((c['hits'] & ~poisoned).sum())}")
                 lines.append(f"| {name} | {seed} | {len(bad)} + {len(clean)} | {'yes' if r['pattern'] else 'none'} | "

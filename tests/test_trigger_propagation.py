@@ -71,6 +71,38 @@ def test_a_blend_that_the_images_own_content_drowns_is_refused():
     assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig()) is None
 
 
+def test_a_benign_pattern_flagged_about_as_often_as_any_image_is_not_propagated_but_a_trigger_is(fashion):
+    """A logo that 10% of the clean images carry, over-represented 3x among the gate's flags (a gate's bias), is a
+    separate cluster but no trigger: its carriers' share of the flags is 3x their share of the data, under
+    `min_enrichment`; the same logo on images the gate flags far above their share is found. Without the
+    enrichment test the logo would be propagated to every clean carrier."""
+    images = fashion[0].copy()
+    logo = TriggerSpec("patch", size=4, location="tl", seed=7)
+    carriers = np.arange(N) % 10 == 0                                                  # 60 of 600
+    images[carriers] = apply_trigger(images[carriers], logo)
+    grid = pixel_grid(images)
+    flagged = np.flatnonzero(carriers)[:12].tolist() + np.flatnonzero(~carriers)[:28].tolist()   # 30% carriers
+    assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig()) is None
+    unguarded = estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig(min_enrichment=0.0))
+    assert unguarded is not None and 2.0 < unguarded.enrichment < 4.0                   # 3x, estimated
+    assert bool((pattern_match(grid, unguarded) >= unguarded.match)[carriers].all())
+    mostly_carriers = np.flatnonzero(carriers)[:16].tolist() + np.flatnonzero(~carriers)[:4].tolist()   # 80%
+    pat = estimate_pattern(*_flag_set(grid, mostly_carriers), grid[::3], PropagateConfig())
+    assert pat is not None and pat.enrichment >= PropagateConfig().min_enrichment
+
+
+def test_a_mask_of_a_pixel_or_two_is_refused(fashion):
+    """A one-pixel 'pattern' (3 values: one pixel in 3 channels) is below `min_mask`: refused, though it would
+    make a cluster without the guard."""
+    images = fashion[0].copy()
+    images[:POISONED, 0, 0] = 255                                                    # a corner: background elsewhere
+    grid = pixel_grid(images)
+    flagged = list(range(0, 12)) + list(range(100, 104))
+    assert estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig()) is None
+    loose = estimate_pattern(*_flag_set(grid, flagged), grid[::3], PropagateConfig(min_mask=0))
+    assert loose is not None and int((loose.pattern != 0).sum()) < PropagateConfig().min_mask
+
+
 def test_a_cluster_needs_a_gap_a_few_members_and_to_be_a_minority():
     cfg = PropagateConfig(floor=0.5, min_gap=0.15, max_share=0.1)
     rest = torch.linspace(-0.5, 0.7, 95)

@@ -9,7 +9,12 @@ between its own residual on the mask and the pattern. The pattern is used only w
 in the reference sample: a few images (at least 3, at most `max_share` of it) whose cosines stand at least `min_gap`
 above all the others; an image carries the pattern when its cosine is above the middle of that gap. Flagged images
 of one class share its shape too, but that shape makes a continuum of cosines, not a cluster. A trigger at a random
-location has no fixed pixels and is not found.
+location has no fixed pixels and is not found. Two guards keep propagation off what is no trigger: a mask of at
+least `min_mask` pixel values (a pattern of one or two pixels is noise the mask happened to pick), and enrichment:
+the share of the flagged images that carry the pattern (read off the projection of their mean residual onto it,
+between the cluster's and the rest's mean projections) must be at least `min_enrichment` times the cluster's share
+of the reference. A benign pattern that some clean images share (a watermark, a logo) and that the gate flags about
+as often as any other image fails it; a trigger, which the gate flags far above its share of the data, passes.
 
     grid = pixel_grid(images_uint8)                                    # (B, D) float, D = C * S * S
     pat = estimate_pattern(flagged_sum, flagged_weight, reference, cfg)  # TriggerPattern or None
@@ -57,13 +62,16 @@ class PropagateConfig:
     min_gap: float = 0.15       # the cluster must stand this far (in cosine) above the rest of the reference
     max_share: float = 0.1      # at most this share of the reference in the cluster (a trigger is a minority)
     min_weight: float = 10.0    # flagged weight (duplicate groups count once) needed before a pattern is tried
+    min_mask: int = 12          # pixel values in the mask at least (a 2 x 2 patch in 3 channels)
+    min_enrichment: float = 5.0 # carriers' share of the flags / their share of the reference, at least
 
 
 @dataclass(frozen=True)
 class TriggerPattern:
     """mean, scale (D,): per-pixel standardisation; pattern (D,): the masked mean residual of the flagged images
     (0 off the mask); match: the score at which an image carries it (the middle of the gap); weight: the flagged
-    weight it rests on; above: reference images in the cluster; gap: the score gap below it (`pattern_match`)."""
+    weight it rests on; above: reference images in the cluster; gap: the score gap below it (`pattern_match`);
+    enrichment: the carriers' share of the flags over their share of the reference (`carrier_enrichment`)."""
 
     mean: Tensor
     scale: Tensor
@@ -72,6 +80,7 @@ class TriggerPattern:
     weight: float
     above: int
     gap: float
+    enrichment: float = float("inf")
 
 
 def pattern_match(grid: Tensor, pat: TriggerPattern) -> Tensor:
@@ -98,6 +107,20 @@ def separate_cluster(cos: Tensor, cfg: PropagateConfig) -> Optional[tuple[int, f
     return k, float(top[k - 1] + below[k - 1]) / 2, float(gaps[k - 1])
 
 
+def carrier_enrichment(reference: Tensor, pat: TriggerPattern, carries: Tensor) -> float:
+    """How much more often the flagged images carry the pattern than the reference does: the flagged share, from
+    the projection of the flagged mean residual (pat.pattern) onto the pattern between the mean projections of the
+    reference's carriers and non-carriers (carries (R,) bool), clamped to [0, 1], over carries.mean()."""
+    mask = pat.pattern != 0
+    unit = pat.pattern[mask] / pat.pattern[mask].norm()
+    proj = ((reference - pat.mean) / pat.scale)[:, mask] @ unit                       # (R,)
+    inside, outside = float(proj[carries].mean()), float(proj[~carries].mean())
+    if not inside > outside:
+        return 0.0
+    share = min(max((float(pat.pattern[mask].norm()) - outside) / (inside - outside), 0.0), 1.0)
+    return share / float(carries.float().mean())
+
+
 def estimate_pattern(flagged_sum: Tensor, flagged_weight: float, reference: Tensor,
                      cfg: PropagateConfig) -> Optional[TriggerPattern]:
     """The shared pattern of the flagged images, or None when there is none to trust.
@@ -113,9 +136,16 @@ def estimate_pattern(flagged_sum: Tensor, flagged_weight: float, reference: Tens
     strength = resid.abs()
     if not float(strength.max()) > 0:
         return None
-    cand = TriggerPattern(mean, scale, resid * (strength >= 0.5 * strength.max()), 1.0, float(flagged_weight), 0, 0.0)
-    cluster = separate_cluster(pattern_match(reference, cand), cfg)
+    mask = strength >= 0.5 * strength.max()
+    if int(mask.sum()) < cfg.min_mask:
+        return None
+    cand = TriggerPattern(mean, scale, resid * mask, 1.0, float(flagged_weight), 0, 0.0)
+    scores = pattern_match(reference, cand)
+    cluster = separate_cluster(scores, cfg)
     if cluster is None:
         return None
     k, match, gap = cluster
-    return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap)
+    enrichment = carrier_enrichment(reference, cand, scores >= match)
+    if enrichment < cfg.min_enrichment:
+        return None
+    return TriggerPattern(mean, scale, cand.pattern, match, float(flagged_weight), k, gap, enrichment)
