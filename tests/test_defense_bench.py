@@ -293,3 +293,44 @@ def test_the_validation_table_has_one_row_per_cell_with_its_figures(store):
                for line in lines)
     assert any(line.startswith("| fashion | patch | none | (default) | 0 | 0.600 | - | 0.900 | - | - | - | - |")
                for line in lines)
+
+
+def test_stress_rows_say_whether_none_learnt_the_attack():
+    """An attack `none` does not learn is no defense's success: the stress section says so per row (backdoor ASR
+    below 0.9, or a targeted ASR already at the defense's target)."""
+    from otc_ray.track import metric_names
+    from otc_ray.track.cells import CellResult
+    from otc_ray.track.mlflow_logger import RunRecord
+
+    def result(asr: float, targeted: float) -> CellResult:
+        metrics = {metric_names.FINAL_BACKDOOR_ASR: asr, metric_names.FINAL_TARGETED_ASR: targeted}
+        return CellResult({}, "d", "c0ffee1", RunRecord("r", "n", "FINISHED", {}, {}, metrics))
+
+    results = {bench.Cell("fashion", "patch", "none", 0, "rate-5%"): result(0.99, 0.0),
+               bench.Cell("fashion", "patch", "none", 1, "rate-5%"): result(0.95, 0.0),
+               bench.Cell("fashion", "patch", "otcclip", 0, "rate-5%"): result(0.01, 0.0),
+               bench.Cell("fashion", "patch", "none", 0, "random-patch"): result(0.02, 0.0),
+               bench.Cell("fashion", "targeted", "none", 0, "jittered-copies"): result(0.02, 0.0)}
+    lines = bench.learnt_lines(results, ["rate-5%", "random-patch", "jittered-copies"])
+    assert lines == [
+        "- rate-5% (fashion / patch): `none` learnt it (backdoor ASR 0.970 ± 0.028 over 2 seeds)",
+        "- random-patch (fashion / patch): `none` did **not** learn it (backdoor ASR 0.020 over 1 seed < 0.90): the "
+        "defenses' backdoor ASRs of this row measure nothing",
+        "- jittered-copies (fashion / targeted): `none` did **not** learn it (targeted ASR 0.000 over 1 seed <= "
+        "0.0625, the target): the defenses' targeted ASRs of this row measure nothing"]
+
+
+def test_the_literature_base_trains_60k_pairs_on_the_fast_model_with_per_image_triggers():
+    """`run --base jobs/configs/literature-bench.yaml`: the full Fashion-MNIST split, the fast model, a one-epoch
+    witness, 0.1% poisoned unless a rate variant says otherwise; the literature's attacks draw their trigger per
+    image (BadNet at a random place) or warp (WaNet)."""
+    base = bench.load_config(bench.LITERATURE_BASE, [])
+    assert (base.data.num_train, base.model.arch, base.poison.rate) == (60000, "otc-fast-vit-32", 0.001)
+    assert base.rematch.warmup_steps == -(-base.data.num_train // base.train.batch_size)     # one epoch
+    expect = {"badnet": ("patch", "random", True), "blend-noise": ("blended", "br", True),
+              "sig-phase": ("sig", "br", True), "wanet": ("wanet", "br", False)}
+    for attack in bench.LITERATURE_ATTACKS:
+        cfg, _ = bench.cell_config(base, bench.Cell("fashion", attack, "none", 3, "rate-0.5%"))
+        assert (cfg.poison.trigger, cfg.poison.trigger_location, cfg.poison.trigger_per_image) == expect[attack]
+        assert cfg.poison.rate == 0.005 and cfg.poison.attack == ("backdoor",)
+    assert bench.cell_config(base, bench.Cell("fashion", "badnet", "none", 3, "rate-0.05%"))[0].poison.rate == 0.0005
