@@ -180,3 +180,20 @@ def test_demo_config_is_package_data():
     assert DEMO_CONFIG.is_file() and PACKAGE in DEMO_CONFIG.parents
     globs = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["otc_ray"]
     assert any(DEMO_CONFIG.relative_to(PACKAGE).match(g) for g in globs), globs
+
+
+def test_the_demo_names_the_attacks_none_did_not_learn():
+    """After `none` trains, the demo says which of its attacks it did not learn (their defended ASRs measure
+    nothing): backdoor ASR below 0.9, targeted ASR at most 1/16; a learnt attack, or one not configured, is silent."""
+    from otc_ray.config import load_config
+    from otc_ray.pipelines.demo import DEMO_CONFIG, unlearnt_attacks
+    from otc_ray.track import metric_names
+
+    cfg = load_config(DEMO_CONFIG, [])
+    learnt = {metric_names.FINAL_BACKDOOR_ASR: 0.99, metric_names.FINAL_TARGETED_ASR: 0.25}
+    assert unlearnt_attacks(cfg, learnt) == []
+    lines = unlearnt_attacks(cfg, {metric_names.FINAL_BACKDOOR_ASR: 0.04, metric_names.FINAL_TARGETED_ASR: 0.0625})
+    assert len(lines) == 2 and "backdoor (patch -> sneaker): ASR 0.040 < 0.9" in lines[0]
+    assert "targeted attack: ASR 0.062 <= 0.0625" in lines[1]
+    backdoor_only = load_config(DEMO_CONFIG, ["poison.attack=backdoor"])
+    assert unlearnt_attacks(backdoor_only, {metric_names.FINAL_BACKDOOR_ASR: 0.99}) == []
