@@ -6,6 +6,10 @@ background thread) are destroyed by C++ static destructors while their threads m
 threads (tqdm's monitor, fsspec's event loop, Ray's driver threads) may still run when that happens. A pipeline
 reads such an exit as a failed step. So `exit_process` ends the process in this order:
 
+  0. set-up threads (`pipelines.runtime.side_by_side`, named SETUP_THREAD_PREFIX...) that a signal left inside Ray
+     calls get up to SETUP_WAIT_S to end: Ray's core ends the process with status 1 when a thread touches it after
+     `ray.shutdown()`. One still running then: only the flush of step 5 and step 6 (no `ray.shutdown()`, no atexit
+     hook: Ray's own would shut it down; a local Ray instance shares the process's fate and stops with it);
   1. tqdm's monitor thread (progress bars) is stopped and joined;
   2. Ray: `ray.shutdown()` (a local instance's raylet, GCS and workers stop; a cluster is only disconnected);
   3. fsspec's I/O event loop (s3fs) is stopped and its thread joined;
@@ -31,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import NoReturn
 
 
@@ -109,15 +114,29 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGINT, _interrupted)
 
 
+SETUP_THREAD_PREFIX = "otc-ray-setup"
+SETUP_WAIT_S = 30.0
+
+
+def setup_threads_ended(timeout_s: float) -> bool:
+    """Join the live set-up threads (named SETUP_THREAD_PREFIX...) for up to `timeout_s` in all; whether all ended."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.startswith(SETUP_THREAD_PREFIX) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.name.startswith(SETUP_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
+
+
 def exit_process(status: int) -> NoReturn:
     """End the process with `status` (143 after SIGTERM, 130 after Ctrl-C) after `shutdown_runtime`, the atexit hooks and a flush
-    (steps 1-6)."""
+    (steps 0-6; see step 0 for a set-up thread still running)."""
     if terminated.is_set():
         status = SIGTERM_STATUS
     elif interrupted.is_set():
         status = SIGINT_STATUS
-    shutdown_runtime()
-    atexit._run_exitfuncs()
+    if setup_threads_ended(SETUP_WAIT_S):
+        shutdown_runtime()
+        atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

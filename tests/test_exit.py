@@ -120,6 +120,33 @@ TINY = ["--config", "tiny", "data.num_train=128", "data.num_test=64", "data.samp
         "ray.progress_bars=false"]
 
 
+def test_the_exit_waits_for_set_up_threads_before_ray_shuts_down():
+    """`side_by_side` names its threads so that `exit_process` can let them end first (a signal leaves them inside
+    Ray calls, and Ray's core ends the process with status 1 when one touches it after `ray.shutdown()`)."""
+    import threading
+
+    from otc_ray.pipelines.runtime import side_by_side
+    from otc_ray.process_exit import SETUP_THREAD_PREFIX, setup_threads_ended
+
+    release, names = threading.Event(), []
+
+    def task():
+        names.append(threading.current_thread().name)
+        release.wait(10)
+        return 1
+
+    caller = threading.Thread(target=lambda: side_by_side(task, task))
+    caller.start()
+    deadline = time.monotonic() + 10
+    while len(names) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(names) == [f"{SETUP_THREAD_PREFIX}-0", f"{SETUP_THREAD_PREFIX}-1"]
+    assert not setup_threads_ended(0.2)                  # still running: the exit would skip ray.shutdown()
+    release.set()
+    assert setup_threads_ended(10)
+    caller.join(10)
+
+
 def _tiny_shards(folder: Path) -> tuple[Path, Path]:
     """Shapes train (96) and test (64) shards, made in this process (`data make`'s own exit is tested above)."""
     from otc_ray.config import DataConfig
@@ -249,8 +276,9 @@ def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
     """A real SIGINT to `data make` while it writes, to `train` and to `demo` once a training step is logged: 130,
     the one line, no traceback, nothing left running, the training's MLflow run KILLED, the demo's parent run and
     child run too; SIGTERM to `demo` as soon as its first child run exists: 143, the parent run KILLED (clean's
-    Ctrl-C is tested with its resume). One command at a time for now: run at once, the SIGTERM once reached a demo
-    still in its set-up threads (`side_by_side`), and it exited 1 (a Ray call after shutdown), not 143."""
+    Ctrl-C is tested with its resume). The SIGTERM reaches the demo while its set-up threads (`side_by_side`) are
+    inside Ray calls: the exit lets them end before Ray shuts down (it exited 1 before: a Ray call after shutdown).
+    One command at a time: three Ray instances starting at once can pass Ray's 30 s node start limit when loaded."""
     from test_tracking_outage import _first_step_logged
 
     big = tmp_path / "big"
@@ -277,6 +305,29 @@ def test_ctrl_c_exits_130_with_one_line_in_data_make_train_and_demo(tmp_path):
     assert MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
     assert _demo_runs(demo / "mlflow.db") == ("KILLED", ["KILLED"])
     assert _demo_runs(stopped / "mlflow.db")[0] == "KILLED"
+
+
+def _seen_for(path: Path, text: str, seconds: float) -> Callable[[], bool]:
+    """A marker that turns true `seconds` after `text` first appears in the file at `path`."""
+    first: list[float] = []
+
+    def marker() -> bool:
+        if not first and path.exists() and text in path.read_text(errors="replace"):
+            first.append(time.monotonic())
+        return bool(first) and time.monotonic() - first[0] >= seconds
+    return marker
+
+
+@pytest.mark.ray
+def test_sigterm_while_ray_starts_exits_143(tmp_path):
+    """SIGTERM a second after `starting Ray ...`, while `ray.init` holds the signal (Ray's handler makes it
+    SystemExit(15)): the process's own handler still gets it, so 143, the one line, nothing left running."""
+    train, test = _tiny_shards(tmp_path)
+    cmd = ["train", *TINY, f"data.train={train}", f"data.test={test}", f"output_dir={tmp_path / 'runs'}",
+           "train.defense=none"]
+    [result] = _interrupt_when([(cmd, _seen_for(tmp_path / "interrupted-0.err", "starting Ray", 1.0),
+                                 signal.SIGTERM)], tmp_path)
+    _check_interrupted(result, "train", expected=143)
 
 
 def _run_count(db: Path) -> int:
