@@ -124,7 +124,9 @@ def known_variants(folder: Path = VARIANTS) -> list[str]:
 
 def load_variant(name: str, folder: Path = VARIANTS) -> dict[str, Any]:
     """{'section.key': value} of benchmarks/variants/<name>.yaml; ConfigError naming the file when it is missing or
-    not a mapping of config sections."""
+    not a mapping of config sections. "A+B" is A's overrides, then B's (B wins where both set a key)."""
+    if "+" in name:
+        return {k: v for part in name.split("+") for k, v in load_variant(part, folder).items()}
     path = Path(folder) / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown variant {name!r}: no {path} (known: {', '.join(known_variants(folder))})")
@@ -138,7 +140,9 @@ def load_variant(name: str, folder: Path = VARIANTS) -> dict[str, Any]:
 
 
 def variant_description(name: str, folder: Path = VARIANTS) -> str:
-    """The variant file's first-line comment (what it tests)."""
+    """The variant file's first-line comment (what it tests); of "A+B", A's and B's."""
+    if "+" in name:
+        return "; ".join(variant_description(part, folder) for part in name.split("+"))
     first = (Path(folder) / f"{name}.yaml").read_text().splitlines()[0]
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
@@ -681,8 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--defenses", default=",".join(DEFENSES), help="comma list (default: %(default)s)")
     run.add_argument("--seeds", default="0,1,2", help="comma list (default: %(default)s)")
     run.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
-    run.add_argument("--variants", default="", help="comma list of benchmarks/variants/*.yaml names: train those "
-                     "variants of the cells instead of the default configuration (no clean references)")
+    run.add_argument("--variants", default="", help="comma list of benchmarks/variants/*.yaml names (or A+B: both "
+                     "files' overrides): train those variants of the cells instead of the default configuration (no "
+                     "clean references)")
     run.add_argument("--out-dir", default=str(ROOT / "runs" / "defense-bench"), help="runs, data and MLflow store")
     run.add_argument("--base", default=str(BASE), help="the cells' base config (default: %(default)s; the "
                      f"literature's scale: {LITERATURE_BASE.relative_to(ROOT)})")
@@ -702,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(p not in ATTACK_OVERRIDES for p in a.split("+")):
                 parser.error(f"unknown attack {a!r}; use {', '.join(ATTACK_OVERRIDES)} or A+B")
         variants = [v for v in args.variants.split(",") if v]
-        unknown = [v for v in variants if v not in known_variants()]
+        unknown = [v for v in variants if any(part not in known_variants() for part in v.split("+"))]
         if unknown:
             parser.error(f"--variants: unknown {unknown}; known: {', '.join(known_variants())}".replace("%", "%%"))
         todo = cells(args.datasets.split(","), attacks, args.defenses.split(","),

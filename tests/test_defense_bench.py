@@ -334,3 +334,17 @@ def test_the_literature_base_trains_60k_pairs_on_the_fast_model_with_per_image_t
         assert (cfg.poison.trigger, cfg.poison.trigger_location, cfg.poison.trigger_per_image) == expect[attack]
         assert cfg.poison.rate == 0.005 and cfg.poison.attack == ("backdoor",)
     assert bench.cell_config(base, bench.Cell("fashion", "badnet", "none", 3, "rate-0.05%"))[0].poison.rate == 0.0005
+
+
+def test_a_composite_variant_applies_each_file_in_turn():
+    """`--variants A+B`: A's overrides, then B's, one cell named after both; an unknown part is refused."""
+    both = bench.load_variant("rate-0.5%+witness-100")
+    assert both == {**bench.load_variant("rate-0.5%"), **bench.load_variant("witness-100")}
+    assert both["poison.rate"] == 0.005 and both["rematch.warmup_steps"] == 100
+    cell = bench.Cell("fashion", "sig-phase", "otcclip", 3, "rate-0.5%+witness-100")
+    cfg, _ = bench.cell_config(bench.load_config(bench.LITERATURE_BASE, []), cell)
+    assert (cfg.poison.rate, cfg.rematch.warmup_steps) == (0.005, 100)
+    assert bench.cell_path(Path("store"), cell).name == "sig-phase-otcclip-rate-0.5%+witness-100-s3.json"
+    assert bench.variant_description("rate-0.5%+witness-100").count(";") == 1
+    with pytest.raises(bench.ConfigError, match="unknown variant 'bogus'"):
+        bench.load_variant("rate-0.5%+bogus")
