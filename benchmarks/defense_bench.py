@@ -680,8 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--template", default=str(TEMPLATE), help="its hand-written part (default: %(default)s)")
     run.add_argument("--datasets", default=",".join(DATASETS), help="comma list (default: %(default)s)")
     run.add_argument("--attacks", default=",".join(ATTACKS), help="comma list of patch|blended|sig|targeted|A+B, "
-                     f"or the literature's {'|'.join(LITERATURE_ATTACKS)} "
-                     "('' = only the clean references; default: %(default)s)")
+                     f"or the literature's {'|'.join(LITERATURE_ATTACKS)}; clean: the clean reference, also of a "
+                     "variant ('' = only the clean references; default: %(default)s)")
     run.add_argument("--defenses", default=",".join(DEFENSES), help="comma list (default: %(default)s)")
     run.add_argument("--seeds", default="0,1,2", help="comma list (default: %(default)s)")
     run.add_argument("--clean-defenses", help="defenses of the clean references (default: --defenses; '' = none)")
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and pass --variants NAME")
         attacks = [a for a in args.attacks.split(",") if a]
         for a in attacks:
-            if any(p not in ATTACK_OVERRIDES for p in a.split("+")):
+            if a != "clean" and any(p not in ATTACK_OVERRIDES for p in a.split("+")):
                 parser.error(f"unknown attack {a!r}; use {', '.join(ATTACK_OVERRIDES)} or A+B")
         variants = [v for v in args.variants.split(",") if v]
         unknown = [v for v in variants if any(part not in known_variants() for part in v.split("+"))]
