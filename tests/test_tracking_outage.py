@@ -184,7 +184,7 @@ def test_train_cli_with_server_gone_for_good_exits_3_with_one_line(mlflow_server
     server, how many calls were not delivered and what to do, exit 3, no traceback, its Ray instance shut down."""
     from mlflow.tracking import MlflowClient
 
-    from test_exit import _survivors
+    from test_exit import _lasting_survivors
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, "-m", "otc_ray", "train", "--config", str(TINY), "--quiet", f"output_dir={tmp_path}",
@@ -203,8 +203,7 @@ def test_train_cli_with_server_gone_for_good_exits_3_with_one_line(mlflow_server
             time.sleep(0.2)
         assert mlflow_server.process is None, "the run logged no training step while the server was up"
         err = proc.communicate(timeout=600)[1].decode(errors="replace")
-        time.sleep(1.0)
-        survivors = _survivors(proc.pid)
+        survivors = _lasting_survivors(proc.pid)       # a Ray agent may take a moment to notice on a loaded machine
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
