@@ -552,8 +552,8 @@ def learnt_lines(results: dict[Cell, CellResult], names: list[str]) -> list[str]
 
 
 def _stat(values: list[float]) -> str:
-    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") + \
-        f" over {len(values)} seed{'s' * (len(values) > 1)}"
+    """mean ± std as every table of the report shows it (`Row.cell`), and over how many seeds."""
+    return Row((), len(values), [], {"v": values}).cell("v") + f" over {len(values)} seed{'s' * (len(values) > 1)}"
 
 
 REPORT_COMMAND = "python benchmarks/defense_bench.py report"
@@ -597,9 +597,9 @@ def sections(results: dict[Cell, CellResult], left_out: list[tuple[Path, str]], 
                                          "within 2 std of the seeds' spread is none):", ""]
                                       + (variant_effects(results, picked, variants) or
                                          ["(none: no cells of the configurations they extend)"])
-                                      + ((["", "Whether the attack was learnt at all:", ""] +
-                                          learnt_lines(results, picked)) if key == "stress" and
-                                         learnt_lines(results, picked) else [])).strip()
+                                      + ((["", "Whether the attack was learnt at all:", ""] + learnt)
+                                         if key == "stress" and (learnt := learnt_lines(results, picked)) else [])
+                                      ).strip()
     detection = detection_lines({c: r for c, r in plain.items()})
     out_sections["detection"] = "\n".join(_block(run_command(list(plain)), detection)).strip() if detection else \
         "(no re-matching cells)"

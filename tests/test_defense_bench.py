@@ -313,7 +313,7 @@ def test_stress_rows_say_whether_none_learnt_the_attack():
                bench.Cell("fashion", "targeted", "none", 0, "jittered-copies"): result(0.02, 0.0)}
     lines = bench.learnt_lines(results, ["rate-5%", "random-patch", "jittered-copies"])
     assert lines == [
-        "- rate-5% (fashion / patch): `none` learnt it (backdoor ASR 0.970 ± 0.028 over 2 seeds)",
+        "- rate-5% (fashion / patch): `none` learnt it (backdoor ASR 0.970 ± 0.020 over 2 seeds)",
         "- random-patch (fashion / patch): `none` did **not** learn it (backdoor ASR 0.020 over 1 seed < 0.90): the "
         "defenses' backdoor ASRs of this row measure nothing",
         "- jittered-copies (fashion / targeted): `none` did **not** learn it (targeted ASR 0.000 over 1 seed <= "
