@@ -100,6 +100,24 @@ def test_a_dangerous_out_is_refused_and_nothing_changes(tmp_path, layout):
     assert _snapshot(tmp_path) == before, "a refused job changed files"
 
 
+@pytest.mark.parametrize("layout", ["out_holds_foreign_clean_shards", "out_holds_a_data_set_in_a_subfolder"])
+def test_a_held_out_is_refused_by_its_lock_before_its_contents_are_read(tmp_path, layout):
+    """While another job holds --out, its files (appearing as they are written) are that job's business: the
+    newcomer is refused by the lock, naming the holder, never by what it half-sees of a rival's writing."""
+    from otc_ray.pipelines.output_lock import OutputLock, OutputLocked
+
+    in_path, out_path, _ = _layout(tmp_path, layout)
+    before = _snapshot(tmp_path)
+    holder = OutputLock(LocalFileSystem(), str(out_path), "clean")
+    holder.acquire(str(out_path))
+    try:
+        with pytest.raises(OutputLocked, match=f"job {holder.job_id}"):
+            clean_shards(str(in_path), str(out_path), CFG)
+    finally:
+        holder.release()
+    assert _snapshot(tmp_path) == before
+
+
 def test_the_sweep_deletes_only_ledger_named_shards_at_the_top_level(tmp_path):
     """A shard the ledger names and no part references goes (with this job's stray temp files); a referenced one,
     a clean-named shard the ledger does not name, and everything in a subfolder (even with a ledger record

@@ -36,9 +36,9 @@ names and no part references (a write cut between shard and part) are deleted, b
 Nothing outside --out is ever touched, and inside it only this job's files: every listing, sweep and clean-up looks
 at the top level of --out only (never into a subfolder), and deletes only files named in a `_pending-` record, its
 stray temp files, and its parts once the report holds them. `--out` is refused up front (`check_output`) when it
-is, contains or is contained in `--in`; when it lies inside another cleaning job's output; when it holds that
-job's finished marker, shards that are not this job's, a subfolder with shards or another job's files, or clean
-shards without this job's `_clean_job.json`. Readers refuse a folder with clean shards and no marker
+is, contains or is contained in `--in`, or lies inside another cleaning job's output; and, once this job holds the
+lock (`check_output_contents`), when it holds a finished marker, shards that are not this job's, a subfolder with
+shards or another job's files, or clean shards without this job's `_clean_job.json`. Readers refuse a folder with clean shards and no marker
 (`data.shards.list_shards`).
 """
 from __future__ import annotations
@@ -260,7 +260,9 @@ def _top_level(fs, root: str) -> list[str]:
 
 
 def check_output(in_path: str, out_path: str, s3: S3Config):
-    """(fs, root) of the output after the refusals of the module docstring (ValueError, one line naming the path)."""
+    """(fs, root) of the output after the refusals of its place (ValueError, one line naming the path): --out is,
+    contains or lies in --in, or lies inside another cleaning job's output. Reads nothing inside --out: its
+    contents are checked under the lock (`check_output_contents`)."""
     in_fs, in_root = resolve(in_path, s3)
     fs, root = resolve(out_path, s3)
     if type(in_fs) is type(fs):
@@ -279,10 +281,18 @@ def check_output(in_path: str, out_path: str, s3: S3Config):
         parent, before = posixpath.dirname(parent), parent
         if parent == before:
             break
+    return fs, root
+
+
+def check_output_contents(fs, root: str, out_path: str) -> None:
+    """Refuse an --out holding shards that are not this job's, a subfolder with shards or another job's files, or
+    clean shards without `_clean_job.json` (ValueError naming the file). Called by the lock's holder only: a rival
+    job's files, appearing while the folder is listed, cannot be mistaken for a stranger's, nor a job that finished
+    while this one waited be resumed."""
     if fs.exists(posixpath.join(root, SUMMARY_FILE)):
         raise ValueError(f"{out_path} already holds a finished cleaning ({SUMMARY_FILE}); choose another --out")
     if not fs.isdir(root):
-        return fs, root
+        return
     ours = fs.exists(posixpath.join(root, JOB_FILE))
     top = set(_top_level(fs, root))
     for path in sorted(fs.find(root)):
@@ -297,7 +307,6 @@ def check_output(in_path: str, out_path: str, s3: S3Config):
         if not SHARD_RE.match(base) or not ours:
             raise ValueError(f"{out_path} already holds shards that are not this job's ({display(fs, path)}); "
                              "choose an empty --out")
-    return fs, root
 
 
 def _collect(ds: "ray.data.Dataset") -> pa.Table:
@@ -441,6 +450,7 @@ def clean_shards(in_path: str, out_path: str, cfg: Config, checkpoint: Optional[
     lock = OutputLock(fs, root, "clean")
     lock.acquire(out_path)
     try:
+        check_output_contents(fs, root, out_path)
         committed = _start_or_resume(fs, root, out_path, _job_settings(in_path, checkpoint, cfg, fmt))
         if on_start is not None:
             on_start()

@@ -25,6 +25,7 @@ from ..credentials import move_secrets_to_env
 from ..data.decode import good_rows
 from ..data.ray_io import load_samples
 from ..model import check_image_size
+from ..process_exit import SETUP_WAIT_S, setup_threads_ended
 from ..track import metric_names
 from ..track.mlflow_logger import RunLogger, start_or_resume_run, tracking_uri
 from ..track.run_context import (PARENT_RUN_TAG, ShardSet, log_config, log_shard_sets, mark_model_development,
@@ -144,6 +145,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
         outcomes = count_usable(data.train, cfg)
     rows = outcomes["ok"]
     uri = tracking_uri(cfg)
+    opened: list[str] = []          # the run's id as soon as it exists (a signal during set-up marks it KILLED)
 
     def open_run():
         with timer("eval_inputs"):
@@ -152,6 +154,7 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
             run_id = start_or_resume_run(cfg, tags={"defense": cfg.train.defense, "attack": cfg.poison.attack_name,
                                                     "dataset": data_name(cfg, inputs[1].name),
                                                     "train_data": data.train, "test_data": data.test})
+            opened.append(run_id)
             say(f"MLflow run {cfg.tracking.run_name or cfg.name} ({run_id}): "
                 f"{run_link(uri, cfg.tracking.experiment, run_id)}")
             _describe_run(cfg, uri, run_id, data, rows, len(inputs[0].keys), parent_run_id)
@@ -163,7 +166,13 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
 
     # the held-out inputs and the MLflow run beside the training stream (read into the object store when it fits):
     # both mostly wait, on Ray's read tasks and on the tracking store
-    ((test, classes, attack), run_id), (datasets, publisher, warmup) = side_by_side(open_run, streams)
+    try:
+        ((test, classes, attack), run_id), (datasets, publisher, warmup) = side_by_side(open_run, streams)
+    except (KeyboardInterrupt, SystemExit):     # stopped during set-up: the run, once it exists, is KILLED too
+        if setup_threads_ended(SETUP_WAIT_S) and opened:
+            RunLogger(uri, opened[0], cfg.tracking.flush_timeout_s).finish(
+                "KILLED", timeout_s=min(30.0, cfg.tracking.flush_timeout_s))
+        raise
     steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
     evaluator = EpochEvaluator.create(cfg, test, classes, attack)
     loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
