@@ -349,3 +349,31 @@ def test_a_composite_variant_applies_each_file_in_turn():
         bench.variant_description(v) for v in ("rate-0.5%", "witness-100"))
     with pytest.raises(bench.ConfigError, match="unknown variant 'bogus'"):
         bench.load_variant("rate-0.5%+bogus")
+
+
+def test_the_seeds_table_averages_each_configuration_over_the_chosen_seeds():
+    """`defense_bench.py table`: one row per (data set, attack, defense, variant) among the chosen seeds, mean ± std
+    of each figure and the flagged share, the mean backdoor ASR per epoch; the validation seed stays out unless
+    chosen, and an attack's absent figure is '-'."""
+    from otc_ray.track import metric_names
+    from otc_ray.track.cells import CellResult
+    from otc_ray.track.mlflow_logger import RunRecord
+
+    def result(asr: list[float], zeroshot: float, flagged: float | None = None) -> CellResult:
+        metrics = {metric_names.FINAL_BACKDOOR_ASR: asr[-1], metric_names.FINAL_ZEROSHOT_TOP1: zeroshot}
+        if flagged is not None:
+            metrics[metric_names.REMATCH_FLAG_RATE] = flagged
+        history = {metric_names.EVAL_BACKDOOR_ASR: list(enumerate(asr))}
+        return CellResult({}, "d", "c0ffee1", RunRecord("r", "n", "FINISHED", {}, {}, metrics), history)
+
+    results = {bench.Cell("fashion", "sig-phase", "none", 0, ""): result([0.2, 0.8], 0.80),
+               bench.Cell("fashion", "sig-phase", "none", 1, ""): result([0.4, 1.0], 0.90),
+               bench.Cell("fashion", "sig-phase", "none", 3, ""): result([0.0, 0.1], 0.10),
+               bench.Cell("fashion", "sig-phase", "otcclip", 0, "witness-100"): result([0.0, 0.01], 0.85, 0.1)}
+    lines = bench.seeds_table(results, {0, 1, 2})
+    assert lines[0].startswith("| data | attack | defense | variant | seeds | zero-shot |") and len(lines) == 4
+    assert lines[2] == ("| fashion | sig-phase | none | (default) | 0,1 | 0.850 ± 0.050 | - | 0.900 ± 0.100 | - | - | - | "
+                        "- | - | 0.300 0.900 | c0ffee1 |")
+    assert lines[3] == ("| fashion | sig-phase | otcclip | witness-100 | 0 | 0.850 | - | 0.010 | - | - | - | - | "
+                        "0.100 | 0.000 0.010 | c0ffee1 |")
+    assert "| 3 | 0.100 |" in bench.seeds_table(results, {3})[2]
