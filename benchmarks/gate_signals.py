@@ -11,7 +11,8 @@ concentration, pixel-neighbour agreement) and their caption-calibrated z-scores,
 targeted pairs apart against the clean ones: the AUROC of every raw signal, every calibrated z and its absolute
 value (an outlier either way), and for each combination of signals (min = union of outliers, mean) the flag rate,
 precision and recall at several thresholds; and the four-signal gate's own flags, precision, recall and damage
-(clean pairs re-captioned with another class's caption). Data are read in this process (no Ray). Writes a
+(clean pairs re-captioned with another class's caption); and the configured gate's own mean z at deeper thresholds and
+with the flags capped to the lowest share of each block. Data are read in this process (no Ray). Writes a
 markdown table (--output) and one JSON line per checkpoint (--json) as each finishes.
 """
 from __future__ import annotations
@@ -104,17 +105,34 @@ def auroc(score: np.ndarray, positive: np.ndarray, clean: np.ndarray) -> float:
     return detection_auroc(s, positive[rows])["detect_auroc"]
 
 
-def operating_points(z: np.ndarray, kind: np.ndarray) -> list[dict]:
+CAPS = (0.002, 0.005, 0.01, 0.02, 0.05)
+DEEP_THRESHOLDS = (-5.0, -8.0, -12.0)
+
+
+def _point(flag: np.ndarray, kind: np.ndarray, **where) -> dict:
     clean = kind == ""
-    pts = []
-    for t in THRESHOLDS:
-        flag = z < t
-        tp = int((flag & ~clean).sum())
-        pts.append({"threshold": t, "flag_rate": float(flag.mean()),
-                    "precision": tp / max(1, int(flag.sum())),
+    return where | {"flag_rate": float(flag.mean()), "precision": int((flag & ~clean).sum()) / max(1, int(flag.sum())),
                     "recall_backdoor": float(flag[kind == "backdoor"].mean()) if (kind == "backdoor").any() else np.nan,
                     "recall_targeted": float(flag[kind == "targeted"].mean()) if (kind == "targeted").any() else np.nan,
-                    "clean_flagged": float(flag[clean].mean())})
+                    "clean_flagged": float(flag[clean].mean())}
+
+
+def operating_points(z: np.ndarray, kind: np.ndarray) -> list[dict]:
+    return [_point(z < t, kind, threshold=t) for t in THRESHOLDS]
+
+
+def capped_points(z: np.ndarray, kind: np.ndarray, block: int, threshold: float) -> list[dict]:
+    """Operating points of one combined z (n,) in block order: below deeper thresholds, and capped, i.e. of each
+    block of `block` rows only the lowest share `cap` that is also below `threshold` (a bound on the flags a block
+    may cost when the gate's z has a heavy clean tail)."""
+    pts = [_point(z < t, kind, rule=f"z < {t}") for t in DEEP_THRESHOLDS]
+    for cap in CAPS:
+        flag = np.zeros(len(z), bool)
+        for start in range(0, len(z), block):
+            part = z[start:start + block]
+            lowest = np.argsort(part)[:max(1, int(round(cap * len(part))))]
+            flag[start + lowest[part[lowest] < threshold]] = True
+        pts.append(_point(flag, kind, rule=f"lowest {cap:.1%} of each block, z < {threshold}"))
     return pts
 
 
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
               "no duplicate-group averaging here)\n",
               "| checkpoint | signals | combine | threshold | flagged | P | R backdoor | R targeted | clean flagged |",
               "|---|---|---|---|---|---|---|---|---|"]
+    capped = ["\n## The configured gate's mean z (`rematch.gate_signals`) at deeper thresholds, and capped per block\n",
+              "| checkpoint | signals | rule | flagged | P | R backdoor | R targeted | clean flagged |",
+              "|---|---|---|---|---|---|---|---|"]
     for spec in args.checkpoint:
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
         start = time.perf_counter()
@@ -190,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                         points.append(f"| {name} | {'+'.join(p['signals'])} | {how} | {p['threshold']} | "
                                       f"{p['flag_rate']:.3f} | {p['precision']:.3f} | {p['recall_backdoor']:.3f} | "
                                       f"{p['recall_targeted']:.3f} | {p['clean_flagged']:.3f} |")
+        gate = [SIGNALS.index(sig) for sig in cfg.rematch.gate_signals]
+        for p in capped_points(np.nanmean(z[:, gate], 1), kind, rcfg.block_size, rcfg.gate_threshold):
+            record["capped"] = record.get("capped", []) + [p]
+            capped.append(f"| {name} | {'+'.join(cfg.rematch.gate_signals)} | {p['rule']} | {p['flag_rate']:.4f} | "
+                          f"{p['precision']:.3f} | {p['recall_backdoor']:.3f} | {p['recall_targeted']:.3f} | "
+                          f"{p['clean_flagged']:.4f} |")
         clean = kind == ""
         flagged = res["flagged"]
         record["matcher"] = {"flag_rate": float(flagged.mean()), "precision": float((flagged & ~clean).sum() / max(1, flagged.sum())),
@@ -205,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("\n".join(lines + points) + "\n")
+        Path(args.output).write_text("\n".join(lines + capped + points) + "\n")
     return 0
 
 
