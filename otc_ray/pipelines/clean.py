@@ -38,8 +38,8 @@ at the top level of --out only (never into a subfolder), and deletes only files 
 stray temp files, and its parts once the report holds them. `--out` is refused up front (`check_output`) when it
 is, contains or is contained in `--in`, or lies inside another cleaning job's output; and, once this job holds the
 lock (`check_output_contents`), when it holds a finished marker, shards that are not this job's, a subfolder with
-shards or another job's files, or clean shards without this job's `_clean_job.json`. Readers refuse a folder with clean shards and no marker
-(`data.shards.list_shards`).
+shards or another job's files, or clean shards without this job's `_clean_job.json`. Readers refuse a folder with
+clean shards and no marker (`data.shards.list_shards`).
 """
 from __future__ import annotations
 
@@ -285,8 +285,8 @@ def check_output(in_path: str, out_path: str, s3: S3Config):
 
 
 def check_output_contents(fs, root: str, out_path: str) -> None:
-    """Refuse an --out holding shards that are not this job's, a subfolder with shards or another job's files, or
-    clean shards without `_clean_job.json` (ValueError naming the file). Called by the lock's holder only: a rival
+    """Refuse an --out holding a finished marker, shards that are not this job's, a subfolder with shards or another
+    job's files, or clean shards without `_clean_job.json` (ValueError naming the file). Called by the lock's holder only: a rival
     job's files, appearing while the folder is listed, cannot be mistaken for a stranger's, nor a job that finished
     while this one waited be resumed."""
     if fs.exists(posixpath.join(root, SUMMARY_FILE)):
