@@ -286,9 +286,9 @@ def check_output(in_path: str, out_path: str, s3: S3Config):
 
 def check_output_contents(fs, root: str, out_path: str) -> None:
     """Refuse an --out holding a finished marker, shards that are not this job's, a subfolder with shards or another
-    job's files, or clean shards without `_clean_job.json` (ValueError naming the file). Called by the lock's holder only: a rival
-    job's files, appearing while the folder is listed, cannot be mistaken for a stranger's, nor a job that finished
-    while this one waited be resumed."""
+    job's files, or clean shards without `_clean_job.json` (ValueError naming the file). Called by the lock's holder
+    only: a rival job's files, appearing while the folder is listed, cannot be mistaken for a stranger's, nor a job
+    that finished while this one waited be resumed."""
     if fs.exists(posixpath.join(root, SUMMARY_FILE)):
         raise ValueError(f"{out_path} already holds a finished cleaning ({SUMMARY_FILE}); choose another --out")
     if not fs.isdir(root):
