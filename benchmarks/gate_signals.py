@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{p['flag_rate']:.3f} | {p['precision']:.3f} | {p['recall_backdoor']:.3f} | "
                                       f"{p['recall_targeted']:.3f} | {p['clean_flagged']:.3f} |")
         gate = [SIGNALS.index(sig) for sig in cfg.rematch.gate_signals]
-        for p in capped_points(np.nanmean(z[:, gate], 1), kind, rcfg.block_size, rcfg.gate_threshold):
-            record["capped"] = record.get("capped", []) + [p]
+        record["capped"] = capped_points(np.nanmean(z[:, gate], 1), kind, rcfg.block_size, rcfg.gate_threshold)
+        for p in record["capped"]:
             capped.append(f"| {name} | {'+'.join(cfg.rematch.gate_signals)} | {p['rule']} | {p['flag_rate']:.4f} | "
                           f"{p['precision']:.3f} | {p['recall_backdoor']:.3f} | {p['recall_targeted']:.3f} | "
                           f"{p['clean_flagged']:.4f} |")
