@@ -17,7 +17,8 @@ in this process on one batch (`step_split`). Everything the trainer did not time
 re-match stage in their own processes, Ray's daemons) is in the tree's CPU beyond the driver and the worker.
 
 The compute floor: the model's FLOPs per trained sample (forward + backward of L_clip, counted with
-torch.utils.flop_counter) against the fp32 matmul throughput of this machine at 2 threads.
+torch.utils.flop_counter) against the fp32 matmul throughput of this machine at 2 threads; the bf16 floor beside it
+is the same FLOPs against bf16 matmul (a run at `model.precision: bf16`, the variant `bf16`, autocasts to it).
 Results: benchmarks/results/time_breakdown.md and .json.
 """
 from __future__ import annotations
@@ -85,12 +86,14 @@ def child_prepare(out: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- in-process parts
-def matmul_gflops(threads: int = THREADS, n: int = 1024, reps: int = 20) -> dict[str, float]:
-    """fp32 (n x n) @ (n x n) throughput at `threads` threads: per wall second (best of 3) and per CPU second."""
+def matmul_gflops(threads: int = THREADS, n: int = 1024, reps: int = 20, dtype: str = "fp32") -> dict[str, float]:
+    """(n x n) @ (n x n) throughput in `dtype` (fp32 or bf16) at `threads` threads: per wall second (best of 3)
+    and per CPU second."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
     for _ in range(3):
         a @ b
     best_wall, best_cpu = math.inf, math.inf
@@ -129,9 +132,9 @@ def step_split(specs: tuple[str, ...] = DEFENSES, reps: int = 5) -> dict:
     images = rng.integers(0, 255, (B, S, S, 3), dtype=np.uint8)
     captions = [f"a photo of a {w} number {i}" for i, w in zip(range(B), ["sneaker", "bag", "shirt", "coat"] * B)]
     gen = torch.Generator().manual_seed(0)
+
     def one(spec: str, parts: dict) -> None:
         cfg = configs[spec]
-        defense, tc, oc = cfg.train.defense, cfg.train, cfg.ot
 
         def timed(name, fn):
             c = time.process_time()
@@ -142,6 +145,16 @@ def step_split(specs: tuple[str, ...] = DEFENSES, reps: int = 5) -> dict:
         ids = timed("batch_to_tensors", lambda: bundle.tokenizer(captions))
         content = timed("batch_to_tensors", lambda: torch.stack([identity.text_ids(captions),
                                                                   identity.image_ids(images)], 1))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.model.precision == "bf16")
+        with autocast:      # the run's model.precision, as the training loop's `bundle.autocast`
+            loss = forward_loss(cfg, px, ids, content, timed)
+        opt.zero_grad()
+        timed("backward", loss.backward)
+        timed("optimizer", opt.step)
+
+    def forward_loss(cfg, px, ids, content, timed):
+        """The step's loss (terms timed into `timed`'s parts): forward, L_clip and, for otcclip, the OT losses."""
+        defense, tc, oc = cfg.train.defense, cfg.train, cfg.ot
         f = timed("forward", lambda: fm(px, ids))
         terms = {"clip_loss": timed("clip_loss", lambda: clip_loss(f.image, f.text, f.logit_scale,
                                                                     content_ids=content))}
@@ -155,10 +168,7 @@ def step_split(specs: tuple[str, ...] = DEFENSES, reps: int = 5) -> dict:
                 ot_intra_loss(f.patches[rows], None, view.patches, None, tc.tau_ot, oc, duplicate_pairs(sub[:, 1:]))
                 + ot_intra_loss(f.words[rows], f.word_mask[rows], view.words, view.word_mask, tc.tau_ot, oc,
                                 duplicate_pairs(sub[:, :1]))) / 2)
-        loss, _ = combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})
-        opt.zero_grad()
-        timed("backward", loss.backward)
-        timed("optimizer", opt.step)
+        return combine_losses(terms, {"inter_loss": tc.lambda_inter, "intra_loss": tc.lambda_intra})[0]
 
     out = {}
     for spec in specs:
@@ -267,8 +277,6 @@ def report(runs: dict, split: dict, mm: dict, args) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals + ratios) + " |")
     # step parts and floor
     fl = split["flops_per_sample"]
-    floor_cpu_ms = 1e3 * fl["train_step"] / (mm["gflops_per_cpu_s"] * 1e9)
-    floor_rate = mm["gflops_per_wall_s"] * 1e9 / fl["train_step"]
     lines += ["", "One batch in this process (CPU ms per sample, min of 5):", "",
               "| part | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
     keys = list(dict.fromkeys(k for d in runs for k in split[d]))
@@ -276,18 +284,28 @@ def report(runs: dict, split: dict, mm: dict, args) -> str:
         lines.append(f"| {k} | " + " | ".join(_fmt(1e3 * split[d][k]) if k in split[d] else "-" for d in runs)
                      + " |")
     lines.append("| total | " + " | ".join(f"{1e3 * sum(split[d].values()):.2f}" for d in runs) + " |")
-    none_step = sum(split["none"].values())
     lines += ["", "Compute floor:", "",
               f"- model FLOPs per trained sample (forward + backward, L_clip): {fl['train_step'] / 1e9:.3f} GFLOP "
-              f"(forward {fl['forward'] / 1e9:.3f})",
-              f"- fp32 matmul at {THREADS} threads: {mm['gflops_per_wall_s']:.0f} GFLOP per wall s, "
-              f"{mm['gflops_per_cpu_s']:.0f} per CPU s",
-              f"- floor: {floor_rate:.0f} samples/s, {floor_cpu_ms:.2f} CPU ms per sample",
-              f"- `none` one batch in process: {1e3 * none_step:.2f} CPU ms / sample = "
-              f"{100 * floor_cpu_ms / (1e3 * none_step):.0f}% of the floor",
-              f"- `none` in the run (worker, epochs): "
-              f"{100 * floor_cpu_ms / per['none']['worker CPU ms / sample (epochs)']:.0f}% of the floor by CPU; "
-              f"{100 * per['none']['samples/s in epochs (worker)'] / floor_rate:.0f}% by wall samples/s"]
+              f"(forward {fl['forward'] / 1e9:.3f})"]
+    floors = {}
+    for dtype, m in (("fp32", mm), ("bf16", mm.get("bf16"))):
+        if m:
+            floors[dtype] = (1e3 * fl["train_step"] / (m["gflops_per_cpu_s"] * 1e9),     # CPU ms / sample
+                             m["gflops_per_wall_s"] * 1e9 / fl["train_step"])           # samples / wall s
+            lines += [f"- {dtype} matmul at {THREADS} threads: {m['gflops_per_wall_s']:.0f} GFLOP per wall s, "
+                      f"{m['gflops_per_cpu_s']:.0f} per CPU s; {dtype} floor: {floors[dtype][1]:.0f} samples/s, "
+                      f"{floors[dtype][0]:.2f} CPU ms per sample"]
+    lines += ["", "| run | one batch in process, CPU ms / sample | % of fp32 floor (batch, CPU) | "
+              "worker CPU ms / sample in epochs | % of fp32 floor (run, CPU) | % of fp32 floor (run, wall samples/s) "
+              "| % of bf16 floor (run, wall) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    fp32_cpu, fp32_rate = floors["fp32"]
+    for d in runs:
+        step = 1e3 * sum(split[d].values())
+        run_cpu, rate = per[d]["worker CPU ms / sample (epochs)"], per[d]["samples/s in epochs (worker)"]
+        bf16 = f"{100 * rate / floors['bf16'][1]:.0f}" if "bf16" in floors else "-"
+        lines.append(f"| {d} | {step:.2f} | {100 * fp32_cpu / step:.0f} | {run_cpu:.2f} "
+                     f"| {100 * fp32_cpu / run_cpu:.0f} "
+                     f"| {100 * rate / fp32_rate:.0f} | {bf16} |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +350,7 @@ def main() -> None:
         print(f"{d}: {t.wall_s:.0f} s wall, {t.cpu_s:.0f} CPU s", flush=True)
     from otc_ray.config import load_config
     args.batch = load_config(str(CONFIG), EXTRA).train.batch_size
-    mm = matmul_gflops()
+    mm = matmul_gflops() | {"bf16": matmul_gflops(dtype="bf16")}
     split = step_split(tuple(runs))
     text = report(runs, split, mm, args)
     print(text)

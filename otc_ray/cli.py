@@ -216,6 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_inputs(cfg, {"--checkpoint": checkpoint, "--data": args.data, "--classes": cfg.eval.classes,
                         "--attack-manifest": args.attack_manifest, "--train": args.train})
     say(f"evaluating {checkpoint}: loading torch and Ray ...")
+    from .data.ray_io import read_in_driver
     from .evaluate.model_encoder import ModelEncoder
     from .evaluate.report import format_metrics
     from .model import check_image_size
@@ -226,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_image_size(cfg.model.arch, cfg.data.image_size)
     bundle = load_checkpoint_model(checkpoint, cfg.model, cfg.data.s3)
     attack = resolve_attack(args.attack_manifest, cfg.poison, cfg.data)
-    init_ray(cfg.ray)
+    if not all(read_in_driver(p, cfg.data) for p in (args.data, args.train) if p):
+        init_ray(cfg.ray)               # a set too large to read in this process: Ray Data reads it
     encoder = ModelEncoder(bundle, device=args.device, batch_size=cfg.eval.batch_size)
     metrics = evaluate_model(encoder, args.data, cfg.data, cfg.poison, cfg.eval, manifest_path=args.attack_manifest,
                              train_path=args.train)

@@ -68,6 +68,8 @@ class DataConfig:
     read_num_cpus: float = 0.25     # logical CPUs per read/decode task (leave room for actors and workers)
     cache_mb: int = 1024            # training: decoded rows up to this size (and half the object store) are read
                                     # once and kept in Ray's object store for every epoch; 0 = read shards each epoch
+    driver_read_mb: int = 32        # shard sets up to this size are read and decoded in the driver process (no Ray
+                                    # task start-up for a few megabytes); larger ones by Ray Data's parallel read
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -427,7 +429,7 @@ _RANGES = {
                      "max_failures", "start_epoch", "actor_num_gpus", "retries", "seed", "linear_probe_train",
                      "train_negatives", "intra_samples", "torch_threads", "safeclip_warmup",
                      "sig_delta", "sig_frequency", "publish_every", "candidate_neighbours", "shuffle_buffer",
-                     "copy_jitter", "actor_num_cpus", "cache_mb"), ">= 0"),
+                     "copy_jitter", "actor_num_cpus", "cache_mb", "driver_read_mb"), ">= 0"),
     "roclip_every": ">= 1",
     **dict.fromkeys(("warp_strength", "base_nearest"), ">= 0"), "warp_grid": ">= 1",     # poison: literature attacks
     **dict.fromkeys(("eps", "tau_ot", "read_num_cpus", "cpus_per_worker", "linear_probe_c",
@@ -452,7 +454,7 @@ _UPPER = {
                      "roclip_every", "publish_every", "keep_checkpoints", "safeclip_warmup", "intra_samples",
                      "train_negatives"), 10_000_000),
     "image_size": 8192, "trigger_size": 8192, "max_pixels": 1 << 31, "max_caption_chars": 10_000_000,
-    "object_store_mb": 1 << 24, "cache_mb": 1 << 24, "retries": 100, "max_failures": 10_000,
+    "object_store_mb": 1 << 24, "cache_mb": 1 << 24, "driver_read_mb": 1 << 24, "retries": 100, "max_failures": 10_000,
     **dict.fromkeys(("connect_timeout", "read_timeout", "flush_timeout_s"), 86_400.0),
 }
 _NOTES = {"duplicate_similarity": " (> 1 counts copies as witnesses)", "tol": " (or null for a fixed iteration count)"}

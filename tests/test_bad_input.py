@@ -12,7 +12,7 @@ from PIL import Image
 from otc_ray.config import DataConfig
 from otc_ray.data import schema
 from otc_ray.data.decode import DecodeLimits, decode_caption
-from otc_ray.data.ray_io import count_outcomes, load_samples
+from otc_ray.data.ray_io import count_outcomes, decoded_batches, load_samples, read_in_driver, shard_bytes
 from otc_ray.data.tar_format import iter_tar_samples, is_unsafe_name
 
 
@@ -161,3 +161,54 @@ def test_header_screen_counts_every_sample_and_defers_only_corrupt_image_bodies(
     expected["ok"] += 1
     assert counts == dict(expected)
     assert sum(counts.values()) == len(CASES) + 1
+
+
+def _rows_of(batches) -> list[tuple]:
+    """(source, row, key, error, caption, label, image bytes) of decoded rows, in a stable order."""
+    out = [(str(b[schema.SOURCE][i]), int(b[schema.ROW][i]), str(b[schema.KEY][i]), str(b[schema.ERROR][i]),
+            str(b[schema.CAPTION][i]), int(b[schema.LABEL][i]), bytes(b[schema.IMAGE][i].tobytes()))
+           for b in batches for i in range(len(b[schema.KEY]))]
+    return sorted(out)
+
+
+def test_driver_read_gives_the_ray_reads_rows_and_reasons(ray_local, tmp_path):
+    """`decoded_batches` (a small set read in the driver) against `load_samples` (Ray's read) on hostile shards: a
+    shard of every defect, a truncated one, a broken header after a copy of an earlier file's key, a listed file
+    that is gone; and a parquet set with a corrupt file. Same rows, same reasons, same duplicate winner."""
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_hostile_tar())
+    data = _tar([m for k in ("000000001", "000000014") for m in CASES[k][0]])
+    (wds / "00001.tar").write_bytes(data[:data.index(b"000000014.txt") + 512 + 5])
+    bad_header = bytearray(data)
+    bad_header[data.index(b"000000014.png") + 148] ^= 0xFF
+    (wds / "00002.tar").write_bytes(bytes(bad_header))
+    (wds / "00003.tar").symlink_to(tmp_path / "nowhere.tar")
+    pqs = tmp_path / "pq"
+    pqs.mkdir()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["a", "b"], "png": [GOOD, b"junk"], "caption": ["x", "y"]}), buf)
+    (pqs / "00000.parquet").write_bytes(buf.getvalue()[:-20])
+    (pqs / "00001.parquet").write_bytes(buf.getvalue())
+    cfg = DataConfig(max_caption_chars=200)
+    for folder in (wds, pqs):
+        in_driver = _rows_of(decoded_batches(str(folder), cfg))
+        by_ray = _rows_of(load_samples(str(folder), cfg).iter_batches(batch_format="numpy", batch_size=None))
+        assert in_driver == by_ray and len(in_driver) >= 3
+    reasons = Counter(r[3] for r in _rows_of(decoded_batches(str(wds), cfg)))
+    assert reasons[schema.DUPLICATE_KEY] == 3 and reasons[schema.UNREADABLE_FILE] == 1   # 00000 own, 00001+00002 copies
+    assert reasons[schema.TRUNCATED_SHARD] >= 1 and reasons[schema.CORRUPT_SHARD] == 1
+
+
+def test_only_sets_within_driver_read_mb_are_read_in_the_driver(tmp_path):
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    large.mkdir()
+    (small / "00000.tar").write_bytes(_hostile_tar())
+    padding = [("000000001.bin", b"x" * (3 << 19), tarfile.REGTYPE)]       # 1.5 MB
+    (large / "00000.tar").write_bytes(_tar(_sample("000000001", GOOD) + padding))
+    assert shard_bytes(str(small), DataConfig()) == len(_hostile_tar())
+    assert read_in_driver(str(small), DataConfig(driver_read_mb=1))
+    assert not read_in_driver(str(large), DataConfig(driver_read_mb=1))       # 1.5 MB of shards
+    assert read_in_driver(str(large), DataConfig(driver_read_mb=2))
+    assert not read_in_driver(str(small), DataConfig(driver_read_mb=0))      # 0: always Ray Data

@@ -41,12 +41,13 @@ def _check_every_metric_logged(cfg, result) -> None:
 
 def test_one_worker_logs_every_metric_and_a_seeded_run_repeats(ray_local, tmp_path):
     """Same config and seed, two runs: the same batches in the same order (ordered Ray Data stream, seeded
-    per-epoch shuffle, seeded init and augmentation), so every logged figure repeats exactly; the first run is
+    per-epoch shuffle, seeded init and augmentation), so every logged figure repeats exactly, whether the shards
+    are read in the driver (a small set) or by Ray Data's read tasks (`data.driver_read_mb=0`); the first run is
     also the check that one worker logs every metric (one training fewer than two separate tests)."""
     keys = ("train/epoch_clip_loss", "eval/zeroshot_top1", "eval/backdoor_asr", "final/linear_probe_split_acc")
     histories = []
-    for name in ("again-1", "again-2"):
-        cfg = _cfg(tmp_path, "train.defense=none", f"name={name}")
+    for name, driver_read_mb in (("again-1", 32), ("again-2", 0)):
+        cfg = _cfg(tmp_path, "train.defense=none", f"name={name}", f"data.driver_read_mb={driver_read_mb}")
         result = run_training(cfg, progress=False)
         if not histories:
             _check_every_metric_logged(cfg, result)

@@ -144,7 +144,11 @@ def find_copies(fs, files: list[str], fmt: str, num_cpus: float) -> dict[str, fr
     if len(files) < 2:
         return {}
     task = ray.remote(num_cpus=num_cpus, max_retries=3)(file_keys)
-    per_file = ray.get([task.remote(fs, f, fmt) for f in files])
+    return later_copies(files, ray.get([task.remote(fs, f, fmt) for f in files]))
+
+
+def later_copies(files: list[str], per_file: list[list[bytes]]) -> dict[str, frozenset]:
+    """{path: digests of its keys whose first file is an earlier one of `files`} from each file's key digests."""
     first: dict[bytes, int] = {}
     copies: dict[str, set] = {}
     for i, (path, digests) in enumerate(zip(files, per_file)):
@@ -155,17 +159,59 @@ def find_copies(fs, files: list[str], fmt: str, num_cpus: float) -> dict[str, fr
     return {p: frozenset(d) for p, d in copies.items()}
 
 
+def _listed(path: str, cfg: DataConfig) -> tuple[object, list[str], str, str, list[dict]]:
+    """(filesystem, readable shard files, format, display prefix, marker rows of files listed but gone)."""
+    fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
+    prefix = "s3://" if path.startswith("s3://") else ""
+    gone = [f for f in files if not fs.exists(f)]       # listed, then gone, or a broken link: Ray's listing would raise
+    markers = [{**unreadable_row(prefix + f, FileNotFoundError(f"{prefix + f} is listed but cannot be opened")),
+                schema.ROW: 0} for f in gone]
+    return fs, [f for f in files if f not in gone], fmt, prefix, markers
+
+
+def shard_bytes(path: str, cfg: DataConfig) -> int:
+    """The total size in bytes of the shard files of the set at `path` (one listing, nothing read)."""
+    fs, files, _, _, _ = _listed(path, cfg)
+    return sum(int(fs.size(f) or 0) for f in files)
+
+
+def read_in_driver(path: str, cfg: DataConfig) -> bool:
+    """Whether the set at `path` is small enough (`data.driver_read_mb`) to read and decode in this process."""
+    return cfg.driver_read_mb > 0 and shard_bytes(path, cfg) <= cfg.driver_read_mb << 20
+
+
+def decoded_batches(path: str, cfg: DataConfig, max_member_mb: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """The decoded batches of `load_samples(path)` (the same rows, reasons and duplicate rule), read and decoded in
+    this process, one shard file after another: for small sets, whose Ray read would spend seconds starting tasks
+    and worker processes to decode a few megabytes."""
+    fs, files, fmt, prefix, markers = _listed(path, cfg)
+    limits = DecodeLimits.from_config(cfg)
+    copies = later_copies(files, [file_keys(fs, f, fmt) for f in files]) if len(files) > 1 else {}
+    for f in files:
+        with open_or_unreadable(fs, f) as stream:
+            for table in read_file_rows(stream, prefix + f, fmt, max_member_mb << 20, f, copies.get(f, frozenset())):
+                yield decode_batch(_numpy(table), limits)
+    if markers:
+        yield decode_batch(_numpy(_to_block(markers)), limits)
+
+
+def _numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def in_memory_dataset(batches: list[dict[str, np.ndarray]]) -> ray.data.Dataset:
+    """A materialized Dataset of numpy batches (the blocks `map_batches` would have made of them)."""
+    from ray.data.block import BlockAccessor
+
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(b) for b in batches if len(b[schema.KEY])])
+
+
 def read_shards(path: str, cfg: DataConfig, max_member_mb: int = 64) -> ray.data.Dataset:
     """Reader rows of every shard under `path` (local or s3://); one read task per shard file, after the key pass
     (module docstring). The read tasks get an S3 filesystem without access keys (`credentials.without_keys`): they,
     and the driver's listing, take them from the environment (`credentials.move_secrets_to_env`) or the node's
     credential chain."""
-    fs, files, fmt = list_shards(path, cfg.format, without_keys(cfg.s3))
-    prefix = "s3://" if path.startswith("s3://") else ""
-    gone = [f for f in files if not fs.exists(f)]       # listed, then gone, or a broken link: Ray's listing would raise
-    files = [f for f in files if f not in gone]
-    markers = [{**unreadable_row(prefix + f, FileNotFoundError(f"{prefix + f} is listed but cannot be opened")),
-                schema.ROW: 0} for f in gone]
+    fs, files, fmt, prefix, markers = _listed(path, cfg)
     if not files:
         return ray.data.from_arrow(_to_block(markers))
     source = ShardDatasource(files, fmt, max_member_mb << 20, prefix, fs,

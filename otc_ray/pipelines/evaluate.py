@@ -22,7 +22,7 @@ from ..data import schema
 from ..data.class_info import DatasetInfo
 from ..data.class_file import meta_label, shard_set_classes
 from ..data.decode import DecodeLimits, decode_image, decode_meta, good_rows
-from ..data.ray_io import load_samples
+from ..data.ray_io import decoded_batches, load_samples, read_in_driver
 from ..evaluate.encoder import Encoder
 from ..evaluate.report import AttackTruth, EvalSet, evaluate_arrays
 from ..poison.manifest import read_manifest
@@ -51,13 +51,18 @@ def _labels(path: str, metas: np.ndarray, classes: tuple[str, ...]) -> np.ndarra
 
 
 def load_eval_set(path: str, data_cfg: DataConfig, limit: int, classes: tuple[str, ...]) -> EvalSet:
-    """The `limit` good rows with the smallest keys of the shard set at `path` (one streaming Ray Data pass;
-    memory bounded by about 2 x limit decoded images), labelled from their metadata's `label` (an index or a name
-    of `classes`) or `class` name; ValueError for a label the classes do not hold."""
-    ds = load_samples(path, data_cfg).map_batches(good_rows, batch_format="numpy").select_columns(list(_COLUMNS))
+    """The `limit` good rows with the smallest keys of the shard set at `path` (one streaming pass: Ray Data's, or
+    this process's for a small set, `data.driver_read_mb`; memory bounded by about 2 x limit decoded images),
+    labelled from their metadata's `label` (an index or a name of `classes`) or `class` name; ValueError for a
+    label the classes do not hold."""
+    if read_in_driver(path, data_cfg):
+        batches = (good_rows(b) for b in decoded_batches(path, data_cfg))
+    else:
+        ds = load_samples(path, data_cfg).map_batches(good_rows, batch_format="numpy").select_columns(list(_COLUMNS))
+        batches = ds.iter_batches(batch_format="numpy", batch_size=1024)
     kept: list[dict] = []
     held = 0
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
+    for batch in batches:
         kept.append({c: np.asarray(batch[c]) for c in _COLUMNS})
         held += len(batch[schema.KEY])
         if held > 2 * limit:
@@ -130,7 +135,8 @@ def evaluate_model(encoder: Encoder, test_path: str, data_cfg: DataConfig, poiso
     """Every metric of `encoder` on the test shards at `test_path` (keys: see otc_ray.evaluate.report).
 
     manifest_path: a poisoned set's folder or `_poison_manifest.parquet` (trigger, target, target images);
-    train_path: shards to fit the linear probe on (else half of the test set). Needs Ray (Ray Data reads).
+    train_path: shards to fit the linear probe on (else half of the test set). Needs Ray for a set larger than
+    `data.driver_read_mb` (Ray Data reads it).
     """
     test, info, attack = eval_inputs(test_path, manifest_path, data_cfg, poison_cfg, eval_cfg)
     train = None

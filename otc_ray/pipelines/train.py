@@ -23,7 +23,7 @@ import ray
 from ..config import Config
 from ..credentials import move_secrets_to_env
 from ..data.decode import good_rows
-from ..data.ray_io import load_samples
+from ..data.ray_io import decoded_batches, in_memory_dataset, load_samples, read_in_driver
 from ..model import check_image_size
 from ..process_exit import SETUP_WAIT_S, setup_threads_ended
 from ..track import metric_names
@@ -76,16 +76,20 @@ def fits_cache(rows: int, cfg: Config) -> bool:
 
 def training_datasets(cfg: Config, data: TrainData, rows: int) -> tuple[dict[str, ray.data.Dataset], object, int]:
     """The streams workers consume: "train", decoded good rows (of `rows` usable ones; held in the object store when
-    they `fits_cache`) through the re-match stage when the defense needs it, and, when the stage screens epoch 0,
+    they `fits_cache`, read and decoded in this process when the shards are small: `data.driver_read_mb`) through
+    the re-match stage when the defense needs it, and, when the stage screens epoch 0,
     "warmup": the raw rows of the `rematch.warmup_steps` steps trained before epoch 0 so that the gate does not
     screen with an untrained model.
 
     Returns (datasets, publisher, warmup steps): the publisher (or None) is called by rank 0 at epoch starts and
     every `rematch.publish_every` steps with the current model, for the re-match actors.
     """
-    ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
-    if fits_cache(rows, cfg):
-        ds = ds.materialize()
+    if fits_cache(rows, cfg) and read_in_driver(data.train, cfg.data):
+        ds = in_memory_dataset([good_rows(b) for b in decoded_batches(data.train, cfg.data)])
+    else:
+        ds = load_samples(data.train, cfg.data).map_batches(good_rows, batch_format="numpy")
+        if fits_cache(rows, cfg):
+            ds = ds.materialize()
     rematch = get_defense(cfg.train.defense).rematch(cfg)
     if rematch is None:
         return {"train": ds}, None, 0

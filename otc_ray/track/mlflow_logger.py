@@ -26,7 +26,8 @@ MAX_PARAM_CHARS = 6000
 # settings a resumed run may change: where things run and are logged, not what is trained
 RESUMABLE_PREFIXES = ("ray.", "tracking.", "output_dir", "train.max_failures", "train.keep_checkpoints",
                       "train.log_every", "train.torch_threads", "train.storage_path", "rematch.min_actors",
-                      "rematch.max_actors", "rematch.actor_resource", "data.s3.", "data.cache_mb")
+                      "rematch.max_actors", "rematch.actor_resource", "data.s3.", "data.cache_mb",
+                      "data.driver_read_mb")
 # keys added after runs were recorded, with the value that trains exactly as the code did before they existed:
 # left out of the training digest while they hold it, so the digests (and benchmark cells) of earlier runs stay current
 DIGEST_NEUTRAL = {"rematch.precision": "model"}
