@@ -68,8 +68,8 @@ class DataConfig:
     read_num_cpus: float = 0.25     # logical CPUs per read/decode task (leave room for actors and workers)
     cache_mb: int = 1024            # training: decoded rows up to this size (and half the object store) are read
                                     # once and kept in Ray's object store for every epoch; 0 = read shards each epoch
-    driver_read_mb: int = 32        # shard sets up to this size are read and decoded in the driver process (no Ray
-                                    # task start-up for a few megabytes); larger ones by Ray Data's parallel read
+    driver_read_mb: int = 0         # shard sets up to this size are read and decoded in the driver process (no Ray
+                                    # task start-up for a few megabytes); larger ones, and all at 0, by Ray Data
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -454,7 +454,8 @@ _UPPER = {
                      "roclip_every", "publish_every", "keep_checkpoints", "safeclip_warmup", "intra_samples",
                      "train_negatives"), 10_000_000),
     "image_size": 8192, "trigger_size": 8192, "max_pixels": 1 << 31, "max_caption_chars": 10_000_000,
-    "object_store_mb": 1 << 24, "cache_mb": 1 << 24, "driver_read_mb": 1 << 24, "retries": 100, "max_failures": 10_000,
+    "object_store_mb": 1 << 24, "cache_mb": 1 << 24, "driver_read_mb": 1 << 24, "retries": 100,
+    "max_failures": 10_000,
     **dict.fromkeys(("connect_timeout", "read_timeout", "flush_timeout_s"), 86_400.0),
 }
 _NOTES = {"duplicate_similarity": " (> 1 counts copies as witnesses)", "tol": " (or null for a fixed iteration count)"}

@@ -177,15 +177,15 @@ def run_training(cfg: Config, progress: bool = True, parent_run_id: str | None =
             RunLogger(uri, opened[0], cfg.tracking.flush_timeout_s).finish(
                 "KILLED", timeout_s=min(30.0, cfg.tracking.flush_timeout_s))
         raise
-    steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
-    evaluator = EpochEvaluator.create(cfg, test, classes, attack)
-    loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
-                      poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
     logger = RunLogger(uri, run_id, cfg.tracking.flush_timeout_s)
-    logger.metrics({metric_names.DATA_OK: rows}
-                   | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
-    timer.marks[f"{metric_names.TIME_DRIVER}/fit_start_unix_s"] = time.time()
-    try:
+    try:        # from here on the run exists: a signal or an error before fit() returns ends it KILLED or FAILED
+        steps = max(1, rows // (cfg.train.batch_size * cfg.train.num_workers))
+        evaluator = EpochEvaluator.create(cfg, test, classes, attack)
+        loop = LoopConfig(cfg, run_id, uri, steps, evaluate=evaluator, publish=publisher, chaos=chaos_spec(),
+                          poison_keys=_poison_keys(cfg, data), warmup_steps=warmup, classes=classes)
+        logger.metrics({metric_names.DATA_OK: rows}
+                       | {metric_names.data_skipped(k): n for k, n in outcomes.items() if k != "ok"}, step=0)
+        timer.marks[f"{metric_names.TIME_DRIVER}/fit_start_unix_s"] = time.time()
         with timer("fit"), EpochProgress(cfg, uri, run_id, steps_per_epoch=steps) if progress else nullcontext():
             result = build_trainer(datasets, loop).fit()
     except (KeyboardInterrupt, SystemExit):        # Ctrl-C, or SIGTERM (the CLI turns it into SystemExit)
